@@ -1,0 +1,179 @@
+// fovea::softmax_attention: exact softmax attention, flash-style (tiled, online softmax).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string>
+#include <type_traits>
+
+#include "../core/error.hpp"
+#include "../core/parallel.hpp"
+#include "../core/tensor_view.hpp"
+#include "../core/validate.hpp"
+#include "../engine/dense.hpp"
+#include "../engine/variant.hpp"
+#include "../simd/backend.hpp"
+
+namespace fovea {
+
+/// Where the causal diagonal (and the window and ALiBi around it) is anchored when
+/// Sq != Sk. bottom_right: query i lines up with key i + Sk - Sq (FlashAttention >= 2.1,
+/// KV-cache decoding). top_left: query i lines up with key i (PyTorch's is_causal).
+enum class diagonal { bottom_right, top_left };
+
+constexpr const char* to_string(diagonal d) noexcept {
+  return d == diagonal::bottom_right ? "bottom_right" : "top_left";
+}
+
+struct softmax_options {
+  bool causal = false;              ///< hide keys after the diagonal
+  diagonal align = diagonal::bottom_right;
+  std::optional<double> scale{};    ///< logit scale; default 1/sqrt(D); must be finite, > 0
+  index_t window_left = -1;         ///< keys before the diagonal a query sees; -1: all
+  index_t window_right = -1;        ///< keys after the diagonal a query sees; -1: all
+  double softcap = 0;               ///< logits become softcap * tanh(s / softcap); 0: off
+  tensor_view<const float, 4> bias{};          ///< added to logits; (B|1, H|Hk|1, Sq|1, Sk|1)
+  tensor_view<const std::uint8_t, 4> mask{};   ///< nonzero keeps a key; same shapes as bias
+  tensor_view<const float, 2> alibi_slopes{};  ///< (B|1, H): adds -slope * |i + off - j|
+  tensor_view<const float, 1> sinks{};         ///< (H): a sink logit per head, denominator only
+  tensor_view<float, 3> lse{};                 ///< out, optional (B, H, Sq): log-sum-exp
+  int threads = 0;                  ///< 0: all OpenMP offers; 1: serial
+};
+
+namespace detail {
+
+template <class T>
+inline constexpr bool is_storage_v = std::is_same_v<T, float> || std::is_same_v<T, double>;
+
+template <class TQ, class TK, class TV, class TO>
+concept attention_types =
+    is_storage_v<std::remove_const_t<TQ>> && !std::is_const_v<TO> &&
+    std::is_same_v<std::remove_const_t<TQ>, std::remove_const_t<TK>> &&
+    std::is_same_v<std::remove_const_t<TQ>, std::remove_const_t<TV>> &&
+    std::is_same_v<std::remove_const_t<TQ>, TO>;
+
+/// The shape checks every (q, k, v, out) front-end shares; returns the GQA group size.
+template <class T>
+index_t check_qkvo(const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
+                   const tensor_view<const T, 4>& v, const tensor_view<T, 4>& out) {
+  check_rows(q, "q");
+  check_rows(k, "k");
+  check_rows(v, "v");
+  check_rows(out, "out");
+  const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2), D = q.extent(3);
+  const index_t Hk = k.extent(1), Sk = k.extent(2);
+  require(D >= 1, "q: extent 3 (dim) is ", D, ", expected at least 1");
+  check_extent(k, 0, B, "k", "batch of q");
+  check_extent(k, 3, D, "k", "head dim of q");
+  require(Hk >= 1 || H == 0, "k: extent 1 (heads) is 0 but q has ", H, " heads");
+  require(Hk == 0 || H % Hk == 0, "k: extent 1 (heads) is ", Hk, ", which does not divide the ",
+          H, " heads of q");
+  check_extent(v, 0, B, "v", "batch of q");
+  check_extent(v, 1, Hk, "v", "heads of k");
+  check_extent(v, 2, Sk, "v", "keys of k");
+  check_extent(out, 0, B, "out", "batch of q");
+  check_extent(out, 1, H, "out", "heads of q");
+  check_extent(out, 2, Sq, "out", "queries of q");
+  check_extent(out, 3, v.extent(3), "out", "value dim of v");
+  check_one_to_one(out, "out");
+  check_no_alias(out, "out", q, "q");
+  check_no_alias(out, "out", k, "k");
+  check_no_alias(out, "out", v, "v");
+  return Hk == 0 ? 1 : H / Hk;
+}
+
+template <class T>
+dense_problem<T> make_softmax_problem(const tensor_view<const T, 4>& q,
+                                      const tensor_view<const T, 4>& k,
+                                      const tensor_view<const T, 4>& v, const tensor_view<T, 4>& out,
+                                      const softmax_options& o) {
+  const index_t group = check_qkvo(q, k, v, out);
+  const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2), D = q.extent(3);
+  const index_t Hk = k.extent(1), Sk = k.extent(2);
+
+  const double scale = o.scale.value_or(1.0 / std::sqrt(double(D)));
+  require(std::isfinite(scale) && scale > 0, "options.scale: is ", scale,
+          ", expected a finite value > 0");
+  require(o.window_left >= -1, "options.window_left: is ", o.window_left, ", expected >= -1");
+  require(o.window_right >= -1, "options.window_right: is ", o.window_right, ", expected >= -1");
+  require(std::isfinite(o.softcap) && o.softcap >= 0, "options.softcap: is ", o.softcap,
+          ", expected a finite value >= 0");
+  require(o.threads >= 0, "options.threads: is ", o.threads, ", expected >= 0");
+  check_broadcast(o.bias, "options.bias", B, H, Hk, Sq, Sk);
+  check_broadcast(o.mask, "options.mask", B, H, Hk, Sq, Sk);
+  if (o.alibi_slopes.data() != nullptr || !o.alibi_slopes.empty()) {
+    check_data(o.alibi_slopes, "options.alibi_slopes");
+    require(o.alibi_slopes.data() != nullptr, "options.alibi_slopes: data is null");
+    const index_t e0 = o.alibi_slopes.extent(0);
+    require(e0 == 1 || e0 == B, "options.alibi_slopes: extent 0 (batch) is ", e0,
+            ", expected 1 or ", B);
+    require(o.alibi_slopes.extent(1) == H, "options.alibi_slopes: extent 1 (heads) is ",
+            o.alibi_slopes.extent(1), ", expected ", H);
+  }
+  if (o.sinks.data() != nullptr || !o.sinks.empty()) {
+    check_data(o.sinks, "options.sinks");
+    require(o.sinks.data() != nullptr, "options.sinks: data is null");
+    require(o.sinks.extent(0) == H, "options.sinks: extent 0 (heads) is ", o.sinks.extent(0),
+            ", expected ", H);
+  }
+  if (o.lse.data() != nullptr || !o.lse.empty()) {
+    check_data(o.lse, "options.lse");
+    require(o.lse.data() != nullptr, "options.lse: data is null");
+    const index_t want[3] = {B, H, Sq};
+    for (std::size_t r = 0; r < 3; ++r)
+      require(o.lse.extent(r) == want[r], "options.lse: extent ", r, " is ", o.lse.extent(r),
+              ", expected ", want[r]);
+    check_one_to_one(o.lse, "options.lse");
+    check_no_alias(o.lse, "options.lse", out, "out");
+    check_no_alias(o.lse, "options.lse", q, "q");
+    check_no_alias(o.lse, "options.lse", k, "k");
+    check_no_alias(o.lse, "options.lse", v, "v");
+  }
+  check_no_alias(out, "out", o.bias, "options.bias");
+  check_no_alias(out, "out", o.mask, "options.mask");
+
+  dense_problem<T> pr{q, k, v, out, o.lse, {}, {}};
+  pr.band.keys = Sk;
+  pr.band.offset = o.align == diagonal::bottom_right ? Sk - Sq : 0;
+  pr.band.left = o.window_left;
+  pr.band.right = o.causal ? (o.window_right < 0 ? 0 : std::min<index_t>(o.window_right, 0))
+                           : o.window_right;
+  pr.terms.scale = T(scale);
+  pr.terms.softcap = T(o.softcap);
+  pr.terms.bias = o.bias;
+  pr.terms.mask = o.mask;
+  pr.terms.alibi = o.alibi_slopes;
+  pr.terms.sinks = o.sinks;
+  pr.terms.group = group;
+  return pr;
+}
+
+}  // namespace detail
+
+/// Softmax attention: out = softmax(scale * q k^T + modifiers) v, per (batch, head).
+///
+///   q:   (B, H,  Sq, D)    k: (B, Hk, Sk, D)    v: (B, Hk, Sk, Dv)    out: (B, H, Sq, Dv)
+///
+/// Hk divides H (GQA/MQA: query head h reads key/value head h / (H / Hk)). Any strides
+/// with innermost stride 1 (bhsd, bshd, ...); float or double, accumulated in that type.
+/// A query that sees no key gets out = 0 and lse = -inf (with a sink: lse = the sink).
+/// Keys hidden by the band, the mask, mask_mod or a -inf bias are skipped: NaN/Inf in
+/// them never reach the output; NaN in a visible input propagates. The result is bitwise
+/// the same for every thread count. Bad arguments throw fovea::error before any write.
+///
+/// `custom` is a user variant (see custom_variant / with_score_mod / with_mask_mod);
+/// `Backend` selects scalar or simd<Arch> code (default: the best the flags allow).
+template <class Backend = default_backend, class TQ, class TK, class TV, class TO,
+          class ScoreMod = identity_score_mod, class MaskMod = keep_all_mask_mod>
+  requires detail::attention_types<TQ, TK, TV, TO>
+void softmax_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v,
+                       tensor_view<TO, 4> out, const softmax_options& options = {},
+                       const custom_variant<ScoreMod, MaskMod>& custom = {}) {
+  using T = TO;
+  const auto problem = detail::make_softmax_problem<T>(q, k, v, out, options);
+  detail::run_dense<Backend>(problem, custom, detail::resolve_threads(options.threads));
+}
+
+}  // namespace fovea

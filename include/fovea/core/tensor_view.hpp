@@ -1,0 +1,152 @@
+// tensor_view<T, Rank>: a non-owning pointer + extents + element strides, and the
+// layout factories bhsd/bshd whose logical index order is always (batch, head, seq, dim).
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+namespace fovea {
+
+using index_t = std::ptrdiff_t;
+
+template <class T, std::size_t Rank>
+class tensor_view {
+ public:
+  using element_type = T;
+  using value_type = std::remove_cv_t<T>;
+  using extents_type = std::array<index_t, Rank>;
+  static constexpr std::size_t rank = Rank;
+
+  constexpr tensor_view() = default;
+  constexpr tensor_view(T* data, const extents_type& extents, const extents_type& strides)
+      : data_(data), extents_(extents), strides_(strides) {}
+
+  /// A view of const T converts implicitly from a view of T.
+  template <class U>
+    requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>)
+  constexpr tensor_view(const tensor_view<U, Rank>& other)
+      : data_(other.data()), extents_(other.extents()), strides_(other.strides()) {}
+
+  constexpr T* data() const noexcept { return data_; }
+  constexpr const extents_type& extents() const noexcept { return extents_; }
+  constexpr const extents_type& strides() const noexcept { return strides_; }
+  constexpr index_t extent(std::size_t r) const noexcept { return extents_[r]; }
+  constexpr index_t stride(std::size_t r) const noexcept { return strides_[r]; }
+
+  constexpr index_t size() const noexcept {
+    index_t n = 1;
+    for (index_t e : extents_) n *= e;
+    return n;
+  }
+  constexpr bool empty() const noexcept { return size() == 0; }
+
+  /// Elements between the first and one past the last addressable element (mdspan's
+  /// required_span_size); 0 for an empty view.
+  constexpr index_t required_span_size() const noexcept {
+    if (empty()) return 0;
+    index_t span = 1;
+    for (std::size_t r = 0; r < Rank; ++r) span += (extents_[r] - 1) * strides_[r];
+    return span;
+  }
+
+  template <class... I>
+    requires(sizeof...(I) == Rank)
+  constexpr index_t offset(I... i) const noexcept {
+    const std::array<index_t, Rank> idx{static_cast<index_t>(i)...};
+    index_t off = 0;
+    for (std::size_t r = 0; r < Rank; ++r) off += idx[r] * strides_[r];
+    return off;
+  }
+
+  template <class... I>
+    requires(sizeof...(I) == Rank)
+  constexpr T& operator()(I... i) const noexcept {
+    return data_[offset(i...)];
+  }
+
+ private:
+  T* data_ = nullptr;
+  extents_type extents_{};
+  extents_type strides_{};
+};
+
+/// A view with explicit extents and strides (a stride may be 0 on an extent-1 dimension
+/// to broadcast it).
+template <class T, std::size_t Rank>
+constexpr tensor_view<T, Rank> view(T* data, const std::array<index_t, Rank>& extents,
+                                    const std::array<index_t, Rank>& strides) {
+  return {data, extents, strides};
+}
+
+/// A dense row-major view (last index fastest).
+template <class T, std::size_t Rank>
+constexpr tensor_view<T, Rank> view(T* data, const std::array<index_t, Rank>& extents) {
+  std::array<index_t, Rank> strides{};
+  index_t s = 1;
+  for (std::size_t r = Rank; r-- > 0;) {
+    strides[r] = s;
+    s *= extents[r];
+  }
+  return {data, extents, strides};
+}
+
+/// Memory laid out as [batch, heads, seq, dim]; the view is (batch, head, seq, dim).
+template <class T>
+constexpr tensor_view<T, 4> bhsd(T* data, index_t batch, index_t heads, index_t seq,
+                                 index_t dim) {
+  return {data, {batch, heads, seq, dim}, {heads * seq * dim, seq * dim, dim, 1}};
+}
+
+/// Memory laid out as [batch, seq, heads, dim]; the view is still (batch, head, seq, dim).
+template <class T>
+constexpr tensor_view<T, 4> bshd(T* data, index_t batch, index_t seq, index_t heads,
+                                 index_t dim) {
+  return {data, {batch, heads, seq, dim}, {seq * heads * dim, dim, heads * dim, 1}};
+}
+
+namespace detail {
+
+/// Byte range [first, last) a view can touch.
+template <class T, std::size_t Rank>
+std::pair<const std::byte*, const std::byte*> byte_range(const tensor_view<T, Rank>& v) {
+  if (v.empty() || v.data() == nullptr) return {nullptr, nullptr};
+  index_t lo = 0, hi = 0;
+  for (std::size_t r = 0; r < Rank; ++r) {
+    const index_t reach = (v.extent(r) - 1) * v.stride(r);
+    (reach < 0 ? lo : hi) += reach;
+  }
+  const auto* base = reinterpret_cast<const std::byte*>(v.data());
+  return {base + lo * index_t(sizeof(T)), base + (hi + 1) * index_t(sizeof(T))};
+}
+
+template <class A, std::size_t RA, class B, std::size_t RB>
+bool overlaps(const tensor_view<A, RA>& a, const tensor_view<B, RB>& b) {
+  const auto [a0, a1] = byte_range(a);
+  const auto [b0, b1] = byte_range(b);
+  return a0 != nullptr && b0 != nullptr && a0 < b1 && b0 < a1;
+}
+
+/// True when distinct indices always address distinct elements (strides sorted by size
+/// each step over the whole span of the smaller ones).
+template <class T, std::size_t Rank>
+bool is_one_to_one(const tensor_view<T, Rank>& v) {
+  if (v.empty()) return true;
+  std::array<std::pair<index_t, index_t>, Rank> dims{};  // (|stride|, extent)
+  std::size_t n = 0;
+  for (std::size_t r = 0; r < Rank; ++r)
+    if (v.extent(r) > 1) dims[n++] = {v.stride(r) < 0 ? -v.stride(r) : v.stride(r), v.extent(r)};
+  for (std::size_t a = 1; a < n; ++a)  // insertion sort: n <= Rank
+    for (std::size_t b = a; b > 0 && dims[b] < dims[b - 1]; --b) std::swap(dims[b], dims[b - 1]);
+  index_t span = 1;
+  for (std::size_t r = 0; r < n; ++r) {
+    if (dims[r].first < span) return false;
+    span = dims[r].first * (dims[r].second - 1) + span;
+  }
+  return true;
+}
+
+}  // namespace detail
+}  // namespace fovea

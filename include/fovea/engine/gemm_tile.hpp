@@ -1,0 +1,65 @@
+// The one register-blocked micro-kernel both tile products use:
+//   C[rows x N] (= or +=) A[rows x depth] * B[depth x N],  N = Vectors SIMD widths,
+// A read by broadcast through (row, column) strides, B and C row-major. With queries
+// along N, Q K^T is C = K * Q^T and P V is O^T += V^T * P^T: neither K nor V is copied.
+#pragma once
+
+#include "../core/tensor_view.hpp"
+#include "../simd/vec.hpp"
+
+namespace fovea::detail {
+
+template <class T, class Backend, int Rows, int Vectors, bool Accumulate, class TA>
+inline void micro_kernel(const TA* a, index_t a_row, index_t a_col, const T* b, index_t ldb,
+                         T* c, index_t ldc, index_t depth) noexcept {
+  using V = vec<T, Backend>;
+  constexpr int W = V::width;
+  typename V::type acc[Rows][Vectors];
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r)
+#pragma GCC unroll 8
+    for (int x = 0; x < Vectors; ++x)
+      acc[r][x] = Accumulate ? V::load(c + r * ldc + x * W) : V::broadcast(T(0));
+  const TA* a_rows[Rows];
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) a_rows[r] = a + r * a_row;
+  for (index_t p = 0; p < depth; ++p) {
+    typename V::type bp[Vectors];
+#pragma GCC unroll 8
+    for (int x = 0; x < Vectors; ++x) bp[x] = V::load(b + p * ldb + x * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r) {
+      const auto ar = V::broadcast(T(a_rows[r][p * a_col]));
+#pragma GCC unroll 8
+      for (int x = 0; x < Vectors; ++x) acc[r][x] = V::fma(ar, bp[x], acc[r][x]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r)
+#pragma GCC unroll 8
+    for (int x = 0; x < Vectors; ++x) V::store(c + r * ldc + x * W, acc[r][x]);
+}
+
+/// C[rows x Vectors*W] (= or +=) A * B for any number of rows: full row blocks, then one
+/// call of the micro-kernel sized to the remainder.
+template <class T, class Backend, int RowBlock, int Vectors, bool Accumulate, class TA>
+inline void gemm_rows(index_t rows, const TA* a, index_t a_row, index_t a_col, const T* b,
+                      index_t ldb, T* c, index_t ldc, index_t depth) noexcept {
+  index_t r = 0;
+  for (; r + RowBlock <= rows; r += RowBlock)
+    micro_kernel<T, Backend, RowBlock, Vectors, Accumulate>(a + r * a_row, a_row, a_col, b, ldb,
+                                                            c + r * ldc, ldc, depth);
+  const index_t rest = rows - r;
+  if constexpr (RowBlock > 1) {
+    if (rest > 0) {
+      [&]<int... R>(std::integer_sequence<int, R...>) {
+        ((rest == R + 1 ? micro_kernel<T, Backend, R + 1, Vectors, Accumulate>(
+                              a + r * a_row, a_row, a_col, b, ldb, c + r * ldc, ldc, depth)
+                        : void()),
+         ...);
+      }(std::make_integer_sequence<int, RowBlock - 1>{});
+    }
+  }
+}
+
+}  // namespace fovea::detail

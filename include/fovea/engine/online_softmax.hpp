@@ -1,0 +1,93 @@
+// The online-softmax state of a query tile: running max m and sum l per query column,
+// updated one key tile at a time (logits laid out [keys][queries], queries contiguous).
+//
+// The -inf case (FlashInfer's attention/state.cuh): while a query has seen no visible
+// key, m = -inf; exponents are then taken against 0 instead of m, so exp(-inf - -inf)
+// never produces NaN and the row's p, l and accumulator stay exactly 0.
+#pragma once
+
+#include <limits>
+
+#include "../core/tensor_view.hpp"
+#include "../simd/vec.hpp"
+
+namespace fovea::detail {
+
+/// Updates m and l for one tile of `keys` logit rows, writes p = exp(s - m_new) and
+/// alpha = exp(m_old - m_new) (the factor the accumulator must be rescaled by).
+/// Returns false when every alpha is exactly 1, so the rescale can be skipped.
+template <class T, class Backend, int Vectors>
+inline bool online_softmax_update(const T* s, T* p, index_t ld, index_t keys, T* m, T* l,
+                                  T* alpha) noexcept {
+  using V = vec<T, Backend>;
+  constexpr int W = V::width;
+  const auto neg_inf = V::broadcast(-std::numeric_limits<T>::infinity());
+  const auto zero = V::broadcast(T(0));
+  const auto one = V::broadcast(T(1));
+  typename V::type tile_max[Vectors], m_ref[Vectors], sum[Vectors];
+#pragma GCC unroll 8
+  for (int x = 0; x < Vectors; ++x) tile_max[x] = neg_inf;
+  for (index_t j = 0; j < keys; ++j)
+#pragma GCC unroll 8
+    for (int x = 0; x < Vectors; ++x) tile_max[x] = V::max(tile_max[x], V::load(s + j * ld + x * W));
+  bool rescale = false;
+#pragma GCC unroll 8
+  for (int x = 0; x < Vectors; ++x) {
+    const auto m_old = V::load(m + x * W);
+    const auto m_new = V::max(m_old, tile_max[x]);
+    m_ref[x] = V::select(V::equal(m_new, neg_inf), zero, m_new);
+    const auto a = V::exp(V::sub(m_old, m_ref[x]));
+    rescale = rescale || !V::all(V::equal(a, one));
+    V::store(alpha + x * W, a);
+    V::store(m + x * W, m_new);
+    sum[x] = zero;
+  }
+  for (index_t j = 0; j < keys; ++j)
+#pragma GCC unroll 8
+    for (int x = 0; x < Vectors; ++x) {
+      const auto e = V::exp(V::sub(V::load(s + j * ld + x * W), m_ref[x]));
+      V::store(p + j * ld + x * W, e);
+      sum[x] = V::add(sum[x], e);
+    }
+#pragma GCC unroll 8
+  for (int x = 0; x < Vectors; ++x)
+    V::store(l + x * W, V::fma(V::load(l + x * W), V::load(alpha + x * W), sum[x]));
+  return rescale;
+}
+
+/// acc[r][:] *= alpha[:] for `rows` rows of a [rows][queries] accumulator.
+template <class T, class Backend, int Vectors>
+inline void rescale_rows(T* acc, index_t ld, index_t rows, const T* alpha) noexcept {
+  using V = vec<T, Backend>;
+  constexpr int W = V::width;
+  typename V::type a[Vectors];
+#pragma GCC unroll 8
+  for (int x = 0; x < Vectors; ++x) a[x] = V::load(alpha + x * W);
+  for (index_t r = 0; r < rows; ++r)
+#pragma GCC unroll 8
+    for (int x = 0; x < Vectors; ++x) V::store(acc + r * ld + x * W, V::mul(V::load(acc + r * ld + x * W), a[x]));
+}
+
+/// What a finished row becomes: out = acc * factor, and its log-sum-exp. A sink logit
+/// (sink = -inf for none) joins the denominator only. A row that saw no key (and no
+/// sink) gets factor 0 and lse -inf; NaN in m or l carries through to both.
+template <class T>
+struct row_result {
+  T factor;
+  T lse;
+};
+
+template <class T>
+inline row_result<T> finish_row(T m, T l, T sink) noexcept {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  if (sink != -inf) {
+    const T m_all = m > sink ? m : (m != m ? m : sink);
+    const T kept = m == -inf ? T(0) : std::exp(m - m_all);
+    const T total = l * kept + std::exp(sink - m_all);
+    return {kept / total, m_all + std::log(total)};
+  }
+  if (l == T(0)) return {T(0), -inf};
+  return {T(1) / l, m + std::log(l)};
+}
+
+}  // namespace fovea::detail

@@ -1,0 +1,11 @@
+// fovea: header-only CPU attention kernels. Include this one header.
+#pragma once
+
+#define FOVEA_VERSION_MAJOR 0
+#define FOVEA_VERSION_MINOR 1
+#define FOVEA_VERSION_PATCH 0
+
+#include "attention/softmax.hpp"
+#include "core/error.hpp"
+#include "core/tensor_view.hpp"
+#include "simd/backend.hpp"

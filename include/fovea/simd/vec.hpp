@@ -1,0 +1,85 @@
+// The tiny vector API every kernel is written against: vec<T, Backend> gives a register
+// type and load/store/broadcast/fma/max/exp/tanh/select/reductions for it. This header
+// is the only place that knows xsimd 8.1's names and quirks (hadd, no reduce_max).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+
+#include "backend.hpp"
+
+namespace fovea::detail {
+
+template <class T, class Backend>
+struct vec;
+
+template <class T>
+struct vec<T, scalar> {
+  using type = T;
+  using mask = bool;
+  static constexpr int width = 1;
+  static constexpr int registers = 16;
+
+  static type load(const T* p) noexcept { return *p; }
+  static void store(T* p, type x) noexcept { *p = x; }
+  static type broadcast(T x) noexcept { return x; }
+  static type fma(type a, type b, type c) noexcept { return a * b + c; }
+  static type add(type a, type b) noexcept { return a + b; }
+  static type sub(type a, type b) noexcept { return a - b; }
+  static type mul(type a, type b) noexcept { return a * b; }
+  static type max(type a, type b) noexcept { return a < b ? b : a; }
+  static type abs(type a) noexcept { return std::abs(a); }
+  static type exp(type a) noexcept { return std::exp(a); }
+  static type tanh(type a) noexcept { return std::tanh(a); }
+  static mask equal(type a, type b) noexcept { return a == b; }
+  static mask not_equal(type a, type b) noexcept { return a != b; }
+  static type select(mask m, type a, type b) noexcept { return m ? a : b; }
+  static bool any(mask m) noexcept { return m; }
+  static bool all(mask m) noexcept { return m; }
+  static T reduce_add(type a) noexcept { return a; }
+  static T reduce_max(type a) noexcept { return a; }
+  /// {base, base + 1, ...}
+  static type iota(T base) noexcept { return base; }
+};
+
+#if !defined(FOVEA_FORCE_SCALAR)
+template <class T, class Arch>
+struct vec<T, simd<Arch>> {
+  using type = xsimd::batch<T, Arch>;
+  using mask = xsimd::batch_bool<T, Arch>;
+  static constexpr int width = static_cast<int>(type::size);
+  static constexpr int registers = (sizeof(T) * type::size == 64) ? 32 : 16;
+
+  static type load(const T* p) noexcept { return type::load_unaligned(p); }
+  static void store(T* p, type x) noexcept { x.store_unaligned(p); }
+  static type broadcast(T x) noexcept { return type(x); }
+  static type fma(type a, type b, type c) noexcept { return xsimd::fma(a, b, c); }
+  static type add(type a, type b) noexcept { return a + b; }
+  static type sub(type a, type b) noexcept { return a - b; }
+  static type mul(type a, type b) noexcept { return a * b; }
+  static type max(type a, type b) noexcept { return xsimd::max(a, b); }
+  static type abs(type a) noexcept { return xsimd::abs(a); }
+  static type exp(type a) noexcept { return xsimd::exp(a); }
+  static type tanh(type a) noexcept { return xsimd::tanh(a); }
+  static mask equal(type a, type b) noexcept { return a == b; }
+  static mask not_equal(type a, type b) noexcept { return a != b; }
+  static type select(mask m, type a, type b) noexcept { return xsimd::select(m, a, b); }
+  static bool any(mask m) noexcept { return xsimd::any(m); }
+  static bool all(mask m) noexcept { return xsimd::all(m); }
+  static T reduce_add(type a) noexcept { return xsimd::hadd(a); }  // xsimd 8.1 name
+  static T reduce_max(type a) noexcept {  // xsimd 8.1 has no reduce_max
+    alignas(64) T lanes[width];
+    a.store_aligned(lanes);
+    T m = lanes[0];
+    for (int i = 1; i < width; ++i) m = lanes[i] > m ? lanes[i] : m;
+    return m;
+  }
+  static type iota(T base) noexcept {
+    alignas(64) T lanes[width];
+    for (int i = 0; i < width; ++i) lanes[i] = base + T(i);
+    return type::load_aligned(lanes);
+  }
+};
+#endif
+
+}  // namespace fovea::detail

@@ -1,0 +1,65 @@
+// FlashAttention's tolerance rule: the kernel's largest error against the f64 oracle may
+// be at most twice the largest error of a naive computation in the kernel's own precision
+// on the same inputs, plus a small floor. NaN must sit exactly where the oracle has NaN;
+// infinities must match.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+namespace fovea::test {
+
+template <class T>
+constexpr double tolerance_floor() {
+  return std::is_same_v<T, float> ? 2e-6 : 1e-13;
+}
+
+inline double max_abs_error(const std::vector<double>& got, const std::vector<double>& want) {
+  double e = 0;
+  for (std::size_t i = 0; i < got.size(); ++i)
+    if (std::isfinite(want[i]) && std::isfinite(got[i])) e = std::max(e, std::abs(got[i] - want[i]));
+  return e;
+}
+
+inline double max_abs(const std::vector<double>& x) {
+  double m = 0;
+  for (double e : x)
+    if (std::isfinite(e)) m = std::max(m, std::abs(e));
+  return m;
+}
+
+/// Checks `got` against the oracle `want`, allowing 2x the naive error + floor * scale.
+template <class T>
+::testing::AssertionResult within_tolerance(const std::vector<double>& got,
+                                            const std::vector<double>& want,
+                                            const std::vector<double>& naive) {
+  if (got.size() != want.size()) return ::testing::AssertionFailure() << "size mismatch";
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    const bool got_nan = std::isnan(got[i]), want_nan = std::isnan(want[i]);
+    if (got_nan != want_nan)
+      return ::testing::AssertionFailure()
+             << "element " << i << ": got " << got[i] << ", oracle " << want[i];
+    if (std::isinf(want[i]) || std::isinf(got[i]))
+      if (got[i] != want[i])
+        return ::testing::AssertionFailure()
+               << "element " << i << ": got " << got[i] << ", oracle " << want[i];
+  }
+  const double allowed = 2 * max_abs_error(naive, want) +
+                         tolerance_floor<T>() * std::max(1.0, max_abs(want));
+  const double err = max_abs_error(got, want);
+  if (err <= allowed) return ::testing::AssertionSuccess();
+  std::size_t worst = 0;
+  for (std::size_t i = 0; i < got.size(); ++i)
+    if (std::isfinite(want[i]) && std::abs(got[i] - want[i]) == err) worst = i;
+  return ::testing::AssertionFailure() << "max error " << err << " > allowed " << allowed
+                                       << " (element " << worst << ": got " << got[worst]
+                                       << ", oracle " << want[worst] << ")";
+}
+
+}  // namespace fovea::test

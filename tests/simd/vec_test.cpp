@@ -1,0 +1,70 @@
+// The vector API: every operation, for every configuration, against plain C++.
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <fovea/fovea.hpp>
+#include <gtest/gtest.h>
+
+#include "../common/configs.hpp"
+
+namespace fovea::test {
+namespace {
+
+template <class C>
+class VectorApi : public ::testing::Test {};
+TYPED_TEST_SUITE(VectorApi, configs, config_names);
+
+TYPED_TEST(VectorApi, ArithmeticReductionsAndSelect) {
+  using T = typename TypeParam::value_type;
+  using V = detail::vec<T, typename TypeParam::backend>;
+  constexpr int W = V::width;
+  std::vector<T> a(W), b(W), c(W), out(W);
+  for (int i = 0; i < W; ++i) a[i] = T(i) - T(2.5), b[i] = T(0.5) * T(i + 1), c[i] = T(3 - i);
+  const auto va = V::load(a.data()), vb = V::load(b.data()), vc = V::load(c.data());
+  V::store(out.data(), V::fma(va, vb, vc));
+  for (int i = 0; i < W; ++i) EXPECT_NEAR(out[i], a[i] * b[i] + c[i], 1e-6);
+  V::store(out.data(), V::max(va, vc));
+  for (int i = 0; i < W; ++i) EXPECT_EQ(out[i], std::max(a[i], c[i]));
+  V::store(out.data(), V::select(V::equal(va, vc), vb, va));
+  for (int i = 0; i < W; ++i) EXPECT_EQ(out[i], a[i] == c[i] ? b[i] : a[i]);
+  T sum = 0, mx = a[0];
+  for (int i = 0; i < W; ++i) sum += a[i], mx = std::max(mx, a[i]);
+  EXPECT_NEAR(V::reduce_add(va), sum, 1e-6);
+  EXPECT_EQ(V::reduce_max(va), mx);
+  V::store(out.data(), V::iota(T(7)));
+  for (int i = 0; i < W; ++i) EXPECT_EQ(out[i], T(7 + i));
+  EXPECT_TRUE(V::any(V::equal(va, va)));
+  EXPECT_FALSE(V::any(V::not_equal(va, va)));
+}
+
+TYPED_TEST(VectorApi, ExpAndTanhOverTheirRange) {
+  using T = typename TypeParam::value_type;
+  using V = detail::vec<T, typename TypeParam::backend>;
+  constexpr int W = V::width;
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  const double rel = std::is_same_v<T, float> ? 4e-7 : 1e-15;
+  std::vector<T> x(W), out(W);
+  for (T start = T(-120); start < T(80); start += T(0.37) * W) {
+    for (int i = 0; i < W; ++i) x[i] = start + T(0.37) * T(i);
+    V::store(out.data(), V::exp(V::load(x.data())));
+    for (int i = 0; i < W; ++i) {
+      const double want = std::exp(double(x[i]));
+      if (want > double(std::numeric_limits<T>::min())) {
+        EXPECT_NEAR(out[i], want, rel * want * 2) << "exp(" << x[i] << ")";
+      }
+    }
+    V::store(out.data(), V::tanh(V::load(x.data())));
+    for (int i = 0; i < W; ++i) EXPECT_NEAR(out[i], std::tanh(double(x[i])), 2e-6) << "tanh(" << x[i] << ")";
+  }
+  // The values the online softmax relies on.
+  for (T special : {-inf, T(-1e30), T(0)}) {
+    V::store(out.data(), V::exp(V::broadcast(special)));
+    EXPECT_EQ(out[0], special == T(0) ? T(1) : T(0)) << "exp(" << special << ")";
+  }
+  V::store(out.data(), V::exp(V::broadcast(std::numeric_limits<T>::quiet_NaN())));
+  EXPECT_TRUE(std::isnan(out[0]));
+}
+
+}  // namespace
+}  // namespace fovea::test
