@@ -1,0 +1,173 @@
+// softmax_attention against a careful Eigen baseline, in one binary so ratios come out of
+// one run. Prints Google Benchmark's table, then a summary: GFLOP/s, fraction of the FMA
+// peak measured here, and the speed-up over Eigen, for each shape.
+//
+//   softmax_bench [--quick] [google benchmark flags]
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <Eigen/Dense>
+#include <benchmark/benchmark.h>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fovea/fovea.hpp>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "peak.hpp"
+#include "summary.hpp"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace {
+
+using fovea::index_t;
+using matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+struct inputs {
+  index_t n, d;
+  std::vector<float> q, k, v, o;
+  inputs(index_t n_, index_t d_) : n(n_), d(d_), q(n * d), k(n * d), v(n * d), o(n * d) {
+    std::mt19937 gen(42);
+    std::normal_distribution<float> dist;
+    for (auto* x : {&q, &k, &v})
+      for (float& e : *x) e = dist(gen);
+  }
+};
+
+double attention_flops(index_t n, index_t d, bool causal) {
+  return 4.0 * double(n) * double(n) * double(d) * (causal ? 0.5 : 1.0);
+}
+
+void BM_fovea(benchmark::State& state, index_t n, index_t d, bool causal, int threads) {
+  inputs in(n, d);
+  const auto Q = fovea::bhsd(in.q.data(), 1, 1, n, d), K = fovea::bhsd(in.k.data(), 1, 1, n, d);
+  const auto V = fovea::bhsd(in.v.data(), 1, 1, n, d);
+  const auto O = fovea::bhsd(in.o.data(), 1, 1, n, d);
+  for (auto _ : state) {
+    fovea::softmax_attention(Q, K, V, O, {.causal = causal, .threads = threads});
+    benchmark::DoNotOptimize(in.o.data());
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(attention_flops(n, d, causal),
+                                                 benchmark::Counter::kIsIterationInvariantRate,
+                                                 benchmark::Counter::kIs1000);
+}
+
+/// The careful Eigen version: S = scale * Q K^T as one GEMM (scalar on the left, so Eigen
+/// folds it into the GEMM), a causal mask, a stable per-row softmax, O = P V, then the
+/// rows divided by their sums. Materialises the N x N matrix.
+void BM_eigen(benchmark::State& state, index_t n, index_t d, bool causal, int threads) {
+  inputs in(n, d);
+  Eigen::setNbThreads(threads);
+  const Eigen::Map<const matrix> Q(in.q.data(), n, d), K(in.k.data(), n, d), V(in.v.data(), n, d);
+  Eigen::Map<matrix> O(in.o.data(), n, d);
+  matrix S(n, n);
+  const float scale = 1.0f / std::sqrt(float(d));
+  for (auto _ : state) {
+    S.noalias() = scale * Q * K.transpose();
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (index_t i = 0; i < n; ++i) {
+      auto row = S.row(i);
+      if (causal) row.tail(n - i - 1).setConstant(-INFINITY);
+      const float m = row.head(causal ? i + 1 : n).maxCoeff();
+      row = (row.array() - m).exp();
+    }
+    O.noalias() = S * V;
+    const Eigen::VectorXf sums = S.rowwise().sum();
+    O.array().colwise() /= sums.array();
+    benchmark::DoNotOptimize(in.o.data());
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(attention_flops(n, d, causal),
+                                                 benchmark::Counter::kIsIterationInvariantRate,
+                                                 benchmark::Counter::kIs1000);
+}
+
+/// Peak RSS growth (KiB) of a child process that runs one softmax_attention call at
+/// N x D on `threads` threads, beyond the inputs and output it allocated first. Call it
+/// before this process starts any OpenMP thread: a forked child cannot use the pool.
+long extra_memory_kib(index_t n, index_t d, int threads) {
+  int pipe_fd[2];
+  if (pipe(pipe_fd) != 0) return -1;
+  const pid_t pid = fork();
+  if (pid == 0) {
+    inputs in(n, d);
+    const auto Q = fovea::bhsd(in.q.data(), 1, 1, n, d), K = fovea::bhsd(in.k.data(), 1, 1, n, d);
+    const auto V = fovea::bhsd(in.v.data(), 1, 1, n, d);
+    const auto O = fovea::bhsd(in.o.data(), 1, 1, n, d);
+    fovea::softmax_attention(Q, K, V, O, {.threads = threads});  // warm: threads, code pages
+    rusage before{}, after{};
+    getrusage(RUSAGE_SELF, &before);
+    fovea::softmax_attention(Q, K, V, O, {.causal = true, .threads = threads});
+    getrusage(RUSAGE_SELF, &after);
+    const long extra = after.ru_maxrss - before.ru_maxrss;
+    (void)!write(pipe_fd[1], &extra, sizeof extra);
+    _exit(0);
+  }
+  long extra = -1;
+  (void)!read(pipe_fd[0], &extra, sizeof extra);
+  waitpid(pid, nullptr, 0);
+  close(pipe_fd[0]);
+  close(pipe_fd[1]);
+  return extra;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false;
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0)
+      quick = true;
+    else
+      args.push_back(argv[i]);
+  }
+  int n_args = int(args.size());
+  benchmark::Initialize(&n_args, args.data());
+
+  const int max_threads = fovea::detail::resolve_threads(0);
+  const index_t n_mem = quick ? 8192 : 16384;
+  const long extra_kib = extra_memory_kib(n_mem, 128, max_threads);
+  const double peak = fovea::bench::measure_fma_peak_gflops();
+  const std::vector<index_t> lengths = quick ? std::vector<index_t>{1024, 4096}
+                                             : std::vector<index_t>{512, 1024, 2048, 4096, 8192};
+  std::vector<int> thread_counts{1};
+  if (max_threads > 1) thread_counts.push_back(max_threads);
+  for (index_t d : {64, 128})
+    for (bool causal : {false, true})
+      for (int threads : thread_counts)
+        for (index_t n : lengths) {
+          const std::string shape = "/N=" + std::to_string(n) + "/D=" + std::to_string(d) +
+                                    (causal ? "/causal" : "/full") + "/threads=" + std::to_string(threads);
+          benchmark::RegisterBenchmark(("fovea" + shape).c_str(), BM_fovea, n, d, causal, threads)
+              ->Unit(benchmark::kMillisecond)->UseRealTime();
+          benchmark::RegisterBenchmark(("eigen" + shape).c_str(), BM_eigen, n, d, causal, threads)
+              ->Unit(benchmark::kMillisecond)->UseRealTime();
+        }
+
+  fovea::bench::summary_reporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  benchmark::Shutdown();
+
+  std::printf("\nFMA peak (fp32, one core, %s): %.1f GFLOP/s\n", fovea::default_backend::name(), peak);
+  std::printf("\n| shape | fovea GFLOP/s | of peak | eigen GFLOP/s | fovea vs eigen |\n");
+  std::printf("|---|---:|---:|---:|---:|\n");
+  for (const auto& [shape, r] : reporter.pairs("fovea", "eigen")) {
+    const int threads = std::stoi(shape.substr(shape.rfind('=') + 1));
+    const double fovea_gflops = r.first.counter("GFLOP/s") / 1e9;
+    std::printf("| %s | %.1f | %.0f%% | %.1f | %.2fx |\n", shape.substr(1).c_str(), fovea_gflops,
+                100.0 * fovea_gflops / (peak * threads), r.second.counter("GFLOP/s") / 1e9,
+                r.second.seconds / r.first.seconds);
+  }
+  std::printf("\nExtra memory of one causal call at N=%ld, D=128, %d threads: %ld KiB "
+              "(the N x N matrix would be %ld MiB)\n",
+              long(n_mem), max_threads, extra_kib,
+              long(n_mem * n_mem * 4 / (1 << 20)));
+  return 0;
+}

@@ -1,0 +1,61 @@
+// A Google Benchmark reporter that also keeps every result (the median when repetitions
+// are asked for), so a benchmark binary can print ratios between entries of one run.
+#pragma once
+
+#include <benchmark/benchmark.h>
+
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace fovea::bench {
+
+struct result {
+  double seconds = 0;  ///< real time per iteration
+  std::map<std::string, double> counters;
+  double counter(const std::string& name) const {
+    const auto it = counters.find(name);
+    return it == counters.end() ? 0.0 : it->second;
+  }
+};
+
+class summary_reporter : public benchmark::ConsoleReporter {
+ public:
+  void ReportRuns(const std::vector<Run>& runs) override {
+    ConsoleReporter::ReportRuns(runs);
+    for (const Run& run : runs) {
+      const bool aggregate = run.run_type == Run::RT_Aggregate;
+      if (aggregate && run.aggregate_name != "median") continue;
+      if (!aggregate && run.repetitions > 1) continue;
+      result r;
+      r.seconds = run.GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(run.time_unit);
+      for (const auto& [name, c] : run.counters) r.counters[name] = c.value;
+      std::string name = run.run_name.str();
+      const std::string suffix = "/real_time";
+      if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
+        name.resize(name.size() - suffix.size());
+      results_[name] = r;
+    }
+  }
+
+  const std::map<std::string, result>& results() const { return results_; }
+
+  /// Entries "<a><shape>" and "<b><shape>" that both ran, keyed by shape.
+  std::map<std::string, std::pair<result, result>> pairs(const std::string& a,
+                                                         const std::string& b) const {
+    std::map<std::string, std::pair<result, result>> out;
+    for (const auto& [name, r] : results_) {
+      if (name.rfind(a, 0) != 0) continue;
+      const std::string shape = name.substr(a.size());
+      const auto other = results_.find(b + shape);
+      if (other != results_.end()) out[shape] = {r, other->second};
+    }
+    return out;
+  }
+
+ private:
+  std::map<std::string, result> results_;
+};
+
+}  // namespace fovea::bench

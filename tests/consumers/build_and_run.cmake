@@ -1,0 +1,32 @@
+# ctest driver for the three ways to consume fovea. Usage:
+#   cmake -DMODE=<find_package|add_subdirectory|include_flags> -DSOURCE=<fovea source>
+#         -DBINARY=<fovea build dir> -DWORK=<scratch dir> -DCXX=<compiler> -P build_and_run.cmake
+function(run)
+  execute_process(COMMAND ${ARGV} RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0)
+    string(REPLACE ";" " " cmd "${ARGV}")
+    message(FATAL_ERROR "failed (${rc}): ${cmd}")
+  endif()
+endfunction()
+
+file(REMOVE_RECURSE ${WORK})
+file(MAKE_DIRECTORY ${WORK})
+if(MODE STREQUAL "find_package")
+  run(${CMAKE_COMMAND} --install ${BINARY} --prefix ${WORK}/prefix)
+  run(${CMAKE_COMMAND} -S ${SOURCE}/examples -B ${WORK}/build -DCMAKE_BUILD_TYPE=Release
+      -DCMAKE_PREFIX_PATH=${WORK}/prefix -DCMAKE_CXX_COMPILER=${CXX})
+  run(${CMAKE_COMMAND} --build ${WORK}/build)
+  run(${WORK}/build/basic_attention)
+elseif(MODE STREQUAL "add_subdirectory")
+  run(${CMAKE_COMMAND} -S ${SOURCE}/tests/consumers/add_subdirectory -B ${WORK}/build
+      -DCMAKE_BUILD_TYPE=Release -DFOVEA_SOURCE_DIR=${SOURCE} -DCMAKE_CXX_COMPILER=${CXX})
+  run(${CMAKE_COMMAND} --build ${WORK}/build)
+  run(${WORK}/build/consumer)
+elseif(MODE STREQUAL "include_flags")
+  # Exactly the flags the README documents for plain -I use.
+  run(${CXX} -std=c++20 -O2 -march=native -fopenmp -I${SOURCE}/include -I/usr/include/eigen3
+      ${SOURCE}/examples/basic_attention.cpp -o ${WORK}/basic_attention)
+  run(${WORK}/basic_attention)
+else()
+  message(FATAL_ERROR "unknown MODE ${MODE}")
+endif()
