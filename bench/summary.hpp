@@ -35,27 +35,29 @@ class summary_reporter : public benchmark::ConsoleReporter {
       const std::string suffix = "/real_time";
       if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
         name.resize(name.size() - suffix.size());
+      if (!results_.count(name)) order_.push_back(name);
       results_[name] = r;
     }
   }
 
   const std::map<std::string, result>& results() const { return results_; }
 
-  /// Entries "<a><shape>" and "<b><shape>" that both ran, keyed by shape.
-  std::map<std::string, std::pair<result, result>> pairs(const std::string& a,
-                                                         const std::string& b) const {
-    std::map<std::string, std::pair<result, result>> out;
-    for (const auto& [name, r] : results_) {
+  /// Entries "<a><shape>" and "<b><shape>" that both ran, as (shape, (a, b)) in run order.
+  std::vector<std::pair<std::string, std::pair<result, result>>> pairs(const std::string& a,
+                                                                       const std::string& b) const {
+    std::vector<std::pair<std::string, std::pair<result, result>>> out;
+    for (const std::string& name : order_) {
       if (name.rfind(a, 0) != 0) continue;
       const std::string shape = name.substr(a.size());
       const auto other = results_.find(b + shape);
-      if (other != results_.end()) out[shape] = {r, other->second};
+      if (other != results_.end()) out.push_back({shape, {results_.at(name), other->second}});
     }
     return out;
   }
 
  private:
   std::map<std::string, result> results_;
+  std::vector<std::string> order_;
 };
 
 }  // namespace fovea::bench
