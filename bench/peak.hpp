@@ -4,10 +4,9 @@
 
 #include <chrono>
 #include <cstddef>
+#include <fovea/simd/vec.hpp>
 #include <utility>
 #include <vector>
-
-#include <fovea/simd/vec.hpp>
 
 namespace fovea::bench {
 

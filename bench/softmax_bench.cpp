@@ -3,12 +3,12 @@
 // peak measured here, and the speed-up over Eigen, for each shape.
 //
 //   softmax_bench [--quick] [google benchmark flags]
+#include <benchmark/benchmark.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <Eigen/Dense>
-#include <benchmark/benchmark.h>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -135,8 +135,8 @@ int main(int argc, char** argv) {
   const index_t n_mem = quick ? 8192 : 16384;
   const long extra_kib = extra_memory_kib(n_mem, 128, max_threads);
   const double peak = fovea::bench::measure_fma_peak_gflops();
-  const std::vector<index_t> lengths = quick ? std::vector<index_t>{1024, 4096}
-                                             : std::vector<index_t>{512, 1024, 2048, 4096, 8192};
+  const std::vector<index_t> lengths =
+      quick ? std::vector<index_t>{1024, 4096} : std::vector<index_t>{512, 1024, 2048, 4096, 8192};
   std::vector<int> thread_counts{1};
   if (max_threads > 1) thread_counts.push_back(max_threads);
   for (index_t d : {64, 128})
@@ -144,18 +144,22 @@ int main(int argc, char** argv) {
       for (int threads : thread_counts)
         for (index_t n : lengths) {
           const std::string shape = "/N=" + std::to_string(n) + "/D=" + std::to_string(d) +
-                                    (causal ? "/causal" : "/full") + "/threads=" + std::to_string(threads);
+                                    (causal ? "/causal" : "/full") +
+                                    "/threads=" + std::to_string(threads);
           benchmark::RegisterBenchmark(("fovea" + shape).c_str(), BM_fovea, n, d, causal, threads)
-              ->Unit(benchmark::kMillisecond)->UseRealTime();
+              ->Unit(benchmark::kMillisecond)
+              ->UseRealTime();
           benchmark::RegisterBenchmark(("eigen" + shape).c_str(), BM_eigen, n, d, causal, threads)
-              ->Unit(benchmark::kMillisecond)->UseRealTime();
+              ->Unit(benchmark::kMillisecond)
+              ->UseRealTime();
         }
 
   fovea::bench::summary_reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
 
-  std::printf("\nFMA peak (fp32, one core, %s): %.1f GFLOP/s\n", fovea::default_backend::name(), peak);
+  std::printf("\nFMA peak (fp32, one core, %s): %.1f GFLOP/s\n", fovea::default_backend::name(),
+              peak);
   std::printf("\n| shape | fovea GFLOP/s | of peak | eigen GFLOP/s | fovea vs eigen |\n");
   std::printf("|---|---:|---:|---:|---:|\n");
   for (const auto& [shape, r] : reporter.pairs("fovea", "eigen")) {
@@ -165,9 +169,9 @@ int main(int argc, char** argv) {
                 100.0 * fovea_gflops / (peak * threads), r.second.counter("GFLOP/s") / 1e9,
                 r.second.seconds / r.first.seconds);
   }
-  std::printf("\nExtra memory of one causal call at N=%ld, D=128, %d threads: %ld KiB "
-              "(the N x N matrix would be %ld MiB)\n",
-              long(n_mem), max_threads, extra_kib,
-              long(n_mem * n_mem * 4 / (1 << 20)));
+  std::printf(
+      "\nExtra memory of one causal call at N=%ld, D=128, %d threads: %ld KiB "
+      "(the N x N matrix would be %ld MiB)\n",
+      long(n_mem), max_threads, extra_kib, long(n_mem * n_mem * 4 / (1 << 20)));
   return 0;
 }

@@ -33,7 +33,8 @@ class summary_reporter : public benchmark::ConsoleReporter {
       for (const auto& [name, c] : run.counters) r.counters[name] = c.value;
       std::string name = run.run_name.str();
       const std::string suffix = "/real_time";
-      if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
+      if (name.size() > suffix.size() &&
+          name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
         name.resize(name.size() - suffix.size());
       if (!results_.count(name)) order_.push_back(name);
       results_[name] = r;

@@ -3,10 +3,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <fovea/fovea.hpp>
 #include <random>
 #include <vector>
-
-#include <fovea/fovea.hpp>
 
 int main() {
   const long B = 1, H = 8, Hk = 2, S = 1024, D = 64;
@@ -24,7 +23,8 @@ int main() {
   fovea::softmax_attention(Q, K, V, O, {.causal = true});  // warm-up
   const auto t0 = std::chrono::steady_clock::now();
   fovea::softmax_attention(Q, K, V, O, {.causal = true});
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   // The same thing, naively: every score, a stable softmax per row, in double.
   double max_error = 0, checksum = 0;

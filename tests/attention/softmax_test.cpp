@@ -1,13 +1,13 @@
 // softmax_attention against the f64 oracle: shape sweeps, every feature alone and in
 // pairs, the numerical contract (masked rows, NaN, threads), layouts and bad input.
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <cstring>
+#include <fovea/fovea.hpp>
 #include <limits>
 #include <string>
 #include <vector>
-
-#include <fovea/fovea.hpp>
-#include <gtest/gtest.h>
 
 #include "../common/attention_case.hpp"
 #include "../common/configs.hpp"
@@ -35,9 +35,11 @@ TYPED_TEST(SoftmaxAttention, SquareLengths) {
 }
 
 TYPED_TEST(SoftmaxAttention, RectangularCausalPairs) {
-  const std::pair<index_t, index_t> pairs[] = {{1, 239}, {239, 1}, {113, 203}, {203, 113}, {1023, 1024}};
+  const std::pair<index_t, index_t> pairs[] = {
+      {1, 239}, {239, 1}, {113, 203}, {203, 113}, {1023, 1024}};
   for (auto [sq, sk] : pairs)
-    for (unsigned f : {0u, unsigned(feature::causal), unsigned(feature::causal | feature::top_left)})
+    for (unsigned f :
+         {0u, unsigned(feature::causal), unsigned(feature::causal | feature::top_left)})
       this->check({1, 1, 1, sq, sk, sq > 1000 ? 64 : 59, 59}, f, sq * 7 + sk);
 }
 
@@ -73,7 +75,8 @@ TYPED_TEST(SoftmaxAttention, WindowShapes) {
   using T = typename TestFixture::T;
   using Backend = typename TestFixture::Backend;
   const shape s{1, 2, 1, 300, 300, 32, 32};
-  const std::pair<index_t, index_t> windows[] = {{0, 0}, {0, -1}, {-1, 0}, {5, 5}, {64, 0}, {100, 3}, {1000, 1000}};
+  const std::pair<index_t, index_t> windows[] = {{0, 0},  {0, -1},  {-1, 0},     {5, 5},
+                                                 {64, 0}, {100, 3}, {1000, 1000}};
   for (auto [left, right] : windows) {
     SCOPED_TRACE("window " + std::to_string(left) + "," + std::to_string(right));
     attention_inputs<T> in(s, 0, left + 17);
@@ -96,10 +99,11 @@ TYPED_TEST(SoftmaxAttention, BroadcastShapesOfBiasAndMask) {
   const auto mask = bernoulli(s.B * s.H * s.Sq * s.Sk, 11, 0.7);
   const std::array<index_t, 4> full{s.B, s.H, s.Sq, s.Sk};
   const std::array<index_t, 4> shapes[] = {
-      {s.B, s.H, s.Sq, s.Sk}, {1, 1, 1, s.Sk}, {s.B, 1, 1, s.Sk}, {1, s.Hk, s.Sq, s.Sk},
+      {s.B, s.H, s.Sq, s.Sk}, {1, 1, 1, s.Sk},     {s.B, 1, 1, s.Sk}, {1, s.Hk, s.Sq, s.Sk},
       {1, 1, s.Sq, 1},        {s.B, s.H, s.Sq, 1}, {1, 1, 1, 1}};
   for (const auto& e : shapes) {
-    SCOPED_TRACE(std::to_string(e[0]) + "x" + std::to_string(e[1]) + "x" + std::to_string(e[2]) + "x" + std::to_string(e[3]));
+    SCOPED_TRACE(std::to_string(e[0]) + "x" + std::to_string(e[1]) + "x" + std::to_string(e[2]) +
+                 "x" + std::to_string(e[3]));
     std::array<index_t, 4> st{};
     index_t stride = 1;
     for (int r = 3; r >= 0; --r) {
@@ -150,15 +154,20 @@ TYPED_TEST(SoftmaxAttention, DocumentMaskThroughMaskMod) {
     while (doc_start[d + 1] <= t) ++d;
     return d;
   };
-  auto same_doc = [&](index_t, index_t, index_t i, index_t j) { return doc(i) == doc(j) && j <= i; };
+  auto same_doc = [&](index_t, index_t, index_t i, index_t j) {
+    return doc(i) == doc(j) && j <= i;
+  };
   std::vector<T> out(s.Sq * s.Dv);
   auto ov = bhsd(out.data(), 1, 1, s.Sq, s.Dv);
-  softmax_attention<Backend>(in.qv(), in.kv(), in.vv(), ov, {.threads = 1}, with_mask_mod(same_doc));
-  const auto want = reference_softmax<double>(in.qv(), in.kv(), in.vv(), {}, with_mask_mod(same_doc));
+  softmax_attention<Backend>(in.qv(), in.kv(), in.vv(), ov, {.threads = 1},
+                             with_mask_mod(same_doc));
+  const auto want =
+      reference_softmax<double>(in.qv(), in.kv(), in.vv(), {}, with_mask_mod(same_doc));
   const auto naive = reference_softmax<T>(in.qv(), in.kv(), in.vv(), {}, with_mask_mod(same_doc));
   EXPECT_TRUE(within_tolerance<T>(to_dense(ov), want.out, naive.out));
   // Each document attends only inside itself: output row 40 (a one-token document) is v[40].
-  for (index_t d = 0; d < s.Dv; ++d) EXPECT_EQ(double(ov(0, 0, 40, d)), double(in.vv()(0, 0, 40, d)));
+  for (index_t d = 0; d < s.Dv; ++d)
+    EXPECT_EQ(double(ov(0, 0, 40, d)), double(in.vv()(0, 0, 40, d)));
 }
 
 // ---- the numerical contract ----------------------------------------------------------
@@ -188,14 +197,16 @@ TYPED_TEST(SoftmaxAttention, RowsThatSeeNoKeyAreZeroWithLseMinusInfinity) {
   softmax_options o0{.threads = 1};
   o0.lse = view<float, 3>(lse0.data(), {1, 1, 3});
   softmax_attention<Backend>(bhsd(in.q.data(), 1, 1, 3, s.D), bhsd(in.k.data(), 1, 1, 0, s.D),
-                             bhsd(in.v.data(), 1, 1, 0, s.Dv), bhsd(none.data(), 1, 1, 3, s.Dv), o0);
+                             bhsd(in.v.data(), 1, 1, 0, s.Dv), bhsd(none.data(), 1, 1, 3, s.Dv),
+                             o0);
   for (T x : none) EXPECT_EQ(x, T(0));
   for (float x : lse0) EXPECT_EQ(x, -std::numeric_limits<float>::infinity());
   // A sink with no visible key: out 0, lse = the sink.
   const float sink = 0.75f;
   o0.sinks = view<const float, 1>(&sink, {1});
   softmax_attention<Backend>(bhsd(in.q.data(), 1, 1, 3, s.D), bhsd(in.k.data(), 1, 1, 0, s.D),
-                             bhsd(in.v.data(), 1, 1, 0, s.Dv), bhsd(none.data(), 1, 1, 3, s.Dv), o0);
+                             bhsd(in.v.data(), 1, 1, 0, s.Dv), bhsd(none.data(), 1, 1, 3, s.Dv),
+                             o0);
   for (T x : none) EXPECT_EQ(x, T(0));
   for (float x : lse0) EXPECT_FLOAT_EQ(x, sink);
 }
@@ -309,11 +320,13 @@ TYPED_TEST(SoftmaxAttention, ThreadCountNeverChangesABit) {
     auto o = in.options(lse.data());
     o.causal = true;
     o.threads = threads;
-    softmax_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(out.data(), s.B, s.H, s.Sq, s.Dv), o);
+    softmax_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(out.data(), s.B, s.H, s.Sq, s.Dv),
+                               o);
     if (first.empty())
       first = out;
     else
-      EXPECT_EQ(0, std::memcmp(first.data(), out.data(), out.size() * sizeof(T))) << threads << " threads";
+      EXPECT_EQ(0, std::memcmp(first.data(), out.data(), out.size() * sizeof(T)))
+          << threads << " threads";
   }
 }
 
@@ -329,7 +342,8 @@ TYPED_TEST(SoftmaxAttention, LayoutsGiveIdenticalBits) {
     for (index_t b = 0; b < B; ++b)
       for (index_t h = 0; h < H; ++h)
         for (index_t s = 0; s < S; ++s)
-          for (index_t d = 0; d < D; ++d) y[((b * S + s) * H + h) * D + d] = x[((b * H + h) * S + s) * D + d];
+          for (index_t d = 0; d < D; ++d)
+            y[((b * S + s) * H + h) * D + d] = x[((b * H + h) * S + s) * D + d];
     return y;
   };
   auto to_padded = [&](const std::vector<T>& x) {
@@ -388,39 +402,47 @@ TYPED_TEST(SoftmaxAttention, BadInputThrowsNamingTheArgumentAndWritesNothing) {
                       bhsd(v.data(), B, Hk, S, D), bhsd(o.data(), B, H, S, D)};
   };
   expect_rejected<T, Backend>("k: extent 3", [&](vec_t& q, vec_t& k, vec_t& v, vec_t& o, lse_t&) {
-    run(bhsd(q.data(), B, H, S, D), bhsd(k.data(), B, Hk, S, D - 1), bhsd(v.data(), B, Hk, S, D), bhsd(o.data(), B, H, S, D));
+    run(bhsd(q.data(), B, H, S, D), bhsd(k.data(), B, Hk, S, D - 1), bhsd(v.data(), B, Hk, S, D),
+        bhsd(o.data(), B, H, S, D));
   });
   expect_rejected<T, Backend>("k: extent 1", [&](vec_t& q, vec_t& k, vec_t& v, vec_t& o, lse_t&) {
-    run(bhsd(q.data(), B, H, S, D), bhsd(k.data(), B, 3, 6, D), bhsd(v.data(), B, 3, 6, D), bhsd(o.data(), B, H, S, D));
+    run(bhsd(q.data(), B, H, S, D), bhsd(k.data(), B, 3, 6, D), bhsd(v.data(), B, 3, 6, D),
+        bhsd(o.data(), B, H, S, D));
   });
   expect_rejected<T, Backend>("v: extent 2", [&](vec_t& q, vec_t& k, vec_t& v, vec_t& o, lse_t&) {
-    run(bhsd(q.data(), B, H, S, D), bhsd(k.data(), B, Hk, S, D), bhsd(v.data(), B, Hk, S - 1, D), bhsd(o.data(), B, H, S, D));
+    run(bhsd(q.data(), B, H, S, D), bhsd(k.data(), B, Hk, S, D), bhsd(v.data(), B, Hk, S - 1, D),
+        bhsd(o.data(), B, H, S, D));
   });
   expect_rejected<T, Backend>("k: extent 0", [&](vec_t& q, vec_t& k, vec_t& v, vec_t& o, lse_t&) {
-    run(bhsd(q.data(), B, H, S, D), bhsd(k.data(), 1, Hk, S, D), bhsd(v.data(), 1, Hk, S, D), bhsd(o.data(), B, H, S, D));
+    run(bhsd(q.data(), B, H, S, D), bhsd(k.data(), 1, Hk, S, D), bhsd(v.data(), 1, Hk, S, D),
+        bhsd(o.data(), B, H, S, D));
   });
   expect_rejected<T, Backend>("out: extent 3", [&](vec_t& q, vec_t& k, vec_t& v, vec_t& o, lse_t&) {
-    run(bhsd(q.data(), B, H, S, D), bhsd(k.data(), B, Hk, S, D), bhsd(v.data(), B, Hk, S, D), bhsd(o.data(), B, H, S, D - 1));
+    run(bhsd(q.data(), B, H, S, D), bhsd(k.data(), B, Hk, S, D), bhsd(v.data(), B, Hk, S, D),
+        bhsd(o.data(), B, H, S, D - 1));
   });
-  expect_rejected<T, Backend>("q: innermost stride", [&](vec_t& q, vec_t& k, vec_t& v, vec_t& o, lse_t&) {
-    auto [Q, K, V, O] = std_views(q, k, v, o);
-    run(view<T, 4>(q.data(), {B, H, S, D / 2}, {H * S * D, S * D, D, 2}), K, V,
-        view<T, 4>(o.data(), {B, H, S, D}, O.strides()));
-  });
-  expect_rejected<T, Backend>("v: data is null", [&](vec_t& q, vec_t& k, vec_t& v, vec_t& o, lse_t&) {
-    auto [Q, K, V, O] = std_views(q, k, v, o);
-    run(Q, K, bhsd<T>(nullptr, B, Hk, S, D), O);
-  });
-  expect_rejected<T, Backend>("out: memory overlaps q", [&](vec_t& q, vec_t& k, vec_t& v, vec_t& o, lse_t&) {
-    auto [Q, K, V, O] = std_views(q, k, v, o);
-    const vec_t q_before = q;
-    try {
-      run(Q, K, V, bhsd(q.data(), B, H, S, D));  // out is q (in place)
-    } catch (...) {
-      EXPECT_EQ(q, q_before) << "q written before the error";
-      throw;
-    }
-  });
+  expect_rejected<T, Backend>(
+      "q: innermost stride", [&](vec_t& q, vec_t& k, vec_t& v, vec_t& o, lse_t&) {
+        auto [Q, K, V, O] = std_views(q, k, v, o);
+        run(view<T, 4>(q.data(), {B, H, S, D / 2}, {H * S * D, S * D, D, 2}), K, V,
+            view<T, 4>(o.data(), {B, H, S, D}, O.strides()));
+      });
+  expect_rejected<T, Backend>("v: data is null",
+                              [&](vec_t& q, vec_t& k, vec_t& v, vec_t& o, lse_t&) {
+                                auto [Q, K, V, O] = std_views(q, k, v, o);
+                                run(Q, K, bhsd<T>(nullptr, B, Hk, S, D), O);
+                              });
+  expect_rejected<T, Backend>("out: memory overlaps q",
+                              [&](vec_t& q, vec_t& k, vec_t& v, vec_t& o, lse_t&) {
+                                auto [Q, K, V, O] = std_views(q, k, v, o);
+                                const vec_t q_before = q;
+                                try {
+                                  run(Q, K, V, bhsd(q.data(), B, H, S, D));  // out is q (in place)
+                                } catch (...) {
+                                  EXPECT_EQ(q, q_before) << "q written before the error";
+                                  throw;
+                                }
+                              });
   expect_rejected<T, Backend>("out: strides", [&](vec_t& q, vec_t& k, vec_t& v, vec_t& o, lse_t&) {
     auto [Q, K, V, O] = std_views(q, k, v, o);
     run(Q, K, V, view<T, 4>(o.data(), {B, H, S, D}, {H * S * D, S * D, 1, 1}));
@@ -431,29 +453,39 @@ TYPED_TEST(SoftmaxAttention, BadInputThrowsNamingTheArgumentAndWritesNothing) {
   };
   const bad_option bad[] = {
       {"options.scale", [](softmax_options& o, lse_t&, std::vector<float>&) { o.scale = -1.0; }},
-      {"options.scale", [](softmax_options& o, lse_t&, std::vector<float>&) { o.scale = std::nan(""); }},
+      {"options.scale",
+       [](softmax_options& o, lse_t&, std::vector<float>&) { o.scale = std::nan(""); }},
       {"options.scale", [](softmax_options& o, lse_t&, std::vector<float>&) { o.scale = 0.0; }},
-      {"options.window_left", [](softmax_options& o, lse_t&, std::vector<float>&) { o.window_left = -2; }},
-      {"options.window_right", [](softmax_options& o, lse_t&, std::vector<float>&) { o.window_right = -5; }},
+      {"options.window_left",
+       [](softmax_options& o, lse_t&, std::vector<float>&) { o.window_left = -2; }},
+      {"options.window_right",
+       [](softmax_options& o, lse_t&, std::vector<float>&) { o.window_right = -5; }},
       {"options.softcap", [](softmax_options& o, lse_t&, std::vector<float>&) { o.softcap = -1; }},
-      {"options.softcap", [](softmax_options& o, lse_t&, std::vector<float>&) { o.softcap = INFINITY; }},
+      {"options.softcap",
+       [](softmax_options& o, lse_t&, std::vector<float>&) { o.softcap = INFINITY; }},
       {"options.threads", [](softmax_options& o, lse_t&, std::vector<float>&) { o.threads = -1; }},
-      {"options.bias: extent 2", [](softmax_options& o, lse_t&, std::vector<float>& x) {
+      {"options.bias: extent 2",
+       [](softmax_options& o, lse_t&, std::vector<float>& x) {
          o.bias = view<const float, 4>(x.data(), {1, 1, 3, 10});
        }},
-      {"options.bias: extent 1", [](softmax_options& o, lse_t&, std::vector<float>& x) {
+      {"options.bias: extent 1",
+       [](softmax_options& o, lse_t&, std::vector<float>& x) {
          o.bias = view<const float, 4>(x.data(), {1, 3, 10, 10});
        }},
-      {"options.mask: data is null", [](softmax_options& o, lse_t&, std::vector<float>&) {
+      {"options.mask: data is null",
+       [](softmax_options& o, lse_t&, std::vector<float>&) {
          o.mask = view<const std::uint8_t, 4>(nullptr, {1, 1, 10, 10});
        }},
-      {"options.alibi_slopes: extent 1", [](softmax_options& o, lse_t&, std::vector<float>& x) {
+      {"options.alibi_slopes: extent 1",
+       [](softmax_options& o, lse_t&, std::vector<float>& x) {
          o.alibi_slopes = view<const float, 2>(x.data(), {1, 3});
        }},
-      {"options.sinks: extent 0", [](softmax_options& o, lse_t&, std::vector<float>& x) {
+      {"options.sinks: extent 0",
+       [](softmax_options& o, lse_t&, std::vector<float>& x) {
          o.sinks = view<const float, 1>(x.data(), {2});
        }},
-      {"options.lse: extent 2", [](softmax_options& o, lse_t& l, std::vector<float>&) {
+      {"options.lse: extent 2",
+       [](softmax_options& o, lse_t& l, std::vector<float>&) {
          o.lse = view<float, 3>(l.data(), {2, 4, 9});
        }},
   };
@@ -467,12 +499,13 @@ TYPED_TEST(SoftmaxAttention, BadInputThrowsNamingTheArgumentAndWritesNothing) {
       run(Q, K, V, O, opt);
     });
   }
-  expect_rejected<T, Backend>("options.lse: memory overlaps q", [&](vec_t& q, vec_t& k, vec_t& v, vec_t& o, lse_t&) {
-    auto [Q, K, V, O] = std_views(q, k, v, o);
-    softmax_options opt;
-    opt.lse = view<float, 3>(reinterpret_cast<float*>(q.data()), {B, H, S});
-    run(Q, K, V, O, opt);
-  });
+  expect_rejected<T, Backend>(
+      "options.lse: memory overlaps q", [&](vec_t& q, vec_t& k, vec_t& v, vec_t& o, lse_t&) {
+        auto [Q, K, V, O] = std_views(q, k, v, o);
+        softmax_options opt;
+        opt.lse = view<float, 3>(reinterpret_cast<float*>(q.data()), {B, H, S});
+        run(Q, K, V, O, opt);
+      });
 }
 
 }  // namespace

@@ -2,14 +2,14 @@
 // and a check of fovea's output (and lse) against the f64 oracle under the tolerance rule.
 #pragma once
 
+#include <gtest/gtest.h>
+
 #include <cstdint>
+#include <fovea/fovea.hpp>
 #include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <fovea/fovea.hpp>
-#include <gtest/gtest.h>
 
 #include "random.hpp"
 #include "reference.hpp"
@@ -37,9 +37,9 @@ enum : unsigned {
 inline constexpr unsigned all_features = (1u << 13) - 1;
 
 inline std::string feature_names(unsigned f) {
-  static const char* names[] = {"causal", "top_left", "window", "bias",      "mask",
-                                "alibi",  "softcap",  "sinks",  "lse",       "score_mod",
-                                "mask_mod", "scale",  "bshd"};
+  static const char* names[] = {"causal",   "top_left", "window", "bias", "mask",
+                                "alibi",    "softcap",  "sinks",  "lse",  "score_mod",
+                                "mask_mod", "scale",    "bshd"};
   std::string s;
   for (unsigned i = 0; i < 13; ++i)
     if (f & (1u << i)) s += std::string(s.empty() ? "" : "+") + names[i];
@@ -85,7 +85,8 @@ struct attention_inputs {
     v = normal<T>(s.B * s.Hk * s.Sk * s.Dv, seed + 3);
     if (f & feature::bias) {  // per (batch, key head) with the query rows broadcast... varied
       bias = normal<float>(s.B * s.Sq * s.Sk, seed + 4, 0.5);
-      for (std::size_t i = 0; i < bias.size(); i += 13) bias[i] = -std::numeric_limits<float>::infinity();
+      for (std::size_t i = 0; i < bias.size(); i += 13)
+        bias[i] = -std::numeric_limits<float>::infinity();
     }
     if (f & feature::mask) mask = bernoulli(s.H * s.Sq * s.Sk, seed + 5, 0.8);
     if (f & feature::alibi) alibi = uniform<float>(s.B * s.H, seed + 6, 0.01, 0.3);
@@ -94,7 +95,8 @@ struct attention_inputs {
 
   template <class U>
   tensor_view<U, 4> layout(U* p, index_t heads, index_t seq, index_t dim) const {
-    return (features & feature::bshd) ? bshd(p, s.B, seq, heads, dim) : bhsd(p, s.B, heads, seq, dim);
+    return (features & feature::bshd) ? bshd(p, s.B, seq, heads, dim)
+                                      : bhsd(p, s.B, heads, seq, dim);
   }
   tensor_view<const T, 4> qv() const { return layout<const T>(q.data(), s.H, s.Sq, s.D); }
   tensor_view<const T, 4> kv() const { return layout<const T>(k.data(), s.Hk, s.Sk, s.D); }

@@ -3,11 +3,11 @@
 // -m flags, so together they cover scalar, AVX2 and AVX-512 code.
 #pragma once
 
-#include <string>
-#include <type_traits>
+#include <gtest/gtest.h>
 
 #include <fovea/fovea.hpp>
-#include <gtest/gtest.h>
+#include <string>
+#include <type_traits>
 
 namespace fovea::test {
 

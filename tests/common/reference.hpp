@@ -5,11 +5,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <fovea/fovea.hpp>
 #include <limits>
 #include <type_traits>
 #include <vector>
-
-#include <fovea/fovea.hpp>
 
 namespace fovea::test {
 

@@ -4,14 +4,14 @@
 // infinities must match.
 #pragma once
 
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 namespace fovea::test {
 
@@ -23,7 +23,8 @@ constexpr double tolerance_floor() {
 inline double max_abs_error(const std::vector<double>& got, const std::vector<double>& want) {
   double e = 0;
   for (std::size_t i = 0; i < got.size(); ++i)
-    if (std::isfinite(want[i]) && std::isfinite(got[i])) e = std::max(e, std::abs(got[i] - want[i]));
+    if (std::isfinite(want[i]) && std::isfinite(got[i]))
+      e = std::max(e, std::abs(got[i] - want[i]));
   return e;
 }
 
@@ -50,16 +51,16 @@ template <class T>
         return ::testing::AssertionFailure()
                << "element " << i << ": got " << got[i] << ", oracle " << want[i];
   }
-  const double allowed = 2 * max_abs_error(naive, want) +
-                         tolerance_floor<T>() * std::max(1.0, max_abs(want));
+  const double allowed =
+      2 * max_abs_error(naive, want) + tolerance_floor<T>() * std::max(1.0, max_abs(want));
   const double err = max_abs_error(got, want);
   if (err <= allowed) return ::testing::AssertionSuccess();
   std::size_t worst = 0;
   for (std::size_t i = 0; i < got.size(); ++i)
     if (std::isfinite(want[i]) && std::abs(got[i] - want[i]) == err) worst = i;
-  return ::testing::AssertionFailure() << "max error " << err << " > allowed " << allowed
-                                       << " (element " << worst << ": got " << got[worst]
-                                       << ", oracle " << want[worst] << ")";
+  return ::testing::AssertionFailure()
+         << "max error " << err << " > allowed " << allowed << " (element " << worst << ": got "
+         << got[worst] << ", oracle " << want[worst] << ")";
 }
 
 }  // namespace fovea::test

@@ -1,9 +1,9 @@
 // tensor_view, the layout factories and the overlap checks.
-#include <array>
-#include <vector>
-
-#include <fovea/fovea.hpp>
 #include <gtest/gtest.h>
+
+#include <array>
+#include <fovea/fovea.hpp>
+#include <vector>
 
 namespace fovea {
 namespace {

@@ -1,11 +1,11 @@
 // The online-softmax state: tile-by-tile updates equal one softmax over all keys, the
 // -inf rows stay exactly zero, and finish_row handles sinks.
+#include <gtest/gtest.h>
+
 #include <cmath>
+#include <fovea/engine/online_softmax.hpp>
 #include <limits>
 #include <vector>
-
-#include <fovea/engine/online_softmax.hpp>
-#include <gtest/gtest.h>
 
 #include "../common/configs.hpp"
 #include "../common/random.hpp"
@@ -32,7 +32,7 @@ TYPED_TEST(OnlineSoftmax, TilesEqualOneSoftmax) {
   for (index_t j0 = 0; j0 < keys; j0 += 16) {
     const index_t n = std::min<index_t>(16, keys - j0);
     detail::online_softmax_update<T, Backend, 1>(s.data() + j0 * ld, p.data() + j0 * ld, ld, n,
-                                                m.data(), l.data(), alpha.data());
+                                                 m.data(), l.data(), alpha.data());
     for (int c = 0; c < W; ++c) {
       weighted[c] *= alpha[c];
       for (index_t j = j0; j < j0 + n; ++j) weighted[c] += p[j * ld + c] * T(j + 1);
@@ -42,7 +42,8 @@ TYPED_TEST(OnlineSoftmax, TilesEqualOneSoftmax) {
     double mx = -INFINITY, sum = 0, ws = 0;
     for (index_t j = 0; j < keys; ++j) mx = std::max(mx, double(s[j * ld + c]));
     for (index_t j = 0; j < keys; ++j)
-      if (s[j * ld + c] != -inf) sum += std::exp(s[j * ld + c] - mx), ws += std::exp(s[j * ld + c] - mx) * (j + 1);
+      if (s[j * ld + c] != -inf)
+        sum += std::exp(s[j * ld + c] - mx), ws += std::exp(s[j * ld + c] - mx) * (j + 1);
     const auto r = detail::finish_row<T>(m[c], l[c], -inf);
     if (c == 0) {
       EXPECT_EQ(l[c], T(0));
@@ -59,7 +60,8 @@ TYPED_TEST(OnlineSoftmax, TilesEqualOneSoftmax) {
 TEST(FinishRow, SinkJoinsTheDenominatorOnly) {
   // One key with logit 1 (m = 1, l = 1) and a sink with logit 0.
   const auto r = detail::finish_row(1.0, 1.0, 0.0);
-  EXPECT_NEAR(r.factor, std::exp(1.0) / (std::exp(1.0) + 1.0) / 1.0 * std::exp(-1.0) * std::exp(1.0), 1e-15);
+  EXPECT_NEAR(r.factor,
+              std::exp(1.0) / (std::exp(1.0) + 1.0) / 1.0 * std::exp(-1.0) * std::exp(1.0), 1e-15);
   EXPECT_NEAR(r.lse, std::log(std::exp(1.0) + 1.0), 1e-15);
   const auto none = detail::finish_row<double>(-INFINITY, 0.0, 2.0);
   EXPECT_EQ(none.factor, 0.0);

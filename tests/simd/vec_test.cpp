@@ -1,10 +1,10 @@
 // The vector API: every operation, for every configuration, against plain C++.
+#include <gtest/gtest.h>
+
 #include <cmath>
+#include <fovea/fovea.hpp>
 #include <limits>
 #include <vector>
-
-#include <fovea/fovea.hpp>
-#include <gtest/gtest.h>
 
 #include "../common/configs.hpp"
 
@@ -55,7 +55,8 @@ TYPED_TEST(VectorApi, ExpAndTanhOverTheirRange) {
       }
     }
     V::store(out.data(), V::tanh(V::load(x.data())));
-    for (int i = 0; i < W; ++i) EXPECT_NEAR(out[i], std::tanh(double(x[i])), 2e-6) << "tanh(" << x[i] << ")";
+    for (int i = 0; i < W; ++i)
+      EXPECT_NEAR(out[i], std::tanh(double(x[i])), 2e-6) << "tanh(" << x[i] << ")";
   }
   // The values the online softmax relies on.
   for (T special : {-inf, T(-1e30), T(0)}) {

@@ -28,18 +28,18 @@ constexpr const char* to_string(diagonal d) noexcept {
 }
 
 struct softmax_options {
-  bool causal = false;              ///< hide keys after the diagonal
+  bool causal = false;  ///< hide keys after the diagonal
   diagonal align = diagonal::bottom_right;
-  std::optional<double> scale{};    ///< logit scale; default 1/sqrt(D); must be finite, > 0
-  index_t window_left = -1;         ///< keys before the diagonal a query sees; -1: all
-  index_t window_right = -1;        ///< keys after the diagonal a query sees; -1: all
-  double softcap = 0;               ///< logits become softcap * tanh(s / softcap); 0: off
-  tensor_view<const float, 4> bias{};          ///< added to logits; (B|1, H|Hk|1, Sq|1, Sk|1)
+  std::optional<double> scale{};       ///< logit scale; default 1/sqrt(D); must be finite, > 0
+  index_t window_left = -1;            ///< keys before the diagonal a query sees; -1: all
+  index_t window_right = -1;           ///< keys after the diagonal a query sees; -1: all
+  double softcap = 0;                  ///< logits become softcap * tanh(s / softcap); 0: off
+  tensor_view<const float, 4> bias{};  ///< added to logits; (B|1, H|Hk|1, Sq|1, Sk|1)
   tensor_view<const std::uint8_t, 4> mask{};   ///< nonzero keeps a key; same shapes as bias
   tensor_view<const float, 2> alibi_slopes{};  ///< (B|1, H): adds -slope * |i + off - j|
   tensor_view<const float, 1> sinks{};         ///< (H): a sink logit per head, denominator only
   tensor_view<float, 3> lse{};                 ///< out, optional (B, H, Sq): log-sum-exp
-  int threads = 0;                  ///< 0: all OpenMP offers; 1: serial
+  int threads = 0;                             ///< 0: all OpenMP offers; 1: serial
 };
 
 namespace detail {
@@ -48,11 +48,10 @@ template <class T>
 inline constexpr bool is_storage_v = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
 template <class TQ, class TK, class TV, class TO>
-concept attention_types =
-    is_storage_v<std::remove_const_t<TQ>> && !std::is_const_v<TO> &&
-    std::is_same_v<std::remove_const_t<TQ>, std::remove_const_t<TK>> &&
-    std::is_same_v<std::remove_const_t<TQ>, std::remove_const_t<TV>> &&
-    std::is_same_v<std::remove_const_t<TQ>, TO>;
+concept attention_types = is_storage_v<std::remove_const_t<TQ>> && !std::is_const_v<TO> &&
+                          std::is_same_v<std::remove_const_t<TQ>, std::remove_const_t<TK>> &&
+                          std::is_same_v<std::remove_const_t<TQ>, std::remove_const_t<TV>> &&
+                          std::is_same_v<std::remove_const_t<TQ>, TO>;
 
 /// The shape checks every (q, k, v, out) front-end shares; returns the GQA group size.
 template <class T>
@@ -68,8 +67,8 @@ index_t check_qkvo(const tensor_view<const T, 4>& q, const tensor_view<const T, 
   check_extent(k, 0, B, "k", "batch of q");
   check_extent(k, 3, D, "k", "head dim of q");
   require(Hk >= 1 || H == 0, "k: extent 1 (heads) is 0 but q has ", H, " heads");
-  require(Hk == 0 || H % Hk == 0, "k: extent 1 (heads) is ", Hk, ", which does not divide the ",
-          H, " heads of q");
+  require(Hk == 0 || H % Hk == 0, "k: extent 1 (heads) is ", Hk, ", which does not divide the ", H,
+          " heads of q");
   check_extent(v, 0, B, "v", "batch of q");
   check_extent(v, 1, Hk, "v", "heads of k");
   check_extent(v, 2, Sk, "v", "keys of k");
@@ -87,8 +86,8 @@ index_t check_qkvo(const tensor_view<const T, 4>& q, const tensor_view<const T, 
 template <class T>
 dense_problem<T> make_softmax_problem(const tensor_view<const T, 4>& q,
                                       const tensor_view<const T, 4>& k,
-                                      const tensor_view<const T, 4>& v, const tensor_view<T, 4>& out,
-                                      const softmax_options& o) {
+                                      const tensor_view<const T, 4>& v,
+                                      const tensor_view<T, 4>& out, const softmax_options& o) {
   const index_t group = check_qkvo(q, k, v, out);
   const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2), D = q.extent(3);
   const index_t Hk = k.extent(1), Sk = k.extent(2);
@@ -138,8 +137,8 @@ dense_problem<T> make_softmax_problem(const tensor_view<const T, 4>& q,
   pr.band.keys = Sk;
   pr.band.offset = o.align == diagonal::bottom_right ? Sk - Sq : 0;
   pr.band.left = o.window_left;
-  pr.band.right = o.causal ? (o.window_right < 0 ? 0 : std::min<index_t>(o.window_right, 0))
-                           : o.window_right;
+  pr.band.right =
+      o.causal ? (o.window_right < 0 ? 0 : std::min<index_t>(o.window_right, 0)) : o.window_right;
   pr.terms.scale = T(scale);
   pr.terms.softcap = T(o.softcap);
   pr.terms.bias = o.bias;
@@ -167,7 +166,7 @@ dense_problem<T> make_softmax_problem(const tensor_view<const T, 4>& q,
 /// `Backend` selects scalar or simd<Arch> code (default: the best the flags allow).
 template <class Backend = default_backend, class TQ, class TK, class TV, class TO,
           class ScoreMod = identity_score_mod, class MaskMod = keep_all_mask_mod>
-  requires detail::attention_types<TQ, TK, TV, TO>
+requires detail::attention_types<TQ, TK, TV, TO>
 void softmax_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v,
                        tensor_view<TO, 4> out, const softmax_options& options = {},
                        const custom_variant<ScoreMod, MaskMod>& custom = {}) {

@@ -33,8 +33,8 @@ class scratch_slices {
   scratch_slices(index_t slots, index_t per_slot)
       : stride_(round_to_line<T>(per_slot)),
         data_(static_cast<T*>(::operator new[](
-                  sizeof(T) * static_cast<std::size_t>(slots * stride_ > 0 ? slots * stride_ : 1),
-                  std::align_val_t{scratch_alignment}))) {}
+            sizeof(T) * static_cast<std::size_t>(slots * stride_ > 0 ? slots * stride_ : 1),
+            std::align_val_t{scratch_alignment}))) {}
 
   T* slice(index_t slot) const noexcept { return data_.get() + slot * stride_; }
 

@@ -26,8 +26,8 @@ class tensor_view {
 
   /// A view of const T converts implicitly from a view of T.
   template <class U>
-    requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>)
-  constexpr tensor_view(const tensor_view<U, Rank>& other)
+  requires(std::is_same_v<const U, T> &&
+           !std::is_same_v<U, T>) constexpr tensor_view(const tensor_view<U, Rank>& other)
       : data_(other.data()), extents_(other.extents()), strides_(other.strides()) {}
 
   constexpr T* data() const noexcept { return data_; }
@@ -53,8 +53,7 @@ class tensor_view {
   }
 
   template <class... I>
-    requires(sizeof...(I) == Rank)
-  constexpr index_t offset(I... i) const noexcept {
+  requires(sizeof...(I) == Rank) constexpr index_t offset(I... i) const noexcept {
     const std::array<index_t, Rank> idx{static_cast<index_t>(i)...};
     index_t off = 0;
     for (std::size_t r = 0; r < Rank; ++r) off += idx[r] * strides_[r];
@@ -62,8 +61,7 @@ class tensor_view {
   }
 
   template <class... I>
-    requires(sizeof...(I) == Rank)
-  constexpr T& operator()(I... i) const noexcept {
+  requires(sizeof...(I) == Rank) constexpr T& operator()(I... i) const noexcept {
     return data_[offset(i...)];
   }
 
@@ -95,15 +93,13 @@ constexpr tensor_view<T, Rank> view(T* data, const std::array<index_t, Rank>& ex
 
 /// Memory laid out as [batch, heads, seq, dim]; the view is (batch, head, seq, dim).
 template <class T>
-constexpr tensor_view<T, 4> bhsd(T* data, index_t batch, index_t heads, index_t seq,
-                                 index_t dim) {
+constexpr tensor_view<T, 4> bhsd(T* data, index_t batch, index_t heads, index_t seq, index_t dim) {
   return {data, {batch, heads, seq, dim}, {heads * seq * dim, seq * dim, dim, 1}};
 }
 
 /// Memory laid out as [batch, seq, heads, dim]; the view is still (batch, head, seq, dim).
 template <class T>
-constexpr tensor_view<T, 4> bshd(T* data, index_t batch, index_t seq, index_t heads,
-                                 index_t dim) {
+constexpr tensor_view<T, 4> bshd(T* data, index_t batch, index_t seq, index_t heads, index_t dim) {
   return {data, {batch, heads, seq, dim}, {seq * heads * dim, dim, heads * dim, 1}};
 }
 

@@ -52,8 +52,8 @@ void check_one_to_one(const tensor_view<T, Rank>& out, std::string_view name) {
 
 /// A (B|1, H|Hk|1, Sq|1, Sk|1) broadcastable view.
 template <class E>
-void check_broadcast(const tensor_view<const E, 4>& v, std::string_view name, index_t B,
-                     index_t H, index_t Hk, index_t Sq, index_t Sk) {
+void check_broadcast(const tensor_view<const E, 4>& v, std::string_view name, index_t B, index_t H,
+                     index_t Hk, index_t Sq, index_t Sk) {
   if (v.data() == nullptr && v.empty()) return;
   check_data(v, name);
   require(v.data() != nullptr, name, ": data is null");

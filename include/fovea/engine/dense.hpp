@@ -70,13 +70,13 @@ void attend_query_tile(const dense_problem<T>& pr, const custom_variant<ScoreMod
   const index_t D = pr.q.extent(3), Dv = pr.v.extent(3), H = pr.q.extent(1);
   const index_t hk = h / pr.terms.group;
 
-  T* q_t = work;                               // [D][BQ]   queries transposed
-  T* s = q_t + round_to_line<T>(D * BQ);       // [BK][BQ]  logits
-  T* p = s + BK * BQ;                          // [BK][BQ]  probabilities
-  T* acc = p + BK * BQ;                        // [Dv][BQ]  unnormalised output, transposed
-  T* m = acc + round_to_line<T>(Dv * BQ);      // [BQ] running max
-  T* l = m + BQ;                               // [BQ] running sum
-  T* alpha = l + BQ;                           // [BQ] rescale factors
+  T* q_t = work;                           // [D][BQ]   queries transposed
+  T* s = q_t + round_to_line<T>(D * BQ);   // [BK][BQ]  logits
+  T* p = s + BK * BQ;                      // [BK][BQ]  probabilities
+  T* acc = p + BK * BQ;                    // [Dv][BQ]  unnormalised output, transposed
+  T* m = acc + round_to_line<T>(Dv * BQ);  // [BQ] running max
+  T* l = m + BQ;                           // [BQ] running sum
+  T* alpha = l + BQ;                       // [BQ] rescale factors
 
   for (index_t c = 0; c < BQ; ++c) {
     const T* row = c < queries ? &pr.q(b, h, i0 + c, 0) : nullptr;
@@ -98,8 +98,8 @@ void attend_query_tile(const dense_problem<T>& pr, const custom_variant<ScoreMod
     const T* v_tile = v_head + j0 * v_stride;
     gemm_rows<T, Backend, RB, QV, false>(keys, k_tile, k_stride, 1, q_t, BQ, s, BQ, D);
     const bool partial = !pr.band.covers(i0, i0 + queries, j0, j0 + keys);
-    const bool masked = apply_logits<Backend>(hl, custom, pr.band, partial, b, h, s, BQ, i0,
-                                              queries, j0, keys);
+    const bool masked =
+        apply_logits<Backend>(hl, custom, pr.band, partial, b, h, s, BQ, i0, queries, j0, keys);
     if (online_softmax_update<T, Backend, QV>(s, p, BQ, keys, m, l, alpha))
       rescale_rows<T, Backend, QV>(acc, BQ, Dv, alpha);
     if (masked && !all_finite<T, Backend>(v_tile, v_stride, keys, Dv))
@@ -111,7 +111,8 @@ void attend_query_tile(const dense_problem<T>& pr, const custom_variant<ScoreMod
   for (index_t c = 0; c < queries; ++c) {
     const row_result<T> r = finish_row(m[c], l[c], hl.sink);
     T* out_row = &pr.out(b, h, i0 + c, 0);
-    for (index_t d = 0; d < Dv; ++d) out_row[d] = r.factor == T(0) ? T(0) : acc[d * BQ + c] * r.factor;
+    for (index_t d = 0; d < Dv; ++d)
+      out_row[d] = r.factor == T(0) ? T(0) : acc[d * BQ + c] * r.factor;
     if (pr.lse.data() != nullptr) pr.lse(b, h, i0 + c) = static_cast<float>(r.lse);
   }
 }

@@ -10,8 +10,8 @@
 namespace fovea::detail {
 
 template <class T, class Backend, int Rows, int Vectors, bool Accumulate, class TA>
-inline void micro_kernel(const TA* a, index_t a_row, index_t a_col, const T* b, index_t ldb,
-                         T* c, index_t ldc, index_t depth) noexcept {
+inline void micro_kernel(const TA* a, index_t a_row, index_t a_col, const T* b, index_t ldb, T* c,
+                         index_t ldc, index_t depth) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width;
   typename V::type acc[Rows][Vectors];
@@ -57,7 +57,8 @@ inline void gemm_rows(index_t rows, const TA* a, index_t a_row, index_t a_col, c
                               a + r * a_row, a_row, a_col, b, ldb, c + r * ldc, ldc, depth)
                         : void()),
          ...);
-      }(std::make_integer_sequence<int, RowBlock - 1>{});
+      }
+      (std::make_integer_sequence<int, RowBlock - 1>{});
     }
   }
 }

@@ -37,8 +37,7 @@ struct key_band {
   /// Queries that may see key j: [first, last] (inclusive, possibly empty or unbounded).
   std::pair<index_t, index_t> queries_for(index_t j) const noexcept {
     constexpr index_t unbounded = index_t(1) << 62;
-    return {right < 0 ? -unbounded : j - offset - right,
-            left < 0 ? unbounded : j - offset + left};
+    return {right < 0 ? -unbounded : j - offset - right, left < 0 ? unbounded : j - offset + left};
   }
 };
 

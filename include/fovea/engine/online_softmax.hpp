@@ -29,7 +29,8 @@ inline bool online_softmax_update(const T* s, T* p, index_t ld, index_t keys, T*
   for (int x = 0; x < Vectors; ++x) tile_max[x] = neg_inf;
   for (index_t j = 0; j < keys; ++j)
 #pragma GCC unroll 8
-    for (int x = 0; x < Vectors; ++x) tile_max[x] = V::max(tile_max[x], V::load(s + j * ld + x * W));
+    for (int x = 0; x < Vectors; ++x)
+      tile_max[x] = V::max(tile_max[x], V::load(s + j * ld + x * W));
   bool rescale = false;
 #pragma GCC unroll 8
   for (int x = 0; x < Vectors; ++x) {
@@ -65,7 +66,8 @@ inline void rescale_rows(T* acc, index_t ld, index_t rows, const T* alpha) noexc
   for (int x = 0; x < Vectors; ++x) a[x] = V::load(alpha + x * W);
   for (index_t r = 0; r < rows; ++r)
 #pragma GCC unroll 8
-    for (int x = 0; x < Vectors; ++x) V::store(acc + r * ld + x * W, V::mul(V::load(acc + r * ld + x * W), a[x]));
+    for (int x = 0; x < Vectors; ++x)
+      V::store(acc + r * ld + x * W, V::mul(V::load(acc + r * ld + x * W), a[x]));
 }
 
 /// What a finished row becomes: out = acc * factor, and its log-sum-exp. A sink logit

@@ -153,7 +153,8 @@ bool apply_logits(const head_logits<T>& hl, const custom_variant<ScoreMod, MaskM
       for (index_t c = 0; c < queries; ++c)
         if (!custom.mask_mod(b, h, i0 + c, j)) row[c] = neg_inf;
     const auto minus_inf = V::broadcast(neg_inf);
-    for (index_t c = 0; c < ld; c += W) masked = masked || V::any(V::equal(V::load(row + c), minus_inf));
+    for (index_t c = 0; c < ld; c += W)
+      masked = masked || V::any(V::equal(V::load(row + c), minus_inf));
   }
   return masked;
 }

@@ -67,7 +67,7 @@ struct vec<T, simd<Arch>> {
   static bool any(mask m) noexcept { return xsimd::any(m); }
   static bool all(mask m) noexcept { return xsimd::all(m); }
   static T reduce_add(type a) noexcept { return xsimd::hadd(a); }  // xsimd 8.1 name
-  static T reduce_max(type a) noexcept {  // xsimd 8.1 has no reduce_max
+  static T reduce_max(type a) noexcept {                           // xsimd 8.1 has no reduce_max
     alignas(64) T lanes[width];
     a.store_aligned(lanes);
     T m = lanes[0];
