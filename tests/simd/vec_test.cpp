@@ -69,3 +69,24 @@ TYPED_TEST(VectorApi, ExpAndTanhOverTheirRange) {
 
 }  // namespace
 }  // namespace fovea::test
+
+namespace fovea::test {
+namespace {
+
+TYPED_TEST(VectorApi, ReduceAddLanesPutsRowSumsInOrder) {
+  using T = typename TypeParam::value_type;
+  using V = detail::vec<T, typename TypeParam::backend>;
+  constexpr int W = V::width;
+  typename V::type rows[W];
+  std::vector<T> row(W);
+  for (int r = 0; r < W; ++r) {
+    for (int i = 0; i < W; ++i) row[i] = T(r + 1) * T(i == (r * 7) % W ? 100 : 1);
+    rows[r] = V::load(row.data());
+  }
+  std::vector<T> out(W);
+  V::store(out.data(), V::reduce_add_lanes(rows));
+  for (int r = 0; r < W; ++r) EXPECT_EQ(out[r], T(r + 1) * T(W - 1 + 100)) << "lane " << r;
+}
+
+}  // namespace
+}  // namespace fovea::test

@@ -14,6 +14,7 @@
 #include "../core/validate.hpp"
 #include "../engine/dense.hpp"
 #include "../engine/variant.hpp"
+#include "../core/storage.hpp"
 #include "../simd/backend.hpp"
 
 namespace fovea {
@@ -44,11 +45,8 @@ struct softmax_options {
 
 namespace detail {
 
-template <class T>
-inline constexpr bool is_storage_v = std::is_same_v<T, float> || std::is_same_v<T, double>;
-
 template <class TQ, class TK, class TV, class TO>
-concept attention_types = is_storage_v<std::remove_const_t<TQ>> && !std::is_const_v<TO> &&
+concept attention_types = is_storage_type_v<TQ> && !std::is_const_v<TO> &&
                           std::is_same_v<std::remove_const_t<TQ>, std::remove_const_t<TK>> &&
                           std::is_same_v<std::remove_const_t<TQ>, std::remove_const_t<TV>> &&
                           std::is_same_v<std::remove_const_t<TQ>, TO>;
@@ -133,7 +131,13 @@ dense_problem<T> make_softmax_problem(const tensor_view<const T, 4>& q,
   check_no_alias(out, "out", o.bias, "options.bias");
   check_no_alias(out, "out", o.mask, "options.mask");
 
-  dense_problem<T> pr{q, k, v, out, o.lse, {}, {}};
+  dense_problem<T> pr;
+  pr.q = q;
+  pr.out = out;
+  pr.lse = o.lse;
+  pr.kv.k = k;
+  pr.kv.v = v;
+  pr.keys = Sk;
   pr.band.keys = Sk;
   pr.band.offset = o.align == diagonal::bottom_right ? Sk - Sq : 0;
   pr.band.left = o.window_left;
@@ -172,7 +176,7 @@ void softmax_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<T
                        const custom_variant<ScoreMod, MaskMod>& custom = {}) {
   using T = TO;
   const auto problem = detail::make_softmax_problem<T>(q, k, v, out, options);
-  detail::run_dense<Backend>(problem, custom, detail::resolve_threads(options.threads));
+  detail::run_dense<Backend>(std::span(&problem, 1), custom, detail::resolve_threads(options.threads));
 }
 
 }  // namespace fovea

@@ -1,145 +1,176 @@
-// The dense engine: flash-style attention over (batch, head, query tile) tasks. Each
-// task keeps its query tile transposed (queries along the SIMD lanes), walks the key
-// tiles its band allows, and keeps an online-softmax state per query; the Sq x Sk score
-// matrix is never formed. Extra memory: one tile set per thread, independent of Sq, Sk.
+// The dense engine's entry: runs a list of attention problems (one for a plain call, one
+// per sequence for varlen and paged calls) on up to `threads` threads. A problem with at
+// most decode_max_queries queries takes the decode path (stacked GQA heads, split keys,
+// ordered merge); any other takes prefill tiles. Which path, how keys are chunked and
+// which task computes which row depend on the shapes only, never on the thread count.
 #pragma once
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
+#include <span>
+#include <vector>
 
 #include "../core/parallel.hpp"
 #include "../core/scratch.hpp"
+#include "../core/storage.hpp"
 #include "../core/tensor_view.hpp"
-#include "gemm_tile.hpp"
+#include "decode.hpp"
 #include "key_band.hpp"
-#include "online_softmax.hpp"
-#include "tile_traits.hpp"
+#include "kv_source.hpp"
+#include "prefill.hpp"
+#include "query_columns.hpp"
 #include "variant.hpp"
 
 namespace fovea::detail {
 
-/// Everything a dense attention call computes from, validated by the front-end.
-template <class T>
+/// One attention problem, validated by a front-end.
+template <class S>
 struct dense_problem {
-  tensor_view<const T, 4> q, k, v;  ///< (B, H, Sq, D), (B, Hk, Sk, D), (B, Hk, Sk, Dv)
-  tensor_view<T, 4> out;            ///< (B, H, Sq, Dv)
-  tensor_view<float, 3> lse;        ///< (B, H, Sq) or empty
+  using T = accumulator_t<S>;
+  tensor_view<const S, 4> q;  ///< (B, H, Sq, D)
+  tensor_view<S, 4> out;      ///< (B, H, Sq, Dv)
+  tensor_view<float, 3> lse;  ///< (B, H, Sq) or empty
+  kv_layout<S> kv;
+  index_t keys = 0;  ///< Sk
   key_band band;
   logit_terms<T> terms;
+
+  index_t batch() const noexcept { return q.extent(0); }
+  index_t heads() const noexcept { return q.extent(1); }
+  index_t queries() const noexcept { return q.extent(2); }
+  bool decode() const noexcept { return queries() <= decode_max_queries; }
 };
 
-/// True when rows [0, rows) x [0, cols) of a strided matrix hold only finite values.
-template <class T, class Backend>
-bool all_finite(const T* data, index_t row_stride, index_t rows, index_t cols) noexcept {
-  using V = vec<T, Backend>;
-  constexpr int W = V::width;
-  auto acc = V::broadcast(T(0));
-  T tail = 0;
-  for (index_t r = 0; r < rows; ++r) {
-    const T* row = data + r * row_stride;
-    index_t c = 0;
-    for (; c + W <= cols; c += W) acc = V::fma(V::load(row + c), V::broadcast(T(0)), acc);
-    for (; c < cols; ++c) tail += row[c] * T(0);
-  }
-  return V::reduce_add(acc) + tail == T(0);
+/// Fixed chunking of Sk for the decode path: at most 64 chunks of >= 512 keys.
+template <index_t BK>
+constexpr index_t decode_chunk_keys(index_t keys) noexcept {
+  const index_t by_count = (keys + 63) / 64;
+  return std::max<index_t>(512, (by_count + BK - 1) / BK * BK);
 }
 
-/// acc^T += V^T P^T for a tile whose masked (-inf) logits meet a non-finite value: each
-/// masked (query, key) pair is skipped, so NaN/Inf in a masked key never reaches a row.
-template <class T>
-void accumulate_skipping_masked(const T* v, index_t v_stride, index_t keys, index_t dv,
-                                const T* logits, const T* p, index_t ld, T* acc) noexcept {
-  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
-  for (index_t d = 0; d < dv; ++d)
-    for (index_t c = 0; c < ld; ++c) {
-      T sum = acc[d * ld + c];
-      for (index_t j = 0; j < keys; ++j)
-        if (logits[j * ld + c] != neg_inf) sum += v[j * v_stride + d] * p[j * ld + c];
-      acc[d * ld + c] = sum;
+template <class Backend, class S, class ScoreMod, class MaskMod>
+void run_dense(std::span<const dense_problem<S>> problems,
+               const custom_variant<ScoreMod, MaskMod>& custom, int threads) {
+  using T = accumulator_t<S>;
+  using prefill_buf = prefill_buffers<T, Backend>;
+  using decode_buf = decode_buffers<T, Backend>;
+  constexpr int W = vec<T, Backend>::width;
+  constexpr index_t BQ = prefill_buf::BQ, BK = prefill_buf::BK;
+  constexpr index_t wide = 4 * index_t(W);  // decode tile width with 4 vectors
+
+  struct task {
+    index_t problem, b, head, tile, chunk;  // head: query head (prefill) or kv head (decode)
+    index_t partials;                       // decode: offset of this (b, hk, tile)'s states
+  };
+  struct layout {  // a decode problem's column tiles and key chunks
+    index_t columns, width, tiles, chunk_keys, chunks, partials;
+  };
+  std::vector<task> work, merges;
+  std::vector<layout> layouts(problems.size());
+  index_t scratch = 0, partial_total = 0;
+  for (index_t pi = 0; pi < index_t(problems.size()); ++pi) {
+    const auto& pr = problems[pi];
+    const index_t B = pr.batch(), H = pr.heads(), Sq = pr.queries();
+    const index_t D = pr.q.extent(3), Dv = pr.out.extent(3), Hk = pr.kv.heads();
+    if (B * H * Sq == 0) continue;
+    if (!pr.decode()) {
+      scratch = std::max(scratch, prefill_buf::size(D, Dv));
+      const index_t tiles = (Sq + BQ - 1) / BQ;
+      // Later query tiles see more keys under a causal band: hand them out first.
+      for (index_t bh = 0; bh < B * H; ++bh)
+        for (index_t t = tiles; t-- > 0;) work.push_back({pi, bh / H, bh % H, t, 0, 0});
+      continue;
     }
-}
-
-/// One (batch, head, query tile) task. `work` holds the tile buffers of this thread.
-template <class Backend, class T, class ScoreMod, class MaskMod>
-void attend_query_tile(const dense_problem<T>& pr, const custom_variant<ScoreMod, MaskMod>& custom,
-                       index_t b, index_t h, index_t i0, index_t queries, T* work) noexcept {
-  using traits = tile_traits<T, Backend>;
-  constexpr index_t BQ = traits::block_q, BK = traits::block_k;
-  constexpr int QV = traits::query_vectors, RB = traits::row_block;
-  const index_t D = pr.q.extent(3), Dv = pr.v.extent(3), H = pr.q.extent(1);
-  const index_t hk = h / pr.terms.group;
-
-  T* q_t = work;                           // [D][BQ]   queries transposed
-  T* s = q_t + round_to_line<T>(D * BQ);   // [BK][BQ]  logits
-  T* p = s + BK * BQ;                      // [BK][BQ]  probabilities
-  T* acc = p + BK * BQ;                    // [Dv][BQ]  unnormalised output, transposed
-  T* m = acc + round_to_line<T>(Dv * BQ);  // [BQ] running max
-  T* l = m + BQ;                           // [BQ] running sum
-  T* alpha = l + BQ;                       // [BQ] rescale factors
-
-  for (index_t c = 0; c < BQ; ++c) {
-    const T* row = c < queries ? &pr.q(b, h, i0 + c, 0) : nullptr;
-    for (index_t d = 0; d < D; ++d) q_t[d * BQ + c] = row ? row[d] : T(0);
+    scratch = std::max(scratch, decode_buf::size(D, Dv));
+    layout& lay = layouts[pi];
+    lay.columns = (H / Hk) * Sq;
+    lay.width = lay.columns <= W ? W : wide;
+    lay.tiles = (lay.columns + lay.width - 1) / lay.width;
+    lay.chunk_keys = decode_chunk_keys<BK>(pr.keys);
+    lay.chunks = std::max<index_t>(1, (pr.keys + lay.chunk_keys - 1) / lay.chunk_keys);
+    lay.partials = partial_total;
+    const index_t per_tile = lay.chunks * lay.width * partial_size<T>(Dv);
+    for (index_t b = 0; b < B; ++b)
+      for (index_t hk = 0; hk < Hk; ++hk)
+        for (index_t t = 0; t < lay.tiles; ++t) {
+          const index_t at = lay.partials + ((b * Hk + hk) * lay.tiles + t) * per_tile;
+          merges.push_back({pi, b, hk, t, 0, at});
+          for (index_t ch = 0; ch < lay.chunks; ++ch) work.push_back({pi, b, hk, t, ch, at});
+        }
+    partial_total += B * Hk * lay.tiles * per_tile;
   }
-  std::fill(acc, acc + Dv * BQ, T(0));
-  std::fill(m, m + BQ, -std::numeric_limits<T>::infinity());
-  std::fill(l, l + BQ, T(0));
+  if (work.empty()) return;
 
-  const head_logits<T> hl = bind_head(pr.terms, b, h, H);
-  const index_t k_stride = pr.k.stride(2), v_stride = pr.v.stride(2);
-  const T* k_head = pr.k.data() + b * pr.k.stride(0) + hk * pr.k.stride(1);
-  const T* v_head = pr.v.data() + b * pr.v.stride(0) + hk * pr.v.stride(1);
-  const auto [first, last] = pr.band.keys_for(i0, i0 + queries);
+  const int used = static_cast<int>(std::min<index_t>(std::max(threads, 1), index_t(work.size())));
+  const scratch_slices<T> buffers(used, scratch);
+  std::vector<T> partials(partial_total);
 
-  for (index_t j0 = first; j0 < last; j0 += BK) {
-    const index_t keys = std::min(BK, last - j0);
-    const T* k_tile = k_head + j0 * k_stride;
-    const T* v_tile = v_head + j0 * v_stride;
-    gemm_rows<T, Backend, RB, QV, false>(keys, k_tile, k_stride, 1, q_t, BQ, s, BQ, D);
-    const bool partial = !pr.band.covers(i0, i0 + queries, j0, j0 + keys);
-    const bool masked =
-        apply_logits<Backend>(hl, custom, pr.band, partial, b, h, s, BQ, i0, queries, j0, keys);
-    if (online_softmax_update<T, Backend, QV>(s, p, BQ, keys, m, l, alpha))
-      rescale_rows<T, Backend, QV>(acc, BQ, Dv, alpha);
-    if (masked && !all_finite<T, Backend>(v_tile, v_stride, keys, Dv))
-      accumulate_skipping_masked(v_tile, v_stride, keys, Dv, s, p, BQ, acc);
+  // Columns c of decode tile t of (b, hk): query head hk * group + g, position i.
+  auto decode_columns = [&](const dense_problem<S>& pr, const layout& lay, index_t b, index_t hk,
+                            index_t t, query_columns<T>& cols) {
+    const index_t Sq = pr.queries(), group = pr.heads() / pr.kv.heads();
+    start_columns(cols, pr.terms, b);
+    const index_t end = std::min(lay.columns, (t + 1) * lay.width);
+    for (index_t r = t * lay.width; r < end; ++r) cols.add(pr.terms, pr.heads(), hk * group + r / Sq, r % Sq);
+    cols.pad_to(lay.width);
+  };
+
+  parallel_for(index_t(work.size()), used, [&](index_t i, int thread) {
+    const task& tk = work[i];
+    const dense_problem<S>& pr = problems[tk.problem];
+    const index_t D = pr.q.extent(3), Dv = pr.out.extent(3), H = pr.heads();
+    query_columns<T> cols;
+    if (!pr.decode()) {
+      const index_t i0 = tk.tile * BQ, n = std::min(BQ, pr.queries() - i0);
+      start_columns(cols, pr.terms, tk.b);
+      for (index_t c = 0; c < n; ++c) cols.add(pr.terms, H, tk.head, i0 + c);
+      cols.pad_to(BQ);
+      prefill_buf buf(buffers.slice(thread), D, Dv);
+      const auto kv = pr.kv.source(tk.b, tk.head / pr.terms.group);
+      prefill_tile<Backend>(
+          cols, [&](index_t c) { return &pr.q(tk.b, tk.head, i0 + c, 0); }, kv, pr.band, custom,
+          D, Dv, buf, [&](index_t c, auto&& value, T lse) {
+            S* row = &pr.out(tk.b, tk.head, i0 + c, 0);
+            for (index_t d = 0; d < Dv; ++d) row[d] = S(value(d));
+            if (pr.lse.data()) pr.lse(tk.b, tk.head, i0 + c) = float(lse);
+          });
+      return;
+    }
+    const layout& lay = layouts[tk.problem];
+    decode_columns(pr, lay, tk.b, tk.head, tk.tile, cols);
+    decode_buf buf(buffers.slice(thread), D, Dv);
+    for (index_t c = 0; c < cols.count; ++c) {
+      const S* row = &pr.q(tk.b, cols.head[c], cols.pos[c], 0);
+      for (index_t d = 0; d < buf.dq; ++d) buf.q[c * buf.dq + d] = d < D ? T(row[d]) : T(0);
+    }
+    const auto [first, last] = pr.band.keys_for(cols.first_pos, cols.last_pos + 1);
+    const index_t c0 = tk.chunk * lay.chunk_keys;
+    const index_t lo = std::max(first, c0), hi = std::min(last, c0 + lay.chunk_keys);
+    T* states = partials.data() + tk.partials + tk.chunk * lay.width * partial_size<T>(Dv);
+    const auto kv = pr.kv.source(tk.b, tk.head);
+    if (lay.width == W)
+      decode_chunk<Backend, 1>(cols, kv, pr.band, custom, D, Dv, lo, std::max(lo, hi), buf, states);
     else
-      gemm_rows<T, Backend, RB, QV, true>(Dv, v_tile, 1, v_stride, p, BQ, acc, BQ, keys);
-  }
+      decode_chunk<Backend, 4>(cols, kv, pr.band, custom, D, Dv, lo, std::max(lo, hi), buf, states);
+  });
 
-  for (index_t c = 0; c < queries; ++c) {
-    const row_result<T> r = finish_row(m[c], l[c], hl.sink);
-    T* out_row = &pr.out(b, h, i0 + c, 0);
-    for (index_t d = 0; d < Dv; ++d)
-      out_row[d] = r.factor == T(0) ? T(0) : acc[d * BQ + c] * r.factor;
-    if (pr.lse.data() != nullptr) pr.lse(b, h, i0 + c) = static_cast<float>(r.lse);
-  }
-}
-
-/// Runs the whole problem on up to `threads` threads. Every output row is computed by
-/// one task in a fixed order, so the result does not depend on the thread count.
-template <class Backend, class T, class ScoreMod, class MaskMod>
-void run_dense(const dense_problem<T>& pr, const custom_variant<ScoreMod, MaskMod>& custom,
-               int threads) {
-  using traits = tile_traits<T, Backend>;
-  constexpr index_t BQ = traits::block_q, BK = traits::block_k;
-  const index_t B = pr.q.extent(0), H = pr.q.extent(1), Sq = pr.q.extent(2);
-  const index_t D = pr.q.extent(3), Dv = pr.v.extent(3);
-  const index_t tiles = (Sq + BQ - 1) / BQ;
-  const index_t tasks = B * H * tiles;
-  if (tasks == 0) return;
-  const int used = static_cast<int>(std::min<index_t>(std::max(threads, 1), tasks));
-  const index_t per_thread =
-      round_to_line<T>(D * BQ) + 2 * BK * BQ + round_to_line<T>(Dv * BQ) + 3 * BQ;
-  const scratch_slices<T> scratch(used, per_thread);
-  parallel_for(tasks, used, [&](index_t task, int thread) {
-    // Later query tiles see more keys under a causal band: hand them out first.
-    const index_t tile = tiles - 1 - task % tiles;
-    const index_t bh = task / tiles;
-    const index_t i0 = tile * BQ;
-    attend_query_tile<Backend>(pr, custom, bh / H, bh % H, i0, std::min(BQ, Sq - i0),
-                               scratch.slice(thread));
+  parallel_for(index_t(merges.size()), used, [&](index_t i, int thread) {
+    const task& tk = merges[i];
+    const dense_problem<S>& pr = problems[tk.problem];
+    const layout& lay = layouts[tk.problem];
+    const index_t Dv = pr.out.extent(3), stride = lay.width * partial_size<T>(Dv);
+    query_columns<T> cols;
+    decode_columns(pr, lay, tk.b, tk.head, tk.tile, cols);
+    T* acc = buffers.slice(thread);
+    for (index_t c = 0; c < cols.count; ++c) {
+      T m, l;
+      merge_partials(partials.data() + tk.partials + c * partial_size<T>(Dv), stride, lay.chunks,
+                     Dv, m, l, acc);
+      const row_result<T> r = finish_row(m, l, cols.sink[c]);
+      S* row = &pr.out(tk.b, cols.head[c], cols.pos[c], 0);
+      for (index_t d = 0; d < Dv; ++d) row[d] = r.factor == T(0) ? S(0) : S(acc[d] * r.factor);
+      if (pr.lse.data()) pr.lse(tk.b, cols.head[c], cols.pos[c]) = float(r.lse);
+    }
   });
 }
 

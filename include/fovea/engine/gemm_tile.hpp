@@ -26,7 +26,10 @@ inline void micro_kernel(const TA* a, index_t a_row, index_t a_col, const T* b, 
   for (index_t p = 0; p < depth; ++p) {
     typename V::type bp[Vectors];
 #pragma GCC unroll 8
-    for (int x = 0; x < Vectors; ++x) bp[x] = V::load(b + p * ldb + x * W);
+    for (int x = 0; x < Vectors; ++x) {
+      bp[x] = V::load(b + p * ldb + x * W);
+      V::pin(bp[x]);
+    }
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
       const auto ar = V::broadcast(T(a_rows[r][p * a_col]));
@@ -59,6 +62,33 @@ inline void gemm_rows(index_t rows, const TA* a, index_t a_row, index_t a_col, c
          ...);
       }
       (std::make_integer_sequence<int, RowBlock - 1>{});
+    }
+  }
+}
+
+}  // namespace fovea::detail
+
+namespace fovea::detail {
+
+/// gemm_rows over any number of vectors of columns: blocks of Block vectors, then one
+/// call sized to the remainder.
+template <class T, class Backend, int RowBlock, int Block, bool Accumulate, class TA>
+inline void gemm_wide(index_t rows, index_t vectors, const TA* a, index_t a_row, index_t a_col,
+                      const T* b, index_t ldb, T* c, index_t ldc, index_t depth) noexcept {
+  constexpr int W = vec<T, Backend>::width;
+  index_t x = 0;
+  for (; x + Block <= vectors; x += Block)
+    gemm_rows<T, Backend, RowBlock, Block, Accumulate>(rows, a, a_row, a_col, b + x * W, ldb,
+                                                       c + x * W, ldc, depth);
+  const index_t rest = vectors - x;
+  if constexpr (Block > 1) {
+    if (rest > 0) {
+      [&]<int... X>(std::integer_sequence<int, X...>) {
+        ((rest == X + 1 ? gemm_rows<T, Backend, RowBlock, X + 1, Accumulate>(
+                              rows, a, a_row, a_col, b + x * W, ldb, c + x * W, ldc, depth)
+                        : void()),
+         ...);
+      }(std::make_integer_sequence<int, Block - 1>{});
     }
   }
 }

@@ -12,8 +12,6 @@
 #include <type_traits>
 
 #include "../core/tensor_view.hpp"
-#include "../simd/vec.hpp"
-#include "key_band.hpp"
 
 namespace fovea {
 
@@ -76,87 +74,6 @@ bound_plane<E> bind_plane(const tensor_view<const E, 4>& v, index_t b, index_t h
   const index_t vh = v.extent(1) == 1 ? 0 : (v.extent(1) == heads ? h : h / group);
   return {v.data() + vb * v.stride(0) + vh * v.stride(1), v.extent(2) == 1 ? 0 : v.stride(2),
           v.extent(3) == 1 ? 0 : v.stride(3)};
-}
-
-/// The modifiers of one (batch, query head).
-template <class T>
-struct head_logits {
-  T scale = 1;
-  T softcap = 0;
-  bool alibi = false;
-  T slope = 0;
-  T sink = -std::numeric_limits<T>::infinity();
-  bound_plane<float> bias;
-  bound_plane<std::uint8_t> mask;
-};
-
-template <class T>
-head_logits<T> bind_head(const logit_terms<T>& t, index_t b, index_t h, index_t heads) noexcept {
-  head_logits<T> hl;
-  hl.scale = t.scale;
-  hl.softcap = t.softcap;
-  if (t.alibi.data() != nullptr) {
-    hl.alibi = true;
-    hl.slope = T(t.alibi(t.alibi.extent(0) == 1 ? 0 : b, h));
-  }
-  if (t.sinks.data() != nullptr) hl.sink = T(t.sinks(h));
-  hl.bias = bind_plane(t.bias, b, h, heads, t.group);
-  hl.mask = bind_plane(t.mask, b, h, heads, t.group);
-  return hl;
-}
-
-/// Turns a tile of raw scores q.k, laid out [key][query] with `ld` query columns (a whole
-/// number of vectors), into logits for queries [i0, i0 + queries) and keys [j0, j0 + keys).
-/// Columns past `queries` are padding: they get the vector passes only and are never read
-/// back. `partial` says the band cuts through the tile. Returns true if any logit is -inf.
-template <class Backend, class T, class ScoreMod, class MaskMod>
-bool apply_logits(const head_logits<T>& hl, const custom_variant<ScoreMod, MaskMod>& custom,
-                  const key_band& band, bool partial, index_t b, index_t h, T* tile, index_t ld,
-                  index_t i0, index_t queries, index_t j0, index_t keys) noexcept {
-  using V = vec<T, Backend>;
-  constexpr int W = V::width;
-  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
-  const auto scale = V::broadcast(hl.scale);
-  const bool capped = hl.softcap > T(0);
-  const auto cap = V::broadcast(hl.softcap);
-  const auto inv_cap = V::broadcast(capped ? T(1) / hl.softcap : T(0));
-  const auto minus_slope = V::broadcast(-hl.slope);
-  bool masked = false;
-  for (index_t r = 0; r < keys; ++r) {
-    T* row = tile + r * ld;
-    const index_t j = j0 + r;
-    for (index_t c = 0; c < ld; c += W) {
-      auto s = V::mul(V::load(row + c), scale);
-      if (capped) s = V::mul(cap, V::tanh(V::mul(s, inv_cap)));
-      if (hl.alibi) {
-        const auto distance = V::abs(V::iota(T(i0 + c + band.offset - j)));
-        s = V::fma(minus_slope, distance, s);
-      }
-      V::store(row + c, s);
-    }
-    if (hl.bias.base != nullptr)
-      for (index_t c = 0; c < queries; ++c) {
-        const T bias = T(hl.bias(i0 + c, j));
-        row[c] = bias == neg_inf ? neg_inf : row[c] + bias;
-      }
-    if constexpr (!std::is_same_v<ScoreMod, identity_score_mod>)
-      for (index_t c = 0; c < queries; ++c) row[c] = T(custom.score_mod(row[c], b, h, i0 + c, j));
-    if (partial) {
-      const auto [first, last] = band.queries_for(j);
-      for (index_t c = 0; c < queries; ++c)
-        if (i0 + c < first || i0 + c > last) row[c] = neg_inf;
-    }
-    if (hl.mask.base != nullptr)
-      for (index_t c = 0; c < queries; ++c)
-        if (!hl.mask(i0 + c, j)) row[c] = neg_inf;
-    if constexpr (!std::is_same_v<MaskMod, keep_all_mask_mod>)
-      for (index_t c = 0; c < queries; ++c)
-        if (!custom.mask_mod(b, h, i0 + c, j)) row[c] = neg_inf;
-    const auto minus_inf = V::broadcast(neg_inf);
-    for (index_t c = 0; c < ld; c += W)
-      masked = masked || V::any(V::equal(V::load(row + c), minus_inf));
-  }
-  return masked;
 }
 
 }  // namespace detail

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "backend.hpp"
 
@@ -38,8 +39,11 @@ struct vec<T, scalar> {
   static bool all(mask m) noexcept { return m; }
   static T reduce_add(type a) noexcept { return a; }
   static T reduce_max(type a) noexcept { return a; }
+  /// Lane i of the result is the sum of the lanes of rows[i] (width rows).
+  static type reduce_add_lanes(const type* rows) noexcept { return rows[0]; }
   /// {base, base + 1, ...}
   static type iota(T base) noexcept { return base; }
+  static void pin(type&) noexcept {}
 };
 
 #if !defined(FOVEA_FORCE_SCALAR)
@@ -67,6 +71,17 @@ struct vec<T, simd<Arch>> {
   static bool any(mask m) noexcept { return xsimd::any(m); }
   static bool all(mask m) noexcept { return xsimd::all(m); }
   static T reduce_add(type a) noexcept { return xsimd::hadd(a); }  // xsimd 8.1 name
+  static type reduce_add_lanes(const type* rows) noexcept {
+    const type sums = xsimd::haddp(rows);
+#if XSIMD_VERSION_MAJOR == 8 && defined(__AVX512F__)
+    // xsimd 8.1's avx512f haddp for float returns lanes 2-3 and 4-5 of each half swapped.
+    if constexpr (std::is_same_v<T, float> && std::is_base_of_v<xsimd::avx512f, Arch>) {
+      const __m512i order = _mm512_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15);
+      return type(_mm512_permutexvar_ps(order, sums));
+    }
+#endif
+    return sums;
+  }
   static T reduce_max(type a) noexcept {                           // xsimd 8.1 has no reduce_max
     alignas(64) T lanes[width];
     a.store_aligned(lanes);
@@ -74,6 +89,8 @@ struct vec<T, simd<Arch>> {
     for (int i = 1; i < width; ++i) m = lanes[i] > m ? lanes[i] : m;
     return m;
   }
+  /// Keeps x in a register: stops the compiler from re-loading it at every use.
+  static void pin(type& x) noexcept { asm("" : "+v"(x.data)); }
   static type iota(T base) noexcept {
     alignas(64) T lanes[width];
     for (int i = 0; i < width; ++i) lanes[i] = base + T(i);

@@ -1,0 +1,65 @@
+// Where the keys and values of one (sequence, key/value head) live: contiguous rows, or
+// fixed-size pages addressed through a block table (vLLM / FlashInfer paged KV). The tile
+// loops ask for runs of consecutive keys that share one row stride.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../core/tensor_view.hpp"
+
+namespace fovea::detail {
+
+template <class S>
+struct kv_source {
+  const S* k = nullptr;  ///< key 0 (contiguous) or slot 0 of page 0 (paged)
+  const S* v = nullptr;
+  index_t k_stride = 0, v_stride = 0;  ///< between consecutive keys (within a page)
+  index_t k_page_stride = 0, v_page_stride = 0;
+  const std::int32_t* pages = nullptr;  ///< block-table row; null: contiguous
+  index_t page_size = 0;
+
+  /// How many of `want` keys starting at j share one stride (all, unless a page ends).
+  index_t run(index_t j, index_t want) const noexcept {
+    return pages ? std::min(want, page_size - j % page_size) : want;
+  }
+  const S* k_row(index_t j) const noexcept {
+    return pages ? k + pages[j / page_size] * k_page_stride + (j % page_size) * k_stride
+                 : k + j * k_stride;
+  }
+  const S* v_row(index_t j) const noexcept {
+    return pages ? v + pages[j / page_size] * v_page_stride + (j % page_size) * v_stride
+                 : v + j * v_stride;
+  }
+};
+
+/// The keys/values of a whole problem: (B, Hk, Sk, D) views, or paged caches viewed as
+/// (pages, Hk, page_size, D) with a block table (B, max_pages).
+template <class S>
+struct kv_layout {
+  tensor_view<const S, 4> k, v;
+  tensor_view<const std::int32_t, 2> table{};  ///< empty: contiguous
+
+  kv_source<S> source(index_t b, index_t hk) const noexcept {
+    kv_source<S> s;
+    if (table.data() == nullptr) {
+      s.k = k.data() + b * k.stride(0) + hk * k.stride(1);
+      s.v = v.data() + b * v.stride(0) + hk * v.stride(1);
+    } else {
+      s.k = k.data() + hk * k.stride(1);
+      s.v = v.data() + hk * v.stride(1);
+      s.k_page_stride = k.stride(0);
+      s.v_page_stride = v.stride(0);
+      s.pages = table.data() + b * table.stride(0);
+      s.page_size = k.extent(2);
+    }
+    s.k_stride = k.stride(2);
+    s.v_stride = v.stride(2);
+    return s;
+  }
+  index_t heads() const noexcept { return k.extent(1); }
+  index_t dim() const noexcept { return k.extent(3); }
+  index_t value_dim() const noexcept { return v.extent(3); }
+};
+
+}  // namespace fovea::detail

@@ -1,0 +1,123 @@
+// The prefill tile: up to block_q query columns held transposed (queries along the SIMD
+// lanes) against key tiles of block_k keys. Q K^T is computed as K * Q^T and P V as
+// V^T * P^T by the one micro-kernel, reading K and V in place; the online-softmax max,
+// sum and rescale are plain vertical vector operations.
+#pragma once
+
+#include <algorithm>
+#include <limits>
+
+#include "../core/scratch.hpp"
+#include "../core/tensor_view.hpp"
+#include "gemm_tile.hpp"
+#include "key_band.hpp"
+#include "kv_source.hpp"
+#include "logits.hpp"
+#include "online_softmax.hpp"
+#include "query_columns.hpp"
+#include "stage.hpp"
+#include "tile_traits.hpp"
+
+namespace fovea::detail {
+
+/// True when rows [0, rows) x [0, cols) of a strided matrix hold only finite values.
+template <class T, class Backend>
+bool all_finite(const T* data, index_t row_stride, index_t rows, index_t cols) noexcept {
+  using V = vec<T, Backend>;
+  constexpr int W = V::width;
+  const auto zero = V::broadcast(T(0));
+  auto acc = zero;
+  T tail = 0;
+  for (index_t r = 0; r < rows; ++r) {
+    const T* row = data + r * row_stride;
+    index_t c = 0;
+    for (; c + W <= cols; c += W) acc = V::fma(V::load(row + c), zero, acc);
+    for (; c < cols; ++c) tail += row[c] * T(0);
+  }
+  return V::reduce_add(acc) + tail == T(0);
+}
+
+/// acc += P V over one key tile for a tile whose masked (-inf) logits meet non-finite
+/// values: each masked (column, key) pair is skipped, so NaN/Inf in a masked key never
+/// reaches a row. acc(d, c) is acc[d * acc_d + c * acc_c].
+template <class T>
+void accumulate_skipping_masked(const T* v, index_t v_stride, index_t keys, index_t dv,
+                                const T* logits, const T* p, index_t ld, index_t columns,
+                                T* acc, index_t acc_d, index_t acc_c) noexcept {
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  for (index_t c = 0; c < columns; ++c)
+    for (index_t d = 0; d < dv; ++d) {
+      T sum = acc[d * acc_d + c * acc_c];
+      for (index_t j = 0; j < keys; ++j)
+        if (logits[j * ld + c] != neg_inf) sum += v[j * v_stride + d] * p[j * ld + c];
+      acc[d * acc_d + c * acc_c] = sum;
+    }
+}
+
+/// Per-thread buffers of a prefill tile.
+template <class T, class Backend>
+struct prefill_buffers {
+  using traits = tile_traits<T, Backend>;
+  static constexpr index_t BQ = traits::block_q, BK = traits::block_k;
+
+  static index_t size(index_t D, index_t Dv) noexcept {
+    return round_to_line<T>(D * BQ) + 2 * BK * BQ + round_to_line<T>(Dv * BQ) + 3 * BQ +
+           round_to_line<T>(BK * D) + round_to_line<T>(BK * Dv);
+  }
+  T *q_t, *s, *p, *acc, *m, *l, *alpha, *stage_k, *stage_v;
+  prefill_buffers(T* work, index_t D, index_t Dv) noexcept {
+    q_t = work;                              // [D][BQ]  queries transposed
+    s = q_t + round_to_line<T>(D * BQ);      // [BK][BQ] logits
+    p = s + BK * BQ;                         // [BK][BQ] probabilities
+    acc = p + BK * BQ;                       // [Dv][BQ] unnormalised output, transposed
+    m = acc + round_to_line<T>(Dv * BQ);     // [BQ] running max
+    l = m + BQ;                              // [BQ] running sum
+    alpha = l + BQ;                          // [BQ] rescale factors
+    stage_k = alpha + BQ;                    // [BK][D]  keys in T, when staged
+    stage_v = stage_k + round_to_line<T>(BK * D);  // [BK][Dv]
+  }
+};
+
+/// Attends the columns `cols` (queries rows given by q_row(c), length D) over the keys
+/// [first, last) of `kv`, then writes each column's output row and lse through `emit`.
+template <class Backend, class T, class S, class ScoreMod, class MaskMod, class QueryRow, class Emit>
+void prefill_tile(const query_columns<T>& cols, QueryRow&& q_row, const kv_source<S>& kv,
+                  const key_band& band, const custom_variant<ScoreMod, MaskMod>& custom,
+                  index_t D, index_t Dv, prefill_buffers<T, Backend>& buf, Emit&& emit) noexcept {
+  using traits = tile_traits<T, Backend>;
+  constexpr index_t BQ = traits::block_q, BK = traits::block_k;
+  constexpr int QV = traits::query_vectors, RB = traits::row_block;
+  const index_t n = cols.count;
+
+  for (index_t c = 0; c < BQ; ++c) {
+    const S* row = c < n ? q_row(c) : nullptr;
+    for (index_t d = 0; d < D; ++d) buf.q_t[d * BQ + c] = row ? T(row[d]) : T(0);
+  }
+  std::fill(buf.acc, buf.acc + Dv * BQ, T(0));
+  std::fill(buf.m, buf.m + BQ, -std::numeric_limits<T>::infinity());
+  std::fill(buf.l, buf.l + BQ, T(0));
+
+  const auto [first, last] = band.keys_for(cols.first_pos, cols.last_pos + 1);
+  for (index_t j0 = first; j0 < last;) {
+    const index_t keys = kv.run(j0, std::min(BK, last - j0));
+    const auto k = rows_for_kernel<T>(kv, true, j0, keys, D, D, buf.stage_k);
+    const auto v = rows_for_kernel<T>(kv, false, j0, keys, Dv, Dv, buf.stage_v);
+    gemm_rows<T, Backend, RB, QV, false>(keys, k.data, k.stride, 1, buf.q_t, BQ, buf.s, BQ, D);
+    const bool partial = !band.covers(cols.first_pos, cols.last_pos + 1, j0, j0 + keys);
+    const bool masked = apply_logits<Backend>(cols, custom, band, partial, buf.s, BQ, j0, keys);
+    if (online_softmax_update<T, Backend, QV>(buf.s, buf.p, BQ, keys, buf.m, buf.l, buf.alpha))
+      rescale_rows<T, Backend, QV>(buf.acc, BQ, Dv, buf.alpha);
+    if (masked && !all_finite<T, Backend>(v.data, v.stride, keys, Dv))
+      accumulate_skipping_masked(v.data, v.stride, keys, Dv, buf.s, buf.p, BQ, BQ, buf.acc, BQ, 1);
+    else
+      gemm_rows<T, Backend, RB, QV, true>(Dv, v.data, 1, v.stride, buf.p, BQ, buf.acc, BQ, keys);
+    j0 += keys;
+  }
+
+  for (index_t c = 0; c < n; ++c) {
+    const row_result<T> r = finish_row(buf.m[c], buf.l[c], cols.sink[c]);
+    emit(c, [&](index_t d) { return r.factor == T(0) ? T(0) : buf.acc[d * BQ + c] * r.factor; }, r.lse);
+  }
+}
+
+}  // namespace fovea::detail

@@ -1,0 +1,45 @@
+// Copies rows of keys or values into a tile buffer in the compute type, zero-padded to a
+// whole number of vectors, when the kernel cannot read them in place (another storage
+// type, or a row length that is not a multiple of the vector width).
+#pragma once
+
+#include <algorithm>
+
+#include "../core/tensor_view.hpp"
+#include "kv_source.hpp"
+
+namespace fovea::detail {
+
+/// dst[r][0, padded) = src row j + r, converted; zeros past `cols`.
+template <class S, class T>
+void stage_rows(const kv_source<S>& kv, bool keys, index_t j, index_t rows, index_t cols,
+                index_t padded, T* dst) noexcept {
+  for (index_t r = 0; r < rows; ++r) {
+    const S* src = keys ? kv.k_row(j + r) : kv.v_row(j + r);
+    T* out = dst + r * padded;
+    for (index_t c = 0; c < cols; ++c) out[c] = T(src[c]);
+    std::fill(out + cols, out + padded, T(0));
+  }
+}
+
+/// A run of key (or value) rows the micro-kernels can read: pointer and row stride.
+template <class T>
+struct row_block {
+  const T* data;
+  index_t stride;
+};
+
+/// The rows [j, j + rows) in place when that is possible (same type, and when `padded`
+/// > cols is asked for, never), else staged into `buffer`.
+template <class T, class S>
+row_block<T> rows_for_kernel(const kv_source<S>& kv, bool keys, index_t j, index_t rows,
+                             index_t cols, index_t padded, T* buffer) noexcept {
+  if constexpr (std::is_same_v<S, T>) {
+    if (padded == cols)
+      return keys ? row_block<T>{kv.k_row(j), kv.k_stride} : row_block<T>{kv.v_row(j), kv.v_stride};
+  }
+  stage_rows(kv, keys, j, rows, cols, padded, buffer);
+  return {buffer, padded};
+}
+
+}  // namespace fovea::detail
