@@ -6,6 +6,8 @@
 #define FOVEA_VERSION_PATCH 0
 
 #include "attention/softmax.hpp"
+#include "attention/softmax_paged.hpp"
+#include "attention/softmax_varlen.hpp"
 #include "core/error.hpp"
 #include "core/tensor_view.hpp"
 #include "simd/backend.hpp"

@@ -10,11 +10,11 @@
 
 #include "../core/error.hpp"
 #include "../core/parallel.hpp"
+#include "../core/storage.hpp"
 #include "../core/tensor_view.hpp"
 #include "../core/validate.hpp"
 #include "../engine/dense.hpp"
 #include "../engine/variant.hpp"
-#include "../core/storage.hpp"
 #include "../simd/backend.hpp"
 
 namespace fovea {
@@ -81,15 +81,8 @@ index_t check_qkvo(const tensor_view<const T, 4>& q, const tensor_view<const T, 
   return Hk == 0 ? 1 : H / Hk;
 }
 
-template <class T>
-dense_problem<T> make_softmax_problem(const tensor_view<const T, 4>& q,
-                                      const tensor_view<const T, 4>& k,
-                                      const tensor_view<const T, 4>& v,
-                                      const tensor_view<T, 4>& out, const softmax_options& o) {
-  const index_t group = check_qkvo(q, k, v, out);
-  const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2), D = q.extent(3);
-  const index_t Hk = k.extent(1), Sk = k.extent(2);
-
+/// Checks the scalar options; returns the scale (default 1/sqrt(D)).
+inline double check_scalar_options(const softmax_options& o, index_t D) {
   const double scale = o.scale.value_or(1.0 / std::sqrt(double(D)));
   require(std::isfinite(scale) && scale > 0, "options.scale: is ", scale,
           ", expected a finite value > 0");
@@ -98,14 +91,17 @@ dense_problem<T> make_softmax_problem(const tensor_view<const T, 4>& q,
   require(std::isfinite(o.softcap) && o.softcap >= 0, "options.softcap: is ", o.softcap,
           ", expected a finite value >= 0");
   require(o.threads >= 0, "options.threads: is ", o.threads, ", expected >= 0");
-  check_broadcast(o.bias, "options.bias", B, H, Hk, Sq, Sk);
-  check_broadcast(o.mask, "options.mask", B, H, Hk, Sq, Sk);
+  return scale;
+}
+
+/// alibi_slopes (batches|1, H) and sinks (H).
+inline void check_head_options(const softmax_options& o, index_t batches, index_t H) {
   if (o.alibi_slopes.data() != nullptr || !o.alibi_slopes.empty()) {
     check_data(o.alibi_slopes, "options.alibi_slopes");
     require(o.alibi_slopes.data() != nullptr, "options.alibi_slopes: data is null");
     const index_t e0 = o.alibi_slopes.extent(0);
-    require(e0 == 1 || e0 == B, "options.alibi_slopes: extent 0 (batch) is ", e0,
-            ", expected 1 or ", B);
+    require(e0 == 1 || e0 == batches, "options.alibi_slopes: extent 0 (batch) is ", e0,
+            ", expected 1 or ", batches);
     require(o.alibi_slopes.extent(1) == H, "options.alibi_slopes: extent 1 (heads) is ",
             o.alibi_slopes.extent(1), ", expected ", H);
   }
@@ -115,28 +111,31 @@ dense_problem<T> make_softmax_problem(const tensor_view<const T, 4>& q,
     require(o.sinks.extent(0) == H, "options.sinks: extent 0 (heads) is ", o.sinks.extent(0),
             ", expected ", H);
   }
-  if (o.lse.data() != nullptr || !o.lse.empty()) {
-    check_data(o.lse, "options.lse");
-    require(o.lse.data() != nullptr, "options.lse: data is null");
-    const index_t want[3] = {B, H, Sq};
-    for (std::size_t r = 0; r < 3; ++r)
-      require(o.lse.extent(r) == want[r], "options.lse: extent ", r, " is ", o.lse.extent(r),
-              ", expected ", want[r]);
-    check_one_to_one(o.lse, "options.lse");
-    check_no_alias(o.lse, "options.lse", out, "out");
-    check_no_alias(o.lse, "options.lse", q, "q");
-    check_no_alias(o.lse, "options.lse", k, "k");
-    check_no_alias(o.lse, "options.lse", v, "v");
-  }
-  check_no_alias(out, "out", o.bias, "options.bias");
-  check_no_alias(out, "out", o.mask, "options.mask");
+}
 
-  dense_problem<T> pr;
-  pr.q = q;
-  pr.out = out;
-  pr.lse = o.lse;
-  pr.kv.k = k;
-  pr.kv.v = v;
+/// lse: (B, H, Sq), not overlapping out or the inputs.
+template <class T>
+void check_lse(const softmax_options& o, index_t B, index_t H, index_t Sq,
+               const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
+               const tensor_view<const T, 4>& v, const tensor_view<T, 4>& out) {
+  if (o.lse.data() == nullptr && o.lse.empty()) return;
+  check_data(o.lse, "options.lse");
+  require(o.lse.data() != nullptr, "options.lse: data is null");
+  const index_t want[3] = {B, H, Sq};
+  for (std::size_t r = 0; r < 3; ++r)
+    require(o.lse.extent(r) == want[r], "options.lse: extent ", r, " is ", o.lse.extent(r),
+            ", expected ", want[r]);
+  check_one_to_one(o.lse, "options.lse");
+  check_no_alias(o.lse, "options.lse", out, "out");
+  check_no_alias(o.lse, "options.lse", q, "q");
+  check_no_alias(o.lse, "options.lse", k, "k");
+  check_no_alias(o.lse, "options.lse", v, "v");
+}
+
+/// The options as the engine wants them, for a problem of Sq queries and Sk keys.
+template <class T>
+void apply_options(dense_problem<T>& pr, const softmax_options& o, double scale, index_t group,
+                   index_t Sq, index_t Sk) {
   pr.keys = Sk;
   pr.band.keys = Sk;
   pr.band.offset = o.align == diagonal::bottom_right ? Sk - Sq : 0;
@@ -150,6 +149,31 @@ dense_problem<T> make_softmax_problem(const tensor_view<const T, 4>& q,
   pr.terms.alibi = o.alibi_slopes;
   pr.terms.sinks = o.sinks;
   pr.terms.group = group;
+}
+
+template <class T>
+dense_problem<T> make_softmax_problem(const tensor_view<const T, 4>& q,
+                                      const tensor_view<const T, 4>& k,
+                                      const tensor_view<const T, 4>& v,
+                                      const tensor_view<T, 4>& out, const softmax_options& o) {
+  const index_t group = check_qkvo(q, k, v, out);
+  const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2), D = q.extent(3);
+  const index_t Hk = k.extent(1), Sk = k.extent(2);
+  const double scale = check_scalar_options(o, D);
+  check_broadcast(o.bias, "options.bias", B, H, Hk, Sq, Sk);
+  check_broadcast(o.mask, "options.mask", B, H, Hk, Sq, Sk);
+  check_head_options(o, B, H);
+  check_lse(o, B, H, Sq, q, k, v, out);
+  check_no_alias(out, "out", o.bias, "options.bias");
+  check_no_alias(out, "out", o.mask, "options.mask");
+
+  dense_problem<T> pr;
+  pr.q = q;
+  pr.out = out;
+  pr.lse = o.lse;
+  pr.kv.k = k;
+  pr.kv.v = v;
+  apply_options(pr, o, scale, group, Sq, Sk);
   return pr;
 }
 
@@ -176,7 +200,8 @@ void softmax_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<T
                        const custom_variant<ScoreMod, MaskMod>& custom = {}) {
   using T = TO;
   const auto problem = detail::make_softmax_problem<T>(q, k, v, out, options);
-  detail::run_dense<Backend>(std::span(&problem, 1), custom, detail::resolve_threads(options.threads));
+  detail::run_dense<Backend>(std::span(&problem, 1), custom,
+                             detail::resolve_threads(options.threads));
 }
 
 }  // namespace fovea

@@ -103,6 +103,30 @@ constexpr tensor_view<T, 4> bshd(T* data, index_t batch, index_t seq, index_t he
   return {data, {batch, heads, seq, dim}, {seq * heads * dim, dim, heads * dim, 1}};
 }
 
+/// The sub-view of indices [start, start + count) along dimension `dim`.
+template <class T, std::size_t Rank>
+constexpr tensor_view<T, Rank> slice(const tensor_view<T, Rank>& v, std::size_t dim, index_t start,
+                                     index_t count) {
+  auto extents = v.extents();
+  extents[dim] = count;
+  return {count > 0 ? v.data() + start * v.stride(dim) : v.data(), extents, v.strides()};
+}
+
+/// Paged caches in vLLM's layout [pages, page_size, heads, dim], viewed as (page, head,
+/// slot, dim) for softmax_attention_paged.
+template <class T>
+constexpr tensor_view<T, 4> paged_nhd(T* data, index_t pages, index_t page_size, index_t heads,
+                                      index_t dim) {
+  return {data, {pages, heads, page_size, dim}, {page_size * heads * dim, dim, heads * dim, 1}};
+}
+
+/// Paged caches laid out [pages, heads, page_size, dim] (FlashInfer's HND).
+template <class T>
+constexpr tensor_view<T, 4> paged_hnd(T* data, index_t pages, index_t page_size, index_t heads,
+                                      index_t dim) {
+  return {data, {pages, heads, page_size, dim}, {heads * page_size * dim, page_size * dim, dim, 1}};
+}
+
 namespace detail {
 
 /// Byte range [first, last) a view can touch.

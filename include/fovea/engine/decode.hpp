@@ -32,8 +32,8 @@ inline constexpr index_t decode_max_queries = 16;
 /// s[j][c] = q_c . k_j for c < columns, j < keys; columns [columns, ld) are zeroed.
 /// q rows are `dq` long (zero-padded to whole vectors); k rows readable for dq elements.
 template <class T, class Backend>
-void dot_scores(const T* q, index_t dq, index_t columns, const T* k, index_t k_stride,
-                index_t keys, T* s, index_t ld) noexcept {
+void dot_scores(const T* q, index_t dq, index_t columns, const T* k, index_t k_stride, index_t keys,
+                T* s, index_t ld) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width;
   alignas(64) T lanes[W];
@@ -55,14 +55,16 @@ void dot_scores(const T* q, index_t dq, index_t columns, const T* k, index_t k_s
       V::store(lanes, V::reduce_add_lanes(acc));
       for (index_t r = 0; r < n; ++r) s[(jb + r) * ld + c] = lanes[r];
     }
-    for (index_t r = 0; r < n; ++r) std::fill(s + (jb + r) * ld + columns, s + (jb + r) * ld + ld, T(0));
+    for (index_t r = 0; r < n; ++r)
+      std::fill(s + (jb + r) * ld + columns, s + (jb + r) * ld + ld, T(0));
   }
 }
 
 /// Asks for the key and value rows [j, j + rows) to be brought into cache: decode streams
 /// K and V once, and the hardware prefetcher alone leaves the core waiting.
 template <class S>
-void prefetch_rows(const kv_source<S>& kv, index_t j, index_t rows, index_t D, index_t Dv) noexcept {
+void prefetch_rows(const kv_source<S>& kv, index_t j, index_t rows, index_t D,
+                   index_t Dv) noexcept {
   constexpr index_t line = 64 / sizeof(S);
   for (index_t r = 0; r < rows; ++r) {
     const S* k = kv.k_row(j + r);
@@ -95,7 +97,7 @@ struct decode_buffers {
     m = acc + round_to_line<T>(capacity * dvp);  // [capacity]
     l = m + capacity;
     alpha = l + capacity;
-    stage_k = alpha + capacity;                  // [BK][dq]
+    stage_k = alpha + capacity;                     // [BK][dq]
     stage_v = stage_k + round_to_line<T>(BK * dq);  // [BK][dvp]
   }
 };

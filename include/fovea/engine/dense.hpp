@@ -31,7 +31,8 @@ struct dense_problem {
   tensor_view<S, 4> out;      ///< (B, H, Sq, Dv)
   tensor_view<float, 3> lse;  ///< (B, H, Sq) or empty
   kv_layout<S> kv;
-  index_t keys = 0;  ///< Sk
+  index_t keys = 0;        ///< Sk
+  index_t batch_base = 0;  ///< batch index of q's row 0 in the caller's terms (varlen, paged)
   key_band band;
   logit_terms<T> terms;
 
@@ -109,9 +110,10 @@ void run_dense(std::span<const dense_problem<S>> problems,
   auto decode_columns = [&](const dense_problem<S>& pr, const layout& lay, index_t b, index_t hk,
                             index_t t, query_columns<T>& cols) {
     const index_t Sq = pr.queries(), group = pr.heads() / pr.kv.heads();
-    start_columns(cols, pr.terms, b);
+    start_columns(cols, pr.terms, b + pr.batch_base);
     const index_t end = std::min(lay.columns, (t + 1) * lay.width);
-    for (index_t r = t * lay.width; r < end; ++r) cols.add(pr.terms, pr.heads(), hk * group + r / Sq, r % Sq);
+    for (index_t r = t * lay.width; r < end; ++r)
+      cols.add(pr.terms, pr.heads(), hk * group + r / Sq, r % Sq);
     cols.pad_to(lay.width);
   };
 
@@ -122,14 +124,15 @@ void run_dense(std::span<const dense_problem<S>> problems,
     query_columns<T> cols;
     if (!pr.decode()) {
       const index_t i0 = tk.tile * BQ, n = std::min(BQ, pr.queries() - i0);
-      start_columns(cols, pr.terms, tk.b);
+      start_columns(cols, pr.terms, tk.b + pr.batch_base);
       for (index_t c = 0; c < n; ++c) cols.add(pr.terms, H, tk.head, i0 + c);
       cols.pad_to(BQ);
       prefill_buf buf(buffers.slice(thread), D, Dv);
       const auto kv = pr.kv.source(tk.b, tk.head / pr.terms.group);
       prefill_tile<Backend>(
-          cols, [&](index_t c) { return &pr.q(tk.b, tk.head, i0 + c, 0); }, kv, pr.band, custom,
-          D, Dv, buf, [&](index_t c, auto&& value, T lse) {
+          cols, [&](index_t c) { return &pr.q(tk.b, tk.head, i0 + c, 0); }, kv, pr.band, custom, D,
+          Dv, buf,
+          [&](index_t c, auto&& value, T lse) {
             S* row = &pr.out(tk.b, tk.head, i0 + c, 0);
             for (index_t d = 0; d < Dv; ++d) row[d] = S(value(d));
             if (pr.lse.data()) pr.lse(tk.b, tk.head, i0 + c) = float(lse);

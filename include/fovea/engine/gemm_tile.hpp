@@ -88,7 +88,8 @@ inline void gemm_wide(index_t rows, index_t vectors, const TA* a, index_t a_row,
                               rows, a, a_row, a_col, b + x * W, ldb, c + x * W, ldc, depth)
                         : void()),
          ...);
-      }(std::make_integer_sequence<int, Block - 1>{});
+      }
+      (std::make_integer_sequence<int, Block - 1>{});
     }
   }
 }

@@ -42,8 +42,8 @@ bool all_finite(const T* data, index_t row_stride, index_t rows, index_t cols) n
 /// reaches a row. acc(d, c) is acc[d * acc_d + c * acc_c].
 template <class T>
 void accumulate_skipping_masked(const T* v, index_t v_stride, index_t keys, index_t dv,
-                                const T* logits, const T* p, index_t ld, index_t columns,
-                                T* acc, index_t acc_d, index_t acc_c) noexcept {
+                                const T* logits, const T* p, index_t ld, index_t columns, T* acc,
+                                index_t acc_d, index_t acc_c) noexcept {
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   for (index_t c = 0; c < columns; ++c)
     for (index_t d = 0; d < dv; ++d) {
@@ -66,24 +66,25 @@ struct prefill_buffers {
   }
   T *q_t, *s, *p, *acc, *m, *l, *alpha, *stage_k, *stage_v;
   prefill_buffers(T* work, index_t D, index_t Dv) noexcept {
-    q_t = work;                              // [D][BQ]  queries transposed
-    s = q_t + round_to_line<T>(D * BQ);      // [BK][BQ] logits
-    p = s + BK * BQ;                         // [BK][BQ] probabilities
-    acc = p + BK * BQ;                       // [Dv][BQ] unnormalised output, transposed
-    m = acc + round_to_line<T>(Dv * BQ);     // [BQ] running max
-    l = m + BQ;                              // [BQ] running sum
-    alpha = l + BQ;                          // [BQ] rescale factors
-    stage_k = alpha + BQ;                    // [BK][D]  keys in T, when staged
+    q_t = work;                                    // [D][BQ]  queries transposed
+    s = q_t + round_to_line<T>(D * BQ);            // [BK][BQ] logits
+    p = s + BK * BQ;                               // [BK][BQ] probabilities
+    acc = p + BK * BQ;                             // [Dv][BQ] unnormalised output, transposed
+    m = acc + round_to_line<T>(Dv * BQ);           // [BQ] running max
+    l = m + BQ;                                    // [BQ] running sum
+    alpha = l + BQ;                                // [BQ] rescale factors
+    stage_k = alpha + BQ;                          // [BK][D]  keys in T, when staged
     stage_v = stage_k + round_to_line<T>(BK * D);  // [BK][Dv]
   }
 };
 
 /// Attends the columns `cols` (queries rows given by q_row(c), length D) over the keys
 /// [first, last) of `kv`, then writes each column's output row and lse through `emit`.
-template <class Backend, class T, class S, class ScoreMod, class MaskMod, class QueryRow, class Emit>
+template <class Backend, class T, class S, class ScoreMod, class MaskMod, class QueryRow,
+          class Emit>
 void prefill_tile(const query_columns<T>& cols, QueryRow&& q_row, const kv_source<S>& kv,
-                  const key_band& band, const custom_variant<ScoreMod, MaskMod>& custom,
-                  index_t D, index_t Dv, prefill_buffers<T, Backend>& buf, Emit&& emit) noexcept {
+                  const key_band& band, const custom_variant<ScoreMod, MaskMod>& custom, index_t D,
+                  index_t Dv, prefill_buffers<T, Backend>& buf, Emit&& emit) noexcept {
   using traits = tile_traits<T, Backend>;
   constexpr index_t BQ = traits::block_q, BK = traits::block_k;
   constexpr int QV = traits::query_vectors, RB = traits::row_block;
@@ -116,7 +117,9 @@ void prefill_tile(const query_columns<T>& cols, QueryRow&& q_row, const kv_sourc
 
   for (index_t c = 0; c < n; ++c) {
     const row_result<T> r = finish_row(buf.m[c], buf.l[c], cols.sink[c]);
-    emit(c, [&](index_t d) { return r.factor == T(0) ? T(0) : buf.acc[d * BQ + c] * r.factor; }, r.lse);
+    emit(
+        c, [&](index_t d) { return r.factor == T(0) ? T(0) : buf.acc[d * BQ + c] * r.factor; },
+        r.lse);
   }
 }
 

@@ -82,7 +82,7 @@ struct vec<T, simd<Arch>> {
 #endif
     return sums;
   }
-  static T reduce_max(type a) noexcept {                           // xsimd 8.1 has no reduce_max
+  static T reduce_max(type a) noexcept {  // xsimd 8.1 has no reduce_max
     alignas(64) T lanes[width];
     a.store_aligned(lanes);
     T m = lanes[0];

@@ -1,0 +1,95 @@
+// fovea::softmax_attention_paged: keys and values in fixed-size pages addressed by a
+// per-sequence block table (vLLM / FlashInfer paged KV cache), for decode and prefill.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "softmax_varlen.hpp"
+
+namespace fovea {
+
+/// Softmax attention against a paged KV cache.
+///
+///   q: (B, H, Sq, D)    out: (B, H, Sq, Dv)    options.lse, if given: (B, H, Sq)
+///   k_cache: (pages, Hk, page_size, D)   v_cache: (pages, Hk, page_size, Dv)
+///     (fovea::paged_nhd / paged_hnd view the usual memory layouts)
+///   block_table: (B, max_pages) page indices;  seqlens_k: B key counts
+///
+/// Key j of sequence b is slot j % page_size of page block_table(b, j / page_size); only
+/// the first ceil(seqlens_k[b] / page_size) entries of a row are read. The causal
+/// diagonal is bottom-right per sequence (its Sq queries are its last tokens). bias and
+/// mask are not supported here; score_mod / mask_mod receive the batch index b. The result
+/// equals softmax_attention on the same keys and values laid out contiguously.
+template <class Backend = default_backend, class TQ, class TK, class TV, class TO,
+          class ScoreMod = identity_score_mod, class MaskMod = keep_all_mask_mod>
+requires detail::attention_types<TQ, TK, TV, TO>
+void softmax_attention_paged(tensor_view<TQ, 4> q, tensor_view<TK, 4> k_cache,
+                             tensor_view<TV, 4> v_cache, tensor_view<TO, 4> out,
+                             tensor_view<const std::int32_t, 2> block_table,
+                             std::span<const std::int32_t> seqlens_k,
+                             const softmax_options& options = {},
+                             const custom_variant<ScoreMod, MaskMod>& custom = {}) {
+  using T = TO;
+  using namespace detail;
+  const tensor_view<const T, 4> cq = q, ck = k_cache, cv = v_cache;
+  check_rows(cq, "q");
+  check_rows(ck, "k_cache");
+  check_rows(cv, "v_cache");
+  check_rows(out, "out");
+  const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2), D = q.extent(3);
+  const index_t pages = ck.extent(0), Hk = ck.extent(1), page_size = ck.extent(2);
+  require(D >= 1, "q: extent 3 (dim) is ", D, ", expected at least 1");
+  require(Hk >= 1 && H % Hk == 0, "k_cache: extent 1 (heads) is ", Hk,
+          ", which does not divide the ", H, " heads of q");
+  require(page_size >= 1, "k_cache: extent 2 (page size) is ", page_size, ", expected >= 1");
+  require(ck.extent(3) == D, "k_cache: extent 3 (dim) is ", ck.extent(3), ", expected ", D);
+  for (std::size_t r = 0; r < 3; ++r)
+    require(cv.extent(r) == ck.extent(r), "v_cache: extent ", r, " is ", cv.extent(r),
+            ", expected ", ck.extent(r), " as k_cache");
+  check_extent(out, 0, B, "out", "batch of q");
+  check_extent(out, 1, H, "out", "heads of q");
+  check_extent(out, 2, Sq, "out", "queries of q");
+  check_extent(out, 3, cv.extent(3), "out", "value dim of v_cache");
+  check_one_to_one(out, "out");
+  check_no_alias(out, "out", cq, "q");
+  check_no_alias(out, "out", ck, "k_cache");
+  check_no_alias(out, "out", cv, "v_cache");
+  check_data(block_table, "block_table");
+  require(block_table.extent(0) == B, "block_table: extent 0 (batch) is ", block_table.extent(0),
+          ", expected ", B);
+  require(index_t(seqlens_k.size()) == B, "seqlens_k: has ", seqlens_k.size(),
+          " lengths, expected ", B);
+  for (index_t b = 0; b < B; ++b) {
+    const index_t sk = seqlens_k[b];
+    require(sk >= 0 && sk <= block_table.extent(1) * page_size, "seqlens_k: length ", b, " is ", sk,
+            ", expected 0 to ", block_table.extent(1) * page_size, " (block_table capacity)");
+    for (index_t p = 0; p < (sk + page_size - 1) / page_size; ++p) {
+      const index_t page = block_table(b, p);
+      require(page >= 0 && page < pages, "block_table: entry (", b, ", ", p, ") is ", page,
+              ", expected a page in [0, ", pages, ")");
+    }
+  }
+  const double scale = check_scalar_options(options, D);
+  check_no_bias_or_mask(options, "softmax_attention_paged");
+  check_head_options(options, B, H);
+  check_lse(options, B, H, Sq, cq, ck, cv, out);
+
+  std::vector<dense_problem<T>> problems(B);
+  for (index_t b = 0; b < B; ++b) {
+    dense_problem<T>& pr = problems[b];
+    pr.q = slice(cq, 0, b, 1);
+    pr.out = slice(out, 0, b, 1);
+    if (options.lse.data()) pr.lse = slice(options.lse, 0, b, 1);
+    pr.kv.k = ck;
+    pr.kv.v = cv;
+    pr.kv.table = slice(block_table, 0, b, 1);
+    pr.batch_base = b;
+    apply_options(pr, options, scale, H / Hk, Sq, seqlens_k[b]);
+  }
+  run_dense<Backend>(std::span<const dense_problem<T>>(problems), custom,
+                     resolve_threads(options.threads));
+}
+
+}  // namespace fovea

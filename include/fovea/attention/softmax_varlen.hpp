@@ -1,0 +1,85 @@
+// fovea::softmax_attention_varlen: a ragged batch of sequences packed end to end, given
+// by cumulative offsets (FlashAttention's varlen API).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "softmax.hpp"
+
+namespace fovea {
+
+namespace detail {
+
+inline void check_offsets(std::span<const std::int32_t> cu, index_t total, const char* name) {
+  require(!cu.empty(), name, ": is empty, expected sequences + 1 offsets");
+  require(cu.front() == 0, name, ": starts at ", cu.front(), ", expected 0");
+  for (std::size_t b = 1; b < cu.size(); ++b)
+    require(cu[b] >= cu[b - 1], name, ": offset ", b, " (", cu[b], ") is below offset ", b - 1,
+            " (", cu[b - 1], ")");
+  require(cu.back() == total, name, ": ends at ", cu.back(), ", expected the ", total,
+          " packed tokens");
+}
+
+inline void check_no_bias_or_mask(const softmax_options& o, const char* entry) {
+  require(o.bias.data() == nullptr && o.bias.empty(), "options.bias: not supported by ", entry);
+  require(o.mask.data() == nullptr && o.mask.empty(), "options.mask: not supported by ", entry);
+}
+
+}  // namespace detail
+
+/// Softmax attention over a ragged batch. Sequence b has queries [cu_q[b], cu_q[b+1]) and
+/// keys [cu_k[b], cu_k[b+1]) of the packed tensors (zero-length sequences allowed):
+///
+///   q: (1, H, total_q, D)   k: (1, Hk, total_k, D)   v: (1, Hk, total_k, Dv)
+///   out: (1, H, total_q, Dv)     options.lse, if given: (1, H, total_q)
+///
+/// (fovea::bshd(ptr, 1, total, heads, dim) views FlashAttention's packed (total, heads, dim)
+/// tensors.) Each sequence is attended on its own, with the causal diagonal, window and
+/// ALiBi anchored per sequence; options.alibi_slopes may be (sequences|1, H). bias and
+/// mask are not supported here. score_mod / mask_mod receive b = the sequence index and
+/// positions within the sequence. Everything else is as softmax_attention.
+template <class Backend = default_backend, class TQ, class TK, class TV, class TO,
+          class ScoreMod = identity_score_mod, class MaskMod = keep_all_mask_mod>
+requires detail::attention_types<TQ, TK, TV, TO>
+void softmax_attention_varlen(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v,
+                              tensor_view<TO, 4> out, std::span<const std::int32_t> cu_seqlens_q,
+                              std::span<const std::int32_t> cu_seqlens_k,
+                              const softmax_options& options = {},
+                              const custom_variant<ScoreMod, MaskMod>& custom = {}) {
+  using T = TO;
+  using namespace detail;
+  const tensor_view<const T, 4> cq = q, ck = k, cv = v;
+  const index_t group = check_qkvo(cq, ck, cv, out);
+  require(q.extent(0) == 1, "q: extent 0 (batch) is ", q.extent(0),
+          ", expected 1 (sequences are packed along seq)");
+  const index_t H = q.extent(1);
+  check_offsets(cu_seqlens_q, q.extent(2), "cu_seqlens_q");
+  check_offsets(cu_seqlens_k, k.extent(2), "cu_seqlens_k");
+  require(cu_seqlens_k.size() == cu_seqlens_q.size(), "cu_seqlens_k: has ", cu_seqlens_k.size(),
+          " offsets, expected ", cu_seqlens_q.size(), " like cu_seqlens_q");
+  const index_t sequences = index_t(cu_seqlens_q.size()) - 1;
+  const double scale = check_scalar_options(options, q.extent(3));
+  check_no_bias_or_mask(options, "softmax_attention_varlen");
+  check_head_options(options, sequences, H);
+  check_lse(options, 1, H, q.extent(2), cq, ck, cv, out);
+
+  std::vector<dense_problem<T>> problems(sequences);
+  for (index_t b = 0; b < sequences; ++b) {
+    const index_t q0 = cu_seqlens_q[b], sq = cu_seqlens_q[b + 1] - q0;
+    const index_t k0 = cu_seqlens_k[b], sk = cu_seqlens_k[b + 1] - k0;
+    dense_problem<T>& pr = problems[b];
+    pr.q = slice(cq, 2, q0, sq);
+    pr.out = slice(out, 2, q0, sq);
+    if (options.lse.data()) pr.lse = slice(options.lse, 2, q0, sq);
+    pr.kv.k = slice(ck, 2, k0, sk);
+    pr.kv.v = slice(cv, 2, k0, sk);
+    pr.batch_base = b;
+    apply_options(pr, options, scale, group, sq, sk);
+  }
+  run_dense<Backend>(std::span<const dense_problem<T>>(problems), custom,
+                     resolve_threads(options.threads));
+}
+
+}  // namespace fovea
