@@ -31,4 +31,27 @@ inline double measure_fma_peak_gflops() {
   return best;
 }
 
+/// GB/s of one thread reading a buffer much larger than the caches (best of 5 passes).
+inline double measure_read_bandwidth_gbs(std::size_t bytes = std::size_t(512) << 20) {
+  using V = detail::vec<float, default_backend>;
+  constexpr int W = V::width;
+  std::vector<float> data(bytes / sizeof(float), 1.0f);
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    auto s0 = V::broadcast(0.f), s1 = s0, s2 = s0, s3 = s0;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (std::size_t i = 0; i + 4 * W <= data.size(); i += 4 * W) {
+      s0 = V::add(s0, V::load(&data[i]));
+      s1 = V::add(s1, V::load(&data[i + W]));
+      s2 = V::add(s2, V::load(&data[i + 2 * W]));
+      s3 = V::add(s3, V::load(&data[i + 3 * W]));
+    }
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    volatile float sink = V::reduce_add(V::add(V::add(s0, s1), V::add(s2, s3)));
+    (void)sink;
+    best = std::max(best, double(bytes) / s / 1e9);
+  }
+  return best;
+}
+
 }  // namespace fovea::bench

@@ -88,6 +88,26 @@ void BM_eigen(benchmark::State& state, index_t n, index_t d, bool causal, int th
                                                  benchmark::Counter::kIs1000);
 }
 
+/// KV-cache decode: Sq queries of H heads against Sk cached keys of Hk heads; the figure
+/// of merit is the K and V bytes read per second.
+void BM_decode(benchmark::State& state, index_t sq, index_t sk, int threads) {
+  const index_t H = 32, Hk = 8, D = 128;
+  std::vector<float> q(H * sq * D), k(Hk * sk * D), v(Hk * sk * D), o(H * sq * D);
+  std::mt19937 gen(3);
+  std::normal_distribution<float> dist;
+  for (auto* x : {&q, &k, &v})
+    for (float& e : *x) e = dist(gen);
+  const auto Q = fovea::bhsd(q.data(), 1, H, sq, D), O = fovea::bhsd(o.data(), 1, H, sq, D);
+  const auto K = fovea::bhsd(k.data(), 1, Hk, sk, D), V = fovea::bhsd(v.data(), 1, Hk, sk, D);
+  for (auto _ : state) {
+    fovea::softmax_attention(Q, K, V, O, {.causal = true, .threads = threads});
+    benchmark::DoNotOptimize(o.data());
+  }
+  state.counters["GB/s"] = benchmark::Counter(2.0 * Hk * sk * D * sizeof(float),
+                                              benchmark::Counter::kIsIterationInvariantRate,
+                                              benchmark::Counter::kIs1000);
+}
+
 /// Peak RSS growth (KiB) of a child process that runs one softmax_attention call at
 /// N x D on `threads` threads, beyond the inputs and output it allocated first. Call it
 /// before this process starts any OpenMP thread: a forked child cannot use the pool.
@@ -135,6 +155,7 @@ int main(int argc, char** argv) {
   const index_t n_mem = quick ? 8192 : 16384;
   const long extra_kib = extra_memory_kib(n_mem, 128, max_threads);
   const double peak = fovea::bench::measure_fma_peak_gflops();
+  const double read_gbs = fovea::bench::measure_read_bandwidth_gbs();
   const std::vector<index_t> lengths =
       quick ? std::vector<index_t>{1024, 4096} : std::vector<index_t>{512, 1024, 2048, 4096, 8192};
   std::vector<int> thread_counts{1};
@@ -154,6 +175,14 @@ int main(int argc, char** argv) {
               ->UseRealTime();
         }
 
+  for (int threads : thread_counts)
+    for (index_t sq : {1, 4}) {
+      const std::string name = "decode/Sq=" + std::to_string(sq) + "/Sk=32768/H=32/Hk=8/D=128/threads=" +
+                               std::to_string(threads);
+      benchmark::RegisterBenchmark(name.c_str(), BM_decode, sq, 32768, threads)
+          ->Unit(benchmark::kMillisecond)->UseRealTime();
+    }
+
   fovea::bench::summary_reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
@@ -169,6 +198,11 @@ int main(int argc, char** argv) {
                 100.0 * fovea_gflops / (peak * threads), r.second.counter("GFLOP/s") / 1e9,
                 r.second.seconds / r.first.seconds);
   }
+  std::printf("\nOne-thread read bandwidth: %.1f GB/s\n\n| decode (fp32 KV, causal) | ms | GB/s of K+V | of 1-thread read |\n|---|---:|---:|---:|\n", read_gbs);
+  for (const auto& [name, r] : reporter.results())
+    if (name.rfind("decode/", 0) == 0)
+      std::printf("| %s | %.2f | %.1f | %.0f%% |\n", name.substr(7).c_str(), r.seconds * 1e3,
+                  r.counter("GB/s") / 1e9, 100.0 * r.counter("GB/s") / 1e9 / read_gbs);
   std::printf(
       "\nExtra memory of one causal call at N=%ld, D=128, %d threads: %ld KiB "
       "(the N x N matrix would be %ld MiB)\n",
