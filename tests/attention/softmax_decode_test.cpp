@@ -59,22 +59,8 @@ TYPED_TEST(SoftmaxDecode, EveryFeature) {
 TYPED_TEST(SoftmaxDecode, ThreadCountNeverChangesABit) {
   using T = typename TestFixture::T;
   using Backend = typename TestFixture::Backend;
-  const shape s{2, 8, 2, 4, 5000, 32, 32};
-  const attention_inputs<T> in(s, feature::alibi | feature::sinks, 3);
-  std::vector<float> lse(s.B * s.H * s.Sq);
-  std::vector<T> first;
-  for (int threads : {1, 2, 7}) {
-    std::vector<T> out(s.B * s.H * s.Sq * s.Dv);
-    auto o = in.options(lse.data());
-    o.causal = true;
-    o.threads = threads;
-    softmax_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(out.data(), s.B, s.H, s.Sq, s.Dv),
-                               o);
-    if (first.empty())
-      first = out;
-    else
-      EXPECT_EQ(0, std::memcmp(first.data(), out.data(), out.size() * sizeof(T))) << threads;
-  }
+  expect_thread_invariant<T, Backend>(
+      attention_inputs<T>({2, 8, 2, 4, 5000, 32, 32}, feature::alibi | feature::sinks, 3));
 }
 
 TYPED_TEST(SoftmaxDecode, NanInMaskedFutureKeysDoesNotLeak) {

@@ -311,23 +311,8 @@ TYPED_TEST(SoftmaxAttention, LargeLogitsStayFinite) {
 TYPED_TEST(SoftmaxAttention, ThreadCountNeverChangesABit) {
   using T = typename TestFixture::T;
   using Backend = typename TestFixture::Backend;
-  const shape s{2, 4, 2, 301, 333, 48, 40};
-  const attention_inputs<T> in(s, feature::bias | feature::alibi | feature::sinks, 60);
-  std::vector<float> lse(s.B * s.H * s.Sq);
-  std::vector<T> first;
-  for (int threads : {1, 2, 7, 0}) {
-    std::vector<T> out(s.B * s.H * s.Sq * s.Dv);
-    auto o = in.options(lse.data());
-    o.causal = true;
-    o.threads = threads;
-    softmax_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(out.data(), s.B, s.H, s.Sq, s.Dv),
-                               o);
-    if (first.empty())
-      first = out;
-    else
-      EXPECT_EQ(0, std::memcmp(first.data(), out.data(), out.size() * sizeof(T)))
-          << threads << " threads";
-  }
+  expect_thread_invariant<T, Backend>(attention_inputs<T>(
+      {2, 4, 2, 301, 333, 48, 40}, feature::bias | feature::alibi | feature::sinks, 60));
 }
 
 TYPED_TEST(SoftmaxAttention, LayoutsGiveIdenticalBits) {

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <cstring>
 #include <fovea/fovea.hpp>
 #include <limits>
 #include <sstream>
@@ -171,6 +172,27 @@ void check_features(const shape& s, unsigned features, std::uint64_t seed, int t
     check_case<T, Backend>(in, threads, with_mask_mod(test_mask_mod{}));
   else
     check_case<T, Backend>(in, threads);
+}
+
+/// Runs a causal case with 1, 2, 7 and all threads and expects identical bits.
+template <class T, class Backend>
+void expect_thread_invariant(const attention_inputs<T>& in) {
+  const shape& s = in.s;
+  std::vector<float> lse(s.B * s.H * s.Sq);
+  std::vector<T> first;
+  for (int threads : {1, 2, 7, 0}) {
+    std::vector<T> out(s.B * s.H * s.Sq * s.Dv);
+    auto o = in.options(lse.data());
+    o.causal = true;
+    o.threads = threads;
+    softmax_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(out.data(), s.B, s.H, s.Sq, s.Dv),
+                               o);
+    if (first.empty())
+      first = out;
+    else
+      EXPECT_EQ(0, std::memcmp(first.data(), out.data(), out.size() * sizeof(T)))
+          << threads << " threads";
+  }
 }
 
 }  // namespace fovea::test

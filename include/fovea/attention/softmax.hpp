@@ -51,6 +51,21 @@ concept attention_types = is_storage_type_v<TQ> && !std::is_const_v<TO> &&
                           std::is_same_v<std::remove_const_t<TQ>, std::remove_const_t<TV>> &&
                           std::is_same_v<std::remove_const_t<TQ>, TO>;
 
+/// out: (B, H, Sq, Dv) of q and v, one-to-one, overlapping none of the inputs.
+template <class T>
+void check_output(const tensor_view<T, 4>& out, const tensor_view<const T, 4>& q,
+                  const tensor_view<const T, 4>& k, const char* k_name,
+                  const tensor_view<const T, 4>& v, const char* v_name) {
+  check_extent(out, 0, q.extent(0), "out", "batch of q");
+  check_extent(out, 1, q.extent(1), "out", "heads of q");
+  check_extent(out, 2, q.extent(2), "out", "queries of q");
+  check_extent(out, 3, v.extent(3), "out", "value dim of v");
+  check_one_to_one(out, "out");
+  check_no_alias(out, "out", q, "q");
+  check_no_alias(out, "out", k, k_name);
+  check_no_alias(out, "out", v, v_name);
+}
+
 /// The shape checks every (q, k, v, out) front-end shares; returns the GQA group size.
 template <class T>
 index_t check_qkvo(const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
@@ -70,14 +85,7 @@ index_t check_qkvo(const tensor_view<const T, 4>& q, const tensor_view<const T, 
   check_extent(v, 0, B, "v", "batch of q");
   check_extent(v, 1, Hk, "v", "heads of k");
   check_extent(v, 2, Sk, "v", "keys of k");
-  check_extent(out, 0, B, "out", "batch of q");
-  check_extent(out, 1, H, "out", "heads of q");
-  check_extent(out, 2, Sq, "out", "queries of q");
-  check_extent(out, 3, v.extent(3), "out", "value dim of v");
-  check_one_to_one(out, "out");
-  check_no_alias(out, "out", q, "q");
-  check_no_alias(out, "out", k, "k");
-  check_no_alias(out, "out", v, "v");
+  check_output(out, q, k, "k", v, "v");
   return Hk == 0 ? 1 : H / Hk;
 }
 

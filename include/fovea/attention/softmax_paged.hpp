@@ -48,14 +48,7 @@ void softmax_attention_paged(tensor_view<TQ, 4> q, tensor_view<TK, 4> k_cache,
   for (std::size_t r = 0; r < 3; ++r)
     require(cv.extent(r) == ck.extent(r), "v_cache: extent ", r, " is ", cv.extent(r),
             ", expected ", ck.extent(r), " as k_cache");
-  check_extent(out, 0, B, "out", "batch of q");
-  check_extent(out, 1, H, "out", "heads of q");
-  check_extent(out, 2, Sq, "out", "queries of q");
-  check_extent(out, 3, cv.extent(3), "out", "value dim of v_cache");
-  check_one_to_one(out, "out");
-  check_no_alias(out, "out", cq, "q");
-  check_no_alias(out, "out", ck, "k_cache");
-  check_no_alias(out, "out", cv, "v_cache");
+  check_output(out, cq, ck, "k_cache", cv, "v_cache");
   check_data(block_table, "block_table");
   require(block_table.extent(0) == B, "block_table: extent 0 (batch) is ", block_table.extent(0),
           ", expected ", B);
