@@ -90,20 +90,21 @@ void BM_eigen(benchmark::State& state, index_t n, index_t d, bool causal, int th
 
 /// KV-cache decode: Sq queries of H heads against Sk cached keys of Hk heads; the figure
 /// of merit is the K and V bytes read per second.
+template <class S>
 void BM_decode(benchmark::State& state, index_t sq, index_t sk, int threads) {
   const index_t H = 32, Hk = 8, D = 128;
-  std::vector<float> q(H * sq * D), k(Hk * sk * D), v(Hk * sk * D), o(H * sq * D);
+  std::vector<S> q(H * sq * D), k(Hk * sk * D), v(Hk * sk * D), o(H * sq * D);
   std::mt19937 gen(3);
   std::normal_distribution<float> dist;
   for (auto* x : {&q, &k, &v})
-    for (float& e : *x) e = dist(gen);
+    for (S& e : *x) e = S(dist(gen));
   const auto Q = fovea::bhsd(q.data(), 1, H, sq, D), O = fovea::bhsd(o.data(), 1, H, sq, D);
   const auto K = fovea::bhsd(k.data(), 1, Hk, sk, D), V = fovea::bhsd(v.data(), 1, Hk, sk, D);
   for (auto _ : state) {
     fovea::softmax_attention(Q, K, V, O, {.causal = true, .threads = threads});
     benchmark::DoNotOptimize(o.data());
   }
-  state.counters["GB/s"] = benchmark::Counter(2.0 * Hk * sk * D * sizeof(float),
+  state.counters["GB/s"] = benchmark::Counter(2.0 * Hk * sk * D * sizeof(S),
                                               benchmark::Counter::kIsIterationInvariantRate,
                                               benchmark::Counter::kIs1000);
 }
@@ -177,10 +178,16 @@ int main(int argc, char** argv) {
 
   for (int threads : thread_counts)
     for (index_t sq : {1, 4}) {
-      const std::string name = "decode/Sq=" + std::to_string(sq) + "/Sk=32768/H=32/Hk=8/D=128/threads=" +
-                               std::to_string(threads);
-      benchmark::RegisterBenchmark(name.c_str(), BM_decode, sq, 32768, threads)
-          ->Unit(benchmark::kMillisecond)->UseRealTime();
+      const std::string shape = "/Sq=" + std::to_string(sq) +
+                                "/Sk=32768/H=32/Hk=8/D=128/threads=" + std::to_string(threads);
+      benchmark::RegisterBenchmark(("decode/fp32" + shape).c_str(), BM_decode<float>, sq, 32768,
+                                   threads)
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
+      benchmark::RegisterBenchmark(("decode/bf16" + shape).c_str(), BM_decode<fovea::bfloat16>, sq,
+                                   32768, threads)
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
     }
 
   fovea::bench::summary_reporter reporter;
@@ -198,11 +205,16 @@ int main(int argc, char** argv) {
                 100.0 * fovea_gflops / (peak * threads), r.second.counter("GFLOP/s") / 1e9,
                 r.second.seconds / r.first.seconds);
   }
-  std::printf("\nOne-thread read bandwidth: %.1f GB/s\n\n| decode (fp32 KV, causal) | ms | GB/s of K+V | of 1-thread read |\n|---|---:|---:|---:|\n", read_gbs);
-  for (const auto& [name, r] : reporter.results())
-    if (name.rfind("decode/", 0) == 0)
-      std::printf("| %s | %.2f | %.1f | %.0f%% |\n", name.substr(7).c_str(), r.seconds * 1e3,
-                  r.counter("GB/s") / 1e9, 100.0 * r.counter("GB/s") / 1e9 / read_gbs);
+  std::printf("\nOne-thread read bandwidth: %.1f GB/s\n\n", read_gbs);
+  std::printf(
+      "| decode (causal) | fp32 ms | fp32 GB/s of K+V | of 1-thread read | bf16 ms | bf16 vs fp32 "
+      "|\n");
+  std::printf("|---|---:|---:|---:|---:|---:|\n");
+  for (const auto& [shape, r] : reporter.pairs("decode/fp32", "decode/bf16"))
+    std::printf("| %s | %.2f | %.1f | %.0f%% | %.2f | %.2fx |\n", shape.substr(1).c_str(),
+                r.first.seconds * 1e3, r.first.counter("GB/s") / 1e9,
+                100.0 * r.first.counter("GB/s") / 1e9 / read_gbs, r.second.seconds * 1e3,
+                r.first.seconds / r.second.seconds);
   std::printf(
       "\nExtra memory of one causal call at N=%ld, D=128, %d threads: %ld KiB "
       "(the N x N matrix would be %ld MiB)\n",

@@ -39,7 +39,8 @@ inline double max_abs(const std::vector<double>& x) {
 template <class T>
 ::testing::AssertionResult within_tolerance(const std::vector<double>& got,
                                             const std::vector<double>& want,
-                                            const std::vector<double>& naive) {
+                                            const std::vector<double>& naive,
+                                            double floor = tolerance_floor<T>()) {
   if (got.size() != want.size()) return ::testing::AssertionFailure() << "size mismatch";
   for (std::size_t i = 0; i < got.size(); ++i) {
     const bool got_nan = std::isnan(got[i]), want_nan = std::isnan(want[i]);
@@ -51,8 +52,7 @@ template <class T>
         return ::testing::AssertionFailure()
                << "element " << i << ": got " << got[i] << ", oracle " << want[i];
   }
-  const double allowed =
-      2 * max_abs_error(naive, want) + tolerance_floor<T>() * std::max(1.0, max_abs(want));
+  const double allowed = 2 * max_abs_error(naive, want) + floor * std::max(1.0, max_abs(want));
   const double err = max_abs_error(got, want);
   if (err <= allowed) return ::testing::AssertionSuccess();
   std::size_t worst = 0;

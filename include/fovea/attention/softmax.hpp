@@ -141,9 +141,10 @@ void check_lse(const softmax_options& o, index_t B, index_t H, index_t Sq,
 }
 
 /// The options as the engine wants them, for a problem of Sq queries and Sk keys.
-template <class T>
-void apply_options(dense_problem<T>& pr, const softmax_options& o, double scale, index_t group,
+template <class S>
+void apply_options(dense_problem<S>& pr, const softmax_options& o, double scale, index_t group,
                    index_t Sq, index_t Sk) {
+  using T = accumulator_t<S>;
   pr.keys = Sk;
   pr.band.keys = Sk;
   pr.band.offset = o.align == diagonal::bottom_right ? Sk - Sq : 0;

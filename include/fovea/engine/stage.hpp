@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "../core/tensor_view.hpp"
+#include "../simd/convert.hpp"
 #include "kv_source.hpp"
 
 namespace fovea::detail {
@@ -17,7 +18,7 @@ void stage_rows(const kv_source<S>& kv, bool keys, index_t j, index_t rows, inde
   for (index_t r = 0; r < rows; ++r) {
     const S* src = keys ? kv.k_row(j + r) : kv.v_row(j + r);
     T* out = dst + r * padded;
-    for (index_t c = 0; c < cols; ++c) out[c] = T(src[c]);
+    convert_row(src, out, cols);
     std::fill(out + cols, out + padded, T(0));
   }
 }

@@ -1,0 +1,53 @@
+// Row conversion from a storage type to the compute type, with the hardware conversions
+// where the flags allow them (AVX-512F / AVX2 for bf16, AVX-512F / F16C for fp16).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "../core/storage.hpp"
+#include "../core/tensor_view.hpp"
+
+#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace fovea::detail {
+
+/// dst[0, n) = src[0, n) converted to T.
+template <class S, class T>
+void convert_row(const S* src, T* dst, index_t n) noexcept {
+  index_t i = 0;
+  if constexpr (std::is_same_v<S, T>) {
+    std::memcpy(dst, src, sizeof(T) * std::size_t(n));
+    return;
+  } else if constexpr (std::is_same_v<S, bfloat16> && std::is_same_v<T, float>) {
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+      const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16);
+      _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(wide));
+    }
+#elif defined(__AVX2__)
+    for (; i + 8 <= n; i += 8) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      const __m256i wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16);
+      _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(wide));
+    }
+#endif
+  } else if constexpr (std::is_same_v<S, half> && std::is_same_v<T, float>) {
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(
+          dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+#elif defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i,
+                       _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  }
+  for (; i < n; ++i) dst[i] = T(src[i]);
+}
+
+}  // namespace fovea::detail
