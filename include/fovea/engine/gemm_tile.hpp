@@ -10,8 +10,8 @@
 namespace fovea::detail {
 
 template <class T, class Backend, int Rows, int Vectors, bool Accumulate, class TA>
-inline void micro_kernel(const TA* a, index_t a_row, index_t a_col, const T* b, index_t ldb, T* c,
-                         index_t ldc, index_t depth) noexcept {
+inline void micro_kernel_body(const TA* a, index_t a_row, index_t a_col, const T* b, index_t ldb,
+                              T* c, index_t ldc, index_t depth) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width;
   typename V::type acc[Rows][Vectors];
@@ -41,6 +41,27 @@ inline void micro_kernel(const TA* a, index_t a_row, index_t a_col, const T* b, 
   for (int r = 0; r < Rows; ++r)
 #pragma GCC unroll 8
     for (int x = 0; x < Vectors; ++x) V::store(c + r * ldc + x * W, acc[r][x]);
+}
+
+/// The scalar backend's copy. GCC 12 at -O2/-O3 auto-vectorises the scalar loop above
+/// into code that loads the next depth step's A and B after the last one (reading past
+/// the end of K or V: a crash when they end on a page boundary), so the scalar backend,
+/// meant to be plain C++ anyway, is compiled without tree vectorisation.
+template <class T, int Rows, int Vectors, bool Accumulate, class TA>
+__attribute__((optimize("no-tree-vectorize", "no-tree-slp-vectorize"))) void micro_kernel_scalar(
+    const TA* a, index_t a_row, index_t a_col, const T* b, index_t ldb, T* c, index_t ldc,
+    index_t depth) noexcept {
+  micro_kernel_body<T, scalar, Rows, Vectors, Accumulate>(a, a_row, a_col, b, ldb, c, ldc, depth);
+}
+
+template <class T, class Backend, int Rows, int Vectors, bool Accumulate, class TA>
+inline void micro_kernel(const TA* a, index_t a_row, index_t a_col, const T* b, index_t ldb, T* c,
+                         index_t ldc, index_t depth) noexcept {
+  if constexpr (std::is_same_v<Backend, scalar>)
+    micro_kernel_scalar<T, Rows, Vectors, Accumulate>(a, a_row, a_col, b, ldb, c, ldc, depth);
+  else
+    micro_kernel_body<T, Backend, Rows, Vectors, Accumulate>(a, a_row, a_col, b, ldb, c, ldc,
+                                                             depth);
 }
 
 /// C[rows x Vectors*W] (= or +=) A * B for any number of rows: full row blocks, then one
