@@ -28,6 +28,9 @@ namespace fovea::detail {
 
 /// Queries per problem up to which the decode path is taken.
 inline constexpr index_t decode_max_queries = 16;
+/// Keys per decode tile: larger than prefill's, since a decode tile has few columns and
+/// its per-tile work (rescale, calls, prefetch) is then spread over more keys.
+inline constexpr index_t decode_block_k = 256;
 
 /// s[j][c] = q_c . k_j for c < columns, j < keys; columns [columns, ld) are zeroed.
 /// q rows are `dq` long (zero-padded to whole vectors); k rows readable for dq elements.
@@ -78,7 +81,7 @@ void prefetch_rows(const kv_source<S>& kv, index_t j, index_t rows, index_t D,
 template <class T, class Backend>
 struct decode_buffers {
   static constexpr index_t capacity = query_columns<T>::capacity;
-  static constexpr index_t BK = tile_traits<T, Backend>::block_k;
+  static constexpr index_t BK = decode_block_k;
   static constexpr int W = vec<T, Backend>::width;
 
   static index_t padded(index_t n) noexcept { return (n + W - 1) / W * W; }

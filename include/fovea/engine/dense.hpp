@@ -87,7 +87,7 @@ void run_dense(std::span<const dense_problem<S>> problems,
     lay.columns = (H / Hk) * Sq;
     lay.width = lay.columns <= W ? W : wide;
     lay.tiles = (lay.columns + lay.width - 1) / lay.width;
-    lay.chunk_keys = decode_chunk_keys<BK>(pr.keys);
+    lay.chunk_keys = decode_chunk_keys<decode_block_k>(pr.keys);
     lay.chunks = std::max<index_t>(1, (pr.keys + lay.chunk_keys - 1) / lay.chunk_keys);
     lay.partials = partial_total;
     const index_t per_tile = lay.chunks * lay.width * partial_size<T>(Dv);
