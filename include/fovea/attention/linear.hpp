@@ -1,0 +1,181 @@
+// fovea::linear_attention (Katharopoulos et al. 2020) and fovea::linear_state, its
+// recurrent form for decoding.
+#pragma once
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "../core/error.hpp"
+#include "../core/parallel.hpp"
+#include "../core/tensor_view.hpp"
+#include "../engine/linear.hpp"
+#include "../simd/backend.hpp"
+#include "checks.hpp"
+
+namespace fovea {
+
+/// The feature map phi applied to each row of q and k.
+enum class feature_map {
+  elu_plus_one,  ///< elu(x) + 1 (the paper's default)
+  relu,          ///< max(x, 0); a row whose normaliser is 0 outputs 0
+  identity,      ///< x, for callers that apply their own map
+};
+
+constexpr const char* to_string(feature_map m) noexcept {
+  return m == feature_map::elu_plus_one ? "elu_plus_one"
+         : m == feature_map::relu       ? "relu"
+                                        : "identity";
+}
+
+struct linear_options {
+  bool causal = false;  ///< query i sees keys j <= i + Sk - Sq (bottom-right)
+  feature_map map = feature_map::elu_plus_one;
+  double eps = 1e-6;  ///< added to the normaliser; finite, >= 0
+  int threads = 0;    ///< 0: all OpenMP offers; 1: serial
+};
+
+/// The built-in maps as functors: void(const T* x, T* y, index_t n) writes phi(x) to y.
+namespace feature_maps {
+struct elu_plus_one {
+  template <class T>
+  void operator()(const T* x, T* y, index_t n) const noexcept {
+    for (index_t i = 0; i < n; ++i) y[i] = x[i] > T(0) ? x[i] + T(1) : std::exp(x[i]);
+  }
+};
+struct relu {
+  template <class T>
+  void operator()(const T* x, T* y, index_t n) const noexcept {
+    for (index_t i = 0; i < n; ++i) y[i] = x[i] > T(0) ? x[i] : T(0);
+  }
+};
+struct identity {
+  template <class T>
+  void operator()(const T* x, T* y, index_t n) const noexcept {
+    for (index_t i = 0; i < n; ++i) y[i] = x[i];
+  }
+};
+}  // namespace feature_maps
+
+namespace detail {
+
+inline void check_linear_options(const linear_options& o) {
+  require(std::isfinite(o.eps) && o.eps >= 0, "options.eps: is ", o.eps,
+          ", expected a finite value >= 0");
+  require(o.threads >= 0, "options.threads: is ", o.threads, ", expected >= 0");
+  require(o.map == feature_map::elu_plus_one || o.map == feature_map::relu ||
+              o.map == feature_map::identity,
+          "options.map: is not a feature_map value");
+}
+
+template <class Backend, class T, class Run>
+void with_feature_map(feature_map m, Run&& run) {
+  if (m == feature_map::relu)
+    run(feature_maps::relu{});
+  else if (m == feature_map::identity)
+    run(feature_maps::identity{});
+  else
+    run(feature_maps::elu_plus_one{});
+}
+
+template <class T>
+inline constexpr bool is_linear_type_v =
+    std::is_same_v<std::remove_const_t<T>, float> || std::is_same_v<std::remove_const_t<T>, double>;
+
+}  // namespace detail
+
+/// Linear attention: out_i = phi(q_i)^T S / (phi(q_i) . z + eps), where S = sum phi(k_j) v_j^T
+/// and z = sum phi(k_j) over all keys, or (causal) over keys j <= i + Sk - Sq.
+///
+///   q: (B, H, Sq, D)   k: (B, Hk, Sk, D)   v: (B, Hk, Sk, Dv)   out: (B, H, Sq, Dv)
+///
+/// Hk divides H. float or double, accumulated in that type; any strides with innermost
+/// stride 1. The causal form is computed in chunks of 64 keys (masked quadratic inside a
+/// chunk, state products between chunks). A row whose normaliser (plus eps) is 0 outputs
+/// 0. Keys a causal query cannot see are skipped, so NaN/Inf in them never reaches it.
+/// Bitwise the same for every thread count. Bad arguments throw fovea::error first.
+/// `phi` (optional) is a functor void(const T* x, T* y, index_t n) that replaces
+/// options.map.
+template <class Backend = default_backend, class TQ, class TK, class TV, class TO>
+requires(detail::attention_types<TQ, TK, TV, TO>&& detail::is_linear_type_v<
+         TO>) void linear_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k,
+                                    tensor_view<TV, 4> v, tensor_view<TO, 4> out,
+                                    const linear_options& options = {}) {
+  detail::check_linear_options(options);
+  detail::with_feature_map<Backend, TO>(
+      options.map, [&](auto phi) { linear_attention<Backend>(q, k, v, out, options, phi); });
+}
+
+template <class Backend = default_backend, class TQ, class TK, class TV, class TO, class FeatureMap>
+requires(detail::attention_types<TQ, TK, TV, TO>&&
+             detail::is_linear_type_v<TO>) void linear_attention(tensor_view<TQ, 4> q,
+                                                                 tensor_view<TK, 4> k,
+                                                                 tensor_view<TV, 4> v,
+                                                                 tensor_view<TO, 4> out,
+                                                                 const linear_options& options,
+                                                                 const FeatureMap& phi) {
+  using T = TO;
+  const tensor_view<const T, 4> cq = q, ck = k, cv = v;
+  detail::check_qkvo(cq, ck, cv, out);
+  detail::check_linear_options(options);
+  detail::linear_problem<T> pr{
+      cq, ck, cv, out, options.causal, k.extent(2) - q.extent(2), T(options.eps)};
+  detail::run_linear<Backend>(pr, phi, detail::resolve_threads(options.threads));
+}
+
+/// The recurrent state of causal linear attention for decoding: S (D x Dv) and z (D) per
+/// (batch, key/value head). step() appends tokens; running it token by token equals the
+/// causal batch result on the whole sequence.
+template <class T>
+class linear_state {
+ public:
+  linear_state(index_t batch, index_t kv_heads, index_t dim, index_t value_dim)
+      : batch_(batch), heads_(kv_heads), dim_(dim), value_dim_(value_dim) {
+    detail::require(batch >= 0 && kv_heads >= 0 && dim >= 1 && value_dim >= 0,
+                    "linear_state: batch, kv_heads, value_dim must be >= 0 and dim >= 1");
+    data_.assign(std::size_t(batch * kv_heads * (dim * value_dim + dim)), T(0));
+  }
+
+  void reset() {
+    std::fill(data_.begin(), data_.end(), T(0));
+    tokens_ = 0;
+  }
+  index_t tokens() const noexcept { return tokens_; }
+  /// S then z for each (batch, kv head): [B][Hk][D * Dv + D].
+  const std::vector<T>& data() const noexcept { return data_; }
+
+  /// Appends n tokens: q (B, H, n, D), k (B, Hk, n, D), v (B, Hk, n, Dv) -> out
+  /// (B, H, n, Dv); token t of the step sees every earlier token and itself.
+  /// options.causal is ignored (a step is causal by nature).
+  template <class Backend = default_backend, class TQ, class TK, class TV, class FeatureMap>
+  void step(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v, tensor_view<T, 4> out,
+            const linear_options& options, const FeatureMap& phi) {
+    const tensor_view<const T, 4> cq = q, ck = k, cv = v;
+    detail::check_qkvo(cq, ck, cv, out);
+    detail::check_linear_options(options);
+    detail::require(q.extent(2) == k.extent(2), "k: extent 2 (seq) is ", k.extent(2),
+                    ", expected the ", q.extent(2), " tokens of q");
+    detail::require(k.extent(0) == batch_ && k.extent(1) == heads_ && k.extent(3) == dim_,
+                    "k: shape does not match the state (batch ", batch_, ", kv heads ", heads_,
+                    ", dim ", dim_, ")");
+    detail::require(v.extent(3) == value_dim_, "v: extent 3 (dim) is ", v.extent(3), ", expected ",
+                    value_dim_, " as the state");
+    detail::linear_problem<T> pr{cq, ck, cv, out, true, 0, T(options.eps), data_.data()};
+    detail::run_linear<Backend>(pr, phi, detail::resolve_threads(options.threads));
+    tokens_ += q.extent(2);
+  }
+
+  template <class Backend = default_backend, class TQ, class TK, class TV>
+  void step(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v, tensor_view<T, 4> out,
+            const linear_options& options = {}) {
+    detail::check_linear_options(options);
+    detail::with_feature_map<Backend, T>(
+        options.map, [&](auto phi) { step<Backend>(q, k, v, out, options, phi); });
+  }
+
+ private:
+  index_t batch_, heads_, dim_, value_dim_, tokens_ = 0;
+  std::vector<T> data_;
+};
+
+}  // namespace fovea

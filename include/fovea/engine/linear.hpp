@@ -1,0 +1,177 @@
+// Linear attention, chunked: per (batch, key/value head), keys are taken C at a time; a
+// chunk's queries get phi(Q) S (the state of all earlier keys) plus the masked
+// quadratic phi(Q) phi(K)^T V inside the chunk, then S += phi(K)^T V and z += sum phi(K).
+// Every product is the dense engine's micro-kernel, so the causal form runs at GEMM
+// speed rather than token by token. The state (S, z) can be read in and written out,
+// which is what a recurrent decode step is.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+
+#include "../core/parallel.hpp"
+#include "../core/scratch.hpp"
+#include "../core/tensor_view.hpp"
+#include "../simd/vec.hpp"
+#include "gemm_tile.hpp"
+#include "prefill.hpp"
+
+namespace fovea::detail {
+
+template <class T>
+struct linear_problem {
+  tensor_view<const T, 4> q, k, v;  ///< (B, H, Sq, E), (B, Hk, Sk, E), (B, Hk, Sk, M)
+  tensor_view<T, 4> out;            ///< (B, H, Sq, M)
+  bool causal = false;
+  index_t offset = 0;  ///< causal: query i sees keys j <= i + offset
+  T eps = T(1e-6);
+  T* state = nullptr;  ///< optional (B, Hk) x [S (E x M), z (E)], read then written
+};
+
+inline constexpr index_t linear_chunk = 64;
+
+template <class T, class Backend>
+struct linear_buffers {
+  static constexpr int W = vec<T, Backend>::width;
+  static constexpr index_t C = linear_chunk;
+  static index_t padded(index_t n) noexcept { return (n + W - 1) / W * W; }
+  static index_t size(index_t E, index_t M) noexcept {
+    const index_t mp = padded(M);
+    return round_to_line<T>(E * C) + round_to_line<T>(C * mp) + round_to_line<T>(C * E) +
+           round_to_line<T>(C * C) + round_to_line<T>(C * mp) + round_to_line<T>(E * mp) +
+           round_to_line<T>(E) + round_to_line<T>(C);
+  }
+  index_t mp;
+  T *phi_kt, *v, *phi_q, *a, *num, *s, *z, *den;
+  linear_buffers(T* w, index_t E, index_t M) noexcept : mp(padded(M)) {
+    phi_kt = w;                            // [E][C]   phi(K)^T of the chunk
+    v = phi_kt + round_to_line<T>(E * C);  // [C][mp]  the chunk's values, zero-padded
+    phi_q = v + round_to_line<T>(C * mp);  // [C][E]
+    a = phi_q + round_to_line<T>(C * E);   // [C][C]   phi(Q) phi(K)^T, masked
+    num = a + round_to_line<T>(C * C);     // [C][mp]
+    s = num + round_to_line<T>(C * mp);    // [E][mp]  state S
+    z = s + round_to_line<T>(E * mp);      // [E]      state z
+    den = z + round_to_line<T>(E);         // [C]
+  }
+};
+
+/// Runs one (b, hk): all query heads of the group against all keys.
+template <class Backend, class T, class FeatureMap>
+void linear_task(const linear_problem<T>& pr, const FeatureMap& phi, index_t b, index_t hk,
+                 linear_buffers<T, Backend>& buf) noexcept {
+  constexpr index_t C = linear_chunk;
+  constexpr int W = vec<T, Backend>::width;
+  const index_t H = pr.q.extent(1), Hk = pr.k.extent(1), group = H / Hk;
+  const index_t Sq = pr.q.extent(2), Sk = pr.k.extent(2), E = pr.q.extent(3), M = pr.v.extent(3);
+  const index_t mp = buf.mp;
+  T* state = pr.state ? pr.state + (b * Hk + hk) * (E * M + E) : nullptr;
+  std::fill(buf.s, buf.s + E * mp, T(0));
+  std::fill(buf.z, buf.z + E, T(0));
+  if (state) {
+    for (index_t e = 0; e < E; ++e) std::copy(state + e * M, state + e * M + M, buf.s + e * mp);
+    std::copy(state + E * M, state + E * M + E, buf.z);
+  }
+
+  auto load_chunk = [&](index_t j0, index_t nk) {  // phi(K)^T and V of keys [j0, j0 + nk)
+    T* row = buf.phi_q;                            // scratch for one phi(k) row
+    for (index_t j = 0; j < C; ++j) {
+      if (j < nk) phi(&pr.k(b, hk, j0 + j, 0), row, E);
+      for (index_t e = 0; e < E; ++e) buf.phi_kt[e * C + j] = j < nk ? row[e] : T(0);
+      for (index_t m = 0; m < mp; ++m)
+        buf.v[j * mp + m] = j < nk && m < M ? pr.v(b, hk, j0 + j, m) : T(0);
+    }
+  };
+  auto absorb_chunk = [&](index_t nk) {  // S += phi(K)^T V, z += sum phi(K)
+    gemm_wide<T, Backend, 4, 4, true>(E, mp / W, buf.phi_kt, C, 1, buf.v, mp, buf.s, mp, nk);
+    for (index_t e = 0; e < E; ++e)
+      for (index_t j = 0; j < nk; ++j) buf.z[e] += buf.phi_kt[e * C + j];
+  };
+  // Queries [i0, i0 + nq) of head h: num = phi(Q) S (+ masked intra-chunk part), out.
+  auto emit = [&](index_t h, index_t i0, index_t nq, index_t j0, index_t nk) {
+    for (index_t r = 0; r < nq; ++r) phi(&pr.q(b, h, i0 + r, 0), buf.phi_q + r * E, E);
+    gemm_wide<T, Backend, 4, 4, false>(nq, mp / W, buf.phi_q, E, 1, buf.s, mp, buf.num, mp, E);
+    for (index_t r = 0; r < nq; ++r) {
+      T d = 0;
+      for (index_t e = 0; e < E; ++e) d += buf.phi_q[r * E + e] * buf.z[e];
+      buf.den[r] = d;
+    }
+    if (nk > 0) {
+      gemm_wide<T, Backend, 4, 4, false>(nq, C / W, buf.phi_q, E, 1, buf.phi_kt, C, buf.a, C, E);
+      bool skipped = false;
+      for (index_t r = 0; r < nq; ++r) {
+        const index_t last = i0 + r + pr.offset;  // last visible key
+        T d = 0;
+        for (index_t j = 0; j < C; ++j) {
+          T& x = buf.a[r * C + j];
+          if (j >= nk || j0 + j > last) {
+            x = T(0);
+            skipped = skipped || j < nk;
+          } else {
+            d += x;
+          }
+        }
+        buf.den[r] += d;
+      }
+      if (skipped && !all_finite<T, Backend>(buf.v, mp, nk, M)) {
+        for (index_t r = 0; r < nq; ++r)  // hidden keys skipped, not multiplied by 0
+          for (index_t m = 0; m < M; ++m) {
+            T acc = buf.num[r * mp + m];
+            for (index_t j = 0; j < nk && j0 + j <= i0 + r + pr.offset; ++j)
+              acc += buf.a[r * C + j] * buf.v[j * mp + m];
+            buf.num[r * mp + m] = acc;
+          }
+      } else {
+        gemm_wide<T, Backend, 4, 4, true>(nq, mp / W, buf.a, C, 1, buf.v, mp, buf.num, mp, nk);
+      }
+    }
+    for (index_t r = 0; r < nq; ++r) {
+      const T d = buf.den[r] + pr.eps;
+      T* o = &pr.out(b, h, i0 + r, 0);
+      for (index_t m = 0; m < M; ++m) o[m] = d == T(0) ? T(0) : buf.num[r * mp + m] / d;
+    }
+  };
+
+  if (!pr.causal) {
+    for (index_t j0 = 0; j0 < Sk; j0 += C) {
+      const index_t nk = std::min(C, Sk - j0);
+      load_chunk(j0, nk);
+      absorb_chunk(nk);
+    }
+    for (index_t g = 0; g < group; ++g)
+      for (index_t i0 = 0; i0 < Sq; i0 += C) emit(hk * group + g, i0, std::min(C, Sq - i0), 0, 0);
+  } else {
+    // Queries that see no key at all (offset < 0) get 0.
+    for (index_t g = 0; g < group; ++g)
+      for (index_t i = 0; i < std::min(Sq, -pr.offset); ++i)
+        std::fill(&pr.out(b, hk * group + g, i, 0), &pr.out(b, hk * group + g, i, 0) + M, T(0));
+    for (index_t j0 = 0; j0 < Sk; j0 += C) {
+      const index_t nk = std::min(C, Sk - j0);
+      const index_t i0 = std::max<index_t>(0, j0 - pr.offset);  // last visible key in the chunk
+      const index_t i1 = std::min<index_t>(Sq, j0 + nk - pr.offset);
+      load_chunk(j0, nk);
+      if (i1 > i0)
+        for (index_t g = 0; g < group; ++g) emit(hk * group + g, i0, i1 - i0, j0, nk);
+      absorb_chunk(nk);
+    }
+  }
+  if (state) {
+    for (index_t e = 0; e < E; ++e) std::copy(buf.s + e * mp, buf.s + e * mp + M, state + e * M);
+    std::copy(buf.z, buf.z + E, state + E * M);
+  }
+}
+
+template <class Backend, class T, class FeatureMap>
+void run_linear(const linear_problem<T>& pr, const FeatureMap& phi, int threads) {
+  const index_t B = pr.q.extent(0), Hk = pr.k.extent(1);
+  const index_t tasks = B * Hk;
+  if (tasks == 0 || pr.q.extent(1) == 0) return;
+  const int used = static_cast<int>(std::min<index_t>(std::max(threads, 1), tasks));
+  const index_t E = pr.q.extent(3), M = pr.v.extent(3);
+  const scratch_slices<T> scratch(used, linear_buffers<T, Backend>::size(E, M));
+  parallel_for(tasks, used, [&](index_t t, int thread) {
+    linear_buffers<T, Backend> buf(scratch.slice(thread), E, M);
+    linear_task<Backend>(pr, phi, t / Hk, t % Hk, buf);
+  });
+}
+
+}  // namespace fovea::detail
