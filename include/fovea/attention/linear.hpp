@@ -35,20 +35,34 @@ struct linear_options {
   int threads = 0;    ///< 0: all OpenMP offers; 1: serial
 };
 
-/// The built-in maps as functors: void(const T* x, T* y, index_t n) writes phi(x) to y.
+/// The built-in maps as functors: void(const T* x, T* y, index_t n) writes phi(x) to y,
+/// vectorised with Backend's vector API.
 namespace feature_maps {
+template <class Backend = default_backend>
 struct elu_plus_one {
   template <class T>
   void operator()(const T* x, T* y, index_t n) const noexcept {
-    for (index_t i = 0; i < n; ++i) y[i] = x[i] > T(0) ? x[i] + T(1) : std::exp(x[i]);
+    using V = detail::vec<T, Backend>;
+    constexpr int W = V::width;
+    const auto zero = V::broadcast(T(0)), one = V::broadcast(T(1));
+    index_t i = 0;
+    for (; i + W <= n; i += W) {
+      const auto v = V::load(x + i);
+      // elu(v) + 1 = v + 1 for v > 0, exp(v) otherwise (exp of min(v, 0) never overflows)
+      const auto positive = V::not_equal(V::max(v, zero), zero);
+      V::store(y + i, V::select(positive, V::add(v, one), V::exp(V::sub(v, V::max(v, zero)))));
+    }
+    for (; i < n; ++i) y[i] = x[i] > T(0) ? x[i] + T(1) : std::exp(x[i]);
   }
 };
+template <class Backend = default_backend>
 struct relu {
   template <class T>
   void operator()(const T* x, T* y, index_t n) const noexcept {
     for (index_t i = 0; i < n; ++i) y[i] = x[i] > T(0) ? x[i] : T(0);
   }
 };
+template <class Backend = default_backend>
 struct identity {
   template <class T>
   void operator()(const T* x, T* y, index_t n) const noexcept {
@@ -71,11 +85,11 @@ inline void check_linear_options(const linear_options& o) {
 template <class Backend, class T, class Run>
 void with_feature_map(feature_map m, Run&& run) {
   if (m == feature_map::relu)
-    run(feature_maps::relu{});
+    run(feature_maps::relu<Backend>{});
   else if (m == feature_map::identity)
-    run(feature_maps::identity{});
+    run(feature_maps::identity<Backend>{});
   else
-    run(feature_maps::elu_plus_one{});
+    run(feature_maps::elu_plus_one<Backend>{});
 }
 
 template <class T>

@@ -1,0 +1,111 @@
+// Causal linear attention against the token-by-token recurrence that fast-transformers'
+// CPU kernel uses (S += phi(k) v^T; out = phi(q)^T S / phi(q).z, one token at a time), in
+// one binary. Also shows that time grows linearly with N.
+#include <benchmark/benchmark.h>
+
+#include <cmath>
+#include <cstdio>
+#include <fovea/fovea.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "peak.hpp"
+#include "summary.hpp"
+
+namespace {
+
+using fovea::index_t;
+constexpr index_t D = 64;
+
+struct inputs {
+  index_t n;
+  std::vector<float> q, k, v, o;
+  explicit inputs(index_t n_) : n(n_), q(n * D), k(n * D), v(n * D), o(n * D) {
+    std::mt19937 gen(5);
+    std::normal_distribution<float> dist;
+    for (auto* x : {&q, &k, &v})
+      for (float& e : *x) e = dist(gen);
+  }
+};
+
+/// Flops of fovea's chunked form per token: phi(Q) S, phi(Q) phi(K)^T, A V, S update.
+double chunked_flops(index_t n) {
+  const double C = double(fovea::detail::linear_chunk);
+  return double(n) * (2.0 * D * D + 2 * C * D + 2 * C * D + 2.0 * D * D);
+}
+
+void BM_fovea_linear(benchmark::State& state, index_t n) {
+  inputs in(n);
+  const auto Q = fovea::bhsd(in.q.data(), 1, 1, n, D), K = fovea::bhsd(in.k.data(), 1, 1, n, D);
+  const auto V = fovea::bhsd(in.v.data(), 1, 1, n, D), O = fovea::bhsd(in.o.data(), 1, 1, n, D);
+  for (auto _ : state) {
+    fovea::linear_attention(Q, K, V, O, {.causal = true, .threads = 1});
+    benchmark::DoNotOptimize(in.o.data());
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(
+      chunked_flops(n), benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+}
+
+/// The recurrence, written as a C++ user would: rank-1 state update per token.
+void BM_recurrence(benchmark::State& state, index_t n) {
+  inputs in(n);
+  std::vector<float> S(D * D), z(D), pq(D), pk(D);
+  auto phi = [](float x) { return x > 0 ? x + 1 : std::exp(x); };
+  for (auto _ : state) {
+    std::fill(S.begin(), S.end(), 0.f);
+    std::fill(z.begin(), z.end(), 0.f);
+    for (index_t t = 0; t < n; ++t) {
+      for (index_t e = 0; e < D; ++e) pq[e] = phi(in.q[t * D + e]), pk[e] = phi(in.k[t * D + e]);
+      for (index_t e = 0; e < D; ++e) {
+        z[e] += pk[e];
+        for (index_t m = 0; m < D; ++m) S[e * D + m] += pk[e] * in.v[t * D + m];
+      }
+      float den = 1e-6f;
+      for (index_t e = 0; e < D; ++e) den += pq[e] * z[e];
+      for (index_t m = 0; m < D; ++m) {
+        float acc = 0;
+        for (index_t e = 0; e < D; ++e) acc += pq[e] * S[e * D + m];
+        in.o[t * D + m] = acc / den;
+      }
+    }
+    benchmark::DoNotOptimize(in.o.data());
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  const double peak = fovea::bench::measure_fma_peak_gflops();
+  for (index_t n : {4096, 8192, 32768}) {
+    const std::string shape = "/N=" + std::to_string(n) + "/D=64/causal/threads=1";
+    benchmark::RegisterBenchmark(("linear" + shape).c_str(), BM_fovea_linear, n)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+    benchmark::RegisterBenchmark(("recurrence" + shape).c_str(), BM_recurrence, n)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+  }
+  fovea::bench::summary_reporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  benchmark::Shutdown();
+  std::printf("\nFMA peak (fp32, one core): %.1f GFLOP/s\n\n", peak);
+  std::printf(
+      "| causal linear attention | fovea ms | GFLOP/s (chunked form) | of peak | recurrence ms | "
+      "fovea vs recurrence |\n");
+  std::printf("|---|---:|---:|---:|---:|---:|\n");
+  double t4096 = 0;
+  for (const auto& [shape, r] : reporter.pairs("linear", "recurrence")) {
+    const double g = r.first.counter("GFLOP/s") / 1e9;
+    if (shape.find("N=4096/") != std::string::npos) t4096 = r.first.seconds;
+    std::printf("| %s | %.2f | %.1f | %.0f%% | %.2f | %.1fx |\n", shape.substr(1).c_str(),
+                r.first.seconds * 1e3, g, 100 * g / peak, r.second.seconds * 1e3,
+                r.second.seconds / r.first.seconds);
+  }
+  for (const auto& [shape, r] : reporter.pairs("linear", "recurrence"))
+    if (shape.find("N=32768/") != std::string::npos && t4096 > 0)
+      std::printf("\ntime(N=32768) / time(N=4096) = %.2f (linear growth: 8)\n",
+                  r.first.seconds / t4096);
+  return 0;
+}
