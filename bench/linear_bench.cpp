@@ -73,6 +73,26 @@ void BM_recurrence(benchmark::State& state, index_t n) {
   }
 }
 
+void BM_agent(benchmark::State& state, index_t n) {
+  inputs in(n);
+  const auto Q = fovea::bhsd(in.q.data(), 1, 1, n, D), K = fovea::bhsd(in.k.data(), 1, 1, n, D);
+  const auto V = fovea::bhsd(in.v.data(), 1, 1, n, D), O = fovea::bhsd(in.o.data(), 1, 1, n, D);
+  for (auto _ : state) {
+    fovea::agent_attention(Q, K, V, O, {.num_agents = 64, .threads = 1});
+    benchmark::DoNotOptimize(in.o.data());
+  }
+}
+
+void BM_dense(benchmark::State& state, index_t n) {
+  inputs in(n);
+  const auto Q = fovea::bhsd(in.q.data(), 1, 1, n, D), K = fovea::bhsd(in.k.data(), 1, 1, n, D);
+  const auto V = fovea::bhsd(in.v.data(), 1, 1, n, D), O = fovea::bhsd(in.o.data(), 1, 1, n, D);
+  for (auto _ : state) {
+    fovea::softmax_attention(Q, K, V, O, {.threads = 1});
+    benchmark::DoNotOptimize(in.o.data());
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -86,6 +106,16 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark(("recurrence" + shape).c_str(), BM_recurrence, n)
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
+  }
+  for (index_t n : {4096, 16384, 32768}) {
+    const std::string shape = "/N=" + std::to_string(n) + "/D=64/threads=1";
+    benchmark::RegisterBenchmark(("agent64" + shape).c_str(), BM_agent, n)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+    if (n == 16384)
+      benchmark::RegisterBenchmark(("dense" + shape).c_str(), BM_dense, n)
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
   }
   fovea::bench::summary_reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
@@ -107,5 +137,20 @@ int main(int argc, char** argv) {
     if (shape.find("N=32768/") != std::string::npos && t4096 > 0)
       std::printf("\ntime(N=32768) / time(N=4096) = %.2f (linear growth: 8)\n",
                   r.first.seconds / t4096);
+  const auto& all = reporter.results();
+  std::printf("\n| agent attention, 64 agents, D=64, 1 thread | ms |\n|---|---:|\n");
+  for (const auto& [name, r] : all)
+    if (name.rfind("agent64", 0) == 0)
+      std::printf("| %s | %.2f |\n", name.c_str(), r.seconds * 1e3);
+  const auto a16 = all.find("agent64/N=16384/D=64/threads=1"),
+             d16 = all.find("dense/N=16384/D=64/threads=1");
+  const auto a4 = all.find("agent64/N=4096/D=64/threads=1"),
+             a32 = all.find("agent64/N=32768/D=64/threads=1");
+  if (a16 != all.end() && d16 != all.end())
+    std::printf("\nagent (64) vs dense softmax at N=16384: %.1fx faster\n",
+                d16->second.seconds / a16->second.seconds);
+  if (a4 != all.end() && a32 != all.end())
+    std::printf("agent time(N=32768) / time(N=4096) = %.2f (linear growth: 8)\n",
+                a32->second.seconds / a4->second.seconds);
   return 0;
 }

@@ -5,6 +5,7 @@
 #define FOVEA_VERSION_MINOR 1
 #define FOVEA_VERSION_PATCH 0
 
+#include "attention/agent.hpp"
 #include "attention/linear.hpp"
 #include "attention/softmax.hpp"
 #include "attention/softmax_paged.hpp"

@@ -1,0 +1,178 @@
+// agent_attention against a two-stage reference written from the definition.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <fovea/fovea.hpp>
+#include <type_traits>
+#include <vector>
+
+#include "../common/attention_case.hpp"
+#include "../common/configs.hpp"
+
+namespace fovea::test {
+namespace {
+
+/// softmax(scale * x y^T + bias) z for one (row set x) in Acc; bias(i, j) or 0.
+template <class Acc, class Bias>
+std::vector<Acc> softmax_rows(const std::vector<Acc>& x, index_t rows, const std::vector<Acc>& y,
+                              index_t cols, const std::vector<Acc>& z, index_t D, index_t Dv,
+                              Acc scale, Bias bias) {
+  std::vector<Acc> out(rows * Dv, Acc(0)), p(cols);
+  for (index_t i = 0; i < rows; ++i) {
+    Acc m = -INFINITY, l = 0;
+    for (index_t j = 0; j < cols; ++j) {
+      Acc s = 0;
+      for (index_t d = 0; d < D; ++d) s += x[i * D + d] * y[j * D + d];
+      p[j] = scale * s + bias(i, j);
+      m = std::max(m, p[j]);
+    }
+    if (cols == 0) continue;
+    for (index_t j = 0; j < cols; ++j) l += (p[j] = std::exp(p[j] - m));
+    for (index_t j = 0; j < cols; ++j)
+      for (index_t e = 0; e < Dv; ++e) out[i * Dv + e] += p[j] / l * z[j * Dv + e];
+  }
+  return out;
+}
+
+/// The reference: agents pooled from q (or given), VA, then the broadcast stage.
+template <class Acc, class T>
+std::vector<double> reference_agent(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                                    tensor_view<const T, 4> v, index_t m,
+                                    std::type_identity_t<const std::vector<T>*> explicit_agents,
+                                    const std::vector<float>& b1, const std::vector<float>& b2) {
+  const index_t B = q.extent(0), H = q.extent(1), n = q.extent(2), D = q.extent(3);
+  const index_t Hk = k.extent(1), Sk = k.extent(2), Dv = v.extent(3);
+  const Acc scale = Acc(1) / std::sqrt(Acc(D));
+  std::vector<double> out(B * H * n * Dv);
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < H; ++h) {
+      std::vector<Acc> qs(n * D), ks(Sk * D), vs(Sk * Dv), agents(m * D, Acc(0));
+      for (index_t i = 0; i < n; ++i)
+        for (index_t d = 0; d < D; ++d) qs[i * D + d] = Acc(q(b, h, i, d));
+      for (index_t j = 0; j < Sk; ++j) {
+        for (index_t d = 0; d < D; ++d) ks[j * D + d] = Acc(k(b, h / (H / Hk), j, d));
+        for (index_t d = 0; d < Dv; ++d) vs[j * Dv + d] = Acc(v(b, h / (H / Hk), j, d));
+      }
+      for (index_t t = 0; t < m; ++t) {
+        if (explicit_agents) {
+          for (index_t d = 0; d < D; ++d)
+            agents[t * D + d] = Acc((*explicit_agents)[((b * H + h) * m + t) * D + d]);
+          continue;
+        }
+        const index_t lo = (t * n) / m, hi = ((t + 1) * n + m - 1) / m;
+        for (index_t i = lo; i < hi; ++i)
+          for (index_t d = 0; d < D; ++d) agents[t * D + d] += qs[i * D + d] / Acc(hi - lo);
+      }
+      const auto va =
+          softmax_rows<Acc>(agents, m, ks, Sk, vs, D, Dv, scale, [&](index_t t, index_t j) {
+            return b1.empty() ? Acc(0) : Acc(b1[t * Sk + j]);  // (1, 1, m, Sk)
+          });
+      const auto o =
+          softmax_rows<Acc>(qs, n, agents, m, va, D, Dv, scale, [&](index_t i, index_t t) {
+            return b2.empty() ? Acc(0) : Acc(b2[t]);  // (1, 1, 1, m)
+          });
+      for (index_t i = 0; i < n * Dv; ++i) out[(b * H + h) * n * Dv + i] = double(o[i]);
+    }
+  return out;
+}
+
+template <class C>
+class AgentAttention : public ::testing::Test {};
+TYPED_TEST_SUITE(AgentAttention, configs, config_names);
+
+TYPED_TEST(AgentAttention, PooledAgentsMatchTheReference) {
+  using T = typename TypeParam::value_type;
+  using Backend = typename TypeParam::backend;
+  for (index_t n : {1, 17, 200})
+    for (index_t m : {1, 7, 64})
+      for (index_t hk : {2, 1}) {
+        const shape s{2, 2, hk, n, n + 5, 16, 12};
+        SCOPED_TRACE(describe(s, 0) + " m=" + std::to_string(m));
+        const attention_inputs<T> in(s, 0, n * m + hk);
+        std::vector<T> out(s.B * s.H * s.Sq * s.Dv);
+        const auto ov = bhsd(out.data(), s.B, s.H, s.Sq, s.Dv);
+        agent_attention<Backend>(in.qv(), in.kv(), in.vv(), ov, {.num_agents = m, .threads = 1});
+        const auto want = reference_agent<double>(in.qv(), in.kv(), in.vv(), m, nullptr, {}, {});
+        const auto naive = reference_agent<T>(in.qv(), in.kv(), in.vv(), m, nullptr, {}, {});
+        EXPECT_TRUE(within_tolerance<T>(to_dense(ov), want, naive));
+      }
+}
+
+TYPED_TEST(AgentAttention, ExplicitAgentsAndBiases) {
+  using T = typename TypeParam::value_type;
+  using Backend = typename TypeParam::backend;
+  const shape s{1, 2, 1, 90, 120, 24, 8};
+  const index_t m = 9;
+  const attention_inputs<T> in(s, feature::bshd, 3);
+  const auto agents = normal<T>(s.B * s.H * m * s.D, 4);
+  const auto b1 = normal<float>(m * s.Sk, 5), b2 = normal<float>(m, 6);
+  std::vector<T> out(s.B * s.H * s.Sq * s.Dv);
+  const auto ov = bhsd(out.data(), s.B, s.H, s.Sq, s.Dv);
+  agent_options o{.threads = 2};
+  o.agent_bias = view<const float, 4>(b1.data(), {1, 1, m, s.Sk});
+  o.query_bias = view<const float, 4>(b2.data(), {1, 1, 1, m}, {0, 0, 0, 1});
+  agent_attention<Backend>(in.qv(), in.kv(), in.vv(), ov, bhsd(agents.data(), s.B, s.H, m, s.D), o);
+  const auto want = reference_agent<double>(in.qv(), in.kv(), in.vv(), m, &agents, b1, b2);
+  const auto naive = reference_agent<T>(in.qv(), in.kv(), in.vv(), m, &agents, b1, b2);
+  EXPECT_TRUE(within_tolerance<T>(to_dense(ov), want, naive));
+}
+
+TYPED_TEST(AgentAttention, ConstantValuesGiveConstantOutput) {
+  using T = typename TypeParam::value_type;
+  using Backend = typename TypeParam::backend;
+  attention_inputs<T> in({1, 2, 1, 150, 150, 16, 4}, 0, 8);
+  std::fill(in.v.begin(), in.v.end(), T(2.5));
+  std::vector<T> out(2 * 150 * 4);
+  agent_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(out.data(), 1, 2, 150, 4),
+                           {.num_agents = 12, .threads = 1});
+  for (T x : out) EXPECT_NEAR(double(x), 2.5, (std::is_same_v<T, float> ? 1e-5 : 1e-12));
+}
+
+TYPED_TEST(AgentAttention, ThreadCountNeverChangesABit) {
+  using T = typename TypeParam::value_type;
+  using Backend = typename TypeParam::backend;
+  const attention_inputs<T> in({2, 4, 2, 333, 333, 32, 32}, 0, 7);
+  std::vector<T> first;
+  for (int threads : {1, 2, 7}) {
+    std::vector<T> out(2 * 4 * 333 * 32);
+    agent_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(out.data(), 2, 4, 333, 32),
+                             {.num_agents = 16, .threads = threads});
+    if (first.empty())
+      first = out;
+    else
+      EXPECT_EQ(0, std::memcmp(first.data(), out.data(), out.size() * sizeof(T))) << threads;
+  }
+}
+
+TYPED_TEST(AgentAttention, BadInputThrowsNamingTheArgument) {
+  using T = typename TypeParam::value_type;
+  using Backend = typename TypeParam::backend;
+  std::vector<T> q(4 * 10 * 8, T(1)), k(q.size(), T(1)), v(q.size(), T(1)), out(q.size(), T(42)),
+      a(4 * 3 * 8, T(1));
+  const auto Q = bhsd(q.data(), 1, 4, 10, 8), K = bhsd(k.data(), 1, 4, 10, 8),
+             V = bhsd(v.data(), 1, 4, 10, 8);
+  const auto O = bhsd(out.data(), 1, 4, 10, 8);
+  auto expect_error = [&](const char* needle, auto&& call) {
+    try {
+      call();
+      ADD_FAILURE() << "no error for " << needle;
+    } catch (const fovea::error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+    for (T x : out) ASSERT_EQ(x, T(42));
+  };
+  expect_error("options.num_agents",
+               [&] { agent_attention<Backend>(Q, K, V, O, {.num_agents = 0}); });
+  expect_error("options.causal", [&] { agent_attention<Backend>(Q, K, V, O, {.causal = true}); });
+  expect_error("agents: extent 3",
+               [&] { agent_attention<Backend>(Q, K, V, O, bhsd(a.data(), 1, 4, 4, 6)); });
+  const float bias[3] = {0, 0, 0};
+  agent_options bad;
+  bad.query_bias = view<const float, 4>(bias, {1, 1, 1, 2});
+  expect_error("options.query_bias",
+               [&] { agent_attention<Backend>(Q, K, V, O, bhsd(a.data(), 1, 4, 3, 8), bad); });
+}
+
+}  // namespace
+}  // namespace fovea::test
