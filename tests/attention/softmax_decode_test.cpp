@@ -138,14 +138,8 @@ TYPED_TEST(SoftmaxDecode, VarlenRejectsBadOffsets) {
                                       std::span<const std::int32_t>(cq),
                                       std::span<const std::int32_t>(ck), o);
   };
-  auto expect_error = [&](const char* needle, auto&& f) {
-    try {
-      f();
-      ADD_FAILURE() << "no error for " << needle;
-    } catch (const fovea::error& e) {
-      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-    }
-    for (T x : out) ASSERT_EQ(x, T(3));
+  auto expect_error = [&](const char* needle, auto&& call) {
+    expect_rejected(needle, out, T(3), call);
   };
   expect_error("cu_seqlens_q", [&] { call({0, 5, 4, 10}, {0, 3, 6, 10}); });
   expect_error("cu_seqlens_q", [&] { call({0, 5, 9}, {0, 3, 10}); });

@@ -174,6 +174,20 @@ void check_features(const shape& s, unsigned features, std::uint64_t seed, int t
     check_case<T, Backend>(in, threads);
 }
 
+/// Expects call() to throw fovea::error whose message contains `needle`, with every
+/// element of `out` still equal to `untouched`.
+template <class T, class Call>
+void expect_rejected(const char* needle, const std::vector<T>& out, T untouched, Call&& call) {
+  try {
+    call();
+    ADD_FAILURE() << "no fovea::error for " << needle;
+  } catch (const fovea::error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
+        << "message '" << e.what() << "' does not name " << needle;
+  }
+  for (const T& x : out) ASSERT_EQ(x, untouched) << "output written before the error";
+}
+
 /// Runs a causal case with 1, 2, 7 and all threads and expects identical bits.
 template <class T, class Backend>
 void expect_thread_invariant(const attention_inputs<T>& in) {
