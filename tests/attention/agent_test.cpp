@@ -129,6 +129,36 @@ TYPED_TEST(AgentAttention, ConstantValuesGiveConstantOutput) {
   for (T x : out) EXPECT_NEAR(double(x), 2.5, (std::is_same_v<T, float> ? 1e-5 : 1e-12));
 }
 
+TYPED_TEST(AgentAttention, QueriesAsAgentsWithDiagonalBiasIsSoftmaxAttention) {  // spec oracle 1
+  using T = typename TypeParam::value_type;
+  using Backend = typename TypeParam::backend;
+  const index_t n = 70, sk = 90, D = 16, Dv = 8;
+  const attention_inputs<T> in({1, 2, 1, n, sk, D, Dv}, 0, 11);
+  std::vector<float> diagonal(n * n, -INFINITY);
+  for (index_t i = 0; i < n; ++i) diagonal[i * n + i] = 0;
+  agent_options o{.threads = 1};
+  o.query_bias = view<const float, 4>(diagonal.data(), {1, 1, n, n});
+  std::vector<T> agent(2 * n * Dv), dense(agent.size());
+  agent_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(agent.data(), 1, 2, n, Dv), in.qv(), o);
+  softmax_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(dense.data(), 1, 2, n, Dv),
+                             {.threads = 1});
+  EXPECT_EQ(agent, dense);  // one visible agent: weight exactly 1, the agent's row unchanged
+}
+
+TYPED_TEST(AgentAttention, OneAgentGivesTheSameRowEverywhere) {  // spec oracle 2
+  using T = typename TypeParam::value_type;
+  using Backend = typename TypeParam::backend;
+  const attention_inputs<T> in({1, 1, 1, 40, 55, 8, 6}, 0, 12);
+  std::vector<T> out(40 * 6);
+  agent_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(out.data(), 1, 1, 40, 6),
+                           {.num_agents = 1, .threads = 1});
+  const auto want = reference_agent<double>(in.qv(), in.kv(), in.vv(), 1, nullptr, {}, {});
+  for (index_t i = 1; i < 40; ++i)
+    for (index_t m = 0; m < 6; ++m) EXPECT_EQ(out[i * 6 + m], out[m]) << "row " << i;
+  for (index_t m = 0; m < 6; ++m)
+    EXPECT_NEAR(double(out[m]), want[m], (std::is_same_v<T, float> ? 1e-5 : 1e-12));
+}
+
 TYPED_TEST(AgentAttention, ThreadCountNeverChangesABit) {
   using T = typename TypeParam::value_type;
   using Backend = typename TypeParam::backend;
