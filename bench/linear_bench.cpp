@@ -29,6 +29,18 @@ struct inputs {
   }
 };
 
+/// Times kernel(Q, K, V, O) on one head of n tokens.
+template <class Kernel>
+void time_kernel(benchmark::State& state, index_t n, Kernel&& kernel) {
+  inputs in(n);
+  const auto Q = fovea::bhsd(in.q.data(), 1, 1, n, D), K = fovea::bhsd(in.k.data(), 1, 1, n, D);
+  const auto V = fovea::bhsd(in.v.data(), 1, 1, n, D), O = fovea::bhsd(in.o.data(), 1, 1, n, D);
+  for (auto _ : state) {
+    kernel(Q, K, V, O);
+    benchmark::DoNotOptimize(in.o.data());
+  }
+}
+
 /// Flops of fovea's chunked form per token: phi(Q) S, phi(Q) phi(K)^T, A V, S update.
 double chunked_flops(index_t n) {
   const double C = double(fovea::detail::linear_chunk);
@@ -36,13 +48,9 @@ double chunked_flops(index_t n) {
 }
 
 void BM_fovea_linear(benchmark::State& state, index_t n) {
-  inputs in(n);
-  const auto Q = fovea::bhsd(in.q.data(), 1, 1, n, D), K = fovea::bhsd(in.k.data(), 1, 1, n, D);
-  const auto V = fovea::bhsd(in.v.data(), 1, 1, n, D), O = fovea::bhsd(in.o.data(), 1, 1, n, D);
-  for (auto _ : state) {
-    fovea::linear_attention(Q, K, V, O, {.causal = true, .threads = 1});
-    benchmark::DoNotOptimize(in.o.data());
-  }
+  time_kernel(state, n, [](auto q, auto k, auto v, auto o) {
+    fovea::linear_attention(q, k, v, o, {.causal = true, .threads = 1});
+  });
   state.counters["GFLOP/s"] = benchmark::Counter(
       chunked_flops(n), benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
 }
@@ -74,23 +82,15 @@ void BM_recurrence(benchmark::State& state, index_t n) {
 }
 
 void BM_agent(benchmark::State& state, index_t n) {
-  inputs in(n);
-  const auto Q = fovea::bhsd(in.q.data(), 1, 1, n, D), K = fovea::bhsd(in.k.data(), 1, 1, n, D);
-  const auto V = fovea::bhsd(in.v.data(), 1, 1, n, D), O = fovea::bhsd(in.o.data(), 1, 1, n, D);
-  for (auto _ : state) {
-    fovea::agent_attention(Q, K, V, O, {.num_agents = 64, .threads = 1});
-    benchmark::DoNotOptimize(in.o.data());
-  }
+  time_kernel(state, n, [](auto q, auto k, auto v, auto o) {
+    fovea::agent_attention(q, k, v, o, {.num_agents = 64, .threads = 1});
+  });
 }
 
 void BM_dense(benchmark::State& state, index_t n) {
-  inputs in(n);
-  const auto Q = fovea::bhsd(in.q.data(), 1, 1, n, D), K = fovea::bhsd(in.k.data(), 1, 1, n, D);
-  const auto V = fovea::bhsd(in.v.data(), 1, 1, n, D), O = fovea::bhsd(in.o.data(), 1, 1, n, D);
-  for (auto _ : state) {
-    fovea::softmax_attention(Q, K, V, O, {.threads = 1});
-    benchmark::DoNotOptimize(in.o.data());
-  }
+  time_kernel(state, n, [](auto q, auto k, auto v, auto o) {
+    fovea::softmax_attention(q, k, v, o, {.threads = 1});
+  });
 }
 
 }  // namespace

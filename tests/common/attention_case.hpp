@@ -188,25 +188,33 @@ void expect_rejected(const char* needle, const std::vector<T>& out, T untouched,
   for (const T& x : out) ASSERT_EQ(x, untouched) << "output written before the error";
 }
 
-/// Runs a causal case with 1, 2, 7 and all threads and expects identical bits.
+/// Calls run(threads) for 1, 2, 7 and all threads; every returned output must have the
+/// same bits as the first.
+template <class Run>
+void expect_same_bits_for_threads(Run&& run) {
+  const auto first = run(1);
+  for (int threads : {2, 7, 0}) {
+    const auto out = run(threads);
+    ASSERT_EQ(out.size(), first.size());
+    EXPECT_EQ(0, std::memcmp(first.data(), out.data(), out.size() * sizeof(out[0])))
+        << threads << " threads";
+  }
+}
+
+/// A causal softmax case (with its options) run through expect_same_bits_for_threads.
 template <class T, class Backend>
 void expect_thread_invariant(const attention_inputs<T>& in) {
   const shape& s = in.s;
   std::vector<float> lse(s.B * s.H * s.Sq);
-  std::vector<T> first;
-  for (int threads : {1, 2, 7, 0}) {
+  expect_same_bits_for_threads([&](int threads) {
     std::vector<T> out(s.B * s.H * s.Sq * s.Dv);
     auto o = in.options(lse.data());
     o.causal = true;
     o.threads = threads;
     softmax_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(out.data(), s.B, s.H, s.Sq, s.Dv),
                                o);
-    if (first.empty())
-      first = out;
-    else
-      EXPECT_EQ(0, std::memcmp(first.data(), out.data(), out.size() * sizeof(T)))
-          << threads << " threads";
-  }
+    return out;
+  });
 }
 
 }  // namespace fovea::test
