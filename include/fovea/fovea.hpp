@@ -6,6 +6,7 @@
 #define FOVEA_VERSION_PATCH 0
 
 #include "attention/agent.hpp"
+#include "attention/block_sparse.hpp"
 #include "attention/linear.hpp"
 #include "attention/softmax.hpp"
 #include "attention/softmax_paged.hpp"

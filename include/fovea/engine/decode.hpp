@@ -133,8 +133,9 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<S>& kv, const ke
     const auto k = rows_for_kernel<T>(kv, true, j0, keys, D, dq, buf.stage_k);
     const auto v = rows_for_kernel<T>(kv, false, j0, keys, Dv, dvp, buf.stage_v);
     dot_scores<T, Backend>(buf.q, dq, n, k.data, k.stride, keys, buf.s, ld);
-    const bool partial = !band.covers(cols.first_pos, cols.last_pos + 1, j0, j0 + keys);
-    const bool masked = apply_logits<Backend>(cols, custom, band, partial, buf.s, ld, j0, keys);
+    const tile_cuts cuts{!band.covers(cols.first_pos, cols.last_pos + 1, j0, j0 + keys)};
+    const bool masked = apply_logits<Backend>(
+        cols, custom, band, cuts, buf.s, ld, [j0](index_t r) { return j0 + r; }, keys);
     if (online_softmax_update<T, Backend, QV>(buf.s, buf.p, ld, keys, buf.m, buf.l, buf.alpha))
       for (index_t c = 0; c < n; ++c) {
         const auto a = V::broadcast(buf.alpha[c]);

@@ -14,13 +14,22 @@
 
 namespace fovea::detail {
 
-/// `tile` is laid out [key][column], `ld` columns per key row (a whole number of vectors),
-/// keys [j0, j0 + keys). Columns past cols.count are padding: they get the vector passes
-/// only and are never read back. `partial` says the band cuts through the tile. Returns
-/// true if any logit is -inf (a masked key).
-template <class Backend, class T, class ScoreMod, class MaskMod>
+/// Which checks a tile of keys needs: the band cuts through it (`band`), and the user's
+/// mask_mod may hide some of its keys (`mask_mod`; a block-sparse layout marks the blocks
+/// it holds whole as not needing it, FlexAttention's full blocks).
+struct tile_cuts {
+  bool band = true;
+  bool mask_mod = true;
+  const bool* mask_mod_rows = nullptr;  ///< if set, mask_mod applies to row r iff [r] is true
+};
+
+/// `tile` is laid out [key][column], `ld` columns per key row (a whole number of vectors);
+/// row r holds key key_of(r), r < keys. Columns past cols.count are padding: they get the
+/// vector passes only and are never read back. Returns true if any logit is -inf (a
+/// masked key).
+template <class Backend, class T, class ScoreMod, class MaskMod, class KeyOf>
 bool apply_logits(const query_columns<T>& cols, const custom_variant<ScoreMod, MaskMod>& custom,
-                  const key_band& band, bool partial, T* tile, index_t ld, index_t j0,
+                  const key_band& band, tile_cuts cuts, T* tile, index_t ld, KeyOf&& key_of,
                   index_t keys) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width;
@@ -34,7 +43,7 @@ bool apply_logits(const query_columns<T>& cols, const custom_variant<ScoreMod, M
   bool masked = false;
   for (index_t r = 0; r < keys; ++r) {
     T* row = tile + r * ld;
-    const index_t j = j0 + r;
+    const index_t j = key_of(r);
     const auto diagonal_minus_j = V::broadcast(T(band.offset - j));
     for (index_t c = 0; c < ld; c += W) {
       auto s = V::mul(V::load(row + c), scale);
@@ -53,15 +62,16 @@ bool apply_logits(const query_columns<T>& cols, const custom_variant<ScoreMod, M
     if constexpr (!std::is_same_v<ScoreMod, identity_score_mod>)
       for (index_t c = 0; c < n; ++c)
         row[c] = T(custom.score_mod(row[c], cols.batch, cols.head[c], cols.pos[c], j));
-    if (partial)
+    if (cuts.band)
       for (index_t c = 0; c < n; ++c)
         if (!band.visible(cols.pos[c], j)) row[c] = neg_inf;
     if (cols.has_mask)
       for (index_t c = 0; c < n; ++c)
         if (!cols.mask[c][j * cols.mask_step]) row[c] = neg_inf;
     if constexpr (!std::is_same_v<MaskMod, keep_all_mask_mod>)
-      for (index_t c = 0; c < n; ++c)
-        if (!custom.mask_mod(cols.batch, cols.head[c], cols.pos[c], j)) row[c] = neg_inf;
+      if (cuts.mask_mod && (!cuts.mask_mod_rows || cuts.mask_mod_rows[r]))
+        for (index_t c = 0; c < n; ++c)
+          if (!custom.mask_mod(cols.batch, cols.head[c], cols.pos[c], j)) row[c] = neg_inf;
     for (index_t c = 0; c < ld; c += W)
       masked = masked || V::any(V::equal(V::load(row + c), minus_inf));
   }

@@ -78,49 +78,73 @@ struct prefill_buffers {
   }
 };
 
-/// Attends the columns `cols` (queries rows given by q_row(c), length D) over the keys
-/// [first, last) of `kv`, then writes each column's output row and lse through `emit`.
-template <class Backend, class T, class S, class ScoreMod, class MaskMod, class QueryRow,
-          class Emit>
-void prefill_tile(const query_columns<T>& cols, QueryRow&& q_row, const kv_source<S>& kv,
-                  const key_band& band, const custom_variant<ScoreMod, MaskMod>& custom, index_t D,
-                  index_t Dv, prefill_buffers<T, Backend>& buf, Emit&& emit) noexcept {
-  using traits = tile_traits<T, Backend>;
-  constexpr index_t BQ = traits::block_q, BK = traits::block_k;
-  constexpr int QV = traits::query_vectors, RB = traits::row_block;
-  const index_t n = cols.count;
-
+/// Loads the columns' query rows (q_row(c), length D) transposed and clears the state.
+template <class Backend, class T, class QueryRow>
+void start_tile(const query_columns<T>& cols, QueryRow&& q_row, index_t D, index_t Dv,
+                prefill_buffers<T, Backend>& buf) noexcept {
+  constexpr index_t BQ = prefill_buffers<T, Backend>::BQ;
   for (index_t c = 0; c < BQ; ++c) {
-    const S* row = c < n ? q_row(c) : nullptr;
+    const auto* row = c < cols.count ? q_row(c) : nullptr;
     for (index_t d = 0; d < D; ++d) buf.q_t[d * BQ + c] = row ? T(row[d]) : T(0);
   }
   std::fill(buf.acc, buf.acc + Dv * BQ, T(0));
   std::fill(buf.m, buf.m + BQ, -std::numeric_limits<T>::infinity());
   std::fill(buf.l, buf.l + BQ, T(0));
+}
 
-  const auto [first, last] = band.keys_for(cols.first_pos, cols.last_pos + 1);
-  for (index_t j0 = first; j0 < last;) {
-    const index_t keys = kv.run(j0, std::min(BK, last - j0));
-    const auto k = rows_for_kernel<T>(kv, true, j0, keys, D, D, buf.stage_k);
-    const auto v = rows_for_kernel<T>(kv, false, j0, keys, Dv, Dv, buf.stage_v);
-    gemm_rows<T, Backend, RB, QV, false>(keys, k.data, k.stride, 1, buf.q_t, BQ, buf.s, BQ, D);
-    const bool partial = !band.covers(cols.first_pos, cols.last_pos + 1, j0, j0 + keys);
-    const bool masked = apply_logits<Backend>(cols, custom, band, partial, buf.s, BQ, j0, keys);
-    if (online_softmax_update<T, Backend, QV>(buf.s, buf.p, BQ, keys, buf.m, buf.l, buf.alpha))
-      rescale_rows<T, Backend, QV>(buf.acc, BQ, Dv, buf.alpha);
-    if (masked && !all_finite<T, Backend>(v.data, v.stride, keys, Dv))
-      accumulate_skipping_masked(v.data, v.stride, keys, Dv, buf.s, buf.p, BQ, BQ, buf.acc, BQ, 1);
-    else
-      gemm_rows<T, Backend, RB, QV, true>(Dv, v.data, 1, v.stride, buf.p, BQ, buf.acc, BQ, keys);
-    j0 += keys;
-  }
+/// One step of the online softmax over `keys` keys: rows k (D long) and v (Dv long) in the
+/// compute type, key key_of(r) in row r, needing the checks `cuts`.
+template <class Backend, class T, class ScoreMod, class MaskMod, class KeyOf>
+void attend_keys(const query_columns<T>& cols, row_block<T> k, row_block<T> v, index_t keys,
+                 KeyOf&& key_of, tile_cuts cuts, const key_band& band,
+                 const custom_variant<ScoreMod, MaskMod>& custom, index_t D, index_t Dv,
+                 prefill_buffers<T, Backend>& buf) noexcept {
+  using traits = tile_traits<T, Backend>;
+  constexpr index_t BQ = traits::block_q;
+  constexpr int QV = traits::query_vectors, RB = traits::row_block;
+  gemm_rows<T, Backend, RB, QV, false>(keys, k.data, k.stride, 1, buf.q_t, BQ, buf.s, BQ, D);
+  const bool masked = apply_logits<Backend>(cols, custom, band, cuts, buf.s, BQ, key_of, keys);
+  if (online_softmax_update<T, Backend, QV>(buf.s, buf.p, BQ, keys, buf.m, buf.l, buf.alpha))
+    rescale_rows<T, Backend, QV>(buf.acc, BQ, Dv, buf.alpha);
+  if (masked && !all_finite<T, Backend>(v.data, v.stride, keys, Dv))
+    accumulate_skipping_masked(v.data, v.stride, keys, Dv, buf.s, buf.p, BQ, BQ, buf.acc, BQ, 1);
+  else
+    gemm_rows<T, Backend, RB, QV, true>(Dv, v.data, 1, v.stride, buf.p, BQ, buf.acc, BQ, keys);
+}
 
-  for (index_t c = 0; c < n; ++c) {
+/// Hands each column's output row (as value(d)) and lse to `emit`.
+template <class Backend, class T, class Emit>
+void finish_tile(const query_columns<T>& cols, prefill_buffers<T, Backend>& buf,
+                 Emit&& emit) noexcept {
+  constexpr index_t BQ = prefill_buffers<T, Backend>::BQ;
+  for (index_t c = 0; c < cols.count; ++c) {
     const row_result<T> r = finish_row(buf.m[c], buf.l[c], cols.sink[c]);
     emit(
         c, [&](index_t d) { return r.factor == T(0) ? T(0) : buf.acc[d * BQ + c] * r.factor; },
         r.lse);
   }
+}
+
+/// Attends the columns `cols` (query rows q_row(c), length D) over the keys the band lets
+/// them see in `kv`, then writes each column's output row and lse through `emit`.
+template <class Backend, class T, class S, class ScoreMod, class MaskMod, class QueryRow,
+          class Emit>
+void prefill_tile(const query_columns<T>& cols, QueryRow&& q_row, const kv_source<S>& kv,
+                  const key_band& band, const custom_variant<ScoreMod, MaskMod>& custom, index_t D,
+                  index_t Dv, prefill_buffers<T, Backend>& buf, Emit&& emit) noexcept {
+  constexpr index_t BK = prefill_buffers<T, Backend>::BK;
+  start_tile(cols, q_row, D, Dv, buf);
+  const auto [first, last] = band.keys_for(cols.first_pos, cols.last_pos + 1);
+  for (index_t j0 = first; j0 < last;) {
+    const index_t keys = kv.run(j0, std::min(BK, last - j0));
+    const auto k = rows_for_kernel<T>(kv, true, j0, keys, D, D, buf.stage_k);
+    const auto v = rows_for_kernel<T>(kv, false, j0, keys, Dv, Dv, buf.stage_v);
+    const tile_cuts cuts{!band.covers(cols.first_pos, cols.last_pos + 1, j0, j0 + keys)};
+    attend_keys(
+        cols, k, v, keys, [j0](index_t r) { return j0 + r; }, cuts, band, custom, D, Dv, buf);
+    j0 += keys;
+  }
+  finish_tile(cols, buf, emit);
 }
 
 }  // namespace fovea::detail

@@ -1,0 +1,167 @@
+// The block-sparse executor: the prefill tile run over a selection of keys per query
+// block instead of the band's one range. A selection is a sorted list of disjoint key
+// pieces; tiles of block_k keys are read in place where a piece is long enough, and
+// gathered from several short pieces into the staging buffers otherwise, so the cost
+// follows the number of selected keys, not the number of blocks they fall in. Keys in no
+// piece are never loaded. Block-sparse layouts, HiP, dynamic-mask and routing front-ends
+// all describe their selections as pieces.
+#pragma once
+
+#include <algorithm>
+#include <vector>
+
+#include "../core/parallel.hpp"
+#include "../core/scratch.hpp"
+#include "../core/storage.hpp"
+#include "../core/tensor_view.hpp"
+#include "dense.hpp"
+#include "prefill.hpp"
+#include "stage.hpp"
+
+namespace fovea::detail {
+
+/// Keys [first, last); `mask_mod`: the variant's mask_mod must be checked inside.
+struct key_piece {
+  index_t first = 0, last = 0;
+  bool mask_mod = true;
+};
+
+/// How a selection is indexed: one per (batch, selection head, block of block_q queries).
+/// With per_query_head, each query head has its own; otherwise the query heads of a
+/// key/value head share one and are stacked as the columns of the same tiles.
+struct sparse_rows {
+  index_t block_q = 64;
+  bool per_query_head = true;
+  index_t max_pieces = 0;  ///< the most pieces any selection has
+};
+
+/// Appends [first, last) to a sorted piece list, merging with the previous piece when they
+/// touch and agree on mask_mod. Returns the new count.
+inline index_t append_piece(key_piece* pieces, index_t count, index_t first, index_t last,
+                            bool mask_mod) noexcept {
+  if (first >= last) return count;
+  if (count > 0 && pieces[count - 1].last == first && pieces[count - 1].mask_mod == mask_mod) {
+    pieces[count - 1].last = last;
+    return count;
+  }
+  pieces[count] = {first, last, mask_mod};
+  return count + 1;
+}
+
+/// Attends `cols` over the pieces [pieces, pieces + count) of `kv`, clipped to the band.
+template <class Backend, class T, class S, class ScoreMod, class MaskMod>
+void attend_pieces(const query_columns<T>& cols, const key_piece* pieces, index_t count,
+                   const kv_source<S>& kv, const key_band& band,
+                   const custom_variant<ScoreMod, MaskMod>& custom, index_t D, index_t Dv,
+                   prefill_buffers<T, Backend>& buf) noexcept {
+  constexpr index_t BK = prefill_buffers<T, Backend>::BK;
+  const index_t i0 = cols.first_pos, i1 = cols.last_pos + 1;
+  const auto [first, last] = band.keys_for(i0, i1);
+  index_t key_index[BK];
+  bool mask_mod_rows[BK];
+  index_t p = 0, j = 0;
+  // Moves to the next non-empty clipped piece; j is its first key.
+  auto next = [&](index_t from) {
+    for (p = from; p < count; ++p) {
+      j = std::max(pieces[p].first, first);
+      if (j < std::min(pieces[p].last, last)) return;
+    }
+  };
+  auto end_of = [&](index_t piece) { return std::min(pieces[piece].last, last); };
+  next(0);
+  while (p < count) {
+    const index_t left = end_of(p) - j;
+    if (left >= BK || p + 1 == count) {  // in place: a run of one piece
+      const index_t keys = kv.run(j, std::min(BK, left));
+      const auto k = rows_for_kernel<T>(kv, true, j, keys, D, D, buf.stage_k);
+      const auto v = rows_for_kernel<T>(kv, false, j, keys, Dv, Dv, buf.stage_v);
+      const tile_cuts cuts{!band.covers(i0, i1, j, j + keys), pieces[p].mask_mod};
+      const index_t j0 = j;
+      attend_keys(
+          cols, k, v, keys, [j0](index_t r) { return j0 + r; }, cuts, band, custom, D, Dv, buf);
+      j += keys;
+      if (j == end_of(p)) next(p + 1);
+      continue;
+    }
+    index_t keys = 0;  // gathered: up to BK keys from consecutive pieces
+    tile_cuts cuts{false, false, mask_mod_rows};
+    const index_t lowest = j;
+    while (keys < BK && p < count) {
+      const index_t take = std::min(BK - keys, end_of(p) - j);
+      stage_rows(kv, true, j, take, D, D, buf.stage_k + keys * D);
+      stage_rows(kv, false, j, take, Dv, Dv, buf.stage_v + keys * Dv);
+      for (index_t r = 0; r < take; ++r) {
+        key_index[keys + r] = j + r;
+        mask_mod_rows[keys + r] = pieces[p].mask_mod;
+      }
+      cuts.mask_mod = cuts.mask_mod || pieces[p].mask_mod;
+      keys += take;
+      j += take;
+      if (j == end_of(p)) next(p + 1);
+    }
+    cuts.band = !band.covers(i0, i1, lowest, key_index[keys - 1] + 1);
+    attend_keys(
+        cols, row_block<T>{buf.stage_k, D}, row_block<T>{buf.stage_v, Dv}, keys,
+        [&key_index](index_t r) { return key_index[r]; }, cuts, band, custom, D, Dv, buf);
+  }
+}
+
+/// Runs problem `pr` over the selections that `select(b, h, block, pieces)` writes
+/// (h: query head, or key/value head when rows.per_query_head is false; returns the
+/// count, at most rows.max_pieces). Each output row is written by one task, so the result
+/// does not depend on the thread count.
+template <class Backend, class S, class ScoreMod, class MaskMod, class Select>
+void run_sparse(const dense_problem<S>& pr, const sparse_rows& rows, Select&& select,
+                const custom_variant<ScoreMod, MaskMod>& custom, int threads) {
+  using T = accumulator_t<S>;
+  using buffers_t = prefill_buffers<T, Backend>;
+  constexpr index_t BQ = buffers_t::BQ;
+  const index_t B = pr.batch(), H = pr.heads(), Sq = pr.queries(), Hk = pr.kv.heads();
+  const index_t D = pr.q.extent(3), Dv = pr.out.extent(3);
+  if (B * H * Sq == 0) return;
+  const index_t group = H / Hk, bq = rows.block_q;
+  const index_t selection_heads = rows.per_query_head ? H : Hk;
+  const index_t stacked = rows.per_query_head ? 1 : group;  // query heads per selection
+  const index_t blocks = (Sq + bq - 1) / bq;
+
+  struct task {
+    index_t b, head, block, chunk;
+  };
+  std::vector<task> work;
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < selection_heads; ++h)
+      for (index_t blk = blocks; blk-- > 0;) {  // later blocks see more keys: first
+        const index_t columns = stacked * std::min(bq, Sq - blk * bq);
+        for (index_t ch = 0; ch * BQ < columns; ++ch) work.push_back({b, h, blk, ch});
+      }
+
+  const int used = static_cast<int>(std::min<index_t>(std::max(threads, 1), index_t(work.size())));
+  const scratch_slices<T> buffers(used, buffers_t::size(D, Dv));
+  std::vector<key_piece> piece_buffers(std::size_t(used) * std::max<index_t>(1, rows.max_pieces));
+
+  parallel_for(index_t(work.size()), used, [&](index_t i, int thread) {
+    const task& tk = work[i];
+    const index_t i0 = tk.block * bq, positions = std::min(bq, Sq - i0);
+    const index_t h0 = rows.per_query_head ? tk.head : tk.head * group;
+    const index_t columns = stacked * positions;
+    query_columns<T> cols;
+    start_columns(cols, pr.terms, tk.b + pr.batch_base);
+    for (index_t r = tk.chunk * BQ; r < std::min(columns, (tk.chunk + 1) * BQ); ++r)
+      cols.add(pr.terms, H, h0 + r / positions, i0 + r % positions);
+    cols.pad_to(BQ);
+
+    key_piece* pieces = piece_buffers.data() + std::size_t(thread) * rows.max_pieces;
+    const index_t count = select(tk.b, tk.head, tk.block, pieces);
+    buffers_t buf(buffers.slice(thread), D, Dv);
+    start_tile(
+        cols, [&](index_t c) { return &pr.q(tk.b, cols.head[c], cols.pos[c], 0); }, D, Dv, buf);
+    attend_pieces(cols, pieces, count, pr.kv.source(tk.b, h0 / group), pr.band, custom, D, Dv, buf);
+    finish_tile(cols, buf, [&](index_t c, auto&& value, T lse) {
+      S* row = &pr.out(tk.b, cols.head[c], cols.pos[c], 0);
+      for (index_t d = 0; d < Dv; ++d) row[d] = S(value(d));
+      if (pr.lse.data()) pr.lse(tk.b, cols.head[c], cols.pos[c]) = float(lse);
+    });
+  });
+}
+
+}  // namespace fovea::detail
