@@ -69,8 +69,8 @@ void check_hip_case(const shape& s, hip_options o, std::uint64_t seed, bool bshd
 
   const hip_selection sel = hip_select<Backend>(in.qv(), in.kv(), o);
   expect_valid_selection(sel, o, s.Sq, s.Sk);
-  hip_attention<Backend>(in.qv(), in.kv(), in.vv(), in.template layout<T>(again.data(), s.H, s.Sq, s.Dv),
-                         sel, o);
+  hip_attention<Backend>(in.qv(), in.kv(), in.vv(),
+                         in.template layout<T>(again.data(), s.H, s.Sq, s.Dv), sel, o);
   EXPECT_EQ(out, again) << "select + attend differs from one call";
 
   const index_t window = o.sliding_window >= 0 ? o.sliding_window : (o.causal ? 256 : 0);
@@ -135,7 +135,8 @@ TYPED_TEST(Hip, ShortSequencesAreDenseCausal) {
                              {.causal = true});
   const auto want = reference_softmax<double>(in.qv(), in.kv(), in.vv(), {.causal = true});
   const auto naive = reference_softmax<T>(in.qv(), in.kv(), in.vv(), {.causal = true});
-  EXPECT_TRUE(within_tolerance<T>(std::vector<double>(hip.begin(), hip.end()), want.out, naive.out));
+  EXPECT_TRUE(
+      within_tolerance<T>(std::vector<double>(hip.begin(), hip.end()), want.out, naive.out));
 }
 
 // Oracle 4: keys piecewise constant, one segment (>= top_k keys) aligned with the queries:
@@ -152,7 +153,8 @@ TYPED_TEST(Hip, SelectionFindsTheAlignedSegment) {
       const bool aligned = j >= seg_start && j < seg_start + 300;
       const index_t segment = j / 300;  // piecewise constant elsewhere too
       for (index_t d = 0; d < D; ++d)
-        k[j * D + d] = T(d == 0 ? (aligned ? 2.0 : -0.5 + 0.05 * (segment % 7)) : (d == 1 + segment % (D - 1) ? 1.0 : 0.0));
+        k[j * D + d] = T(d == 0 ? (aligned ? 2.0 : -0.5 + 0.05 * (segment % 7))
+                                : (d == 1 + segment % (D - 1) ? 1.0 : 0.0));
     }
     hip_options o;
     o.causal = true;
@@ -189,14 +191,14 @@ TYPED_TEST(Hip, DecodeReusesASelection) {
     hip_attention<Backend>(Q, view_of(k, Hk, keys, Sk + 3), view_of(v, Hk, keys, Sk + 3),
                            bhsd(out.data(), 1, H, 1, D), sel, o);
     const hip_visible visible{&sel, 256, 16, keys - 1, 2};
-    const auto want = reference_softmax<double>(Q, view_of(k, Hk, keys, Sk + 3),
-                                                view_of(v, Hk, keys, Sk + 3), {.causal = true},
-                                                with_mask_mod(visible));
-    const auto naive = reference_softmax<T>(Q, view_of(k, Hk, keys, Sk + 3),
-                                            view_of(v, Hk, keys, Sk + 3), {.causal = true},
-                                            with_mask_mod(visible));
-    EXPECT_TRUE(within_tolerance<T>(std::vector<double>(out.begin(), out.end()), want.out,
-                                    naive.out))
+    const auto want =
+        reference_softmax<double>(Q, view_of(k, Hk, keys, Sk + 3), view_of(v, Hk, keys, Sk + 3),
+                                  {.causal = true}, with_mask_mod(visible));
+    const auto naive =
+        reference_softmax<T>(Q, view_of(k, Hk, keys, Sk + 3), view_of(v, Hk, keys, Sk + 3),
+                             {.causal = true}, with_mask_mod(visible));
+    EXPECT_TRUE(
+        within_tolerance<T>(std::vector<double>(out.begin(), out.end()), want.out, naive.out))
         << "step " << step;
   }
 }
@@ -243,8 +245,9 @@ TEST(HipArguments, BadInputNamesTheArgument) {
   wrong.starts[0] = 1000;
   expect_rejected("selection", out, -3.f,
                   [&] { hip_attention(Q, Q, Q, O, wrong, {.causal = true, .top_k = 8}); });
-  expect_rejected("selection", out, -3.f,
-                  [&] { hip_attention(Q, Q, Q, O, sel, {.causal = true, .top_k = 8, .block_size_k = 4}); });
+  expect_rejected("selection", out, -3.f, [&] {
+    hip_attention(Q, Q, Q, O, sel, {.causal = true, .top_k = 8, .block_size_k = 4});
+  });
 }
 
 }  // namespace

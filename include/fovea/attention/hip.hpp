@@ -5,6 +5,7 @@
 // and attends to their union with one online softmax on the block-sparse engine.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <span>
@@ -136,9 +137,9 @@ inline void check_selection(const hip_selection& s, const hip_params& p, index_t
   require(s.batches == B && s.heads == H && s.query_blocks == blocks, "selection: is for (",
           s.batches, ", ", s.heads, ", ", s.query_blocks, ") query blocks, expected (", B, ", ", H,
           ", ", blocks, ")");
-  require(s.block_size_q == p.block_q && s.block_size_k == p.block_k,
-          "selection: block sizes (", s.block_size_q, ", ", s.block_size_k,
-          ") differ from the options' (", p.block_q, ", ", p.block_k, ")");
+  require(s.block_size_q == p.block_q && s.block_size_k == p.block_k, "selection: block sizes (",
+          s.block_size_q, ", ", s.block_size_k, ") differ from the options' (", p.block_q, ", ",
+          p.block_k, ")");
   require(s.max_blocks >= 0 && index_t(s.counts.size()) == B * H * blocks &&
               index_t(s.starts.size()) == B * H * blocks * s.max_blocks,
           "selection: starts/counts sizes do not match its extents");
@@ -165,19 +166,25 @@ void run_hip_attention(const dense_problem<S>& pr, const hip_selection& sel, con
     // The window's hull over the block: (first position - window, last position].
     const index_t w0 = p.window > 0 ? std::max<index_t>(0, i0 + off - p.window + 1) : Sk;
     const index_t w1 = p.window > 0 ? std::min(Sk, i1 + off) : Sk;
+    // Window keys from every_row on are inside every row's window (causality aside).
+    const index_t every_row = i1 - 1 + off - p.window + 1;
     index_t count = 0, cursor = w0;  // window keys not yet emitted start at cursor
+    auto emit_window = [&](index_t first, index_t last) {
+      const index_t split = std::clamp(every_row, first, last);
+      count = append_piece(pieces, count, first, split, true);
+      count = append_piece(pieces, count, split, last, false);
+    };
     auto emit_whole = [&](index_t first, index_t last) {  // a sink or selected block
       last = std::min(last, Sk);
       if (first >= last) return;
-      if (cursor < std::min(first, w1))
-        count = append_piece(pieces, count, cursor, std::min(first, w1), true);
-      count = append_piece(pieces, count, std::max(first, count ? pieces[count - 1].last : 0),
-                           last, false);
+      if (cursor < std::min(first, w1)) emit_window(cursor, std::min(first, w1));
+      count = append_piece(pieces, count, std::max(first, count ? pieces[count - 1].last : 0), last,
+                           false);
       cursor = std::max(cursor, last);
     };
     emit_whole(0, std::min(p.sink, Sk));
     for (const std::int32_t start : chosen) emit_whole(start, start + p.block_k);
-    if (cursor < w1) count = append_piece(pieces, count, cursor, w1, true);
+    if (cursor < w1) emit_window(cursor, w1);
     return count;
   };
   // Inside window pieces: a key is seen by the queries whose window reaches it.
@@ -194,8 +201,9 @@ void run_hip_attention(const dense_problem<S>& pr, const hip_selection& sel, con
 /// q and k only; pass it to hip_attention to reuse it (e.g. across decode steps).
 template <class Backend = default_backend, class TQ, class TK>
 requires is_storage_type_v<std::remove_const_t<TQ>> &&
-         std::is_same_v<std::remove_const_t<TQ>, std::remove_const_t<TK>>
-hip_selection hip_select(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, const hip_options& options = {}) {
+    std::is_same_v<std::remove_const_t<TQ>, std::remove_const_t<TK>>
+        hip_selection hip_select(tensor_view<TQ, 4> q, tensor_view<TK, 4> k,
+                                 const hip_options& options = {}) {
   using S = std::remove_const_t<TQ>;
   const detail::hip_params p = detail::check_hip_options(options);
   const tensor_view<const S, 4> qc = q, kc = k;

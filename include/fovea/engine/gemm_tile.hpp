@@ -4,14 +4,31 @@
 // along N, Q K^T is C = K * Q^T and P V is O^T += V^T * P^T: neither K nor V is copied.
 #pragma once
 
+#include <type_traits>
+#include <utility>
+
 #include "../core/tensor_view.hpp"
 #include "../simd/vec.hpp"
 
 namespace fovea::detail {
 
+/// Where A's rows are: `a + r * stride` (strided), or a list of row pointers (rows
+/// gathered from anywhere, e.g. the representative keys HiP scores).
+template <class TA>
+struct strided_rows {
+  const TA* a;
+  index_t stride;
+  const TA* operator()(index_t r) const noexcept { return a + r * stride; }
+};
+template <class TA>
+struct listed_rows {
+  const TA* const* rows;
+  const TA* operator()(index_t r) const noexcept { return rows[r]; }
+};
+
 template <class T, class Backend, int Rows, int Vectors, bool Accumulate, class TA>
-inline void micro_kernel_body(const TA* a, index_t a_row, index_t a_col, const T* b, index_t ldb,
-                              T* c, index_t ldc, index_t depth) noexcept {
+inline void micro_kernel_body(const TA* const* a_rows, index_t a_col, const T* b, index_t ldb, T* c,
+                              index_t ldc, index_t depth) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width;
   typename V::type acc[Rows][Vectors];
@@ -20,9 +37,6 @@ inline void micro_kernel_body(const TA* a, index_t a_row, index_t a_col, const T
 #pragma GCC unroll 8
     for (int x = 0; x < Vectors; ++x)
       acc[r][x] = Accumulate ? V::load(c + r * ldc + x * W) : V::broadcast(T(0));
-  const TA* a_rows[Rows];
-#pragma GCC unroll 16
-  for (int r = 0; r < Rows; ++r) a_rows[r] = a + r * a_row;
   for (index_t p = 0; p < depth; ++p) {
     typename V::type bp[Vectors];
 #pragma GCC unroll 8
@@ -49,36 +63,40 @@ inline void micro_kernel_body(const TA* a, index_t a_row, index_t a_col, const T
 /// meant to be plain C++ anyway, is compiled without tree vectorisation.
 template <class T, int Rows, int Vectors, bool Accumulate, class TA>
 __attribute__((optimize("no-tree-vectorize", "no-tree-slp-vectorize"))) void micro_kernel_scalar(
-    const TA* a, index_t a_row, index_t a_col, const T* b, index_t ldb, T* c, index_t ldc,
+    const TA* const* a_rows, index_t a_col, const T* b, index_t ldb, T* c, index_t ldc,
     index_t depth) noexcept {
-  micro_kernel_body<T, scalar, Rows, Vectors, Accumulate>(a, a_row, a_col, b, ldb, c, ldc, depth);
+  micro_kernel_body<T, scalar, Rows, Vectors, Accumulate>(a_rows, a_col, b, ldb, c, ldc, depth);
 }
 
-template <class T, class Backend, int Rows, int Vectors, bool Accumulate, class TA>
-inline void micro_kernel(const TA* a, index_t a_row, index_t a_col, const T* b, index_t ldb, T* c,
+/// C[Rows x Vectors*W] (= or +=) A * B with A's rows a(r0), ..., a(r0 + Rows - 1).
+template <class T, class Backend, int Rows, int Vectors, bool Accumulate, class ARows>
+inline void micro_kernel(const ARows& a, index_t r0, index_t a_col, const T* b, index_t ldb, T* c,
                          index_t ldc, index_t depth) noexcept {
+  using TA = std::remove_cv_t<std::remove_pointer_t<decltype(a(0))>>;
+  const TA* a_rows[Rows];
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) a_rows[r] = a(r0 + r);
   if constexpr (std::is_same_v<Backend, scalar>)
-    micro_kernel_scalar<T, Rows, Vectors, Accumulate>(a, a_row, a_col, b, ldb, c, ldc, depth);
+    micro_kernel_scalar<T, Rows, Vectors, Accumulate>(a_rows, a_col, b, ldb, c, ldc, depth);
   else
-    micro_kernel_body<T, Backend, Rows, Vectors, Accumulate>(a, a_row, a_col, b, ldb, c, ldc,
-                                                             depth);
+    micro_kernel_body<T, Backend, Rows, Vectors, Accumulate>(a_rows, a_col, b, ldb, c, ldc, depth);
 }
 
 /// C[rows x Vectors*W] (= or +=) A * B for any number of rows: full row blocks, then one
 /// call of the micro-kernel sized to the remainder.
-template <class T, class Backend, int RowBlock, int Vectors, bool Accumulate, class TA>
-inline void gemm_rows(index_t rows, const TA* a, index_t a_row, index_t a_col, const T* b,
-                      index_t ldb, T* c, index_t ldc, index_t depth) noexcept {
+template <class T, class Backend, int RowBlock, int Vectors, bool Accumulate, class ARows>
+inline void gemm_rows(index_t rows, const ARows& a, index_t a_col, const T* b, index_t ldb, T* c,
+                      index_t ldc, index_t depth) noexcept {
   index_t r = 0;
   for (; r + RowBlock <= rows; r += RowBlock)
-    micro_kernel<T, Backend, RowBlock, Vectors, Accumulate>(a + r * a_row, a_row, a_col, b, ldb,
-                                                            c + r * ldc, ldc, depth);
+    micro_kernel<T, Backend, RowBlock, Vectors, Accumulate>(a, r, a_col, b, ldb, c + r * ldc, ldc,
+                                                            depth);
   const index_t rest = rows - r;
   if constexpr (RowBlock > 1) {
     if (rest > 0) {
       [&]<int... R>(std::integer_sequence<int, R...>) {
         ((rest == R + 1 ? micro_kernel<T, Backend, R + 1, Vectors, Accumulate>(
-                              a + r * a_row, a_row, a_col, b, ldb, c + r * ldc, ldc, depth)
+                              a, r, a_col, b, ldb, c + r * ldc, ldc, depth)
                         : void()),
          ...);
       }
@@ -87,32 +105,48 @@ inline void gemm_rows(index_t rows, const TA* a, index_t a_row, index_t a_col, c
   }
 }
 
+/// gemm_rows with A's rows at a + r * a_row.
+template <class T, class Backend, int RowBlock, int Vectors, bool Accumulate, class TA>
+inline void gemm_rows(index_t rows, const TA* a, index_t a_row, index_t a_col, const T* b,
+                      index_t ldb, T* c, index_t ldc, index_t depth) noexcept {
+  gemm_rows<T, Backend, RowBlock, Vectors, Accumulate>(rows, strided_rows<TA>{a, a_row}, a_col, b,
+                                                       ldb, c, ldc, depth);
+}
+
 }  // namespace fovea::detail
 
 namespace fovea::detail {
 
 /// gemm_rows over any number of vectors of columns: blocks of Block vectors, then one
 /// call sized to the remainder.
-template <class T, class Backend, int RowBlock, int Block, bool Accumulate, class TA>
-inline void gemm_wide(index_t rows, index_t vectors, const TA* a, index_t a_row, index_t a_col,
-                      const T* b, index_t ldb, T* c, index_t ldc, index_t depth) noexcept {
+template <class T, class Backend, int RowBlock, int Block, bool Accumulate, class ARows>
+inline void gemm_wide(index_t rows, index_t vectors, const ARows& a, index_t a_col, const T* b,
+                      index_t ldb, T* c, index_t ldc, index_t depth) noexcept {
   constexpr int W = vec<T, Backend>::width;
   index_t x = 0;
   for (; x + Block <= vectors; x += Block)
-    gemm_rows<T, Backend, RowBlock, Block, Accumulate>(rows, a, a_row, a_col, b + x * W, ldb,
-                                                       c + x * W, ldc, depth);
+    gemm_rows<T, Backend, RowBlock, Block, Accumulate>(rows, a, a_col, b + x * W, ldb, c + x * W,
+                                                       ldc, depth);
   const index_t rest = vectors - x;
   if constexpr (Block > 1) {
     if (rest > 0) {
       [&]<int... X>(std::integer_sequence<int, X...>) {
         ((rest == X + 1 ? gemm_rows<T, Backend, RowBlock, X + 1, Accumulate>(
-                              rows, a, a_row, a_col, b + x * W, ldb, c + x * W, ldc, depth)
+                              rows, a, a_col, b + x * W, ldb, c + x * W, ldc, depth)
                         : void()),
          ...);
       }
       (std::make_integer_sequence<int, Block - 1>{});
     }
   }
+}
+
+/// gemm_wide with A's rows at a + r * a_row.
+template <class T, class Backend, int RowBlock, int Block, bool Accumulate, class TA>
+inline void gemm_wide(index_t rows, index_t vectors, const TA* a, index_t a_row, index_t a_col,
+                      const T* b, index_t ldb, T* c, index_t ldc, index_t depth) noexcept {
+  gemm_wide<T, Backend, RowBlock, Block, Accumulate>(rows, vectors, strided_rows<TA>{a, a_row},
+                                                     a_col, b, ldb, c, ldc, depth);
 }
 
 }  // namespace fovea::detail

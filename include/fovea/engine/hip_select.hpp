@@ -8,10 +8,13 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <numeric>
+#include <utility>
 
 #include "../core/scratch.hpp"
 #include "../core/tensor_view.hpp"
@@ -60,30 +63,37 @@ struct hip_buffers {
   static index_t key_rows(const hip_params& p) noexcept {  // rows scored per round, at most
     return 2 * p.branches * ((p.block_k + p.stride_k - 1) / p.stride_k);
   }
-  static index_t indices(const hip_params& p) noexcept { return 8 * p.branches + reps(p); }
+  /// index_t slots: branches, children, ranks, positions, then one row pointer per row.
+  static index_t indices(const hip_params& p) noexcept {
+    static_assert(sizeof(void*) <= sizeof(index_t));
+    return 10 * p.branches + reps(p) + key_rows(p);
+  }
   static index_t size(const hip_params& p, index_t D) noexcept {
     const index_t ld = columns(p), rows = key_rows(p);
-    return round_to_line<T>(D * ld) + round_to_line<T>(rows * D) + round_to_line<T>(rows * ld) +
-           round_to_line<T>(2 * p.branches) +
+    return round_to_line<T>(D * ld) + round_to_line<T>(rows * ld) +
+           round_to_line<T>(3 * p.branches) +
            round_to_line<T>((indices(p) * index_t(sizeof(index_t)) + index_t(sizeof(T)) - 1) /
                             index_t(sizeof(T)));
   }
-  T *q_t, *keys, *scores, *child_score;
-  index_t *first, *end;              ///< branches, in key blocks of the candidates
-  index_t *child_first, *child_end;  ///< halves of this round
-  index_t *pick, *position;          ///< ranked children; representative positions
+  T *q_t, *scores, *child_score, *branch_score;
+  index_t *first, *end;               ///< branches, in key blocks of the candidates
+  index_t *child_first, *child_end;   ///< halves of this round
+  index_t *pick, *chosen, *position;  ///< ranked children, kept flags; query positions
+  void* rows;                         ///< the scored key rows, as const S* pointers
   hip_buffers(T* work, const hip_params& p, index_t D) noexcept {
-    const index_t ld = columns(p), rows = key_rows(p), kb = p.branches;
+    const index_t ld = columns(p), n_rows = key_rows(p), kb = p.branches;
     q_t = work;
-    keys = q_t + round_to_line<T>(D * ld);
-    scores = keys + round_to_line<T>(rows * D);
-    child_score = scores + round_to_line<T>(rows * ld);
-    first = reinterpret_cast<index_t*>(child_score + round_to_line<T>(2 * kb));
+    scores = q_t + round_to_line<T>(D * ld);
+    child_score = scores + round_to_line<T>(n_rows * ld);
+    branch_score = child_score + 2 * kb;
+    first = reinterpret_cast<index_t*>(child_score + round_to_line<T>(3 * kb));
     end = first + kb;
     child_first = end + kb;
     child_end = child_first + 2 * kb;
     pick = child_end + 2 * kb;
-    position = pick + 2 * kb;
+    chosen = pick + 2 * kb;
+    position = chosen + 2 * kb;
+    this->rows = position + reps(p);
   }
 };
 
@@ -113,62 +123,78 @@ index_t hip_select_block(const hip_params& p, QueryRow&& q_row, index_t i0, inde
   }
   for (index_t m = 0; m < kb; ++m) buf.first[m] = m * nb / kb, buf.end[m] = (m + 1) * nb / kb;
 
-  for (bool split = true; split;) {
+  // A half whose centre is its parent's centre (the right half of a parent of width 2
+  // or 3) and a branch of one block carried over keep their score; the rest are scored.
+  index_t* known = buf.chosen;  // per child: 1 if its score is carried over
+  for (bool first_round = true, split = true; split; first_round = false) {
     index_t children = 0, rows = 0;
     for (index_t m = 0; m < kb; ++m) {
-      const index_t a = buf.first[m], e = buf.end[m];
+      const index_t a = buf.first[m], e = buf.end[m], mid = a + (e - a) / 2;
+      const T parent = buf.branch_score[m];
       if (e - a >= 2) {
-        buf.child_first[children] = a, buf.child_end[children++] = a + (e - a) / 2;
-        buf.child_first[children] = a + (e - a) / 2, buf.child_end[children++] = e;
+        buf.child_first[children] = a, buf.child_end[children] = mid, known[children++] = 0;
+        buf.child_first[children] = mid, buf.child_end[children] = e;
+        known[children] = !first_round && e - mid == 1;
+        buf.child_score[children++] = parent;
       } else {
-        buf.child_first[children] = a, buf.child_end[children++] = e;
+        buf.child_first[children] = a, buf.child_end[children] = e;
+        known[children] = !first_round;
+        buf.child_score[children++] = parent;
       }
     }
-    // Gather each child's representative keys (its centre block, every stride_k-th key).
-    for (index_t c = 0; c < children; ++c) {
+    // The new children's representative keys (the centre block, every stride_k-th key),
+    // read in place through a list of rows.
+    auto keys_of = [&](index_t c) {
       const index_t centre = buf.child_first[c] + (buf.child_end[c] - buf.child_first[c]) / 2;
       const index_t k0 = cand.first + centre * p.block_k;
-      const index_t k1 = std::min(cand.last, k0 + p.block_k);
-      for (index_t j = k0; j < k1; j += p.stride_k)
-        stage_rows(kv, true, j, 1, D, D, buf.keys + rows++ * D);
+      return std::pair{k0, std::min(cand.last, k0 + p.block_k)};
+    };
+    const S** key_rows = static_cast<const S**>(buf.rows);
+    for (index_t c = 0; c < children; ++c) {
+      if (known[c]) continue;
+      const auto [k0, k1] = keys_of(c);
+      for (index_t j = k0; j < k1; j += p.stride_k) key_rows[rows++] = kv.k_row(j);
     }
-    gemm_wide<T, Backend, RB, 4, false>(rows, ld / W, buf.keys, D, 1, buf.q_t, ld, buf.scores, ld,
-                                        D);
-    // Score: max over rows of the child and the columns that may see each key.
+    gemm_wide<T, Backend, RB, 4, false>(rows, ld / W, listed_rows<S>{key_rows}, 1, buf.q_t, ld,
+                                        buf.scores, ld, D);
+    // Score: the max over the child's rows and the columns that may see each key.
     rows = 0;
     for (index_t c = 0; c < children; ++c) {
-      const index_t centre = buf.child_first[c] + (buf.child_end[c] - buf.child_first[c]) / 2;
-      const index_t k0 = cand.first + centre * p.block_k;
-      const index_t k1 = std::min(cand.last, k0 + p.block_k);
+      if (known[c]) continue;
+      const auto [k0, k1] = keys_of(c);
       T best = neg_inf;
+      auto all = V::broadcast(neg_inf);
       for (index_t j = k0; j < k1; j += p.stride_k, ++rows) {
         const T* s = buf.scores + rows * ld;
         index_t from = 0;  // the first column whose window starts past key j
         if (p.causal)
           while (from < reps && position[from] - p.window + 1 <= j) ++from;
-        if (from == 0) {
-          auto mx = V::load(s);
-          for (index_t x = W; x < ld; x += W) mx = V::max(mx, V::load(s + x));
-          best = std::max(best, V::reduce_max(mx));
-        } else {
+        if (from == 0)
+          for (index_t x = 0; x < ld; x += W) all = V::max(all, V::load(s + x));
+        else
           for (index_t x = from; x < reps; ++x) best = std::max(best, s[x]);
-        }
       }
+      best = std::max(best, V::reduce_max(all));
       buf.child_score[c] = std::isnan(best) ? std::numeric_limits<T>::infinity() : best;
     }
-    // Keep the best kb children (ties: the earlier one), in key order.
-    index_t* pick = buf.pick;
-    std::iota(pick, pick + children, index_t(0));
-    std::nth_element(pick, pick + kb, pick + children, [&](index_t x, index_t y) {
-      return buf.child_score[x] > buf.child_score[y] ||
-             (buf.child_score[x] == buf.child_score[y] && x < y);
-    });
-    std::sort(pick, pick + kb);
+    // Keep the best kb children (ties: the earlier one), in key order. Ranked as one
+    // integer per child: the score's order-preserving float bits, then the inverted index.
+    auto* rank = reinterpret_cast<std::uint64_t*>(buf.pick);
+    for (index_t c = 0; c < children; ++c) {
+      const auto bits = std::bit_cast<std::uint32_t>(float(buf.child_score[c]));
+      const std::uint32_t ordered = (bits >> 31) ? ~bits : bits | 0x80000000u;
+      rank[c] = (std::uint64_t(ordered) << 32) | std::uint32_t(~std::uint32_t(c));
+    }
+    std::nth_element(rank, rank + kb, rank + children, std::greater<>());
+    std::fill(known, known + children, 0);  // reused as "kept"
+    for (index_t m = 0; m < kb; ++m) known[~std::uint32_t(rank[m])] = 1;
     split = false;
-    for (index_t m = 0; m < kb; ++m) {
-      buf.first[m] = buf.child_first[pick[m]];
-      buf.end[m] = buf.child_end[pick[m]];
-      split = split || buf.end[m] - buf.first[m] >= 2;
+    for (index_t c = 0, m = 0; c < children; ++c) {
+      if (!known[c]) continue;
+      buf.first[m] = buf.child_first[c];
+      buf.end[m] = buf.child_end[c];
+      buf.branch_score[m++] = buf.child_score[c];
+      split = split || buf.child_end[c] - buf.child_first[c] >= 2;
     }
   }
   for (index_t m = 0; m < kb; ++m) starts[m] = std::int32_t(cand.first + buf.first[m] * p.block_k);
