@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 #include <fovea/fovea.hpp>
+#include <functional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -248,6 +250,26 @@ TEST(HipArguments, BadInputNamesTheArgument) {
   expect_rejected("selection", out, -3.f, [&] {
     hip_attention(Q, Q, Q, O, sel, {.causal = true, .top_k = 8, .block_size_k = 4});
   });
+}
+
+}  // namespace
+}  // namespace fovea::test
+
+namespace fovea::test {
+namespace {
+
+TEST(HipSelect, KthLargestMatchesASort) {
+  std::mt19937_64 gen(5);
+  for (index_t n : {1, 2, 7, 64, 512, 1000}) {
+    std::vector<std::uint64_t> keys(n), scratch(n);
+    for (index_t i = 0; i < n; ++i)  // equal high parts, told apart by the low bits
+      keys[i] = (std::uint64_t(gen() % 5) << 40) | (gen() & 0xFFFFFF000ull) | std::uint64_t(i);
+    std::vector<std::uint64_t> sorted = keys;
+    std::sort(sorted.begin(), sorted.end(), std::greater<>());
+    for (index_t k = 1; k <= n; k += std::max<index_t>(1, n / 7))
+      EXPECT_EQ(detail::kth_largest(keys.data(), n, k, scratch.data()), sorted[k - 1])
+          << "n=" << n << " k=" << k;
+  }
 }
 
 }  // namespace

@@ -39,7 +39,7 @@ index_t check_qkvo(const tensor_view<const T, 4>& q, const tensor_view<const T, 
   check_rows(k, "k");
   check_rows(v, "v");
   check_rows(out, "out");
-  const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2), D = q.extent(3);
+  const index_t B = q.extent(0), H = q.extent(1), D = q.extent(3);
   const index_t Hk = k.extent(1), Sk = k.extent(2);
   require(D >= 1, "q: extent 3 (dim) is ", D, ", expected at least 1");
   check_extent(k, 0, B, "k", "batch of q");

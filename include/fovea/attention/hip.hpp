@@ -116,15 +116,32 @@ hip_selection run_hip_select(const tensor_view<const S, 4>& q, const tensor_view
   const index_t group = H / Hk;
   kv_layout<S> kv{k, k};
   const int used = int(std::min<index_t>(std::max(threads, 1), rows));
+  // With several query blocks per head, every key is scored many times: convert the keys
+  // to bf16 pairs once (half the bytes of K) when the search scores in bf16.
+  const index_t pairs = bf16_pairs(D);
+  std::vector<std::uint32_t> key_pairs;
+  if (hip_scores_in_bf16<T, S, Backend>(p) && sel.query_blocks >= 4) {
+    key_pairs.resize(B * Hk * Sk * pairs);
+#if FOVEA_HAS_BF16_DOT
+    if constexpr (std::is_same_v<S, float>)
+      parallel_for(B * Hk, used, [&](index_t bh, int) {
+        const auto src = kv.source(bh / Hk, bh % Hk);
+        for (index_t j = 0; j < Sk; ++j)
+          to_bf16_pairs(src.k_row(j), D, key_pairs.data() + (bh * Sk + j) * pairs);
+      });
+#endif
+  }
   const scratch_slices<T> buffers(used, hip_buffers<T, Backend>::size(p, D));
   parallel_for(rows, used, [&](index_t row, int thread) {
     const index_t b = row / (H * sel.query_blocks), h = row / sel.query_blocks % H;
     const index_t i0 = row % sel.query_blocks * p.block_q, i1 = std::min(Sq, i0 + p.block_q);
     hip_buffers<T, Backend> buf(buffers.slice(thread), p, D);
     const auto cand = hip_candidates_for(p, i1, Sq, Sk);
+    const std::uint32_t* converted =
+        key_pairs.empty() ? nullptr : key_pairs.data() + (b * Hk + h / group) * Sk * pairs;
     sel.counts[row] = std::int32_t(hip_select_block(
         p, [&](index_t i) { return &q(b, h, i, 0); }, i0, i1, p.causal ? Sk - Sq : 0,
-        kv.source(b, h / group), cand, D, buf, sel.starts.data() + row * p.branches));
+        kv.source(b, h / group), cand, D, buf, sel.starts.data() + row * p.branches, converted));
   });
   return sel;
 }

@@ -14,13 +14,16 @@
 #include <functional>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <utility>
 
 #include "../core/scratch.hpp"
 #include "../core/tensor_view.hpp"
+#include "../simd/prefetch.hpp"
 #include "../simd/vec.hpp"
 #include "gemm_tile.hpp"
 #include "kv_source.hpp"
+#include "score_bf16.hpp"
 #include "stage.hpp"
 #include "tile_traits.hpp"
 
@@ -52,6 +55,38 @@ inline hip_candidates hip_candidates_for(const hip_params& p, index_t i1, index_
   return {first, std::clamp<index_t>(last_position - p.window + 1, first, Sk)};
 }
 
+/// The k-th largest of n distinct keys (1 <= k <= n), by radix selection on bytes from
+/// the top: a few branch-light passes instead of a comparison sort's mispredictions.
+/// `scratch` holds n keys.
+inline std::uint64_t kth_largest(const std::uint64_t* keys, index_t n, index_t k,
+                                 std::uint64_t* scratch) noexcept {
+  const std::uint64_t* cand = keys;
+  for (int shift = 56;; shift -= 8) {
+    index_t count[256] = {};
+    for (index_t i = 0; i < n; ++i) ++count[(cand[i] >> shift) & 255];
+    index_t bucket = 255, above = 0;
+    for (; above + count[bucket] < k; --bucket) above += count[bucket];
+    index_t m = 0;
+    for (index_t i = 0; i < n; ++i)
+      if (((cand[i] >> shift) & 255) == std::uint64_t(bucket)) scratch[m++] = cand[i];
+    k -= above;
+    n = m;
+    cand = scratch;
+    if (n == k || shift == 0) return *std::min_element(scratch, scratch + n);
+    if (k == 1) return *std::max_element(scratch, scratch + n);
+  }
+}
+
+/// True when hip_select_block scores in bf16 for these types and parameters, so that
+/// keys converted to bf16 pairs once can serve many query blocks.
+template <class T, class S, class Backend>
+constexpr bool hip_scores_in_bf16(const hip_params& p) noexcept {
+  constexpr int W = vec<T, Backend>::width;
+  const index_t columns = ((p.block_q + p.stride_q - 1) / p.stride_q + W - 1) / W * W;
+  return FOVEA_HAS_BF16_DOT && std::is_same_v<T, float> && std::is_same_v<S, float> &&
+         !std::is_same_v<Backend, scalar> && columns <= 64;
+}
+
 /// Per-thread buffers of one query block's search.
 template <class T, class Backend>
 struct hip_buffers {
@@ -66,32 +101,36 @@ struct hip_buffers {
   /// index_t slots: branches, children, ranks, positions, then one row pointer per row.
   static index_t indices(const hip_params& p) noexcept {
     static_assert(sizeof(void*) <= sizeof(index_t));
-    return 10 * p.branches + reps(p) + key_rows(p);
+    return 12 * p.branches + reps(p) + key_rows(p);
   }
   static index_t size(const hip_params& p, index_t D) noexcept {
     const index_t ld = columns(p), rows = key_rows(p);
     return round_to_line<T>(D * ld) + round_to_line<T>(rows * ld) +
-           round_to_line<T>(3 * p.branches) +
+           round_to_line<T>(bf16_pairs(D) * (ld + rows)) + round_to_line<T>(3 * p.branches) +
            round_to_line<T>((indices(p) * index_t(sizeof(index_t)) + index_t(sizeof(T)) - 1) /
                             index_t(sizeof(T)));
   }
   T *q_t, *scores, *child_score, *branch_score;
-  index_t *first, *end;               ///< branches, in key blocks of the candidates
-  index_t *child_first, *child_end;   ///< halves of this round
-  index_t *pick, *chosen, *position;  ///< ranked children, kept flags; query positions
-  void* rows;                         ///< the scored key rows, as const S* pointers
+  std::uint32_t *q_pairs, *key_pairs;  ///< bf16 scoring: [pairs][ld] and [rows][pairs]
+  index_t *first, *end;                ///< branches, in key blocks of the candidates
+  index_t *child_first, *child_end;    ///< halves of this round
+  index_t *pick, *chosen, *position;   ///< ranked children, kept flags; query positions
+  void* rows;                          ///< the scored key rows, as const S* pointers
   hip_buffers(T* work, const hip_params& p, index_t D) noexcept {
     const index_t ld = columns(p), n_rows = key_rows(p), kb = p.branches;
     q_t = work;
     scores = q_t + round_to_line<T>(D * ld);
     child_score = scores + round_to_line<T>(n_rows * ld);
     branch_score = child_score + 2 * kb;
-    first = reinterpret_cast<index_t*>(child_score + round_to_line<T>(3 * kb));
+    T* pairs = child_score + round_to_line<T>(3 * kb);
+    q_pairs = reinterpret_cast<std::uint32_t*>(pairs);
+    key_pairs = q_pairs + bf16_pairs(D) * ld;
+    first = reinterpret_cast<index_t*>(pairs + round_to_line<T>(bf16_pairs(D) * (ld + n_rows)));
     end = first + kb;
     child_first = end + kb;
     child_end = child_first + 2 * kb;
     pick = child_end + 2 * kb;
-    chosen = pick + 2 * kb;
+    chosen = pick + 4 * kb;
     position = chosen + 2 * kb;
     this->rows = position + reps(p);
   }
@@ -99,10 +138,13 @@ struct hip_buffers {
 
 /// Writes the sorted first keys of the selected key blocks of queries [i0, i1) (query
 /// rows q_row(i), D long, at positions i + offset) to `starts` and returns their count.
+/// `key_pairs`, if given, holds every key of `kv` already as bf16 pairs (bf16_pairs(D)
+/// per key), for callers that select many blocks against the same keys.
 template <class Backend, class T, class S, class QueryRow>
 index_t hip_select_block(const hip_params& p, QueryRow&& q_row, index_t i0, index_t i1,
                          index_t offset, const kv_source<S>& kv, const hip_candidates& cand,
-                         index_t D, hip_buffers<T, Backend>& buf, std::int32_t* starts) noexcept {
+                         index_t D, hip_buffers<T, Backend>& buf, std::int32_t* starts,
+                         const std::uint32_t* key_pairs = nullptr) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width, RB = tile_traits<T, Backend>::row_block;
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
@@ -117,9 +159,22 @@ index_t hip_select_block(const hip_params& p, QueryRow&& q_row, index_t i0, inde
   index_t* position = buf.position;
   index_t reps = 0;
   for (index_t i = i0; i < i1; i += p.stride_q) position[reps++] = i + offset;
+  // Scores in bf16 products where the CPU has them (only their order matters).
+  constexpr bool bf16_capable = FOVEA_HAS_BF16_DOT && std::is_same_v<T, float> &&
+                                std::is_same_v<S, float> && !std::is_same_v<Backend, scalar>;
+  const bool bf16 = hip_scores_in_bf16<T, S, Backend>(p);
+  const index_t pairs = bf16_pairs(D);
+  if (!bf16) key_pairs = nullptr;
   for (index_t c = 0; c < ld; ++c) {
     const auto* row = q_row(std::min(c, reps - 1) * p.stride_q + i0);
     for (index_t d = 0; d < D; ++d) buf.q_t[d * ld + c] = T(row[d]);
+#if FOVEA_HAS_BF16_DOT
+    if constexpr (bf16_capable)
+      if (bf16) {
+        to_bf16_pairs(row, D, buf.key_pairs);  // as scratch
+        for (index_t i = 0; i < pairs; ++i) buf.q_pairs[i * ld + c] = buf.key_pairs[i];
+      }
+#endif
   }
   for (index_t m = 0; m < kb; ++m) buf.first[m] = m * nb / kb, buf.end[m] = (m + 1) * nb / kb;
 
@@ -150,13 +205,35 @@ index_t hip_select_block(const hip_params& p, QueryRow&& q_row, index_t i0, inde
       return std::pair{k0, std::min(cand.last, k0 + p.block_k)};
     };
     const S** key_rows = static_cast<const S**>(buf.rows);
+    auto** pair_rows = reinterpret_cast<const std::uint32_t**>(buf.rows);
     for (index_t c = 0; c < children; ++c) {
       if (known[c]) continue;
       const auto [k0, k1] = keys_of(c);
-      for (index_t j = k0; j < k1; j += p.stride_k) key_rows[rows++] = kv.k_row(j);
+      for (index_t j = k0; j < k1; j += p.stride_k, ++rows)
+        if (key_pairs)
+          pair_rows[rows] = key_pairs + j * bf16_pairs(D);
+        else
+          key_rows[rows] = kv.k_row(j);
     }
-    gemm_wide<T, Backend, RB, 4, false>(rows, ld / W, listed_rows<S>{key_rows}, 1, buf.q_t, ld,
-                                        buf.scores, ld, D);
+    if (!bf16) {
+      gemm_wide<T, Backend, RB, 4, false>(rows, ld / W, listed_rows<S>{key_rows}, 1, buf.q_t, ld,
+                                          buf.scores, ld, D);
+    } else {
+#if FOVEA_HAS_BF16_DOT
+      if constexpr (bf16_capable) {
+        constexpr index_t ahead = 16, line = 16;  // rows prefetched ahead; floats per line
+        for (index_t r = 0; r < std::min(ahead, rows) && !key_pairs; ++r)
+          for (index_t d = 0; d < D; d += line) prefetch_l2(key_rows[r] + d);
+        for (index_t r = 0; r < rows && !key_pairs; ++r) {
+          if (r + ahead < rows)
+            for (index_t d = 0; d < D; d += line) prefetch_l2(key_rows[r + ahead] + d);
+          to_bf16_pairs(key_rows[r], D, buf.key_pairs + r * pairs);
+          pair_rows[r] = buf.key_pairs + r * pairs;
+        }
+        dot_bf16(rows, ld / 16, pair_rows, buf.q_pairs, ld, pairs, buf.scores, ld);
+      }
+#endif
+    }
     // Score: the max over the child's rows and the columns that may see each key.
     rows = 0;
     for (index_t c = 0; c < children; ++c) {
@@ -185,9 +262,8 @@ index_t hip_select_block(const hip_params& p, QueryRow&& q_row, index_t i0, inde
       const std::uint32_t ordered = (bits >> 31) ? ~bits : bits | 0x80000000u;
       rank[c] = (std::uint64_t(ordered) << 32) | std::uint32_t(~std::uint32_t(c));
     }
-    std::nth_element(rank, rank + kb, rank + children, std::greater<>());
-    std::fill(known, known + children, 0);  // reused as "kept"
-    for (index_t m = 0; m < kb; ++m) known[~std::uint32_t(rank[m])] = 1;
+    const std::uint64_t bar = kth_largest(rank, children, kb, rank + children);
+    for (index_t c = 0; c < children; ++c) known[c] = rank[c] >= bar;  // reused as "kept"
     split = false;
     for (index_t c = 0, m = 0; c < children; ++c) {
       if (!known[c]) continue;
