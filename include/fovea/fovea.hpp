@@ -9,6 +9,7 @@
 #include "attention/block_sparse.hpp"
 #include "attention/dynamic_mask.hpp"
 #include "attention/hip.hpp"
+#include "attention/routing.hpp"
 #include "attention/linear.hpp"
 #include "attention/softmax.hpp"
 #include "attention/softmax_paged.hpp"

@@ -26,6 +26,7 @@
 #include "score_bf16.hpp"
 #include "stage.hpp"
 #include "tile_traits.hpp"
+#include "topk.hpp"
 
 namespace fovea::detail {
 
@@ -53,28 +54,6 @@ inline hip_candidates hip_candidates_for(const hip_params& p, index_t i1, index_
   const index_t first = std::min(p.sink, Sk);
   const index_t last_position = i1 - 1 + Sk - Sq;
   return {first, std::clamp<index_t>(last_position - p.window + 1, first, Sk)};
-}
-
-/// The k-th largest of n distinct keys (1 <= k <= n), by radix selection on bytes from
-/// the top: a few branch-light passes instead of a comparison sort's mispredictions.
-/// `scratch` holds n keys.
-inline std::uint64_t kth_largest(const std::uint64_t* keys, index_t n, index_t k,
-                                 std::uint64_t* scratch) noexcept {
-  const std::uint64_t* cand = keys;
-  for (int shift = 56;; shift -= 8) {
-    index_t count[256] = {};
-    for (index_t i = 0; i < n; ++i) ++count[(cand[i] >> shift) & 255];
-    index_t bucket = 255, above = 0;
-    for (; above + count[bucket] < k; --bucket) above += count[bucket];
-    index_t m = 0;
-    for (index_t i = 0; i < n; ++i)
-      if (((cand[i] >> shift) & 255) == std::uint64_t(bucket)) scratch[m++] = cand[i];
-    k -= above;
-    n = m;
-    cand = scratch;
-    if (n == k || shift == 0) return *std::min_element(scratch, scratch + n);
-    if (k == 1) return *std::max_element(scratch, scratch + n);
-  }
 }
 
 /// True when hip_select_block scores in bf16 for these types and parameters, so that
@@ -254,14 +233,9 @@ index_t hip_select_block(const hip_params& p, QueryRow&& q_row, index_t i0, inde
       best = std::max(best, V::reduce_max(all));
       buf.child_score[c] = std::isnan(best) ? std::numeric_limits<T>::infinity() : best;
     }
-    // Keep the best kb children (ties: the earlier one), in key order. Ranked as one
-    // integer per child: the score's order-preserving float bits, then the inverted index.
+    // Keep the best kb children (ties: the earlier one), in key order.
     auto* rank = reinterpret_cast<std::uint64_t*>(buf.pick);
-    for (index_t c = 0; c < children; ++c) {
-      const auto bits = std::bit_cast<std::uint32_t>(float(buf.child_score[c]));
-      const std::uint32_t ordered = (bits >> 31) ? ~bits : bits | 0x80000000u;
-      rank[c] = (std::uint64_t(ordered) << 32) | std::uint32_t(~std::uint32_t(c));
-    }
+    for (index_t c = 0; c < children; ++c) rank[c] = rank_key(float(buf.child_score[c]), c);
     const std::uint64_t bar = kth_largest(rank, children, kb, rank + children);
     for (index_t c = 0; c < children; ++c) known[c] = rank[c] >= bar;  // reused as "kept"
     split = false;

@@ -1,0 +1,117 @@
+// Spherical k-means for routing attention: l2-normalised rows, scores against unit-norm
+// centroids (one GEMM), seeded Lloyd iterations, and balanced membership (the top-w rows
+// of each cluster, in position order).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+
+#include "../core/tensor_view.hpp"
+#include "../simd/vec.hpp"
+#include "gemm_tile.hpp"
+#include "tile_traits.hpp"
+#include "topk.hpp"
+
+namespace fovea::detail {
+
+/// dst[r] = x[r] / |x[r]| in T (rows of d, dst contiguous); an all-zero row stays zero.
+template <class T, class S>
+void normalized_rows(const S* x, index_t row_stride, index_t rows, index_t d, T* dst) noexcept {
+  for (index_t r = 0; r < rows; ++r) {
+    const S* src = x + r * row_stride;
+    T norm = 0;
+    for (index_t e = 0; e < d; ++e) norm += T(src[e]) * T(src[e]);
+    const T inv = norm > T(0) ? T(1) / std::sqrt(norm) : T(0);
+    for (index_t e = 0; e < d; ++e) dst[r * d + e] = T(src[e]) * inv;
+  }
+}
+
+/// Centroids transposed for the score GEMM: mu_t[e][c] = mu[c][e], columns padded to ld.
+template <class T>
+void transpose_centroids(const T* mu, index_t clusters, index_t d, index_t ld, T* mu_t) noexcept {
+  for (index_t e = 0; e < d; ++e)
+    for (index_t c = 0; c < ld; ++c) mu_t[e * ld + c] = c < clusters ? mu[c * d + e] : T(0);
+}
+
+/// The padded column count of a score matrix with `clusters` columns.
+template <class T, class Backend>
+constexpr index_t score_columns(index_t clusters) noexcept {
+  constexpr index_t W = vec<T, Backend>::width;
+  return (clusters + W - 1) / W * W;
+}
+
+/// scores[r][c] = x[r] . mu[c] for rows of x (n x d) and mu_t as transpose_centroids made.
+template <class T, class Backend>
+void centroid_scores(const T* x, index_t n, index_t d, const T* mu_t, index_t ld,
+                     T* scores) noexcept {
+  constexpr int W = vec<T, Backend>::width, RB = tile_traits<T, Backend>::row_block;
+  gemm_wide<T, Backend, RB, 4, false>(n, ld / W, x, d, 1, mu_t, ld, scores, ld, d);
+}
+
+/// The cluster of highest score per row (ties: the lower cluster).
+template <class T>
+void assign_rows(const T* scores, index_t n, index_t clusters, index_t ld,
+                 index_t* assignment) noexcept {
+  for (index_t r = 0; r < n; ++r) {
+    index_t best = 0;
+    for (index_t c = 1; c < clusters; ++c)
+      if (scores[r * ld + c] > scores[r * ld + best]) best = c;
+    assignment[r] = best;
+  }
+}
+
+/// One Lloyd step on unit vectors: each centroid becomes the normalised mean of its rows;
+/// a centroid with no rows keeps its place. sums: clusters x d; counts: clusters.
+template <class T>
+void recentre(const T* x, index_t n, index_t d, const index_t* assignment, T* mu, index_t clusters,
+              T* sums, index_t* counts) noexcept {
+  std::fill(sums, sums + clusters * d, T(0));
+  std::fill(counts, counts + clusters, 0);
+  for (index_t r = 0; r < n; ++r) {
+    ++counts[assignment[r]];
+    for (index_t e = 0; e < d; ++e) sums[assignment[r] * d + e] += x[r * d + e];
+  }
+  for (index_t c = 0; c < clusters; ++c)
+    if (counts[c] > 0) normalized_rows(sums + c * d, d, 1, d, mu + c * d);
+}
+
+/// Seeded centroids for the rows x (n x d, unit norm): `clusters` distinct rows chosen at
+/// random, then `iterations` Lloyd steps. Needs clusters <= n. Scratch: scores (n x ld),
+/// mu_t (d x ld), sums (clusters x d), assignment (n), counts (clusters), picks (n).
+template <class T, class Backend>
+void seeded_centroids(const T* x, index_t n, index_t d, index_t clusters, index_t iterations,
+                      std::uint64_t seed, T* mu, T* scores, T* mu_t, T* sums, index_t* assignment,
+                      index_t* counts, index_t* picks) noexcept {
+  std::mt19937_64 gen(seed);
+  for (index_t r = 0; r < n; ++r) picks[r] = r;
+  for (index_t c = 0; c < clusters; ++c) {  // a partial Fisher-Yates shuffle
+    const index_t other = c + index_t(gen() % std::uint64_t(n - c));
+    std::swap(picks[c], picks[other]);
+    std::copy(x + picks[c] * d, x + picks[c] * d + d, mu + c * d);
+  }
+  const index_t ld = score_columns<T, Backend>(clusters);
+  for (index_t it = 0; it < iterations; ++it) {
+    transpose_centroids(mu, clusters, d, ld, mu_t);
+    centroid_scores<T, Backend>(x, n, d, mu_t, ld, scores);
+    assign_rows(scores, n, clusters, ld, assignment);
+    recentre(x, n, d, assignment, mu, clusters, sums, counts);
+  }
+}
+
+/// members[c * w + m], m < w: the w rows of highest score for cluster c (ties: the lower
+/// row), in increasing row order. keys: 2n scratch entries.
+template <class T>
+void balanced_members(const T* scores, index_t n, index_t clusters, index_t ld, index_t w,
+                      index_t* members, std::uint64_t* keys) noexcept {
+  for (index_t c = 0; c < clusters; ++c) {
+    for (index_t r = 0; r < n; ++r) keys[r] = rank_key(float(scores[r * ld + c]), r);
+    const std::uint64_t bar = kth_largest(keys, n, w, keys + n);
+    index_t* out = members + c * w;
+    for (index_t r = 0; r < n; ++r)
+      if (keys[r] >= bar) *out++ = r;
+  }
+}
+
+}  // namespace fovea::detail
