@@ -120,6 +120,35 @@ void BM_hip_decode(benchmark::State& state) {  // selection made once, reused ev
       [&](problem& p) { fovea::hip_attention(p.Q(), p.K(), p.V(), p.O(), selection, o); });
 }
 
+// Routing: non-causal, D=64, num_clusters = window = sqrt(N), against dense non-causal.
+template <class Kernel>
+void run64(benchmark::State& state, index_t n, Kernel&& kernel) {
+  constexpr index_t d = 64;
+  std::vector<float> q(n * d), k(n * d), v(n * d), o(n * d);
+  fill(q, 5), fill(k, 6), fill(v, 7);
+  const auto Q = fovea::bhsd<const float>(q.data(), 1, 1, n, d);
+  const auto K = fovea::bhsd<const float>(k.data(), 1, 1, n, d);
+  const auto V = fovea::bhsd<const float>(v.data(), 1, 1, n, d);
+  const auto O = fovea::bhsd(o.data(), 1, 1, n, d);
+  for (auto _ : state) {
+    kernel(Q, K, V, O);
+    benchmark::DoNotOptimize(o.data());
+  }
+}
+
+void BM_routing(benchmark::State& state, index_t n) {
+  const index_t c = index_t(std::lround(std::sqrt(double(n))));
+  run64(state, n, [c](auto q, auto k, auto v, auto o) {
+    fovea::routing_attention(q, k, v, o, {.num_clusters = c, .window = c, .threads = 1});
+  });
+}
+
+void BM_dense64(benchmark::State& state, index_t n) {
+  run64(state, n, [](auto q, auto k, auto v, auto o) {
+    fovea::softmax_attention(q, k, v, o, {.threads = 1});
+  });
+}
+
 // ---- recall on planted structure ----------------------------------------------------
 
 /// A retrieval-style head: 16 topics, each with two segments of 128 keys somewhere in
@@ -261,6 +290,8 @@ int main(int argc, char** argv) {
   for (index_t n : {16384, 32768, 65536}) add("hip512/N=" + std::to_string(n), BM_hip, n);
   for (index_t keep : {2048, 1024})
     add("dma" + std::to_string(keep) + "/N=32768", BM_dma, index_t(32768), keep);
+  for (index_t n : {16384, 65536}) add("routing/N=" + std::to_string(n), BM_routing, n);
+  add("dense64/N=16384", BM_dense64, index_t(16384));
   add("dense/decode", BM_dense_decode);
   add("dma1024/decode", BM_dma_decode);
   add("hip512/decode", BM_hip_decode);
@@ -273,7 +304,8 @@ int main(int argc, char** argv) {
     const auto it = r.find(name);
     return it == r.end() ? 0.0 : it->second.seconds * 1e3;
   };
-  std::printf("\n| sparse attention, causal, D=%td, 1 thread | ms | dense ms | faster |\n", D);
+  std::printf(
+      "\n| sparse attention, 1 thread (D=128 causal unless noted) | ms | dense ms | faster |\n");
   std::printf("|---|---:|---:|---:|\n");
   auto row = [&](const char* label, const std::string& name, const std::string& dense) {
     if (ms(name) > 0 && ms(dense) > 0)
@@ -286,6 +318,13 @@ int main(int argc, char** argv) {
   row("DMA keep=1024, N=32768", "dma1024/N=32768", "dense/N=32768");
   row("DMA keep=1024, decode Sk=262144 (H=32, Hk=8)", "dma1024/decode", "dense/decode");
   row("HiP top_k=512, decode Sk=262144, selection reused", "hip512/decode", "dense/decode");
+  if (ms("routing/N=16384") > 0 && ms("dense64/N=16384") > 0)
+    std::printf("| Routing, non-causal, D=64, c = w = 128, N=16384 | %.1f | %.1f | %.1fx |\n",
+                ms("routing/N=16384"), ms("dense64/N=16384"),
+                ms("dense64/N=16384") / ms("routing/N=16384"));
+  if (ms("routing/N=65536") > 0 && ms("routing/N=16384") > 0)
+    std::printf("\nRouting time(N=65536, c = w = 256) / time(N=16384) = %.2f (O(N^1.5): 8)\n",
+                ms("routing/N=65536") / ms("routing/N=16384"));
   if (ms("hip512/N=65536") > 0 && ms("hip512/N=16384") > 0)
     std::printf("\nHiP time(N=65536) / time(N=16384) = %.2f (O(T log T); O(T^2) would be 16)\n",
                 ms("hip512/N=65536") / ms("hip512/N=16384"));

@@ -160,7 +160,8 @@ struct routing_buffers {
            tile(d, dv);
   }
   index_t indices() const noexcept {
-    return clusters * (wq + wk) + 5 * (sq + sk) + clusters + sq;  // order: 2 (sq + sk) keys
+    // keys for balanced_members, then assignment and picks for k-means
+    return clusters * (wq + wk) + (member_sweep + 1 + 2) * (sq + sk) + clusters + sq;
   }
 };
 
@@ -272,8 +273,8 @@ void run_routing(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>
     index_t* q_members = index_scratch.data() + std::size_t(thread) * sizes.indices();
     index_t* k_members = q_members + c_n * wq;
     index_t* order = k_members + c_n * wk;
-    auto* keys = reinterpret_cast<std::uint64_t*>(order);  // 2 (Sq + Sk), for the top-w
-    index_t* assignment = order + 2 * (Sq + Sk);
+    auto* keys = reinterpret_cast<std::uint64_t*>(order);  // for the top-w of each cluster
+    index_t* assignment = order + (member_sweep + 1) * (Sq + Sk);
     index_t* picks = assignment + Sq + Sk;
     index_t* counts = picks + Sq + Sk;
     index_t* covered = counts + c_n;

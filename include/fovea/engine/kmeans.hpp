@@ -100,17 +100,27 @@ void seeded_centroids(const T* x, index_t n, index_t d, index_t clusters, index_
   }
 }
 
+/// Clusters whose member keys balanced_members builds in one sweep over the score rows.
+inline constexpr index_t member_sweep = 16;
+
 /// members[c * w + m], m < w: the w rows of highest score for cluster c (ties: the lower
-/// row), in increasing row order. keys: 2n scratch entries.
+/// row), in increasing row order. keys: (member_sweep + 1) * n scratch entries.
 template <class T>
 void balanced_members(const T* scores, index_t n, index_t clusters, index_t ld, index_t w,
                       index_t* members, std::uint64_t* keys) noexcept {
-  for (index_t c = 0; c < clusters; ++c) {
-    for (index_t r = 0; r < n; ++r) keys[r] = rank_key(float(scores[r * ld + c]), r);
-    const std::uint64_t bar = kth_largest(keys, n, w, keys + n);
-    index_t* out = members + c * w;
-    for (index_t r = 0; r < n; ++r)
-      if (keys[r] >= bar) *out++ = r;
+  std::uint64_t* scratch = keys + member_sweep * n;
+  for (index_t c0 = 0; c0 < clusters; c0 += member_sweep) {
+    const index_t sweep = std::min(member_sweep, clusters - c0);
+    for (index_t r = 0; r < n; ++r)  // one pass over the rows for a sweep of clusters
+      for (index_t c = 0; c < sweep; ++c)
+        keys[c * n + r] = rank_key(float(scores[r * ld + c0 + c]), r);
+    for (index_t c = 0; c < sweep; ++c) {
+      const std::uint64_t* key = keys + c * n;
+      const std::uint64_t bar = kth_largest(key, n, w, scratch);
+      index_t* out = members + (c0 + c) * w;
+      for (index_t r = 0; r < n; ++r)
+        if (key[r] >= bar) *out++ = r;
+    }
   }
 }
 
