@@ -355,3 +355,61 @@ TEST(RoutingArguments, BadInputNamesTheArgument) {
 
 }  // namespace
 }  // namespace fovea::test
+
+namespace fovea::test {
+namespace {
+
+template <class C>
+class RoutingDecode : public ::testing::Test {};
+TYPED_TEST_SUITE(RoutingDecode, configs, config_names);
+
+// The decode step, one token at a time, equals masked dense attention over the keys of
+// the query's nearest cluster (memberships computed here from the definitions).
+TYPED_TEST(RoutingDecode, EachStepAttendsToItsClustersEarlierKeys) {
+  using T = typename TypeParam::value_type;
+  using Backend = typename TypeParam::backend;
+  const index_t B = 2, H = 4, Hk = 2, D = 16, total = 90, c = 3;
+  const auto k = normal<T>(B * Hk * total * D, 21), v = normal<T>(B * Hk * total * D, 22);
+  const auto q = normal<T>(B * H * total * D, 23);
+  const routing_centroids mu = random_centroids(H, c, D, 24);
+  auto nearest = [&](const T* x, index_t h) {
+    index_t best = 0;
+    double best_dot = -INFINITY;
+    for (index_t j = 0; j < c; ++j) {
+      double dot = 0;
+      for (index_t e = 0; e < D; ++e) dot += double(x[e]) * mu.centroid(h, j)[e];
+      if (dot > best_dot) best = j, best_dot = dot;
+    }
+    return best;
+  };
+  routing_cache cache(mu, B, Hk);
+  for (index_t step = 1; step <= total; step += 7) {  // the cache holds `step` keys
+    auto cached = [&](const std::vector<T>& x) {
+      return view<const T, 4>(x.data(), {B, Hk, step, D}, {Hk * total * D, total * D, D, 1});
+    };
+    cache.append(cached(k));
+    const auto Q =
+        view<const T, 4>(q.data() + (step - 1) * D, {B, H, 1, D}, {H * total * D, total * D, D, 1});
+    std::vector<T> out(B * H * D, T(-7));
+    routing_decode<Backend>(Q, cached(k), cached(v), bhsd(out.data(), B, H, 1, D), cache);
+    auto in_cluster = [&](index_t b, index_t h, index_t, index_t j) {
+      return nearest(&k[((b * Hk + h / 2) * total + j) * D], h) == nearest(&Q(b, h, 0, 0), h);
+    };
+    const auto want = reference_softmax<double>(Q, cached(k), cached(v), {.causal = true},
+                                                with_mask_mod(in_cluster));
+    const auto naive =
+        reference_softmax<T>(Q, cached(k), cached(v), {.causal = true}, with_mask_mod(in_cluster));
+    EXPECT_TRUE(
+        within_tolerance<T>(std::vector<double>(out.begin(), out.end()), want.out, naive.out))
+        << "step " << step;
+  }
+  std::vector<T> out(B * H * D);
+  const auto Q1 = bhsd<const T>(q.data(), B, H, 1, D);
+  EXPECT_THROW(routing_decode<Backend>(Q1, bhsd<const T>(k.data(), B, Hk, 5, D),
+                                       bhsd<const T>(v.data(), B, Hk, 5, D),
+                                       bhsd(out.data(), B, H, 1, D), cache),
+               fovea::error);  // the cache has routed more keys than k holds
+}
+
+}  // namespace
+}  // namespace fovea::test

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 #include <random>
+#include <span>
 #include <vector>
 
 #include "../core/error.hpp"
@@ -20,6 +21,7 @@
 #include "../core/validate.hpp"
 #include "../engine/gathered.hpp"
 #include "../engine/kmeans.hpp"
+#include "../engine/sparse.hpp"
 #include "../simd/backend.hpp"
 #include "checks.hpp"
 #include "softmax.hpp"
@@ -354,6 +356,106 @@ requires detail::attention_types<TQ, TK, TV, TO>
 void routing_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v,
                        tensor_view<TO, 4> out, const routing_options& options) {
   detail::run_routing<Backend, TO>(q, k, v, out, nullptr, options);
+}
+
+/// The key side of strictly causal routing decode: every key appended joins its nearest
+/// cluster (for each query head, with that head's centroids), so the per-cluster key lists
+/// grow with the KV cache. Keys are never re-routed.
+class routing_cache {
+ public:
+  routing_cache(const routing_centroids& centroids, index_t batch, index_t kv_heads)
+      : mu_(&centroids),
+        batch_(batch),
+        kv_heads_(kv_heads),
+        lists_(std::size_t(batch * centroids.heads() * centroids.clusters())) {
+    detail::require(batch >= 1 && kv_heads >= 1 && centroids.heads() % kv_heads == 0,
+                    "routing_cache: batch ", batch, " and kv_heads ", kv_heads,
+                    " must be >= 1, kv_heads dividing the centroids' ", centroids.heads(),
+                    " heads");
+  }
+  index_t size() const noexcept { return size_; }
+  index_t batch() const noexcept { return batch_; }
+  /// Keys of cluster c for query head h of batch row b, in position order.
+  std::span<const index_t> cluster(index_t b, index_t h, index_t c) const noexcept {
+    return lists_[std::size_t((b * mu_->heads() + h) * mu_->clusters() + c)];
+  }
+
+  /// Routes keys [size(), k.extent(2)) of the cache k (B, Hk, S, D) and appends them.
+  template <class TK>
+  void append(tensor_view<TK, 4> k) {
+    using S = std::remove_const_t<TK>;
+    const tensor_view<const S, 4> kc = k;
+    detail::check_rows(kc, "k");
+    detail::require(k.extent(0) == batch_ && k.extent(1) == kv_heads_ && k.extent(3) == mu_->dim(),
+                    "k: extents (", k.extent(0), ", ", k.extent(1), ", _, ", k.extent(3),
+                    ") do not match the cache's (", batch_, ", ", kv_heads_, ", _, ", mu_->dim(),
+                    ")");
+    detail::require(k.extent(2) >= size_, "k: holds ", k.extent(2), " keys, fewer than the ", size_,
+                    " already appended");
+    const index_t H = mu_->heads(), group = H / kv_heads_;
+    for (index_t b = 0; b < batch_; ++b)
+      for (index_t h = 0; h < H; ++h)
+        for (index_t j = size_; j < k.extent(2); ++j)
+          lists_[std::size_t((b * H + h) * mu_->clusters() + nearest(&kc(b, h / group, j, 0), h))]
+              .push_back(j);
+    size_ = k.extent(2);
+  }
+
+  /// The cluster of the centroid nearest x (D long) for query head h (ties: the lower).
+  template <class S>
+  index_t nearest(const S* x, index_t h) const noexcept {
+    index_t best = 0;
+    double best_dot = -INFINITY;
+    for (index_t c = 0; c < mu_->clusters(); ++c) {
+      double dot = 0;  // the norm of x does not change the argmax
+      for (index_t e = 0; e < mu_->dim(); ++e) dot += double(x[e]) * double(mu_->centroid(h, c)[e]);
+      if (dot > best_dot) best = c, best_dot = dot;
+    }
+    return best;
+  }
+  const routing_centroids& centroids() const noexcept { return *mu_; }
+
+ private:
+  const routing_centroids* mu_;
+  index_t batch_, kv_heads_, size_ = 0;
+  std::vector<std::vector<index_t>> lists_;
+};
+
+/// Strictly causal routing decode: each query (b, h, i) of q (B, H, Sq, D), at position
+/// Sk - Sq + i, joins its nearest cluster and attends to that cluster's cached keys at or
+/// before it (the cache having appended all Sk keys of k). Runs on the block-sparse
+/// engine, one selection per query. Same guarantees as softmax_attention.
+template <class Backend = default_backend, class TQ, class TK, class TV, class TO>
+requires detail::attention_types<TQ, TK, TV, TO>
+void routing_decode(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v,
+                    tensor_view<TO, 4> out, const routing_cache& cache,
+                    const routing_options& options = {}) {
+  softmax_options so;
+  so.causal = true;
+  so.scale = options.scale;
+  so.threads = options.threads;
+  const auto pr = detail::make_softmax_problem<TO>(q, k, v, out, so);
+  const routing_centroids& mu = cache.centroids();
+  detail::require(mu.heads() == q.extent(1) && mu.dim() == q.extent(3), "cache: its centroids (",
+                  mu.heads(), " heads, dim ", mu.dim(), ") do not match q");
+  detail::require(cache.size() == k.extent(2), "cache: has routed ", cache.size(),
+                  " keys, but k holds ", k.extent(2), " (append them first)");
+  detail::require(cache.batch() == q.extent(0), "cache: is for ", cache.batch(),
+                  " batch rows, q has ", q.extent(0));
+  index_t longest = 1;
+  for (index_t b = 0; b < q.extent(0); ++b)
+    for (index_t h = 0; h < q.extent(1); ++h)
+      for (index_t c = 0; c < mu.clusters(); ++c)
+        longest = std::max<index_t>(longest, index_t(cache.cluster(b, h, c).size()));
+  const detail::sparse_rows rows{1, true, longest};
+  auto select = [&](index_t b, index_t h, index_t i, detail::key_piece* pieces) {
+    const auto keys = cache.cluster(b, h, cache.nearest(&pr.q(b, h, i, 0), h));
+    index_t count = 0;
+    for (const index_t j : keys) count = detail::append_piece(pieces, count, j, j + 1, false);
+    return count;
+  };
+  detail::run_sparse<Backend>(pr, rows, select, custom_variant<>{},
+                              detail::resolve_threads(options.threads));
 }
 
 }  // namespace fovea
