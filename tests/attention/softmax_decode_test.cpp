@@ -197,7 +197,9 @@ TYPED_TEST(SoftmaxDecode, PagedEqualsContiguous) {
                                    av, o);
         const auto got = to_dense(slice(bhsd(out.data(), B, H, sq, Dv), 0, b, 1));
         const index_t tile = sq <= detail::decode_max_queries ? detail::decode_block_k : 64;
-        if (page_size % tile == 0) EXPECT_EQ(got, to_dense(av)) << "batch " << b;  // same tiles
+        if (page_size % tile == 0) {
+          EXPECT_EQ(got, to_dense(av)) << "batch " << b;  // same tiles
+        }
         const tensor_view<const T, 4> kb = bhsd(k.data(), 1, Hk, sk, D),
                                       vb = bhsd(v.data(), 1, Hk, sk, Dv);
         const auto want = reference_softmax<double>(qb, kb, vb, o);

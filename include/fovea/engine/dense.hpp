@@ -56,7 +56,7 @@ void run_dense(std::span<const dense_problem<S>> problems,
   using prefill_buf = prefill_buffers<T, Backend>;
   using decode_buf = decode_buffers<T, Backend>;
   constexpr int W = vec<T, Backend>::width;
-  constexpr index_t BQ = prefill_buf::BQ, BK = prefill_buf::BK;
+  constexpr index_t BQ = prefill_buf::BQ;
   constexpr index_t wide = 4 * index_t(W);  // decode tile width with 4 vectors
 
   struct task {
