@@ -1,6 +1,7 @@
 // agent_attention against a two-stage reference written from the definition.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <fovea/fovea.hpp>
@@ -184,7 +185,9 @@ TYPED_TEST(AgentAttention, BadInputThrowsNamingTheArgument) {
   };
   expect_error("options.num_agents",
                [&] { agent_attention<Backend>(Q, K, V, O, {.num_agents = 0}); });
-  expect_error("options.causal", [&] { agent_attention<Backend>(Q, K, V, O, {.causal = true}); });
+  expect_error("options.causal", [&] {  // pooled agents would see future queries
+    agent_attention<Backend>(Q, K, V, O, {.causal = true});
+  });
   expect_error("agents: extent 3",
                [&] { agent_attention<Backend>(Q, K, V, O, bhsd(a.data(), 1, 4, 4, 6)); });
   const float bias[3] = {0, 0, 0};
@@ -192,6 +195,126 @@ TYPED_TEST(AgentAttention, BadInputThrowsNamingTheArgument) {
   bad.query_bias = view<const float, 4>(bias, {1, 1, 1, 2});
   expect_error("options.query_bias",
                [&] { agent_attention<Backend>(Q, K, V, O, bhsd(a.data(), 1, 4, 3, 8), bad); });
+}
+
+/// The causal variant from its definition: query i (at i + Sk - Sq) uses each agent's
+/// softmax over keys j <= i + Sk - Sq (plus B1), then softmax over agents (plus B2).
+template <class Acc, class T>
+std::vector<double> reference_causal_agent(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                                           tensor_view<const T, 4> v, const std::vector<T>& a,
+                                           index_t m, const std::vector<float>& b1,
+                                           const std::vector<float>& b2) {
+  const index_t B = q.extent(0), H = q.extent(1), n = q.extent(2), D = q.extent(3);
+  const index_t Hk = k.extent(1), Sk = k.extent(2), Dv = v.extent(3);
+  const Acc scale = Acc(1) / std::sqrt(Acc(D));
+  std::vector<double> out(B * H * n * Dv);
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < H; ++h)
+      for (index_t i = 0; i < n; ++i) {
+        const index_t last = i + Sk - n;
+        std::vector<Acc> p(m), va(m * Dv, Acc(0));
+        for (index_t t = 0; t < m; ++t) {
+          const T* at = a.data() + ((b * H + h) * m + t) * D;
+          std::vector<Acc> w;
+          Acc top = -INFINITY;
+          for (index_t j = 0; j <= last && j < Sk; ++j) {
+            Acc dot = 0;
+            for (index_t d = 0; d < D; ++d) dot += Acc(at[d]) * Acc(k(b, h / (H / Hk), j, d));
+            w.push_back(scale * dot + (b1.empty() ? Acc(0) : Acc(b1[t * Sk + j])));
+            top = std::max(top, w.back());
+          }
+          Acc sum = 0;
+          for (Acc& x : w) sum += (x = std::exp(x - top));
+          for (std::size_t j = 0; j < w.size(); ++j)
+            for (index_t e = 0; e < Dv; ++e)
+              va[t * Dv + e] += w[j] / sum * Acc(v(b, h / (H / Hk), j, e));
+          Acc dot = 0;
+          for (index_t d = 0; d < D; ++d) dot += Acc(at[d]) * Acc(q(b, h, i, d));
+          p[t] = scale * dot + (b2.empty() ? Acc(0) : Acc(b2[i * m + t]));
+        }
+        const Acc top = *std::max_element(p.begin(), p.end());
+        Acc sum = 0;
+        for (Acc& x : p) sum += (x = std::exp(x - top));
+        for (index_t e = 0; e < Dv; ++e) {
+          Acc x = 0;
+          for (index_t t = 0; t < m; ++t) x += p[t] / sum * va[t * Dv + e];
+          out[((b * H + h) * n + i) * Dv + e] = double(x);
+        }
+      }
+  return out;
+}
+
+TYPED_TEST(AgentAttention, CausalVariantMatchesItsDefinition) {
+  using T = typename TypeParam::value_type;
+  using Backend = typename TypeParam::backend;
+  const index_t m = 7;
+  for (const shape& s : {shape{2, 4, 2, 60, 60, 16, 12}, shape{1, 2, 1, 30, 75, 13, 5},
+                         shape{1, 1, 1, 1, 1, 1, 1}}) {
+    SCOPED_TRACE(describe(s, feature::causal));
+    const attention_inputs<T> in(s, 0, 31);
+    const auto agents = normal<T>(s.B * s.H * m * s.D, 32);
+    const auto b1 = normal<float>(m * s.Sk, 33), b2 = normal<float>(s.Sq * m, 34);
+    std::vector<T> out(s.B * s.H * s.Sq * s.Dv);
+    agent_options o{.causal = true, .threads = 2};
+    o.agent_bias = view<const float, 4>(b1.data(), {1, 1, m, s.Sk});
+    o.query_bias = view<const float, 4>(b2.data(), {1, 1, s.Sq, m});
+    const auto A = bhsd(agents.data(), s.B, s.H, m, s.D);
+    agent_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(out.data(), s.B, s.H, s.Sq, s.Dv), A,
+                             o);
+    const auto want = reference_causal_agent<double>(in.qv(), in.kv(), in.vv(), agents, m, b1, b2);
+    const auto naive = reference_causal_agent<T>(in.qv(), in.kv(), in.vv(), agents, m, b1, b2);
+    EXPECT_TRUE(within_tolerance<T>(std::vector<double>(out.begin(), out.end()), want, naive));
+  }
+}
+
+// Spec oracle 5: out_i does not change when tokens after i change, and stepping the
+// decode state (one token, or several at a time) gives the batch result bit for bit.
+TYPED_TEST(AgentAttention, CausalVariantIgnoresTheFutureAndDecodesExactly) {
+  using T = typename TypeParam::value_type;
+  using Backend = typename TypeParam::backend;
+  const shape s{2, 4, 2, 50, 50, 16, 16};
+  const index_t m = 6;
+  attention_inputs<T> in(s, 0, 41);
+  const auto agents = normal<T>(s.B * s.H * m * s.D, 42);
+  const auto A = bhsd(agents.data(), s.B, s.H, m, s.D);
+  auto run = [&] {
+    std::vector<T> out(s.B * s.H * s.Sq * s.Dv);
+    agent_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(out.data(), s.B, s.H, s.Sq, s.Dv), A,
+                             {.causal = true});
+    return out;
+  };
+  const auto batch = run();
+  const index_t cut = 20;
+  for (index_t b = 0; b < s.B; ++b)  // change every token after `cut`
+    for (index_t hk = 0; hk < s.Hk; ++hk)
+      for (index_t j = cut + 1; j < s.Sk; ++j) {
+        in.k[((b * s.Hk + hk) * s.Sk + j) * s.D] += T(3);
+        in.v[((b * s.Hk + hk) * s.Sk + j) * s.Dv] -= T(2);
+      }
+  const auto changed = run();
+  for (index_t bh = 0; bh < s.B * s.H; ++bh)
+    for (index_t i = 0; i < s.Sq; ++i)
+      for (index_t e = 0; e < s.Dv; ++e) {
+        const std::size_t at = (bh * s.Sq + i) * s.Dv + e;
+        if (i <= cut) EXPECT_EQ(batch[at], changed[at]) << i;
+      }
+  for (index_t chunk : {1, 3, 7}) {
+    agent_state<T> state(A, s.Dv);
+    std::vector<T> stepped(changed.size());
+    for (index_t t0 = 0; t0 < s.Sq; t0 += chunk) {
+      const index_t n = std::min(chunk, s.Sq - t0);
+      auto rows = [&](const auto* base, index_t heads, index_t dim) {
+        return view<const T, 4>(base + t0 * dim, {s.B, heads, n, dim},
+                                {heads * s.Sq * dim, s.Sq * dim, dim, 1});
+      };
+      state.step(rows(in.q.data(), s.H, s.D), rows(in.k.data(), s.Hk, s.D),
+                 rows(in.v.data(), s.Hk, s.Dv),
+                 view<T, 4>(stepped.data() + t0 * s.Dv, {s.B, s.H, n, s.Dv},
+                            {s.H * s.Sq * s.Dv, s.Sq * s.Dv, s.Dv, 1}));
+    }
+    EXPECT_EQ(stepped, changed) << "chunk " << chunk;
+    EXPECT_EQ(state.tokens(), s.Sq);
+  }
 }
 
 }  // namespace

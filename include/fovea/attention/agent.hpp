@@ -3,10 +3,13 @@
 // are calls of the dense softmax engine; the cost is O(n m d) per head.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../core/error.hpp"
+#include "../core/parallel.hpp"
 #include "../core/tensor_view.hpp"
 #include "../core/validate.hpp"
 #include "checks.hpp"
@@ -15,8 +18,8 @@
 namespace fovea {
 
 struct agent_options {
-  bool causal = false;      ///< the causal agent variant is not implemented yet: must be false
-  index_t num_agents = 64;  ///< m, when the agents are pooled from q
+  bool causal = false;            ///< causal variant: explicit (sequence-independent) agents only
+  index_t num_agents = 64;        ///< m, when the agents are pooled from q
   std::optional<double> scale{};  ///< default 1/sqrt(D), both stages
   tensor_view<const float, 4>
       agent_bias{};  ///< B1, added to agent-key logits: (B|1, H|1, m|1, Sk|1)
@@ -58,6 +61,101 @@ void agent_stages(const tensor_view<const T, 4>& q, const tensor_view<const T, 4
   run_softmax(q, agents, tensor_view<const T, 4>(VA), out, second);
 }
 
+/// The causal variant's state for one (batch, head): per agent t a running max, the
+/// softmax denominator and the unnormalised value sum over the keys seen so far.
+template <class T>
+struct agent_prefix {
+  T* max;  ///< [m]
+  T* sum;  ///< [m]
+  T* acc;  ///< [m][Dv]
+};
+
+/// Absorbs key j (k_row, v_row) into every agent's prefix softmax: logit
+/// scale * a_t . k + B1(t, j), rescaling when a new maximum arrives; -inf logits skip.
+template <class T, class S, class Bias>
+void absorb_key(const T* agents, index_t m, index_t D, index_t Dv, T scale, const S* k_row,
+                const S* v_row, Bias&& b1, index_t j, agent_prefix<T> st) noexcept {
+  for (index_t t = 0; t < m; ++t) {
+    T dot = 0;
+    for (index_t d = 0; d < D; ++d) dot += agents[t * D + d] * T(k_row[d]);
+    const T logit = scale * dot + b1(t, j);
+    if (logit == -std::numeric_limits<T>::infinity()) continue;
+    T* acc = st.acc + t * Dv;
+    if (logit > st.max[t]) {
+      const T rescale = std::exp(st.max[t] - logit);
+      st.sum[t] *= rescale;
+      for (index_t e = 0; e < Dv; ++e) acc[e] *= rescale;
+      st.max[t] = logit;
+    }
+    const T w = std::exp(logit - st.max[t]);
+    st.sum[t] += w;
+    for (index_t e = 0; e < Dv; ++e) acc[e] += w * T(v_row[e]);
+  }
+}
+
+/// out = softmax_t(scale * q . a_t + B2(i, t)) (acc_t / sum_t), agents without a key
+/// counting as zero vectors; probs: m scratch.
+template <class T, class S, class Bias>
+void agent_output(const T* agents, index_t m, index_t D, index_t Dv, T scale, const S* q_row,
+                  Bias&& b2, index_t i, agent_prefix<T> st, T* probs, S* out) noexcept {
+  T top = -std::numeric_limits<T>::infinity();
+  for (index_t t = 0; t < m; ++t) {
+    T dot = 0;
+    for (index_t d = 0; d < D; ++d) dot += agents[t * D + d] * T(q_row[d]);
+    probs[t] = scale * dot + b2(i, t);
+    top = std::max(top, probs[t]);
+  }
+  T total = 0;
+  for (index_t t = 0; t < m; ++t)
+    total +=
+        (probs[t] =
+             probs[t] == -std::numeric_limits<T>::infinity() ? T(0) : std::exp(probs[t] - top));
+  for (index_t e = 0; e < Dv; ++e) {
+    T x = 0;
+    for (index_t t = 0; t < m; ++t)
+      if (st.sum[t] > T(0) || st.sum[t] != st.sum[t])
+        x += probs[t] * st.acc[t * Dv + e] / st.sum[t];
+    out[e] = total > T(0) ? S(x / total) : S(0);
+  }
+}
+
+/// Runs the causal variant over q's tokens for every (batch, head): keys [0, first_key)
+/// are absorbed first; then token i absorbs key first_key + i (when present) and emits its
+/// output. `state(b, h)` gives the prefix state; agents (B, H, m, D) in T.
+template <class T, class GetState>
+void run_agent_causal(const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
+                      const tensor_view<const T, 4>& v, const tensor_view<T, 4>& out,
+                      const tensor_view<const T, 4>& agents, index_t first_key,
+                      const agent_options& o, GetState&& state) {
+  const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2), D = q.extent(3);
+  const index_t Hk = k.extent(1), Sk = k.extent(2), Dv = v.extent(3), m = agents.extent(2);
+  const index_t group = Hk == 0 ? 1 : H / Hk;
+  const T scale = T(o.scale.value_or(1.0 / std::sqrt(double(D))));
+  const int threads = resolve_threads(o.threads);
+  const int used = int(std::min<index_t>(std::max(threads, 1), std::max<index_t>(1, B * H)));
+  std::vector<T> scratch(std::size_t(used) * (m * D + m));
+  parallel_for(B * H, used, [&](index_t bh, int thread) {
+    const index_t b = bh / H, h = bh % H, hk = h / group;
+    T* a = scratch.data() + std::size_t(thread) * (m * D + m);
+    T* probs = a + m * D;
+    for (index_t t = 0; t < m; ++t)
+      for (index_t d = 0; d < D; ++d) a[t * D + d] = agents(b, h, t, d);
+    const auto b1 = bind_plane(o.agent_bias, b, h, H, 1);
+    const auto b2 = bind_plane(o.query_bias, b, h, H, 1);
+    auto bias1 = [&](index_t t, index_t j) { return b1.base ? T(b1(t, j)) : T(0); };
+    auto bias2 = [&](index_t i, index_t t) { return b2.base ? T(b2(i, t)) : T(0); };
+    const agent_prefix<T> st = state(b, h);
+    auto absorb = [&](index_t j) {
+      absorb_key(a, m, D, Dv, scale, &k(b, hk, j, 0), &v(b, hk, j, 0), bias1, j, st);
+    };
+    for (index_t j = 0; j < std::min(first_key, Sk); ++j) absorb(j);
+    for (index_t i = 0; i < Sq; ++i) {
+      if (first_key + i < Sk) absorb(first_key + i);
+      agent_output(a, m, D, Dv, scale, &q(b, h, i, 0), bias2, i, st, probs, &out(b, h, i, 0));
+    }
+  });
+}
+
 }  // namespace detail
 
 /// Agent attention with m agents pooled from q (1-D adaptive average pooling of the
@@ -69,8 +167,13 @@ void agent_stages(const tensor_view<const T, 4>& q, const tensor_view<const T, 4
 ///   q: (B, H, Sq, D)   k: (B, Hk, Sk, D)   v: (B, Hk, Sk, Dv)   agents: (B, H, m, D)
 ///
 /// Hk divides H. float or double (bf16/fp16 too through the explicit-agents overload).
-/// Both stages are softmax_attention calls, with its numerical contract (a query whose
-/// agents all see no key gets 0). options.causal must be false for now.
+/// Both stages are softmax_attention calls, with its numerical contract (an agent that
+/// sees no key contributes a zero vector).
+///
+/// Causal (options.causal, explicit agents only, as they must not depend on future
+/// queries): query i (at key position i + Sk - Sq) uses each agent's softmax aggregate over
+/// the keys j <= i + Sk - Sq only, kept as an online-softmax state per agent (O(m Dv) per
+/// head, see agent_state for decoding); O(n m (D + Dv)) per head.
 template <class Backend = default_backend, class TQ, class TK, class TV, class TO, class TA>
 requires detail::attention_types<TQ, TK, TV, TO> && std::is_same_v<std::remove_const_t<TA>, TO>
 void agent_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v,
@@ -84,13 +187,24 @@ void agent_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV,
   check_extent(ca, 0, q.extent(0), "agents", "batch of q");
   check_extent(ca, 1, q.extent(1), "agents", "heads of q");
   check_extent(ca, 3, q.extent(3), "agents", "head dim of q");
-  require(!options.causal, "options.causal: the causal agent variant is not implemented yet");
   require(options.threads >= 0, "options.threads: is ", options.threads, ", expected >= 0");
   check_no_alias(out, "out", ca, "agents");
   const index_t B = q.extent(0), H = q.extent(1), m = ca.extent(2);
   check_broadcast(options.agent_bias, "options.agent_bias", B, H, H, m, k.extent(2));
   check_broadcast(options.query_bias, "options.query_bias", B, H, H, q.extent(2), m);
   check_scalar_options(softmax_options{.scale = options.scale}, q.extent(3));
+  if (options.causal) {
+    const index_t Dv = v.extent(3);
+    std::vector<T> prefix(std::size_t(B * H * m * (Dv + 2)));
+    for (index_t x = 0; x < B * H * m; ++x) prefix[x] = -std::numeric_limits<T>::infinity();
+    run_agent_causal<T>(
+        cq, ck, cv, out, ca, ck.extent(2) - cq.extent(2), options, [&](index_t b, index_t h) {
+          T* base = prefix.data();
+          const index_t at = (b * H + h) * m;
+          return agent_prefix<T>{base + at, base + B * H * m + at, base + 2 * B * H * m + at * Dv};
+        });
+    return;
+  }
   agent_stages<T>(cq, ck, cv, out, ca, options,
                   [](auto a, auto b, auto c, auto d, const softmax_options& o) {
                     softmax_attention<Backend>(a, b, c, d, o);
@@ -104,6 +218,9 @@ void agent_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV,
   using T = TO;
   detail::require(options.num_agents >= 1, "options.num_agents: is ", options.num_agents,
                   ", expected >= 1");
+  detail::require(!options.causal,
+                  "options.causal: agents pooled from q would see future queries; pass "
+                  "sequence-independent agents explicitly for the causal variant");
   const tensor_view<const T, 4> cq = q;
   detail::check_rows(cq, "q");
   std::vector<T> agents;
@@ -112,5 +229,70 @@ void agent_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV,
       q, k, v, out, bhsd(agents.data(), q.extent(0), q.extent(1), options.num_agents, q.extent(3)),
       options);
 }
+
+/// The causal agent variant's decoding state: the agents (B, H, m, D) and, per agent, the
+/// online-softmax aggregate of the keys seen so far. step() appends tokens and returns
+/// their outputs; stepping token by token gives the causal batch result bit for bit.
+template <class T>
+class agent_state {
+ public:
+  template <class TA>
+  explicit agent_state(tensor_view<TA, 4> agents, index_t value_dim)
+      : B_(agents.extent(0)),
+        H_(agents.extent(1)),
+        m_(agents.extent(2)),
+        D_(agents.extent(3)),
+        Dv_(value_dim),
+        agents_(std::size_t(B_ * H_ * m_ * D_)) {
+    const tensor_view<const T, 4> a = agents;
+    detail::check_rows(a, "agents");
+    detail::require(value_dim >= 0, "value_dim: is ", value_dim, ", expected >= 0");
+    for (index_t b = 0; b < B_; ++b)
+      for (index_t h = 0; h < H_; ++h)
+        for (index_t t = 0; t < m_; ++t)
+          for (index_t d = 0; d < D_; ++d)
+            agents_[((b * H_ + h) * m_ + t) * D_ + d] = a(b, h, t, d);
+    reset();
+  }
+  void reset() {
+    prefix_.assign(std::size_t(B_ * H_ * m_ * (Dv_ + 2)), T(0));
+    std::fill(prefix_.begin(), prefix_.begin() + B_ * H_ * m_, -std::numeric_limits<T>::infinity());
+    tokens_ = 0;
+  }
+  index_t tokens() const noexcept { return tokens_; }
+
+  /// Appends n tokens: q (B, H, n, D), k (B, Hk, n, D), v (B, Hk, n, Dv) -> out (B, H, n, Dv).
+  /// Token t of the step sees every earlier token and itself. Biases index the step's own
+  /// rows (B1: (B|1, H|1, m|1, n|1), B2: (B|1, H|1, n|1, m|1)); options.causal is implied.
+  template <class TQ, class TK, class TV>
+  void step(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v, tensor_view<T, 4> out,
+            const agent_options& options = {}) {
+    const tensor_view<const T, 4> cq = q, ck = k, cv = v;
+    detail::check_qkvo(cq, ck, cv, out);
+    detail::require(
+        q.extent(0) == B_ && q.extent(1) == H_ && q.extent(3) == D_ && v.extent(3) == Dv_,
+        "q: shape does not match the state (batch ", B_, ", heads ", H_, ", dim ", D_,
+        ", value dim ", Dv_, ")");
+    detail::require(q.extent(2) == k.extent(2), "k: extent 2 (seq) is ", k.extent(2),
+                    ", expected the ", q.extent(2), " tokens of q");
+    detail::check_broadcast(options.agent_bias, "options.agent_bias", B_, H_, H_, m_, k.extent(2));
+    detail::check_broadcast(options.query_bias, "options.query_bias", B_, H_, H_, q.extent(2), m_);
+    detail::check_scalar_options(softmax_options{.scale = options.scale}, D_);
+    detail::require(options.threads >= 0, "options.threads: is ", options.threads,
+                    ", expected >= 0");
+    const auto agents = bhsd<const T>(agents_.data(), B_, H_, m_, D_);
+    const index_t n = B_ * H_ * m_;
+    detail::run_agent_causal<T>(cq, ck, cv, out, agents, 0, options, [&](index_t b, index_t h) {
+      const index_t at = (b * H_ + h) * m_;
+      return detail::agent_prefix<T>{prefix_.data() + at, prefix_.data() + n + at,
+                                     prefix_.data() + 2 * n + at * Dv_};
+    });
+    tokens_ += q.extent(2);
+  }
+
+ private:
+  index_t B_, H_, m_, D_, Dv_, tokens_ = 0;
+  std::vector<T> agents_, prefix_;
+};
 
 }  // namespace fovea
