@@ -317,5 +317,70 @@ TYPED_TEST(AgentAttention, CausalVariantIgnoresTheFutureAndDecodesExactly) {
   }
 }
 
+// 2-D pooling: p x p agents as adaptive average pooling over the token grid, and the
+// depthwise 3x3 conv term of V added on top.
+TYPED_TEST(AgentAttention, GridPoolingAndDepthwiseConv) {
+  using T = typename TypeParam::value_type;
+  using Backend = typename TypeParam::backend;
+  const index_t gh = 7, gw = 9, n = gh * gw, p = 3, D = 8, Dv = 6;
+  const shape s{2, 4, 2, n, n, D, Dv};
+  const attention_inputs<T> in(s, 0, 51);
+  std::vector<T> agents(s.B * s.H * p * p * D, T(0));
+  for (index_t bh = 0; bh < s.B * s.H; ++bh)
+    for (index_t r = 0; r < p; ++r)
+      for (index_t c = 0; c < p; ++c) {
+        const index_t y0 = r * gh / p, y1 = ((r + 1) * gh + p - 1) / p;
+        const index_t x0 = c * gw / p, x1 = ((c + 1) * gw + p - 1) / p;
+        T* a = agents.data() + (bh * p * p + r * p + c) * D;
+        for (index_t y = y0; y < y1; ++y)
+          for (index_t x = x0; x < x1; ++x)
+            for (index_t d = 0; d < D; ++d) a[d] += in.q[(bh * n + y * gw + x) * D + d];
+        for (index_t d = 0; d < D; ++d) a[d] /= T((y1 - y0) * (x1 - x0));
+      }
+  std::vector<T> pooled(s.B * s.H * n * Dv), given(pooled.size()), conv(pooled.size());
+  const auto O = [&](std::vector<T>& x) { return bhsd(x.data(), s.B, s.H, n, Dv); };
+  agent_options o{.num_agents = p * p, .grid_h = gh, .grid_w = gw};
+  agent_attention<Backend>(in.qv(), in.kv(), in.vv(), O(pooled), o);
+  agent_attention<Backend>(in.qv(), in.kv(), in.vv(), O(given),
+                           bhsd<const T>(agents.data(), s.B, s.H, p * p, D), {});
+  for (std::size_t i = 0; i < pooled.size(); ++i)
+    EXPECT_NEAR(double(pooled[i]), double(given[i]), 1e-5) << i;
+
+  const auto w = normal<float>(s.H * Dv * 9, 52), bias = normal<float>(s.H * Dv, 53);
+  o.dwc_weight = view<const float, 4>(w.data(), {s.H, Dv, 3, 3});
+  o.dwc_bias = view<const float, 2>(bias.data(), {s.H, Dv});
+  agent_attention<Backend>(in.qv(), in.kv(), in.vv(), O(conv), o);
+  for (index_t b = 0; b < s.B; ++b)
+    for (index_t h = 0; h < s.H; ++h)
+      for (index_t y = 0; y < gh; ++y)
+        for (index_t x = 0; x < gw; ++x)
+          for (index_t e = 0; e < Dv; ++e) {
+            double want = bias[h * Dv + e];
+            for (index_t dy = -1; dy <= 1; ++dy)
+              for (index_t dx = -1; dx <= 1; ++dx) {
+                const index_t yy = y + dy, xx = x + dx;
+                if (yy < 0 || yy >= gh || xx < 0 || xx >= gw) continue;
+                want += double(w[((h * Dv + e) * 3 + dy + 1) * 3 + dx + 1]) *
+                        double(in.v[((b * s.Hk + h / 2) * n + yy * gw + xx) * Dv + e]);
+              }
+            const std::size_t at = ((b * s.H + h) * n + y * gw + x) * Dv + e;
+            EXPECT_NEAR(double(conv[at]) - double(pooled[at]), want, 1e-4) << at;
+          }
+  std::vector<T> untouched(pooled.size(), T(9));
+  auto bad = [&](const char* needle, agent_options x) {
+    expect_rejected(needle, untouched, T(9),
+                    [&] { agent_attention<Backend>(in.qv(), in.kv(), in.vv(), O(untouched), x); });
+  };
+  bad("options.num_agents", {.num_agents = 8, .grid_h = gh, .grid_w = gw});
+  bad("options.grid_h", {.num_agents = 9, .grid_h = 3, .grid_w = 0});
+  bad("options.grid_h", {.num_agents = 9, .grid_h = 5, .grid_w = 5});
+  agent_options no_grid;
+  no_grid.dwc_weight = o.dwc_weight;
+  bad("options.dwc_weight", no_grid);
+  agent_options wrong = o;
+  wrong.dwc_weight = view<const float, 4>(w.data(), {s.H, Dv, 1, 9});
+  bad("options.dwc_weight", wrong);
+}
+
 }  // namespace
 }  // namespace fovea::test

@@ -25,6 +25,13 @@ struct agent_options {
       agent_bias{};  ///< B1, added to agent-key logits: (B|1, H|1, m|1, Sk|1)
   tensor_view<const float, 4>
       query_bias{};  ///< B2, added to query-agent logits: (B|1, H|1, Sq|1, m|1)
+  /// Tokens on an (grid_h, grid_w) grid, row-major (0: no grid): agents pooled from q are
+  /// then p x p (num_agents = p^2) by 2-D adaptive average pooling, and the conv term runs.
+  index_t grid_h = 0, grid_w = 0;
+  /// Optional depthwise 3x3 convolution of V over the grid (zero padding) added to out:
+  /// weights (H, Dv, 3, 3) and bias (H, Dv); query head h convolves key/value head h / group.
+  tensor_view<const float, 4> dwc_weight{};
+  tensor_view<const float, 2> dwc_bias{};
   int threads = 0;
 };
 
@@ -46,6 +53,76 @@ void pool_agents(const tensor_view<const T, 4>& q, index_t m, std::vector<T>& ag
       }
 }
 
+/// agents(b, h, r * p + c) = mean of q over the grid cell rows [floor(r H / p),
+/// ceil((r + 1) H / p)) x columns likewise (2-D adaptive average pooling).
+template <class T>
+void pool_agents_2d(const tensor_view<const T, 4>& q, index_t gh, index_t gw, index_t p,
+                    std::vector<T>& agents) {
+  const index_t B = q.extent(0), H = q.extent(1), D = q.extent(3);
+  agents.assign(B * H * p * p * D, T(0));
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < H; ++h)
+      for (index_t r = 0; r < p; ++r)
+        for (index_t c = 0; c < p; ++c) {
+          const index_t y0 = r * gh / p, y1 = ((r + 1) * gh + p - 1) / p;
+          const index_t x0 = c * gw / p, x1 = ((c + 1) * gw + p - 1) / p;
+          T* a = agents.data() + ((b * H + h) * p * p + r * p + c) * D;
+          for (index_t y = y0; y < y1; ++y)
+            for (index_t x = x0; x < x1; ++x)
+              for (index_t d = 0; d < D; ++d) a[d] += q(b, h, y * gw + x, d);
+          for (index_t d = 0; d < D; ++d) a[d] /= T((y1 - y0) * (x1 - x0));
+        }
+}
+
+/// out(b, h, token) += depthwise 3x3 conv of v(b, h / group) over the (gh, gw) grid.
+template <class T>
+void add_depthwise_conv(const tensor_view<const T, 4>& v, const tensor_view<T, 4>& out,
+                        const agent_options& o) {
+  const index_t B = out.extent(0), H = out.extent(1), Dv = out.extent(3);
+  const index_t group = H / v.extent(1), gh = o.grid_h, gw = o.grid_w;
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < H; ++h)
+      for (index_t y = 0; y < gh; ++y)
+        for (index_t x = 0; x < gw; ++x)
+          for (index_t e = 0; e < Dv; ++e) {
+            T sum = o.dwc_bias.data() ? T(o.dwc_bias(h, e)) : T(0);
+            for (index_t dy = -1; dy <= 1; ++dy)
+              for (index_t dx = -1; dx <= 1; ++dx) {
+                const index_t yy = y + dy, xx = x + dx;
+                if (yy < 0 || yy >= gh || xx < 0 || xx >= gw) continue;
+                sum += T(o.dwc_weight(h, e, dy + 1, dx + 1)) * v(b, h / group, yy * gw + xx, e);
+              }
+            out(b, h, y * gw + x, e) += sum;
+          }
+}
+
+/// The grid and conv options against q's and v's shapes.
+inline void check_grid_options(const agent_options& o, index_t H, index_t Sq, index_t Sk,
+                               index_t Dv) {
+  require(o.grid_h >= 0 && o.grid_w >= 0 && (o.grid_h == 0) == (o.grid_w == 0),
+          "options.grid_h, grid_w: are (", o.grid_h, ", ", o.grid_w,
+          "), expected both 0 or both >= 1");
+  const bool conv = o.dwc_weight.data() != nullptr || !o.dwc_weight.empty();
+  if (!conv) {
+    require(o.dwc_bias.data() == nullptr, "options.dwc_bias: given without dwc_weight");
+    return;
+  }
+  require(!o.causal, "options.dwc_weight: the conv term mixes future tokens; not with causal");
+  require(o.grid_h >= 1, "options.dwc_weight: needs the token grid (options.grid_h, grid_w)");
+  require(Sq == o.grid_h * o.grid_w && Sk == Sq, "options.grid_h, grid_w: a ", o.grid_h, " x ",
+          o.grid_w, " grid does not hold the ", Sq, " queries and ", Sk, " keys");
+  check_data(o.dwc_weight, "options.dwc_weight");
+  const index_t want[4] = {H, Dv, 3, 3};
+  for (std::size_t r = 0; r < 4; ++r)
+    require(o.dwc_weight.extent(r) == want[r], "options.dwc_weight: extent ", r, " is ",
+            o.dwc_weight.extent(r), ", expected ", want[r], " (H, Dv, 3, 3)");
+  if (o.dwc_bias.data() != nullptr || !o.dwc_bias.empty()) {
+    check_data(o.dwc_bias, "options.dwc_bias");
+    require(o.dwc_bias.extent(0) == H && o.dwc_bias.extent(1) == Dv, "options.dwc_bias: is (",
+            o.dwc_bias.extent(0), ", ", o.dwc_bias.extent(1), "), expected (", H, ", ", Dv, ")");
+  }
+}
+
 template <class T>
 void agent_stages(const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
                   const tensor_view<const T, 4>& v, const tensor_view<T, 4>& out,
@@ -59,6 +136,7 @@ void agent_stages(const tensor_view<const T, 4>& q, const tensor_view<const T, 4
   softmax_options second{.scale = o.scale, .threads = o.threads};
   second.bias = o.query_bias;
   run_softmax(q, agents, tensor_view<const T, 4>(VA), out, second);
+  if (o.dwc_weight.data()) add_depthwise_conv(v, out, o);
 }
 
 /// The causal variant's state for one (batch, head): per agent t a running max, the
@@ -193,6 +271,8 @@ void agent_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV,
   check_broadcast(options.agent_bias, "options.agent_bias", B, H, H, m, k.extent(2));
   check_broadcast(options.query_bias, "options.query_bias", B, H, H, q.extent(2), m);
   check_scalar_options(softmax_options{.scale = options.scale}, q.extent(3));
+  check_grid_options(options, H, q.extent(2), k.extent(2), v.extent(3));
+  check_no_alias(out, "out", options.dwc_weight, "options.dwc_weight");
   if (options.causal) {
     const index_t Dv = v.extent(3);
     std::vector<T> prefix(std::size_t(B * H * m * (Dv + 2)));
@@ -223,8 +303,19 @@ void agent_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV,
                   "sequence-independent agents explicitly for the causal variant");
   const tensor_view<const T, 4> cq = q;
   detail::check_rows(cq, "q");
+  detail::check_grid_options(options, q.extent(1), q.extent(2), k.extent(2), v.extent(3));
   std::vector<T> agents;
-  detail::pool_agents(cq, options.num_agents, agents);
+  if (options.grid_h > 0) {  // p x p agents over the grid
+    const auto p = index_t(std::lround(std::sqrt(double(options.num_agents))));
+    detail::require(p * p == options.num_agents, "options.num_agents: is ", options.num_agents,
+                    ", expected a square (p x p agents) with a token grid");
+    detail::require(options.grid_h * options.grid_w == q.extent(2), "options.grid_h, grid_w: a ",
+                    options.grid_h, " x ", options.grid_w, " grid does not hold the ", q.extent(2),
+                    " queries");
+    detail::pool_agents_2d(cq, options.grid_h, options.grid_w, p, agents);
+  } else {
+    detail::pool_agents(cq, options.num_agents, agents);
+  }
   agent_attention<Backend>(
       q, k, v, out, bhsd(agents.data(), q.extent(0), q.extent(1), options.num_agents, q.extent(3)),
       options);
