@@ -210,5 +210,88 @@ TYPED_TEST(LinearAttention, BadInputThrowsNamingTheArgument) {
   expect_error("k: shape does not match", [&] { state.template step<Backend>(Q, K, V, O); });
 }
 
+// FAVOR+: the map follows its formula, linear attention with it equals the definition
+// (causal, through the batch and the recurrent state), and with many features it
+// approaches softmax attention (spec oracle 4).
+TYPED_TEST(LinearAttention, FavorFeatures) {
+  using T = typename TestFixture::T;
+  using Backend = typename TestFixture::Backend;
+  const index_t D = 16, m = 64;
+  const auto phi = feature_maps::favor::random(D, m, 7);
+  EXPECT_EQ(phi.features(D), m);
+  const auto x = normal<double>(D, 1);
+  std::vector<double> y(m);
+  phi(x.data(), y.data(), D);
+  double sq = 0;
+  for (double e : x) sq += e * e;
+  for (index_t f = 0; f < m / 2; ++f) {
+    double dot = 0;
+    for (index_t e = 0; e < D; ++e) dot += phi.projections()[f * D + e] * x[e] / std::pow(D, 0.25);
+    const double base = -sq / std::sqrt(double(D)) / 2 - std::log(double(m)) / 2;
+    EXPECT_NEAR(y[f], std::exp(dot + base), 1e-12);
+    EXPECT_NEAR(y[m / 2 + f], std::exp(-dot + base), 1e-12);
+  }
+
+  const shape s{2, 4, 2, 70, 70, D, 6};
+  const attention_inputs<T> in(s, 0, 9);
+  std::vector<T> batch(s.B * s.H * s.Sq * s.Dv), steps(batch.size());
+  const linear_options o{.causal = true, .map = feature_map::favor, .favor_features = m, .seed = 7};
+  linear_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(batch.data(), s.B, s.H, s.Sq, s.Dv), o);
+  std::vector<double> want(batch.size());
+  for (index_t b = 0; b < s.B; ++b)
+    for (index_t h = 0; h < s.H; ++h)
+      for (index_t i = 0; i < s.Sq; ++i) {
+        std::vector<double> qi(D), pq(m), num(s.Dv, 0.0);
+        for (index_t e = 0; e < D; ++e) qi[e] = double(in.qv()(b, h, i, e));
+        phi(qi.data(), pq.data(), D);
+        double den = 0;
+        for (index_t j = 0; j <= i; ++j) {
+          std::vector<double> kj(D), pk(m);
+          for (index_t e = 0; e < D; ++e) kj[e] = double(in.kv()(b, h / 2, j, e));
+          phi(kj.data(), pk.data(), D);
+          double a = 0;
+          for (index_t f = 0; f < m; ++f) a += pq[f] * pk[f];
+          den += a;
+          for (index_t e = 0; e < s.Dv; ++e) num[e] += a * double(in.vv()(b, h / 2, j, e));
+        }
+        for (index_t e = 0; e < s.Dv; ++e)
+          want[((b * s.H + h) * s.Sq + i) * s.Dv + e] = num[e] / (den + 1e-6);
+      }
+  for (std::size_t i = 0; i < want.size(); ++i)
+    EXPECT_NEAR(double(batch[i]), want[i], 1e-4 * (1 + std::abs(want[i]))) << i;
+  linear_state<T> state(s.B, s.Hk, m, s.Dv);
+  const auto out = bhsd(steps.data(), s.B, s.H, s.Sq, s.Dv);
+  for (index_t t = 0; t < s.Sq; t += 10)
+    state.template step<Backend>(slice(in.qv(), 2, t, 10), slice(in.kv(), 2, t, 10),
+                                 slice(in.vv(), 2, t, 10), slice(out, 2, t, 10), o, phi);
+  for (std::size_t i = 0; i < want.size(); ++i)
+    EXPECT_NEAR(double(steps[i]), want[i], 1e-4 * (1 + std::abs(want[i]))) << i;
+
+  // Many features: close to softmax attention (non-causal); fewer features: further.
+  const shape small{1, 1, 1, 40, 40, D, 4};
+  attention_inputs<T> sm(small, 0, 10);
+  for (T& e : sm.q) e *= T(0.5);
+  for (T& e : sm.k) e *= T(0.5);
+  const auto exact = reference_softmax<double>(sm.qv(), sm.kv(), sm.vv(), {});
+  auto error = [&](index_t features) {
+    std::vector<T> o2(40 * 4);
+    linear_attention<Backend>(sm.qv(), sm.kv(), sm.vv(), bhsd(o2.data(), 1, 1, 40, 4),
+                              {.map = feature_map::favor, .favor_features = features, .seed = 3});
+    double e = 0;
+    for (std::size_t i = 0; i < o2.size(); ++i) e += std::abs(double(o2[i]) - exact.out[i]);
+    return e / double(o2.size());
+  };
+  const double coarse = error(16), fine = error(8192);
+  EXPECT_LT(fine, 0.05);
+  EXPECT_LT(fine, coarse);
+
+  std::vector<T> untouched(batch.size(), T(3));
+  expect_rejected("options.favor_features", untouched, T(3), [&] {
+    linear_attention<Backend>(in.qv(), in.kv(), in.vv(),
+                              bhsd(untouched.data(), s.B, s.H, s.Sq, s.Dv),
+                              {.map = feature_map::favor, .favor_features = 5});
+  });
+}
+
 }  // namespace
 }  // namespace fovea::test

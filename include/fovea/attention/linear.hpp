@@ -2,8 +2,12 @@
 // recurrent form for decoding.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <random>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../core/error.hpp"
@@ -20,19 +24,23 @@ enum class feature_map {
   elu_plus_one,  ///< elu(x) + 1 (the paper's default)
   relu,          ///< max(x, 0); a row whose normaliser is 0 outputs 0
   identity,      ///< x, for callers that apply their own map
+  favor,         ///< Performer's positive orthogonal random features (FAVOR+), seeded
 };
 
 constexpr const char* to_string(feature_map m) noexcept {
   return m == feature_map::elu_plus_one ? "elu_plus_one"
          : m == feature_map::relu       ? "relu"
+         : m == feature_map::favor      ? "favor"
                                         : "identity";
 }
 
 struct linear_options {
   bool causal = false;  ///< query i sees keys j <= i + Sk - Sq (bottom-right)
   feature_map map = feature_map::elu_plus_one;
-  double eps = 1e-6;  ///< added to the normaliser; finite, >= 0
-  int threads = 0;    ///< 0: all OpenMP offers; 1: serial
+  double eps = 1e-6;             ///< added to the normaliser; finite, >= 0
+  index_t favor_features = 256;  ///< m, features of the favor map (even, >= 2)
+  std::uint64_t seed = 0;        ///< seeds the favor map's projections
+  int threads = 0;               ///< 0: all OpenMP offers; 1: serial
 };
 
 /// The built-in maps as functors: void(const T* x, T* y, index_t n) writes phi(x) to y,
@@ -69,6 +77,80 @@ struct identity {
     for (index_t i = 0; i < n; ++i) y[i] = x[i];
   }
 };
+
+/// FAVOR+ (Choromanski et al., Performer): with x' = x / D^(1/4) and m/2 projections w,
+///   phi(x) = [exp(w.x' - |x'|^2/2), exp(-w.x' - |x'|^2/2)] / sqrt(m),
+/// positive features whose products estimate exp(q.k / sqrt(D)), i.e. softmax attention.
+/// The projections are given ((m/2) x D, row-major) or drawn from a seed: blocks of
+/// orthogonalised Gaussian rows rescaled to chi-distributed norms (orthogonal random
+/// features), so the map is reproducible.
+class favor {
+ public:
+  favor(index_t dim, std::vector<double> projections)
+      : dim_(dim),
+        half_(index_t(projections.size()) / std::max<index_t>(dim, 1)),
+        w_(std::move(projections)) {
+    detail::require(dim >= 1 && half_ >= 1 && index_t(w_.size()) == half_ * dim,
+                    "favor: projections must be (m/2) x dim with m/2 >= 1 rows");
+  }
+  static favor random(index_t dim, index_t features, std::uint64_t seed, bool orthogonal = true) {
+    detail::require(dim >= 1, "favor: dim is ", dim, ", expected >= 1");
+    detail::require(features >= 2 && features % 2 == 0, "options.favor_features: is ", features,
+                    ", expected an even number >= 2");
+    const index_t half = features / 2;
+    std::mt19937_64 gen(seed);
+    std::normal_distribution<double> g;
+    std::vector<double> w(half * dim);
+    for (index_t r0 = 0; r0 < half; r0 += dim) {  // one block of up to dim orthogonal rows
+      const index_t rows = std::min(dim, half - r0);
+      std::vector<double> block(dim * dim);
+      for (double& x : block) x = g(gen);
+      for (index_t r = 0; r < dim && orthogonal; ++r) {  // Gram-Schmidt
+        double* row = block.data() + r * dim;
+        for (index_t p = 0; p < r; ++p) {
+          const double* prev = block.data() + p * dim;
+          double dot = 0;
+          for (index_t e = 0; e < dim; ++e) dot += row[e] * prev[e];
+          for (index_t e = 0; e < dim; ++e) row[e] -= dot * prev[e];
+        }
+        double n = 0;
+        for (index_t e = 0; e < dim; ++e) n += row[e] * row[e];
+        for (index_t e = 0; e < dim; ++e) row[e] /= std::sqrt(n);
+      }
+      for (index_t r = 0; r < rows; ++r) {
+        double chi = 0;  // the norm a Gaussian row would have
+        for (index_t e = 0; e < dim; ++e) {
+          const double x = g(gen);
+          chi += x * x;
+        }
+        const double scale = orthogonal ? std::sqrt(chi) : 1.0;
+        for (index_t e = 0; e < dim; ++e) w[(r0 + r) * dim + e] = block[r * dim + e] * scale;
+      }
+    }
+    return favor(dim, std::move(w));
+  }
+  index_t features(index_t) const noexcept { return 2 * half_; }
+  const std::vector<double>& projections() const noexcept { return w_; }
+
+  template <class T>
+  void operator()(const T* x, T* y, index_t n) const noexcept {
+    const double c = std::pow(double(n), -0.25), log_m = 0.5 * std::log(double(2 * half_));
+    double sq = 0;
+    for (index_t e = 0; e < n; ++e) sq += double(x[e]) * double(x[e]);
+    const double base = -0.5 * sq * c * c - log_m;
+    for (index_t f = 0; f < half_; ++f) {
+      double dot = 0;
+      const double* w = w_.data() + f * dim_;
+      for (index_t e = 0; e < n; ++e) dot += w[e] * double(x[e]);
+      y[f] = T(std::exp(dot * c + base));
+      y[half_ + f] = T(std::exp(-dot * c + base));
+    }
+  }
+
+ private:
+  index_t dim_, half_;
+  std::vector<double> w_;
+};
 }  // namespace feature_maps
 
 namespace detail {
@@ -78,13 +160,19 @@ inline void check_linear_options(const linear_options& o) {
           ", expected a finite value >= 0");
   require(o.threads >= 0, "options.threads: is ", o.threads, ", expected >= 0");
   require(o.map == feature_map::elu_plus_one || o.map == feature_map::relu ||
-              o.map == feature_map::identity,
+              o.map == feature_map::identity || o.map == feature_map::favor,
           "options.map: is not a feature_map value");
+  require(o.map != feature_map::favor || (o.favor_features >= 2 && o.favor_features % 2 == 0),
+          "options.favor_features: is ", o.favor_features, ", expected an even number >= 2");
 }
 
+/// Calls run(phi) with the map options.map names, for rows of dim d.
 template <class Backend, class T, class Run>
-void with_feature_map(feature_map m, Run&& run) {
-  if (m == feature_map::relu)
+void with_feature_map(const linear_options& o, index_t d, Run&& run) {
+  const feature_map m = o.map;
+  if (m == feature_map::favor)
+    run(feature_maps::favor::random(std::max<index_t>(d, 1), o.favor_features, o.seed));
+  else if (m == feature_map::relu)
     run(feature_maps::relu<Backend>{});
   else if (m == feature_map::identity)
     run(feature_maps::identity<Backend>{});
@@ -116,8 +204,9 @@ requires(detail::attention_types<TQ, TK, TV, TO>&& detail::is_linear_type_v<
                                     tensor_view<TV, 4> v, tensor_view<TO, 4> out,
                                     const linear_options& options = {}) {
   detail::check_linear_options(options);
-  detail::with_feature_map<Backend, TO>(
-      options.map, [&](auto phi) { linear_attention<Backend>(q, k, v, out, options, phi); });
+  detail::with_feature_map<Backend, TO>(options, q.extent(3), [&](const auto& phi) {
+    linear_attention<Backend>(q, k, v, out, options, phi);
+  });
 }
 
 template <class Backend = default_backend, class TQ, class TK, class TV, class TO, class FeatureMap>
@@ -134,6 +223,7 @@ requires(detail::attention_types<TQ, TK, TV, TO>&&
   detail::check_linear_options(options);
   detail::linear_problem<T> pr{
       cq, ck, cv, out, options.causal, k.extent(2) - q.extent(2), T(options.eps)};
+  pr.features = detail::feature_count(phi, q.extent(3));
   detail::run_linear<Backend>(pr, phi, detail::resolve_threads(options.threads));
 }
 
@@ -169,12 +259,14 @@ class linear_state {
     detail::check_linear_options(options);
     detail::require(q.extent(2) == k.extent(2), "k: extent 2 (seq) is ", k.extent(2),
                     ", expected the ", q.extent(2), " tokens of q");
-    detail::require(k.extent(0) == batch_ && k.extent(1) == heads_ && k.extent(3) == dim_,
+    detail::require(k.extent(0) == batch_ && k.extent(1) == heads_ &&
+                        detail::feature_count(phi, k.extent(3)) == dim_,
                     "k: shape does not match the state (batch ", batch_, ", kv heads ", heads_,
-                    ", dim ", dim_, ")");
+                    ", features ", dim_, ")");
     detail::require(v.extent(3) == value_dim_, "v: extent 3 (dim) is ", v.extent(3), ", expected ",
                     value_dim_, " as the state");
     detail::linear_problem<T> pr{cq, ck, cv, out, true, 0, T(options.eps), data_.data()};
+    pr.features = dim_;
     detail::run_linear<Backend>(pr, phi, detail::resolve_threads(options.threads));
     tokens_ += q.extent(2);
   }
@@ -184,7 +276,7 @@ class linear_state {
             const linear_options& options = {}) {
     detail::check_linear_options(options);
     detail::with_feature_map<Backend, T>(
-        options.map, [&](auto phi) { step<Backend>(q, k, v, out, options, phi); });
+        options, k.extent(3), [&](const auto& phi) { step<Backend>(q, k, v, out, options, phi); });
   }
 
  private:

@@ -18,14 +18,25 @@
 
 namespace fovea::detail {
 
+/// How many features phi makes of a row of d: phi.features(d) if it says, else d.
+template <class FeatureMap>
+index_t feature_count(const FeatureMap& phi, index_t d) noexcept {
+  if constexpr (requires { phi.features(d); })
+    return phi.features(d);
+  else
+    return d;
+}
+
 template <class T>
 struct linear_problem {
-  tensor_view<const T, 4> q, k, v;  ///< (B, H, Sq, E), (B, Hk, Sk, E), (B, Hk, Sk, M)
+  tensor_view<const T, 4> q, k, v;  ///< (B, H, Sq, D), (B, Hk, Sk, D), (B, Hk, Sk, M)
   tensor_view<T, 4> out;            ///< (B, H, Sq, M)
   bool causal = false;
   index_t offset = 0;  ///< causal: query i sees keys j <= i + offset
   T eps = T(1e-6);
-  T* state = nullptr;  ///< optional (B, Hk) x [S (E x M), z (E)], read then written
+  T* state = nullptr;    ///< optional (B, Hk) x [S (E x M), z (E)], read then written
+  index_t features = 0;  ///< E, the features phi makes of a row; 0: D
+  index_t feature_dim() const noexcept { return features > 0 ? features : q.extent(3); }
 };
 
 inline constexpr index_t linear_chunk = 64;
@@ -62,7 +73,8 @@ void linear_task(const linear_problem<T>& pr, const FeatureMap& phi, index_t b, 
   constexpr index_t C = linear_chunk;
   constexpr int W = vec<T, Backend>::width;
   const index_t H = pr.q.extent(1), Hk = pr.k.extent(1), group = H / Hk;
-  const index_t Sq = pr.q.extent(2), Sk = pr.k.extent(2), E = pr.q.extent(3), M = pr.v.extent(3);
+  const index_t Sq = pr.q.extent(2), Sk = pr.k.extent(2), M = pr.v.extent(3);
+  const index_t D = pr.q.extent(3), E = pr.feature_dim();
   const index_t mp = buf.mp;
   T* state = pr.state ? pr.state + (b * Hk + hk) * (E * M + E) : nullptr;
   std::fill(buf.s, buf.s + E * mp, T(0));
@@ -75,7 +87,7 @@ void linear_task(const linear_problem<T>& pr, const FeatureMap& phi, index_t b, 
   auto load_chunk = [&](index_t j0, index_t nk) {  // phi(K)^T and V of keys [j0, j0 + nk)
     T* row = buf.phi_q;                            // scratch for one phi(k) row
     for (index_t j = 0; j < C; ++j) {
-      if (j < nk) phi(&pr.k(b, hk, j0 + j, 0), row, E);
+      if (j < nk) phi(&pr.k(b, hk, j0 + j, 0), row, D);
       for (index_t e = 0; e < E; ++e) buf.phi_kt[e * C + j] = j < nk ? row[e] : T(0);
       for (index_t m = 0; m < mp; ++m)
         buf.v[j * mp + m] = j < nk && m < M ? pr.v(b, hk, j0 + j, m) : T(0);
@@ -88,7 +100,7 @@ void linear_task(const linear_problem<T>& pr, const FeatureMap& phi, index_t b, 
   };
   // Queries [i0, i0 + nq) of head h: num = phi(Q) S (+ masked intra-chunk part), out.
   auto emit = [&](index_t h, index_t i0, index_t nq, index_t j0, index_t nk) {
-    for (index_t r = 0; r < nq; ++r) phi(&pr.q(b, h, i0 + r, 0), buf.phi_q + r * E, E);
+    for (index_t r = 0; r < nq; ++r) phi(&pr.q(b, h, i0 + r, 0), buf.phi_q + r * E, D);
     gemm_wide<T, Backend, 4, 4, false>(nq, mp / W, buf.phi_q, E, 1, buf.s, mp, buf.num, mp, E);
     for (index_t r = 0; r < nq; ++r) {
       T d = 0;
@@ -166,7 +178,7 @@ void run_linear(const linear_problem<T>& pr, const FeatureMap& phi, int threads)
   const index_t tasks = B * Hk;
   if (tasks == 0 || pr.q.extent(1) == 0) return;
   const int used = static_cast<int>(std::min<index_t>(std::max(threads, 1), tasks));
-  const index_t E = pr.q.extent(3), M = pr.v.extent(3);
+  const index_t E = pr.feature_dim(), M = pr.v.extent(3);
   const scratch_slices<T> scratch(used, linear_buffers<T, Backend>::size(E, M));
   parallel_for(tasks, used, [&](index_t t, int thread) {
     linear_buffers<T, Backend> buf(scratch.slice(thread), E, M);
