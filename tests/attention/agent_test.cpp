@@ -69,10 +69,9 @@ std::vector<double> reference_agent(tensor_view<const T, 4> q, tensor_view<const
           softmax_rows<Acc>(agents, m, ks, Sk, vs, D, Dv, scale, [&](index_t t, index_t j) {
             return b1.empty() ? Acc(0) : Acc(b1[t * Sk + j]);  // (1, 1, m, Sk)
           });
-      const auto o =
-          softmax_rows<Acc>(qs, n, agents, m, va, D, Dv, scale, [&](index_t i, index_t t) {
-            return b2.empty() ? Acc(0) : Acc(b2[t]);  // (1, 1, 1, m)
-          });
+      const auto o = softmax_rows<Acc>(qs, n, agents, m, va, D, Dv, scale, [&](index_t, index_t t) {
+        return b2.empty() ? Acc(0) : Acc(b2[t]);  // (1, 1, 1, m)
+      });
       for (index_t i = 0; i < n * Dv; ++i) out[(b * H + h) * n * Dv + i] = double(o[i]);
     }
   return out;
@@ -296,7 +295,9 @@ TYPED_TEST(AgentAttention, CausalVariantIgnoresTheFutureAndDecodesExactly) {
     for (index_t i = 0; i < s.Sq; ++i)
       for (index_t e = 0; e < s.Dv; ++e) {
         const std::size_t at = (bh * s.Sq + i) * s.Dv + e;
-        if (i <= cut) EXPECT_EQ(batch[at], changed[at]) << i;
+        if (i <= cut) {
+          EXPECT_EQ(batch[at], changed[at]) << i;
+        }
       }
   for (index_t chunk : {1, 3, 7}) {
     agent_state<T> state(A, s.Dv);

@@ -72,8 +72,9 @@ struct dma_case {
 template <class T, class Backend>
 void check_dma_case(const dma_case& c, std::uint64_t seed, int threads = 1) {
   const shape& s = c.s;
-  SCOPED_TRACE(describe(s, c.causal ? feature::causal : 0) + " keep=" + std::to_string(c.keep) +
-               " bias form " + std::to_string(c.bias_form) + (c.mask ? " +mask" : ""));
+  SCOPED_TRACE(describe(s, c.causal ? unsigned(feature::causal) : 0u) +
+               " keep=" + std::to_string(c.keep) + " bias form " + std::to_string(c.bias_form) +
+               (c.mask ? " +mask" : ""));
   const attention_inputs<T> in(s, 0, seed);
   const index_t bias_extents[4][4] = {
       {s.B, s.Hk, 1, s.Sk}, {1, 1, 1, s.Sk}, {s.B, s.H, s.Sq, s.Sk}, {s.B, 1, s.Sq, s.Sk}};
@@ -122,8 +123,9 @@ TYPED_TEST(DynamicMask, EqualsDenseOverTheKeptKeys) {
     for (index_t keep : {1, 5, 64, 100})
       for (bool causal : {false, true}) {
         check_dma_case<T, Backend>({s, keep, causal, 0, false, false}, ++seed);
-        check_dma_case<T, Backend>({s, keep, causal, int(seed % 4), seed % 3 == 0, seed % 2 == 0},
-                                   ++seed, int(seed % 3));
+        const std::uint64_t next = ++seed;
+        check_dma_case<T, Backend>({s, keep, causal, int(next % 4), next % 3 == 0, next % 2 == 0},
+                                   next, int(next % 3));
       }
 }
 

@@ -51,18 +51,21 @@ void expect_valid_selection(const hip_selection& sel, const hip_options& o, inde
           EXPECT_GE(blocks[m], c0);
           EXPECT_LT(blocks[m], c1);
           EXPECT_EQ((blocks[m] - c0) % o.block_size_k, 0);
-          if (m > 0) EXPECT_GT(blocks[m], blocks[m - 1]);
+          if (m > 0) {
+            EXPECT_GT(blocks[m], blocks[m - 1]);
+          }
         }
       }
 }
 
 template <class T, class Backend>
 void check_hip_case(const shape& s, hip_options o, std::uint64_t seed, bool bshd_layout = false) {
-  SCOPED_TRACE(describe(s, (o.causal ? feature::causal : 0) | (bshd_layout ? feature::bshd : 0)) +
+  SCOPED_TRACE(describe(s, (o.causal ? unsigned(feature::causal) : 0u) |
+                               (bshd_layout ? unsigned(feature::bshd) : 0u)) +
                " top_k=" + std::to_string(o.top_k) + " bq=" + std::to_string(o.block_size_q) +
                " bk=" + std::to_string(o.block_size_k) + " window=" +
                std::to_string(o.sliding_window) + " sink=" + std::to_string(o.sink_tokens));
-  const attention_inputs<T> in(s, bshd_layout ? feature::bshd : 0, seed);
+  const attention_inputs<T> in(s, bshd_layout ? unsigned(feature::bshd) : 0u, seed);
   std::vector<T> out(s.B * s.H * s.Sq * s.Dv, T(-7)), again(out.size(), T(-7));
   std::vector<float> lse(s.B * s.H * s.Sq, -7.f);
   o.lse = view<float, 3>(lse.data(), {s.B, s.H, s.Sq});

@@ -124,7 +124,7 @@ routing_centroids random_centroids(index_t H, index_t c, index_t D, std::uint64_
 
 template <class T, class Backend>
 void check_routing_case(const shape& s, routing_options o, std::uint64_t seed) {
-  SCOPED_TRACE(describe(s, o.causal ? feature::causal : 0) +
+  SCOPED_TRACE(describe(s, o.causal ? unsigned(feature::causal) : 0u) +
                " clusters=" + std::to_string(o.num_clusters) +
                " window=" + std::to_string(o.window) + (o.shared_qk ? " shared_qk" : ""));
   attention_inputs<T> in(s, 0, seed);

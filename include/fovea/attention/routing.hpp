@@ -203,7 +203,7 @@ void run_routing(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>
   using T = accumulator_t<S>;
   const index_t group = check_qkvo(q, k, v, out);
   const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2), D = q.extent(3);
-  const index_t Hk = k.extent(1), Sk = k.extent(2), Dv = v.extent(3);
+  const index_t Sk = k.extent(2), Dv = v.extent(3);
   const double scale = o.scale.value_or(1.0 / std::sqrt(double(D)));
   require(std::isfinite(scale) && scale > 0, "options.scale: is ", scale,
           ", expected a finite value > 0");

@@ -139,10 +139,11 @@ index_t hip_select_block(const hip_params& p, QueryRow&& q_row, index_t i0, inde
   index_t reps = 0;
   for (index_t i = i0; i < i1; i += p.stride_q) position[reps++] = i + offset;
   // Scores in bf16 products where the CPU has them (only their order matters).
-  constexpr bool bf16_capable = FOVEA_HAS_BF16_DOT && std::is_same_v<T, float> &&
-                                std::is_same_v<S, float> && !std::is_same_v<Backend, scalar>;
+  [[maybe_unused]] constexpr bool bf16_capable = FOVEA_HAS_BF16_DOT && std::is_same_v<T, float> &&
+                                                 std::is_same_v<S, float> &&
+                                                 !std::is_same_v<Backend, scalar>;
   const bool bf16 = hip_scores_in_bf16<T, S, Backend>(p);
-  const index_t pairs = bf16_pairs(D);
+  [[maybe_unused]] const index_t pairs = bf16_pairs(D);
   if (!bf16) key_pairs = nullptr;
   for (index_t c = 0; c < ld; ++c) {
     const auto* row = q_row(std::min(c, reps - 1) * p.stride_q + i0);
