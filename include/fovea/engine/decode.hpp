@@ -63,20 +63,6 @@ void dot_scores(const T* q, index_t dq, index_t columns, const T* k, index_t k_s
   }
 }
 
-/// Asks for the key and value rows [j, j + rows) to be brought into cache: decode streams
-/// K and V once, and the hardware prefetcher alone leaves the core waiting.
-template <class S>
-void prefetch_rows(const kv_source<S>& kv, index_t j, index_t rows, index_t D,
-                   index_t Dv) noexcept {
-  constexpr index_t line = 64 / sizeof(S);
-  for (index_t r = 0; r < rows; ++r) {
-    const S* k = kv.k_row(j + r);
-    const S* v = kv.v_row(j + r);
-    for (index_t d = 0; d < D; d += line) prefetch_l2(k + d);
-    for (index_t d = 0; d < Dv; d += line) prefetch_l2(v + d);
-  }
-}
-
 /// Per-thread buffers of a decode tile: up to `capacity` columns.
 template <class T, class Backend>
 struct decode_buffers {
