@@ -16,7 +16,10 @@ if(MODE STREQUAL "find_package")
   run(${CMAKE_COMMAND} -S ${SOURCE}/examples -B ${WORK}/build -DCMAKE_BUILD_TYPE=Release
       -DCMAKE_PREFIX_PATH=${WORK}/prefix -DCMAKE_CXX_COMPILER=${CXX})
   run(${CMAKE_COMMAND} --build ${WORK}/build)
-  run(${WORK}/build/basic_attention)
+  foreach(example basic_attention kv_cache_decode long_context_sparse custom_variant
+                  tiny_transformer)
+    run(${WORK}/build/${example})
+  endforeach()
 elseif(MODE STREQUAL "add_subdirectory")
   run(${CMAKE_COMMAND} -S ${SOURCE}/tests/consumers/add_subdirectory -B ${WORK}/build
       -DCMAKE_BUILD_TYPE=Release -DFOVEA_SOURCE_DIR=${SOURCE} -DCMAKE_CXX_COMPILER=${CXX})
