@@ -193,7 +193,7 @@ void agent_output(const T* agents, index_t m, index_t D, index_t Dv, T scale, co
     for (index_t t = 0; t < m; ++t)
       if (st.sum[t] > T(0) || st.sum[t] != st.sum[t])
         x += probs[t] * st.acc[t * Dv + e] / st.sum[t];
-    out[e] = total > T(0) ? S(x / total) : S(0);
+    out[e] = total == T(0) ? S(0) : S(x / total);  // NaN stays NaN
   }
 }
 
