@@ -20,7 +20,9 @@ struct config {
   }
 };
 
-#if defined(FOVEA_FORCE_SCALAR)
+#if defined(FOVEA_TEST_SANITIZE)  // the sanitizer build: the main configuration only
+using configs = ::testing::Types<config<float, default_backend>>;
+#elif defined(FOVEA_FORCE_SCALAR)
 using configs = ::testing::Types<config<float, scalar>, config<double, scalar>>;
 #elif defined(FOVEA_TEST_SIMD_ONLY)
 using configs = ::testing::Types<config<float, default_backend>, config<double, default_backend>>;

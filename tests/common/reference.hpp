@@ -80,7 +80,7 @@ attention_result reference_softmax(tensor_view<const T, 4> q, tensor_view<const 
         Acc l = sink ? std::exp(sink_logit - m_all) : Acc(0);
         for (index_t j = 0; j < Sk; ++j)
           if (keep[j]) l += (s[j] = std::exp(s[j] - m_all));
-        double* out = &r.out[((b * H + h) * Sq + i) * Dv];
+        double* out = r.out.data() + ((b * H + h) * Sq + i) * Dv;  // Dv may be 0
         for (index_t d = 0; d < Dv; ++d) {
           Acc acc = 0;
           for (index_t j = 0; j < Sk; ++j)

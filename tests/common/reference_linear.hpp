@@ -19,7 +19,7 @@ template <class Acc, class T>
 std::vector<double> reference_linear(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
                                      tensor_view<const T, 4> v, const linear_options& o) {
   const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2), D = q.extent(3);
-  const index_t Hk = k.extent(1), Sk = k.extent(2), Dv = v.extent(3), group = H / Hk;
+  const index_t Hk = k.extent(1), Sk = k.extent(2), Dv = v.extent(3), group = Hk == 0 ? 1 : H / Hk;
   std::vector<double> out(B * H * Sq * Dv);
   std::vector<Acc> num(Dv);
   for (index_t b = 0; b < B; ++b)

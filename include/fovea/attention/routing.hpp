@@ -68,8 +68,8 @@ class routing_centroids {
     using S = std::remove_const_t<TX>;
     check_x(x, "x");
     const index_t n = x.extent(2);
-    detail::require(n >= clusters_, "x: has ", n, " tokens, fewer than the ", clusters_,
-                    " clusters");
+    detail::require(x.extent(0) >= 1 && n >= clusters_, "x: has ", x.extent(0), " batch rows of ",
+                    n, " tokens; init needs one row of at least the ", clusters_, " clusters");
     detail::require(iterations >= 0, "iterations: is ", iterations, ", expected >= 0");
     std::vector<double> rows(n * dim_), mu(clusters_ * dim_), scores(n * clusters_),
         mu_t(dim_ * clusters_), sums(clusters_ * dim_);
@@ -283,7 +283,7 @@ void run_routing(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>
 
     // Route: normalised rows; centroids given or found; balanced memberships.
     normalized_rows(&q(b, h, 0, 0), q.stride(2), Sq, D, xq);
-    normalized_rows(&k(b, hk, 0, 0), k.stride(2), Sk, D, xk);
+    if (Sk > 0) normalized_rows(&k(b, hk, 0, 0), k.stride(2), Sk, D, xk);
     if (given) {
       for (index_t c = 0; c < c_n * D; ++c) mu[c] = T(given->centroid(h, 0)[c]);
     } else {

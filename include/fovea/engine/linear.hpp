@@ -143,7 +143,11 @@ void linear_task(const linear_problem<T>& pr, const FeatureMap& phi, index_t b, 
     }
   };
 
-  if (!pr.causal) {
+  if (!pr.causal && Sk == 0) {  // no key at all: every row sees none and outputs 0
+    for (index_t g = 0; g < group; ++g)
+      for (index_t i = 0; i < Sq; ++i)
+        std::fill(&pr.out(b, hk * group + g, i, 0), &pr.out(b, hk * group + g, i, 0) + M, T(0));
+  } else if (!pr.causal) {
     for (index_t j0 = 0; j0 < Sk; j0 += C) {
       const index_t nk = std::min(C, Sk - j0);
       load_chunk(j0, nk);

@@ -56,7 +56,8 @@ void attend_pieces(const query_columns<T>& cols, const key_piece* pieces, index_
                    prefill_buffers<T, Backend>& buf) noexcept {
   constexpr index_t BK = prefill_buffers<T, Backend>::BK;
   const index_t i0 = cols.first_pos, i1 = cols.last_pos + 1;
-  const auto [first, last] = band.keys_for(i0, i1);
+  const auto visible = band.keys_for(i0, i1);  // (no structured binding: lambdas use it)
+  const index_t first = visible.first, last = visible.second;
   index_t key_index[BK];
   bool mask_mod_rows[BK];
   index_t p = 0, j = 0;

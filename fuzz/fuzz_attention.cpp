@@ -1,0 +1,198 @@
+// libFuzzer harness for every public entry point. The input bytes choose a kernel, shapes
+// (including 0 and mismatched ones), a layout (bhsd, bshd, inner stride 2, self-overlapping
+// output, output aliasing q), options (NaN/negative/huge scales, windows, top_k, keep,
+// clusters, agents, ...) and the values (raw float bit patterns: NaN, Inf, huge, denormal).
+// The contract checked on every input:
+//  - either fovea::error is thrown and the output buffer is untouched,
+//  - or the call returns; then softmax, block-sparse (full layout) and linear attention
+//    must match the f64 reference within the tolerance rule wherever it is finite, and
+//    every kernel's output must be finite when every input value is.
+// Build and run: scripts/fuzz [seconds] (clang's -fsanitize=fuzzer,address,undefined).
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fovea/fovea.hpp>
+#include <optional>
+#include <vector>
+
+#include "common/reference.hpp"
+#include "common/reference_linear.hpp"
+
+namespace {
+
+using fovea::index_t;
+
+/// Reads bytes from the fuzz input; zeros once it runs out.
+struct bytes {
+  const std::uint8_t* data;
+  std::size_t size, at = 0;
+  std::uint8_t u8() { return at < size ? data[at++] : 0; }
+  std::uint32_t u32() {
+    std::uint32_t x = 0;
+    for (int i = 0; i < 4; ++i) x |= std::uint32_t(u8()) << (8 * i);
+    return x;
+  }
+  float value() {  // mostly ordinary numbers, sometimes any bit pattern
+    const std::uint8_t kind = u8();
+    if (kind < 200) return float(int(kind) - 100) / 32.f;
+    const std::uint32_t bits = u32();
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+};
+
+[[noreturn]] void fail(const char* what) {
+  std::fprintf(stderr, "contract violated: %s\n", what);
+  std::abort();
+}
+
+/// max |got - want| <= 2 max |naive - want| + floor over the elements where the f64
+/// reference and the naive f32 computation are finite (where even the naive f32 one
+/// overflows, f32 kernels may too); got must be finite there.
+void check_tolerance(const std::vector<float>& got, const std::vector<double>& want,
+                     const std::vector<double>& naive) {
+  double err = 0, naive_err = 0;
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    if (!std::isfinite(want[i]) || !std::isfinite(naive[i])) continue;
+    if (!std::isfinite(got[i])) fail("non-finite output where the references are finite");
+    err = std::max(err, std::abs(double(got[i]) - want[i]));
+    naive_err = std::max(naive_err, std::abs(naive[i] - want[i]));
+  }
+  if (err > 2 * naive_err + 1e-5) fail("output off the f64 reference by more than the tolerance");
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  bytes in{data, size};
+  const int kernel = in.u8() % 7;
+  const index_t B = in.u8() % 3, H = in.u8() % 5, Sq = in.u8() % 41, Sk = in.u8() % 41;
+  const index_t D = in.u8() % 10, Dv = in.u8() % 10;
+  const std::uint8_t hk_pick = in.u8(), layout = in.u8() % 8, flags = in.u8();
+  const index_t Hk = hk_pick % 4 == 0 ? H : hk_pick % 4 == 1 ? 1 : (hk_pick % 4 == 2 ? 2 : 3);
+
+  // Buffers with slack, so odd strides and mismatched views stay inside them.
+  const std::size_t slack = 64;
+  std::vector<float> q(B * H * Sq * D * 2 + slack), k(B * Hk * Sk * D * 2 + slack),
+      v(B * Hk * Sk * Dv * 2 + slack);
+  bool moderate = true;  // every value finite and small enough that nothing can overflow
+  for (auto* x : {&q, &k, &v})
+    for (float& e : *x) moderate = std::abs(e = in.value()) < 1e3f && moderate;
+  std::vector<float> out(B * H * Sq * Dv * 2 + slack, -12345.f);
+
+  auto make = [&](float* p, index_t heads, index_t seq, index_t dim) {
+    switch (layout) {
+      case 1:
+        return fovea::bshd(p, B, seq, heads, dim);
+      case 2:
+        return fovea::view<float, 4>(p, {B, heads, seq, dim},  // inner stride 2
+                                     {heads * seq * dim * 2, seq * dim * 2, dim * 2, 2});
+      default:
+        return fovea::bhsd(p, B, heads, seq, dim);
+    }
+  };
+  const fovea::tensor_view<const float, 4> Q = make(q.data(), H, Sq, D);
+  const fovea::tensor_view<const float, 4> K = make(k.data(), Hk, Sk, D);
+  const fovea::tensor_view<const float, 4> V = make(v.data(), Hk, Sk, Dv);
+  fovea::tensor_view<float, 4> O = make(out.data(), H, Sq, Dv);
+  if (layout == 3) O = fovea::view<float, 4>(out.data(), {B, H, Sq, Dv}, {0, 0, Dv, 1});
+  if (layout == 4) O = fovea::bhsd(q.data(), B, H, Sq, Dv);  // aliases q
+  const bool aliased = layout == 4;
+
+  double scale_pick[] = {-1.0, 0.0, 1e30, std::nan(""), 0.125, 1.0};
+  std::optional<double> scale;
+  if (flags & 1) scale = scale_pick[in.u8() % 6];
+  const bool causal = flags & 2;
+  const index_t knob = index_t(in.u8()) - 2;  // -2 .. 253: windows, keep, top_k, ...
+
+  const std::vector<float> q_before = q;
+  bool threw = false;
+  try {
+    switch (kernel) {
+      case 0: {
+        fovea::softmax_options o{.causal = causal, .scale = scale, .threads = 1};
+        if (flags & 4) o.window_left = knob;
+        if (flags & 8) o.softcap = double(in.u8()) / 16;
+        fovea::softmax_attention(Q, K, V, O, o);
+        break;
+      }
+      case 1: {  // a full layout
+        std::vector<std::int32_t> offsets = {0}, indices;
+        const index_t bq = 1 + in.u8() % 20, bk = 1 + in.u8() % 20;
+        for (index_t r = 0; r < (Sq + bq - 1) / bq; ++r) {
+          for (index_t b = 0; b < (Sk + bk - 1) / bk; ++b) indices.push_back(std::int32_t(b));
+          offsets.push_back(std::int32_t(indices.size()));
+        }
+        if (flags & 16 && !indices.empty()) indices.back() = std::int32_t(knob);  // maybe bad
+        const fovea::block_sparse_layout l{bq, bk, 1, 1, offsets, indices, {}};
+        fovea::block_sparse_attention(Q, K, V, O, l, {.causal = causal, .scale = scale});
+        break;
+      }
+      case 2:
+        fovea::hip_attention(Q, K, V, O,
+                             {.causal = causal,
+                              .top_k = knob,
+                              .block_size_q = 1 + in.u8() % 16,
+                              .block_size_k = 1 + in.u8() % 4,
+                              .scale = scale});
+        break;
+      case 3: {
+        std::vector<float> bias(B * Hk * Sk + 1);
+        for (float& e : bias) moderate = std::abs(e = in.value()) < 1e3f && moderate;
+        fovea::dynamic_mask_attention(Q, K, V, O,
+                                      fovea::bhsd<const float>(bias.data(), B, Hk, 1, Sk),
+                                      {.causal = causal, .keep = knob, .scale = scale});
+        break;
+      }
+      case 4:
+        fovea::routing_attention(Q, K, V, O,
+                                 {.causal = causal,
+                                  .num_clusters = knob % 8,
+                                  .window = 1 + in.u8() % 40,
+                                  .shared_qk = bool(flags & 4),
+                                  .scale = scale});
+        break;
+      case 5:
+        fovea::linear_attention(Q, K, V, O, {.causal = causal, .eps = flags & 4 ? -1.0 : 1e-6});
+        break;
+      default:
+        fovea::agent_attention(Q, K, V, O, {.num_agents = knob % 10, .scale = scale});
+        break;
+    }
+  } catch (const fovea::error&) {
+    threw = true;
+  }
+  if (threw) {
+    for (float x : out)
+      if (x != -12345.f) fail("output written before fovea::error");
+    if (aliased && std::memcmp(q.data(), q_before.data(), q.size() * 4) != 0)
+      fail("aliased input written before fovea::error");
+    return 0;
+  }
+  const bool out_empty = B * H * Sq * Dv == 0;
+  if (aliased && !out_empty && B * H * Sq * D > 0) fail("an output aliasing q was accepted");
+  if (layout == 3 && !out_empty && B * H > 1) fail("a self-overlapping output was accepted");
+  std::vector<float> got;
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < H; ++h)
+      for (index_t i = 0; i < Sq; ++i)
+        for (index_t e = 0; e < Dv; ++e) got.push_back(O(b, h, i, e));
+  if (kernel <= 1) {
+    const fovea::softmax_options o{.causal = causal, .scale = scale};
+    const auto want = fovea::test::reference_softmax<double>(Q, K, V, o);
+    const auto naive = fovea::test::reference_softmax<float>(Q, K, V, o);
+    const bool other_options = kernel == 0 ? (flags & 12) != 0 : (flags & 16) != 0;
+    if (!other_options) check_tolerance(got, want.out, naive.out);
+  } else if (kernel == 5) {
+    const fovea::linear_options o{.causal = causal};
+    check_tolerance(got, fovea::test::reference_linear<double>(Q, K, V, o),
+                    fovea::test::reference_linear<float>(Q, K, V, o));
+  }
+  if (moderate && (!scale || *scale < 1e3))
+    for (float x : got)
+      if (!std::isfinite(x)) fail("non-finite output from moderate inputs");
+  return 0;
+}
