@@ -59,6 +59,25 @@ void BM_fovea(benchmark::State& state, index_t n, index_t d, bool causal, int th
                                                  benchmark::Counter::kIs1000);
 }
 
+/// Logits that climb by 1.4 per key (q = 8 e0, k_j = 1.4 j e0 + noise): every key tile
+/// raises the running max by ~90, so each rescale factor exp(m_old - m_new) and many
+/// probabilities are denormal. Same shape as BM_fovea's inputs for the comparison.
+void BM_denormal_rescale(benchmark::State& state, index_t n, index_t d) {
+  inputs in(n, d);
+  for (index_t i = 0; i < n; ++i) {
+    in.q[i * d] = 8.f;
+    for (index_t e = 1; e < d; ++e) in.q[i * d + e] = 0.f;
+    in.k[i * d] = 1.4f * float(i);
+  }
+  const auto Q = fovea::bhsd(in.q.data(), 1, 1, n, d), K = fovea::bhsd(in.k.data(), 1, 1, n, d);
+  const auto V = fovea::bhsd(in.v.data(), 1, 1, n, d);
+  const auto O = fovea::bhsd(in.o.data(), 1, 1, n, d);
+  for (auto _ : state) {
+    fovea::softmax_attention(Q, K, V, O, {.threads = 1});
+    benchmark::DoNotOptimize(in.o.data());
+  }
+}
+
 /// The careful Eigen version: S = scale * Q K^T as one GEMM (scalar on the left, so Eigen
 /// folds it into the GEMM), a causal mask, a stable per-row softmax, O = P V, then the
 /// rows divided by their sums. Materialises the N x N matrix.
@@ -190,6 +209,11 @@ int main(int argc, char** argv) {
           ->UseRealTime();
     }
 
+  benchmark::RegisterBenchmark("extremes/denormal/N=2048/D=64/full/threads=1", BM_denormal_rescale,
+                               index_t(2048), index_t(64))
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
+
   fovea::bench::summary_reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
@@ -215,6 +239,15 @@ int main(int argc, char** argv) {
                 r.first.seconds * 1e3, r.first.counter("GB/s") / 1e9,
                 100.0 * r.first.counter("GB/s") / 1e9 / read_gbs, r.second.seconds * 1e3,
                 r.first.seconds / r.second.seconds);
+  const auto& all = reporter.results();
+  const auto ordinary = all.find("fovea/N=2048/D=64/full/threads=1");
+  const auto denormal = all.find("extremes/denormal/N=2048/D=64/full/threads=1");
+  if (ordinary != all.end() && denormal != all.end())
+    std::printf(
+        "\nDenormal rescale factors (logits climbing ~90 per key tile), N=2048, D=64: %.2f ms vs "
+        "%.2f ms on ordinary inputs (%.2fx)\n",
+        denormal->second.seconds * 1e3, ordinary->second.seconds * 1e3,
+        denormal->second.seconds / ordinary->second.seconds);
   std::printf(
       "\nExtra memory of one causal call at N=%ld, D=128, %d threads: %ld KiB "
       "(the N x N matrix would be %ld MiB)\n",
