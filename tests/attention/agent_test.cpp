@@ -300,7 +300,7 @@ TYPED_TEST(AgentAttention, CausalVariantIgnoresTheFutureAndDecodesExactly) {
         }
       }
   for (index_t chunk : {1, 3, 7}) {
-    agent_state<T> state(A, s.Dv);
+    agent_state<T, Backend> state(A, s.Dv);
     std::vector<T> stepped(changed.size());
     for (index_t t0 = 0; t0 < s.Sq; t0 += chunk) {
       const index_t n = std::min(chunk, s.Sq - t0);

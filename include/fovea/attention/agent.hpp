@@ -10,8 +10,11 @@
 
 #include "../core/error.hpp"
 #include "../core/parallel.hpp"
+#include "../core/storage.hpp"
 #include "../core/tensor_view.hpp"
 #include "../core/validate.hpp"
+#include "../simd/backend.hpp"
+#include "../simd/convert.hpp"
 #include "checks.hpp"
 #include "softmax.hpp"
 
@@ -148,88 +151,119 @@ struct agent_prefix {
   T* acc;  ///< [m][Dv]
 };
 
-/// Absorbs key j (k_row, v_row) into every agent's prefix softmax: logit
-/// scale * a_t . k + B1(t, j), rescaling when a new maximum arrives; -inf logits skip.
-template <class T, class S, class Bias>
-void absorb_key(const T* agents, index_t m, index_t D, index_t Dv, T scale, const S* k_row,
-                const S* v_row, Bias&& b1, index_t j, agent_prefix<T> st) noexcept {
+/// x . y over n elements (both padded with zeros to a whole number of vectors).
+template <class A, class Backend>
+A dot_padded(const A* x, const A* y, index_t n) noexcept {
+  using V = vec<A, Backend>;
+  auto acc = V::broadcast(A(0));
+  for (index_t d = 0; d < n; d += V::width) acc = V::fma(V::load(x + d), V::load(y + d), acc);
+  return V::reduce_add(acc);
+}
+
+/// Absorbs key j (row k, values v, both in A and padded) into every agent's prefix
+/// softmax: logit scale * a_t . k + B1(t, j), rescaling when a new maximum arrives; -inf
+/// logits skip. Agents are rows of dp, accumulators rows of dvp.
+template <class A, class Backend, class Bias>
+void absorb_key(const A* agents, index_t m, index_t dp, index_t dvp, A scale, const A* k,
+                const A* v, Bias&& b1, index_t j, agent_prefix<A> st) noexcept {
+  using V = vec<A, Backend>;
   for (index_t t = 0; t < m; ++t) {
-    T dot = 0;
-    for (index_t d = 0; d < D; ++d) dot += agents[t * D + d] * T(k_row[d]);
-    const T logit = scale * dot + b1(t, j);
-    if (logit == -std::numeric_limits<T>::infinity()) continue;
-    T* acc = st.acc + t * Dv;
+    const A logit = scale * dot_padded<A, Backend>(agents + t * dp, k, dp) + b1(t, j);
+    if (logit == -std::numeric_limits<A>::infinity()) continue;
+    A* acc = st.acc + t * dvp;
+    A rescale = 1;
     if (logit > st.max[t]) {
-      const T rescale = std::exp(st.max[t] - logit);
-      st.sum[t] *= rescale;
-      for (index_t e = 0; e < Dv; ++e) acc[e] *= rescale;
+      rescale = std::exp(st.max[t] - logit);
       st.max[t] = logit;
     }
-    const T w = std::exp(logit - st.max[t]);
-    st.sum[t] += w;
-    for (index_t e = 0; e < Dv; ++e) acc[e] += w * T(v_row[e]);
+    const A w = std::exp(logit - st.max[t]);
+    st.sum[t] = st.sum[t] * rescale + w;
+    const auto r = V::broadcast(rescale), wv = V::broadcast(w);
+    for (index_t e = 0; e < dvp; e += V::width)
+      V::store(acc + e, V::fma(wv, V::load(v + e), V::mul(V::load(acc + e), r)));
   }
 }
 
 /// out = softmax_t(scale * q . a_t + B2(i, t)) (acc_t / sum_t), agents without a key
-/// counting as zero vectors; probs: m scratch.
-template <class T, class S, class Bias>
-void agent_output(const T* agents, index_t m, index_t D, index_t Dv, T scale, const S* q_row,
-                  Bias&& b2, index_t i, agent_prefix<T> st, T* probs, S* out) noexcept {
-  T top = -std::numeric_limits<T>::infinity();
+/// counting as zero vectors; probs: m scratch, mix: dvp scratch.
+template <class A, class Backend, class S, class Bias>
+void agent_output(const A* agents, index_t m, index_t dp, index_t Dv, index_t dvp, A scale,
+                  const A* q, Bias&& b2, index_t i, agent_prefix<A> st, A* probs, A* mix,
+                  S* out) noexcept {
+  using V = vec<A, Backend>;
+  A top = -std::numeric_limits<A>::infinity();
   for (index_t t = 0; t < m; ++t) {
-    T dot = 0;
-    for (index_t d = 0; d < D; ++d) dot += agents[t * D + d] * T(q_row[d]);
-    probs[t] = scale * dot + b2(i, t);
+    probs[t] = scale * dot_padded<A, Backend>(agents + t * dp, q, dp) + b2(i, t);
     top = std::max(top, probs[t]);
   }
-  T total = 0;
-  for (index_t t = 0; t < m; ++t)
-    total +=
-        (probs[t] =
-             probs[t] == -std::numeric_limits<T>::infinity() ? T(0) : std::exp(probs[t] - top));
-  for (index_t e = 0; e < Dv; ++e) {
-    T x = 0;
-    for (index_t t = 0; t < m; ++t)
-      if (st.sum[t] > T(0) || st.sum[t] != st.sum[t])
-        x += probs[t] * st.acc[t * Dv + e] / st.sum[t];
-    out[e] = total == T(0) ? S(0) : S(x / total);  // NaN stays NaN
+  A total = 0;
+  std::fill(mix, mix + dvp, A(0));
+  for (index_t t = 0; t < m; ++t) {
+    const A p = probs[t] == -std::numeric_limits<A>::infinity() ? A(0) : std::exp(probs[t] - top);
+    total += p;
+    if (!(st.sum[t] > A(0) || st.sum[t] != st.sum[t])) continue;  // no key yet (NaN: keep)
+    const auto c = V::broadcast(p / st.sum[t]);
+    for (index_t e = 0; e < dvp; e += V::width)
+      V::store(mix + e, V::fma(c, V::load(st.acc + t * dvp + e), V::load(mix + e)));
   }
+  for (index_t e = 0; e < Dv; ++e)
+    out[e] = total == A(0) ? S(0) : S(mix[e] / total);  // NaN stays NaN
+}
+
+/// Row lengths padded to whole vectors of the accumulation type.
+template <class S, class Backend>
+index_t padded_row(index_t n) noexcept {
+  constexpr index_t W = vec<accumulator_t<S>, Backend>::width;
+  return (n + W - 1) / W * W;
 }
 
 /// Runs the causal variant over q's tokens for every (batch, head): keys [0, first_key)
 /// are absorbed first; then token i absorbs key first_key + i (when present) and emits its
-/// output. `state(b, h)` gives the prefix state; agents (B, H, m, D) in T.
-template <class T, class GetState>
-void run_agent_causal(const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
-                      const tensor_view<const T, 4>& v, const tensor_view<T, 4>& out,
-                      const tensor_view<const T, 4>& agents, index_t first_key,
+/// output. `state(b, h)` gives the prefix state (accumulators of padded_row(Dv)); agents
+/// (B, H, m, D).
+template <class Backend, class S, class GetState>
+void run_agent_causal(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>& k,
+                      const tensor_view<const S, 4>& v, const tensor_view<S, 4>& out,
+                      const tensor_view<const S, 4>& agents, index_t first_key,
                       const agent_options& o, GetState&& state) {
+  using A = accumulator_t<S>;
   const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2), D = q.extent(3);
   const index_t Hk = k.extent(1), Sk = k.extent(2), Dv = v.extent(3), m = agents.extent(2);
   const index_t group = Hk == 0 ? 1 : H / Hk;
-  const T scale = T(o.scale.value_or(1.0 / std::sqrt(double(D))));
+  const index_t dp = padded_row<S, Backend>(D), dvp = padded_row<S, Backend>(Dv);
+  const A scale = A(o.scale.value_or(1.0 / std::sqrt(double(D))));
   const int threads = resolve_threads(o.threads);
   const int used = int(std::min<index_t>(std::max(threads, 1), std::max<index_t>(1, B * H)));
-  std::vector<T> scratch(std::size_t(used) * (m * D + m));
+  const index_t per_thread = m * dp + m + 2 * dp + 2 * dvp;
+  std::vector<A> scratch(std::size_t(used) * per_thread);
   parallel_for(B * H, used, [&](index_t bh, int thread) {
     const index_t b = bh / H, h = bh % H, hk = h / group;
-    T* a = scratch.data() + std::size_t(thread) * (m * D + m);
-    T* probs = a + m * D;
-    for (index_t t = 0; t < m; ++t)
-      for (index_t d = 0; d < D; ++d) a[t * D + d] = agents(b, h, t, d);
+    A* a = scratch.data() + std::size_t(thread) * per_thread;
+    A* probs = a + m * dp;
+    A* row = probs + m;   // a key or query row, padded
+    A* vrow = row + dp;   // a value row, padded
+    A* mix = vrow + dvp;  // the output row being mixed
+    auto load = [](const S* src, index_t n, index_t padded, A* dst) {
+      convert_row(src, dst, n);
+      std::fill(dst + n, dst + padded, A(0));
+    };
+    for (index_t t = 0; t < m; ++t) load(&agents(b, h, t, 0), D, dp, a + t * dp);
     const auto b1 = bind_plane(o.agent_bias, b, h, H, 1);
     const auto b2 = bind_plane(o.query_bias, b, h, H, 1);
-    auto bias1 = [&](index_t t, index_t j) { return b1.base ? T(b1(t, j)) : T(0); };
-    auto bias2 = [&](index_t i, index_t t) { return b2.base ? T(b2(i, t)) : T(0); };
-    const agent_prefix<T> st = state(b, h);
+    auto bias1 = [&](index_t t, index_t j) { return b1.base ? A(b1(t, j)) : A(0); };
+    auto bias2 = [&](index_t i, index_t t) { return b2.base ? A(b2(i, t)) : A(0); };
+    const agent_prefix<A> st = state(b, h);
     auto absorb = [&](index_t j) {
-      absorb_key(a, m, D, Dv, scale, &k(b, hk, j, 0), &v(b, hk, j, 0), bias1, j, st);
+      load(&k(b, hk, j, 0), D, dp, row);
+      load(&v(b, hk, j, 0), Dv, dvp, vrow);
+      absorb_key<A, Backend>(a, m, dp, dvp, scale, row, vrow, bias1, j, st);
     };
     for (index_t j = 0; j < std::min(first_key, Sk); ++j) absorb(j);
     for (index_t i = 0; i < Sq; ++i) {
       if (first_key + i < Sk) absorb(first_key + i);
-      agent_output(a, m, D, Dv, scale, &q(b, h, i, 0), bias2, i, st, probs, &out(b, h, i, 0));
+      load(&q(b, h, i, 0), D, dp, row);
+      agent_output<A, Backend>(a, m, dp, Dv, dvp, scale, row, bias2, i, st, probs, mix,
+                               &out(b, h, i, 0));
     }
   });
 }
@@ -274,14 +308,15 @@ void agent_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV,
   check_grid_options(options, H, q.extent(2), k.extent(2), v.extent(3));
   check_no_alias(out, "out", options.dwc_weight, "options.dwc_weight");
   if (options.causal) {
-    const index_t Dv = v.extent(3);
-    std::vector<T> prefix(std::size_t(B * H * m * (Dv + 2)));
-    for (index_t x = 0; x < B * H * m; ++x) prefix[x] = -std::numeric_limits<T>::infinity();
-    run_agent_causal<T>(
+    using A = accumulator_t<T>;
+    const index_t dvp = padded_row<T, Backend>(v.extent(3)), n = B * H * m;
+    std::vector<A> prefix(std::size_t(n * (dvp + 2)), A(0));
+    std::fill(prefix.begin(), prefix.begin() + n, -std::numeric_limits<A>::infinity());
+    run_agent_causal<Backend>(
         cq, ck, cv, out, ca, ck.extent(2) - cq.extent(2), options, [&](index_t b, index_t h) {
-          T* base = prefix.data();
+          A* base = prefix.data();
           const index_t at = (b * H + h) * m;
-          return agent_prefix<T>{base + at, base + B * H * m + at, base + 2 * B * H * m + at * Dv};
+          return agent_prefix<A>{base + at, base + n + at, base + 2 * n + at * dvp};
         });
     return;
   }
@@ -324,8 +359,10 @@ void agent_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV,
 /// The causal agent variant's decoding state: the agents (B, H, m, D) and, per agent, the
 /// online-softmax aggregate of the keys seen so far. step() appends tokens and returns
 /// their outputs; stepping token by token gives the causal batch result bit for bit.
-template <class T>
+template <class T, class Backend = default_backend>
 class agent_state {
+  using A = accumulator_t<T>;
+
  public:
   template <class TA>
   explicit agent_state(tensor_view<TA, 4> agents, index_t value_dim)
@@ -346,8 +383,9 @@ class agent_state {
     reset();
   }
   void reset() {
-    prefix_.assign(std::size_t(B_ * H_ * m_ * (Dv_ + 2)), T(0));
-    std::fill(prefix_.begin(), prefix_.begin() + B_ * H_ * m_, -std::numeric_limits<T>::infinity());
+    const index_t dvp = detail::padded_row<T, Backend>(Dv_);
+    prefix_.assign(std::size_t(B_ * H_ * m_ * (dvp + 2)), A(0));
+    std::fill(prefix_.begin(), prefix_.begin() + B_ * H_ * m_, -std::numeric_limits<A>::infinity());
     tokens_ = 0;
   }
   index_t tokens() const noexcept { return tokens_; }
@@ -372,18 +410,20 @@ class agent_state {
     detail::require(options.threads >= 0, "options.threads: is ", options.threads,
                     ", expected >= 0");
     const auto agents = bhsd<const T>(agents_.data(), B_, H_, m_, D_);
-    const index_t n = B_ * H_ * m_;
-    detail::run_agent_causal<T>(cq, ck, cv, out, agents, 0, options, [&](index_t b, index_t h) {
-      const index_t at = (b * H_ + h) * m_;
-      return detail::agent_prefix<T>{prefix_.data() + at, prefix_.data() + n + at,
-                                     prefix_.data() + 2 * n + at * Dv_};
-    });
+    const index_t n = B_ * H_ * m_, dvp = detail::padded_row<T, Backend>(Dv_);
+    detail::run_agent_causal<Backend>(
+        cq, ck, cv, out, agents, 0, options, [&](index_t b, index_t h) {
+          const index_t at = (b * H_ + h) * m_;
+          return detail::agent_prefix<A>{prefix_.data() + at, prefix_.data() + n + at,
+                                         prefix_.data() + 2 * n + at * dvp};
+        });
     tokens_ += q.extent(2);
   }
 
  private:
   index_t B_, H_, m_, D_, Dv_, tokens_ = 0;
-  std::vector<T> agents_, prefix_;
+  std::vector<T> agents_;
+  std::vector<A> prefix_;  ///< per agent: max [m], sum [m], then acc [m][padded Dv]
 };
 
 }  // namespace fovea
