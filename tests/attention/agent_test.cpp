@@ -248,7 +248,7 @@ TYPED_TEST(AgentAttention, CausalVariantMatchesItsDefinition) {
   using Backend = typename TypeParam::backend;
   const index_t m = 7;
   for (const shape& s : {shape{2, 4, 2, 60, 60, 16, 12}, shape{1, 2, 1, 30, 75, 13, 5},
-                         shape{1, 1, 1, 1, 1, 1, 1}}) {
+                         shape{1, 2, 2, 40, 11, 6, 3}, shape{1, 1, 1, 1, 1, 1, 1}}) {
     SCOPED_TRACE(describe(s, feature::causal));
     const attention_inputs<T> in(s, 0, 31);
     const auto agents = normal<T>(s.B * s.H * m * s.D, 32);

@@ -260,7 +260,7 @@ void run_agent_causal(const tensor_view<const S, 4>& q, const tensor_view<const 
     };
     for (index_t j = 0; j < std::min(first_key, Sk); ++j) absorb(j);
     for (index_t i = 0; i < Sq; ++i) {
-      if (first_key + i < Sk) absorb(first_key + i);
+      if (first_key + i >= 0 && first_key + i < Sk) absorb(first_key + i);  // Sq > Sk: none yet
       load(&q(b, h, i, 0), D, dp, row);
       agent_output<A, Backend>(a, m, dp, Dv, dvp, scale, row, bias2, i, st, probs, mix,
                                &out(b, h, i, 0));
