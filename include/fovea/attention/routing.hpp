@@ -157,7 +157,7 @@ struct routing_buffers {
   }
   index_t size() const noexcept {
     return round_to_line<T>((sq + sk) * d) + round_to_line<T>((sq + sk) * ld) +
-           3 * round_to_line<T>(clusters * d) + round_to_line<T>(d * ld) +
+           2 * round_to_line<T>(clusters * d) + round_to_line<T>(d * ld) +
            round_to_line<T>((wq + 2 * wk) * std::max(d, dv)) + round_to_line<T>(sq * dv) +
            tile(d, dv);
   }
@@ -266,7 +266,7 @@ void run_routing(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>
     T* scores = xq + round_to_line<T>((Sq + Sk) * D);
     T* mu = scores + round_to_line<T>((Sq + Sk) * ld);
     T* sums = mu + round_to_line<T>(c_n * D);
-    T* mu_t = sums + 2 * round_to_line<T>(c_n * D);
+    T* mu_t = sums + round_to_line<T>(c_n * D);
     T* gq = mu_t + round_to_line<T>(D * ld);  // gathered queries, keys, values
     T* gk = gq + wq * std::max(D, Dv);
     T* gv = gk + wk * std::max(D, Dv);
