@@ -3,6 +3,7 @@
 // become numbers), and results stay finite elsewhere.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <fovea/fovea.hpp>
@@ -93,6 +94,67 @@ TEST(Extremes, NaNAndInfPropagateToTheRowsTheyReach) {
     bool reached = false;  // rows at or after `row` see the key (its weight is never 0)
     for (index_t i = row; i < S; ++i) reached = reached || !std::isfinite(O(0, 1, i, 1));
     EXPECT_TRUE(reached) << "an Inf value vanished";
+  }
+}
+
+// NaN/Inf in keys that no query may see never leak: keys HiP's selection leaves out,
+// and keys routing puts in no cluster.
+TEST(Extremes, UnseenPoisonedKeysNeverLeak) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  {  // HiP, non-causal, small top_k: most keys are in no block's selection
+    auto q = normal<float>(H * S * D, 7), k = normal<float>(H * S * D, 8);
+    auto v = normal<float>(H * S * D, 9);
+    const auto Q = bhsd<const float>(q.data(), 1, H, S, D);
+    const auto K = bhsd<const float>(k.data(), 1, H, S, D);
+    const auto V = bhsd<const float>(v.data(), 1, H, S, D);
+    const hip_options o{.top_k = 8, .block_size_q = 16};
+    const auto sel = hip_select(Q, K, o);
+    std::vector<float> before(H * S * D), after(H * S * D);
+    hip_attention(Q, K, V, bhsd(before.data(), 1, H, S, D), sel, o);
+    index_t poisoned = 0;
+    for (index_t h = 0; h < H; ++h)
+      for (index_t j = 0; j < S; ++j) {
+        bool seen = false;
+        for (index_t qb = 0; qb < sel.query_blocks; ++qb)
+          for (const std::int32_t start : sel.blocks(0, h, qb))
+            seen = seen || (j >= start && j < start + 2);
+        if (seen) continue;
+        k[(h * S + j) * D] = nan;
+        v[(h * S + j) * D + 1] = inf;
+        ++poisoned;
+      }
+    ASSERT_GT(poisoned, S);
+    hip_attention(Q, K, V, bhsd(after.data(), 1, H, S, D), sel, o);
+    EXPECT_EQ(before, after);
+  }
+  {  // routing with given centroids: keys that join no cluster
+    auto q = normal<float>(S * D, 10), k = normal<float>(S * D, 11);
+    auto v = normal<float>(S * D, 12);
+    const auto Q = bhsd<const float>(q.data(), 1, 1, S, D);
+    const auto K = bhsd<const float>(k.data(), 1, 1, S, D);
+    const auto V = bhsd<const float>(v.data(), 1, 1, S, D);
+    routing_centroids mu(1, 2, D);
+    for (index_t c = 0; c < 2; ++c) mu.centroid(0, c)[c] = 1.f;  // two axis directions
+    const routing_options o{.num_clusters = 2, .window = 10};
+    std::vector<float> before(S * D), after(S * D);
+    routing_attention(Q, K, V, bhsd(before.data(), 1, 1, S, D), mu, o);
+    // A key joins cluster c if its normalised component c is among the 10 largest.
+    std::vector<bool> member(S, false);
+    for (index_t c = 0; c < 2; ++c) {
+      std::vector<std::pair<float, index_t>> score(S);
+      for (index_t j = 0; j < S; ++j) {
+        float n = 0;
+        for (index_t e = 0; e < D; ++e) n += k[j * D + e] * k[j * D + e];
+        score[j] = {-k[j * D + c] / std::sqrt(n), j};
+      }
+      std::sort(score.begin(), score.end());
+      for (index_t m = 0; m < 10; ++m) member[score[m].second] = true;
+    }
+    for (index_t j = 0; j < S; ++j)
+      if (!member[j]) v[j * D + 2] = nan;  // values only: k decides the membership
+    routing_attention(Q, K, V, bhsd(after.data(), 1, 1, S, D), mu, o);
+    EXPECT_EQ(before, after);
   }
 }
 
