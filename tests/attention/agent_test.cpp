@@ -91,7 +91,7 @@ TYPED_TEST(AgentAttention, PooledAgentsMatchTheReference) {
         SCOPED_TRACE(describe(s, 0) + " m=" + std::to_string(m));
         const attention_inputs<T> in(s, 0, n * m + hk);
         std::vector<T> out(s.B * s.H * s.Sq * s.Dv);
-        const auto ov = bhsd(out.data(), s.B, s.H, s.Sq, s.Dv);
+        const auto ov = output_view(out, s);
         agent_attention<Backend>(in.qv(), in.kv(), in.vv(), ov, {.num_agents = m, .threads = 1});
         const auto want = reference_agent<double>(in.qv(), in.kv(), in.vv(), m, nullptr, {}, {});
         const auto naive = reference_agent<T>(in.qv(), in.kv(), in.vv(), m, nullptr, {}, {});
@@ -108,7 +108,7 @@ TYPED_TEST(AgentAttention, ExplicitAgentsAndBiases) {
   const auto agents = normal<T>(s.B * s.H * m * s.D, 4);
   const auto b1 = normal<float>(m * s.Sk, 5), b2 = normal<float>(m, 6);
   std::vector<T> out(s.B * s.H * s.Sq * s.Dv);
-  const auto ov = bhsd(out.data(), s.B, s.H, s.Sq, s.Dv);
+  const auto ov = output_view(out, s);
   agent_options o{.threads = 2};
   o.agent_bias = view<const float, 4>(b1.data(), {1, 1, m, s.Sk});
   o.query_bias = view<const float, 4>(b2.data(), {1, 1, 1, m}, {0, 0, 0, 1});
@@ -258,8 +258,7 @@ TYPED_TEST(AgentAttention, CausalVariantMatchesItsDefinition) {
     o.agent_bias = view<const float, 4>(b1.data(), {1, 1, m, s.Sk});
     o.query_bias = view<const float, 4>(b2.data(), {1, 1, s.Sq, m});
     const auto A = bhsd(agents.data(), s.B, s.H, m, s.D);
-    agent_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(out.data(), s.B, s.H, s.Sq, s.Dv), A,
-                             o);
+    agent_attention<Backend>(in.qv(), in.kv(), in.vv(), output_view(out, s), A, o);
     const auto want = reference_causal_agent<double>(in.qv(), in.kv(), in.vv(), agents, m, b1, b2);
     const auto naive = reference_causal_agent<T>(in.qv(), in.kv(), in.vv(), agents, m, b1, b2);
     EXPECT_TRUE(within_tolerance<T>(std::vector<double>(out.begin(), out.end()), want, naive));
@@ -278,8 +277,7 @@ TYPED_TEST(AgentAttention, CausalVariantIgnoresTheFutureAndDecodesExactly) {
   const auto A = bhsd(agents.data(), s.B, s.H, m, s.D);
   auto run = [&] {
     std::vector<T> out(s.B * s.H * s.Sq * s.Dv);
-    agent_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(out.data(), s.B, s.H, s.Sq, s.Dv), A,
-                             {.causal = true});
+    agent_attention<Backend>(in.qv(), in.kv(), in.vv(), output_view(out, s), A, {.causal = true});
     return out;
   };
   const auto batch = run();

@@ -93,7 +93,7 @@ void check_dma_case(const dma_case& c, std::uint64_t seed, int threads = 1) {
     o.lse = view<float, 3>(lse.data(), {s.B, s.H, s.Sq});
   }
   std::vector<T> out(s.B * s.H * s.Sq * s.Dv, T(-7));
-  const auto out_view = bhsd(out.data(), s.B, s.H, s.Sq, s.Dv);
+  const auto out_view = output_view(out, s);
   dynamic_mask_attention<Backend>(in.qv(), in.kv(), in.vv(), out_view, bias, o);
 
   softmax_options r;
@@ -102,13 +102,8 @@ void check_dma_case(const dma_case& c, std::uint64_t seed, int threads = 1) {
   r.mask = o.mask;
   r.softcap = o.softcap;
   const auto kept = select_top(s.B, s.H, s.Hk, s.Sq, s.Sk, c.keep, c.causal, bias, o.mask);
-  const auto want = reference_softmax<double>(in.qv(), in.kv(), in.vv(), r, with_mask_mod(kept));
-  const auto naive = reference_softmax<T>(in.qv(), in.kv(), in.vv(), r, with_mask_mod(kept));
-  EXPECT_TRUE(within_tolerance<T>(to_dense(out_view), want.out, naive.out)) << "out";
-  if (c.softcap_lse) {
-    const std::vector<double> got(lse.begin(), lse.end());
-    EXPECT_TRUE(within_tolerance<float>(got, want.lse, naive.lse)) << "lse";
-  }
+  expect_softmax_result<T>(out_view, c.softcap_lse ? &lse : nullptr, in.qv(), in.kv(), in.vv(), r,
+                           with_mask_mod(kept));
 }
 
 TYPED_TEST(DynamicMask, EqualsDenseOverTheKeptKeys) {
@@ -152,12 +147,8 @@ TYPED_TEST(DynamicMask, FewKeysAndZeroBiasIsDenseCausal) {
                                   {.causal = true, .keep = 120});
   softmax_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(dense.data(), 1, 4, 90, 32),
                              {.causal = true});
-  const auto want = reference_softmax<double>(in.qv(), in.kv(), in.vv(), {.causal = true});
-  const auto naive = reference_softmax<T>(in.qv(), in.kv(), in.vv(), {.causal = true});
-  EXPECT_TRUE(
-      within_tolerance<T>(std::vector<double>(dma.begin(), dma.end()), want.out, naive.out));
-  EXPECT_TRUE(
-      within_tolerance<T>(std::vector<double>(dense.begin(), dense.end()), want.out, naive.out));
+  for (const auto* result : {&dma, &dense})
+    expect_softmax_result<T>(*result, nullptr, in.qv(), in.kv(), in.vv(), {.causal = true});
 }
 
 // Oracle 3: in self-attention, rows i < keep see all their causal keys, whatever the bias.
@@ -224,8 +215,7 @@ TYPED_TEST(DynamicMask, SameBitsForAnyThreadCount) {
   const auto bias_values = normal<float>(s.B * s.Hk * s.Sk, 14);
   expect_same_bits_for_threads([&](int threads) {
     std::vector<T> out(s.B * s.H * s.Sq * s.Dv);
-    dynamic_mask_attention<Backend>(in.qv(), in.kv(), in.vv(),
-                                    bhsd(out.data(), s.B, s.H, s.Sq, s.Dv),
+    dynamic_mask_attention<Backend>(in.qv(), in.kv(), in.vv(), output_view(out, s),
                                     view<const float, 4>(bias_values.data(), {s.B, s.Hk, 1, s.Sk}),
                                     {.causal = true, .keep = 70, .threads = threads});
     return out;
@@ -265,10 +255,7 @@ TEST(DynamicMaskBias, MatchesTheDefinitionAndFeedsTheKernel) {
   softmax_options r;
   r.causal = true;
   r.bias = bhsd<const float>(bias.data(), B, Hk, 1, Sk);
-  const auto want = reference_softmax<double>(Q, V, V, r, with_mask_mod(kept));
-  const auto naive = reference_softmax<float>(Q, V, V, r, with_mask_mod(kept));
-  EXPECT_TRUE(
-      within_tolerance<float>(std::vector<double>(out.begin(), out.end()), want.out, naive.out));
+  expect_softmax_result<float>(out, nullptr, Q, V, V, r, with_mask_mod(kept));
 }
 
 TEST(DynamicMaskArguments, BadInputNamesTheArgument) {

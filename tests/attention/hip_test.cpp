@@ -83,11 +83,7 @@ void check_hip_case(const shape& s, hip_options o, std::uint64_t seed, bool bshd
   const hip_visible visible{&sel, window, sink, o.causal ? s.Sk - s.Sq : 0, o.block_size_k};
   softmax_options r;
   r.causal = o.causal;
-  const auto want = reference_softmax<double>(in.qv(), in.kv(), in.vv(), r, with_mask_mod(visible));
-  const auto naive = reference_softmax<T>(in.qv(), in.kv(), in.vv(), r, with_mask_mod(visible));
-  EXPECT_TRUE(within_tolerance<T>(to_dense(out_view), want.out, naive.out)) << "out";
-  const std::vector<double> got(lse.begin(), lse.end());
-  EXPECT_TRUE(within_tolerance<float>(got, want.lse, naive.lse)) << "lse";
+  expect_softmax_result<T>(out_view, &lse, in.qv(), in.kv(), in.vv(), r, with_mask_mod(visible));
 }
 
 TYPED_TEST(Hip, EqualsDenseOverTheSelectedUnion) {
@@ -138,10 +134,8 @@ TYPED_TEST(Hip, ShortSequencesAreDenseCausal) {
                          {.causal = true, .top_k = 512});
   softmax_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(dense.data(), 1, 2, 100, 32),
                              {.causal = true});
-  const auto want = reference_softmax<double>(in.qv(), in.kv(), in.vv(), {.causal = true});
-  const auto naive = reference_softmax<T>(in.qv(), in.kv(), in.vv(), {.causal = true});
-  EXPECT_TRUE(
-      within_tolerance<T>(std::vector<double>(hip.begin(), hip.end()), want.out, naive.out));
+  for (const auto* result : {&hip, &dense})
+    expect_softmax_result<T>(*result, nullptr, in.qv(), in.kv(), in.vv(), {.causal = true});
 }
 
 // Oracle 4: keys piecewise constant, one segment (>= top_k keys) aligned with the queries:
@@ -195,16 +189,10 @@ TYPED_TEST(Hip, DecodeReusesASelection) {
     std::vector<T> out(H * D);
     hip_attention<Backend>(Q, view_of(k, Hk, keys, Sk + 3), view_of(v, Hk, keys, Sk + 3),
                            bhsd(out.data(), 1, H, 1, D), sel, o);
-    const hip_visible visible{&sel, 256, 16, keys - 1, 2};
-    const auto want =
-        reference_softmax<double>(Q, view_of(k, Hk, keys, Sk + 3), view_of(v, Hk, keys, Sk + 3),
-                                  {.causal = true}, with_mask_mod(visible));
-    const auto naive =
-        reference_softmax<T>(Q, view_of(k, Hk, keys, Sk + 3), view_of(v, Hk, keys, Sk + 3),
-                             {.causal = true}, with_mask_mod(visible));
-    EXPECT_TRUE(
-        within_tolerance<T>(std::vector<double>(out.begin(), out.end()), want.out, naive.out))
-        << "step " << step;
+    SCOPED_TRACE("step " + std::to_string(step));
+    expect_softmax_result<T>(out, nullptr, Q, view_of(k, Hk, keys, Sk + 3),
+                             view_of(v, Hk, keys, Sk + 3), {.causal = true},
+                             with_mask_mod(hip_visible{&sel, 256, 16, keys - 1, 2}));
   }
 }
 
@@ -215,7 +203,7 @@ TYPED_TEST(Hip, SameBitsForAnyThreadCount) {
   const attention_inputs<T> in(s, 0, 51);
   expect_same_bits_for_threads([&](int threads) {
     std::vector<T> out(s.B * s.H * s.Sq * s.Dv);
-    hip_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(out.data(), s.B, s.H, s.Sq, s.Dv),
+    hip_attention<Backend>(in.qv(), in.kv(), in.vv(), output_view(out, s),
                            {.causal = true, .top_k = 64, .threads = threads});
     return out;
   });
@@ -254,12 +242,6 @@ TEST(HipArguments, BadInputNamesTheArgument) {
     hip_attention(Q, Q, Q, O, sel, {.causal = true, .top_k = 8, .block_size_k = 4});
   });
 }
-
-}  // namespace
-}  // namespace fovea::test
-
-namespace fovea::test {
-namespace {
 
 TEST(HipSelect, KthLargestMatchesASort) {
   std::mt19937_64 gen(5);

@@ -131,8 +131,7 @@ void check_routing_case(const shape& s, routing_options o, std::uint64_t seed) {
   if (o.shared_qk) in.k = in.q;  // shared QK: k is q
   const routing_centroids mu = random_centroids(s.H, o.num_clusters, s.D, seed + 9);
   std::vector<T> out(s.B * s.H * s.Sq * s.Dv, T(-7));
-  routing_attention<Backend>(in.qv(), in.kv(), in.vv(), bhsd(out.data(), s.B, s.H, s.Sq, s.Dv), mu,
-                             o);
+  routing_attention<Backend>(in.qv(), in.kv(), in.vv(), output_view(out, s), mu, o);
   const auto want = reference_routing<double>(in.qv(), in.kv(), in.vv(), mu, o);
   const auto naive = reference_routing<T>(in.qv(), in.kv(), in.vv(), mu, o);
   EXPECT_TRUE(within_tolerance<T>(std::vector<double>(out.begin(), out.end()), want, naive));
@@ -170,17 +169,13 @@ TYPED_TEST(Routing, OneClusterOfEveryTokenIsDense) {
   const attention_inputs<T> in(s, 0, 3);
   for (bool causal : {false, true}) {
     std::vector<T> routed(s.B * s.H * s.Sq * s.Dv), given(routed.size());
-    const auto O = [&](std::vector<T>& x) { return bhsd(x.data(), s.B, s.H, s.Sq, s.Dv); };
+    const auto O = [&](std::vector<T>& x) { return output_view(x, s); };
     const routing_options o{.causal = causal, .num_clusters = 1, .window = s.Sq};
     routing_attention<Backend>(in.qv(), in.kv(), in.vv(), O(routed), o);
     routing_attention<Backend>(in.qv(), in.kv(), in.vv(), O(given),
                                random_centroids(s.H, 1, s.D, 4), o);
-    const auto want = reference_softmax<double>(in.qv(), in.kv(), in.vv(), {.causal = causal});
-    const auto naive = reference_softmax<T>(in.qv(), in.kv(), in.vv(), {.causal = causal});
-    EXPECT_TRUE(within_tolerance<T>(std::vector<double>(routed.begin(), routed.end()), want.out,
-                                    naive.out));
-    EXPECT_TRUE(
-        within_tolerance<T>(std::vector<double>(given.begin(), given.end()), want.out, naive.out));
+    for (const auto* result : {&routed, &given})
+      expect_softmax_result<T>(*result, nullptr, in.qv(), in.kv(), in.vv(), {.causal = causal});
   }
 }
 
@@ -244,7 +239,7 @@ TYPED_TEST(Routing, LocalHeadsAreSlidingWindowAttention) {
   const attention_inputs<T> in(s, 0, 9);
   for (bool causal : {false, true}) {
     std::vector<T> out(s.H * s.Sq * s.Dv), local(out.size()), routed(out.size());
-    const auto O = [&](std::vector<T>& x) { return bhsd(x.data(), 1, 4, 100, 16); };
+    const auto O = [&](std::vector<T>& x) { return output_view(x, s); };
     routing_attention<Backend>(
         in.qv(), in.kv(), in.vv(), O(out),
         {.causal = causal, .num_clusters = 3, .window = 20, .local_heads = 2});
@@ -267,7 +262,7 @@ TYPED_TEST(Routing, SameBitsForAnyThreadCount) {
   expect_same_bits_for_threads([&](int threads) {
     std::vector<T> out(s.B * s.H * s.Sq * s.Dv);
     routing_attention<Backend>(
-        in.qv(), in.kv(), in.vv(), bhsd(out.data(), s.B, s.H, s.Sq, s.Dv),
+        in.qv(), in.kv(), in.vv(), output_view(out, s),
         {.causal = true, .num_clusters = 8, .window = 40, .threads = threads});
     return out;
   });
@@ -353,19 +348,9 @@ TEST(RoutingArguments, BadInputNamesTheArgument) {
   EXPECT_THROW(mu.update(Q, 1.5), fovea::error);
 }
 
-}  // namespace
-}  // namespace fovea::test
-
-namespace fovea::test {
-namespace {
-
-template <class C>
-class RoutingDecode : public ::testing::Test {};
-TYPED_TEST_SUITE(RoutingDecode, configs, config_names);
-
 // The decode step, one token at a time, equals masked dense attention over the keys of
 // the query's nearest cluster (memberships computed here from the definitions).
-TYPED_TEST(RoutingDecode, EachStepAttendsToItsClustersEarlierKeys) {
+TYPED_TEST(Routing, DecodeStepsAttendToTheirClustersEarlierKeys) {
   using T = typename TypeParam::value_type;
   using Backend = typename TypeParam::backend;
   const index_t B = 2, H = 4, Hk = 2, D = 16, total = 90, c = 3;
@@ -395,13 +380,9 @@ TYPED_TEST(RoutingDecode, EachStepAttendsToItsClustersEarlierKeys) {
     auto in_cluster = [&](index_t b, index_t h, index_t, index_t j) {
       return nearest(&k[((b * Hk + h / 2) * total + j) * D], h) == nearest(&Q(b, h, 0, 0), h);
     };
-    const auto want = reference_softmax<double>(Q, cached(k), cached(v), {.causal = true},
-                                                with_mask_mod(in_cluster));
-    const auto naive =
-        reference_softmax<T>(Q, cached(k), cached(v), {.causal = true}, with_mask_mod(in_cluster));
-    EXPECT_TRUE(
-        within_tolerance<T>(std::vector<double>(out.begin(), out.end()), want.out, naive.out))
-        << "step " << step;
+    SCOPED_TRACE("step " + std::to_string(step));
+    expect_softmax_result<T>(out, nullptr, Q, cached(k), cached(v), {.causal = true},
+                             with_mask_mod(in_cluster));
   }
   std::vector<T> out(B * H * D);
   const auto Q1 = bhsd<const T>(q.data(), B, H, 1, D);

@@ -115,7 +115,7 @@ TYPED_TEST(SoftmaxAttention, BroadcastShapesOfBiasAndMask) {
     o.bias = view<const float, 4>(bias.data(), e, st);
     o.mask = view<const std::uint8_t, 4>(mask.data(), e, st);
     std::vector<T> out(s.B * s.H * s.Sq * s.Dv);
-    auto ov = bhsd(out.data(), s.B, s.H, s.Sq, s.Dv);
+    auto ov = output_view(out, s);
     softmax_attention<Backend>(in.qv(), in.kv(), in.vv(), ov, o);
     const auto want = reference_softmax<double>(in.qv(), in.kv(), in.vv(), o);
     const auto naive = reference_softmax<T>(in.qv(), in.kv(), in.vv(), o);

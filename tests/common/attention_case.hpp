@@ -136,6 +136,37 @@ std::vector<double> to_dense(tensor_view<T, 4> x) {
   return r;
 }
 
+/// A dense (B, H, Sq, Dv) output over x.
+template <class T>
+tensor_view<T, 4> output_view(std::vector<T>& x, const shape& s) {
+  return bhsd(x.data(), s.B, s.H, s.Sq, s.Dv);
+}
+
+/// An output as a dense double vector in logical order: a view, or a vector already dense.
+template <class T>
+std::vector<double> as_dense(const std::vector<T>& x) {
+  return std::vector<double>(x.begin(), x.end());
+}
+template <class T>
+std::vector<double> as_dense(tensor_view<T, 4> x) {
+  return to_dense(x);
+}
+
+/// Expects `out` (B, H, Sq, Dv) and, when given, `lse` (B, H, Sq) to be softmax attention
+/// of q, k, v with options o and variant `custom`: the f64 oracle under the tolerance rule.
+/// The sparse kernels pass a mask_mod that hides exactly the keys their selection drops.
+template <class T, class Out, class ScoreMod = identity_score_mod,
+          class MaskMod = keep_all_mask_mod>
+void expect_softmax_result(const Out& out, const std::vector<float>* lse, tensor_view<const T, 4> q,
+                           tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+                           const softmax_options& o,
+                           const custom_variant<ScoreMod, MaskMod>& custom = {}) {
+  const auto want = reference_softmax<double>(q, k, v, o, custom);
+  const auto naive = reference_softmax<T>(q, k, v, o, custom);
+  EXPECT_TRUE(within_tolerance<T>(as_dense(out), want.out, naive.out)) << "out";
+  if (lse) EXPECT_TRUE(within_tolerance<float>(as_dense(*lse), want.lse, naive.lse)) << "lse";
+}
+
 /// Runs fovea on a case and checks out (and lse) against the oracle.
 template <class T, class Backend, class ScoreMod = identity_score_mod,
           class MaskMod = keep_all_mask_mod>
@@ -148,14 +179,8 @@ void check_case(const attention_inputs<T>& in, int threads = 1,
   o.threads = threads;
   auto out_view = in.template layout<T>(out.data(), s.H, s.Sq, s.Dv);
   softmax_attention<Backend>(in.qv(), in.kv(), in.vv(), out_view, o, custom);
-
-  const auto want = reference_softmax<double>(in.qv(), in.kv(), in.vv(), o, custom);
-  const auto naive = reference_softmax<T>(in.qv(), in.kv(), in.vv(), o, custom);
-  EXPECT_TRUE(within_tolerance<T>(to_dense(out_view), want.out, naive.out)) << "out";
-  if (in.features & feature::lse) {
-    const std::vector<double> got_lse(lse.begin(), lse.end());
-    EXPECT_TRUE(within_tolerance<float>(got_lse, want.lse, naive.lse)) << "lse";
-  }
+  expect_softmax_result<T>(out_view, in.features & feature::lse ? &lse : nullptr, in.qv(), in.kv(),
+                           in.vv(), o, custom);
 }
 
 /// check_case with the custom variant the feature bits ask for.
