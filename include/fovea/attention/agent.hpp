@@ -247,23 +247,23 @@ void run_agent_causal(const tensor_view<const S, 4>& q, const tensor_view<const 
       convert_row(src, dst, n);
       std::fill(dst + n, dst + padded, A(0));
     };
-    for (index_t t = 0; t < m; ++t) load(&agents(b, h, t, 0), D, dp, a + t * dp);
+    for (index_t t = 0; t < m; ++t) load(agents.ptr(b, h, t, 0), D, dp, a + t * dp);
     const auto b1 = bind_plane(o.agent_bias, b, h, H, 1);
     const auto b2 = bind_plane(o.query_bias, b, h, H, 1);
     auto bias1 = [&](index_t t, index_t j) { return b1.base ? A(b1(t, j)) : A(0); };
     auto bias2 = [&](index_t i, index_t t) { return b2.base ? A(b2(i, t)) : A(0); };
     const agent_prefix<A> st = state(b, h);
     auto absorb = [&](index_t j) {
-      load(&k(b, hk, j, 0), D, dp, row);
-      load(&v(b, hk, j, 0), Dv, dvp, vrow);
+      load(k.ptr(b, hk, j, 0), D, dp, row);
+      load(v.ptr(b, hk, j, 0), Dv, dvp, vrow);
       absorb_key<A, Backend>(a, m, dp, dvp, scale, row, vrow, bias1, j, st);
     };
     for (index_t j = 0; j < std::min(first_key, Sk); ++j) absorb(j);
     for (index_t i = 0; i < Sq; ++i) {
       if (first_key + i >= 0 && first_key + i < Sk) absorb(first_key + i);  // Sq > Sk: none yet
-      load(&q(b, h, i, 0), D, dp, row);
+      load(q.ptr(b, h, i, 0), D, dp, row);
       agent_output<A, Backend>(a, m, dp, Dv, dvp, scale, row, bias2, i, st, probs, mix,
-                               &out(b, h, i, 0));
+                               out.ptr(b, h, i, 0));
     }
   });
 }

@@ -51,7 +51,7 @@ index_t check_qkvo(const tensor_view<const T, 4>& q, const tensor_view<const T, 
   check_extent(v, 1, Hk, "v", "heads of k");
   check_extent(v, 2, Sk, "v", "keys of k");
   check_output(out, q, k, "k", v, "v");
-  return Hk == 0 ? 1 : H / Hk;
+  return Hk == 0 || H == 0 ? 1 : H / Hk;  // >= 1: callers divide by it
 }
 
 }  // namespace fovea::detail

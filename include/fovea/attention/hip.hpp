@@ -140,7 +140,7 @@ hip_selection run_hip_select(const tensor_view<const S, 4>& q, const tensor_view
     const std::uint32_t* converted =
         key_pairs.empty() ? nullptr : key_pairs.data() + (b * Hk + h / group) * Sk * pairs;
     sel.counts[row] = std::int32_t(hip_select_block(
-        p, [&](index_t i) { return &q(b, h, i, 0); }, i0, i1, p.causal ? Sk - Sq : 0,
+        p, [&](index_t i) { return q.ptr(b, h, i, 0); }, i0, i1, p.causal ? Sk - Sq : 0,
         kv.source(b, h / group), cand, D, buf, sel.starts.data() + row * p.branches, converted));
   });
   return sel;

@@ -76,7 +76,7 @@ class routing_centroids {
     std::vector<index_t> assignment(n), counts(clusters_), picks(n);
     for (index_t h = 0; h < heads_; ++h) {
       const tensor_view<const S, 4> xc = x;
-      detail::normalized_rows(&xc(0, h, 0, 0), xc.stride(2), n, dim_, rows.data());
+      detail::normalized_rows(xc.ptr(0, h, 0, 0), xc.stride(2), n, dim_, rows.data());
       detail::seeded_centroids<double, scalar>(
           rows.data(), n, dim_, clusters_, iterations, seed + std::uint64_t(h), mu.data(),
           scores.data(), mu_t.data(), sums.data(), assignment.data(), counts.data(), picks.data());
@@ -103,7 +103,7 @@ class routing_centroids {
       std::fill(counts.begin(), counts.end(), 0);
       for (index_t b = 0; b < B; ++b)
         for (index_t t = 0; t < n; ++t) {
-          detail::normalized_rows(&xc(b, h, t, 0), 0, 1, d, row.data());
+          detail::normalized_rows(xc.ptr(b, h, t, 0), 0, 1, d, row.data());
           index_t best = 0;
           double best_dot = -INFINITY;
           for (index_t c = 0; c < clusters_; ++c) {
@@ -282,8 +282,8 @@ void run_routing(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>
     index_t* covered = counts + c_n;
 
     // Route: normalised rows; centroids given or found; balanced memberships.
-    normalized_rows(&q(b, h, 0, 0), q.stride(2), Sq, D, xq);
-    if (Sk > 0) normalized_rows(&k(b, hk, 0, 0), k.stride(2), Sk, D, xk);
+    normalized_rows(q.ptr(b, h, 0, 0), q.stride(2), Sq, D, xq);
+    normalized_rows(k.ptr(b, hk, 0, 0), k.stride(2), Sk, D, xk);
     if (given) {
       for (index_t c = 0; c < c_n * D; ++c) mu[c] = T(given->centroid(h, 0)[c]);
     } else {
@@ -334,7 +334,7 @@ void run_routing(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>
                                });
     }
     for (index_t t = 0; t < Sq; ++t) {
-      S* row = &out(b, h, t, 0);
+      S* row = out.ptr(b, h, t, 0);
       const T inv = covered[t] ? T(1) / T(covered[t]) : T(0);
       for (index_t e = 0; e < Dv; ++e) row[e] = covered[t] ? S(acc[t * Dv + e] * inv) : S(0);
     }
@@ -396,7 +396,8 @@ class routing_cache {
     for (index_t b = 0; b < batch_; ++b)
       for (index_t h = 0; h < H; ++h)
         for (index_t j = size_; j < k.extent(2); ++j)
-          lists_[std::size_t((b * H + h) * mu_->clusters() + nearest(&kc(b, h / group, j, 0), h))]
+          lists_[std::size_t((b * H + h) * mu_->clusters() +
+                             nearest(kc.ptr(b, h / group, j, 0), h))]
               .push_back(j);
     size_ = k.extent(2);
   }
@@ -449,7 +450,7 @@ void routing_decode(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 
         longest = std::max<index_t>(longest, index_t(cache.cluster(b, h, c).size()));
   const detail::sparse_rows rows{1, true, longest};
   auto select = [&](index_t b, index_t h, index_t i, detail::key_piece* pieces) {
-    const auto keys = cache.cluster(b, h, cache.nearest(&pr.q(b, h, i, 0), h));
+    const auto keys = cache.cluster(b, h, cache.nearest(pr.q.ptr(b, h, i, 0), h));
     index_t count = 0;
     for (const index_t j : keys) count = detail::append_piece(pieces, count, j, j + 1, false);
     return count;

@@ -65,6 +65,13 @@ class tensor_view {
     return data_[offset(i...)];
   }
 
+  /// The address of element (i...): where a row starts. An empty view may hold null data;
+  /// then this is null rather than a reference formed through it.
+  template <class... I>
+  requires(sizeof...(I) == Rank) constexpr T* ptr(I... i) const noexcept {
+    return data_ ? data_ + offset(i...) : data_;
+  }
+
  private:
   T* data_ = nullptr;
   extents_type extents_{};

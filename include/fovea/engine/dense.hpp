@@ -130,10 +130,10 @@ void run_dense(std::span<const dense_problem<S>> problems,
       prefill_buf buf(buffers.slice(thread), D, Dv);
       const auto kv = pr.kv.source(tk.b, tk.head / pr.terms.group);
       prefill_tile<Backend>(
-          cols, [&](index_t c) { return &pr.q(tk.b, tk.head, i0 + c, 0); }, kv, pr.band, custom, D,
-          Dv, buf,
+          cols, [&](index_t c) { return pr.q.ptr(tk.b, tk.head, i0 + c, 0); }, kv, pr.band, custom,
+          D, Dv, buf,
           [&](index_t c, auto&& value, T lse) {
-            S* row = &pr.out(tk.b, tk.head, i0 + c, 0);
+            S* row = pr.out.ptr(tk.b, tk.head, i0 + c, 0);
             for (index_t d = 0; d < Dv; ++d) row[d] = S(value(d));
             if (pr.lse.data()) pr.lse(tk.b, tk.head, i0 + c) = float(lse);
           });
@@ -143,7 +143,7 @@ void run_dense(std::span<const dense_problem<S>> problems,
     decode_columns(pr, lay, tk.b, tk.head, tk.tile, cols);
     decode_buf buf(buffers.slice(thread), D, Dv);
     for (index_t c = 0; c < cols.count; ++c) {
-      const S* row = &pr.q(tk.b, cols.head[c], cols.pos[c], 0);
+      const S* row = pr.q.ptr(tk.b, cols.head[c], cols.pos[c], 0);
       for (index_t d = 0; d < buf.dq; ++d) buf.q[c * buf.dq + d] = d < D ? T(row[d]) : T(0);
     }
     const auto [first, last] = pr.band.keys_for(cols.first_pos, cols.last_pos + 1);
@@ -170,7 +170,7 @@ void run_dense(std::span<const dense_problem<S>> problems,
       merge_partials(partials.data() + tk.partials + c * partial_size<T>(Dv), stride, lay.chunks,
                      Dv, m, l, acc);
       const row_result<T> r = finish_row(m, l, cols.sink[c]);
-      S* row = &pr.out(tk.b, cols.head[c], cols.pos[c], 0);
+      S* row = pr.out.ptr(tk.b, cols.head[c], cols.pos[c], 0);
       for (index_t d = 0; d < Dv; ++d) row[d] = r.factor == T(0) ? S(0) : S(acc[d] * r.factor);
       if (pr.lse.data()) pr.lse(tk.b, cols.head[c], cols.pos[c]) = float(r.lse);
     }

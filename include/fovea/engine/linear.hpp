@@ -87,7 +87,7 @@ void linear_task(const linear_problem<T>& pr, const FeatureMap& phi, index_t b, 
   auto load_chunk = [&](index_t j0, index_t nk) {  // phi(K)^T and V of keys [j0, j0 + nk)
     T* row = buf.phi_q;                            // scratch for one phi(k) row
     for (index_t j = 0; j < C; ++j) {
-      if (j < nk) phi(&pr.k(b, hk, j0 + j, 0), row, D);
+      if (j < nk) phi(pr.k.ptr(b, hk, j0 + j, 0), row, D);
       for (index_t e = 0; e < E; ++e) buf.phi_kt[e * C + j] = j < nk ? row[e] : T(0);
       for (index_t m = 0; m < mp; ++m)
         buf.v[j * mp + m] = j < nk && m < M ? pr.v(b, hk, j0 + j, m) : T(0);
@@ -100,7 +100,7 @@ void linear_task(const linear_problem<T>& pr, const FeatureMap& phi, index_t b, 
   };
   // Queries [i0, i0 + nq) of head h: num = phi(Q) S (+ masked intra-chunk part), out.
   auto emit = [&](index_t h, index_t i0, index_t nq, index_t j0, index_t nk) {
-    for (index_t r = 0; r < nq; ++r) phi(&pr.q(b, h, i0 + r, 0), buf.phi_q + r * E, D);
+    for (index_t r = 0; r < nq; ++r) phi(pr.q.ptr(b, h, i0 + r, 0), buf.phi_q + r * E, D);
     gemm_wide<T, Backend, 4, 4, false>(nq, mp / W, buf.phi_q, E, 1, buf.s, mp, buf.num, mp, E);
     for (index_t r = 0; r < nq; ++r) {
       T d = 0;
@@ -138,7 +138,7 @@ void linear_task(const linear_problem<T>& pr, const FeatureMap& phi, index_t b, 
     }
     for (index_t r = 0; r < nq; ++r) {
       const T d = buf.den[r] + pr.eps;
-      T* o = &pr.out(b, h, i0 + r, 0);
+      T* o = pr.out.ptr(b, h, i0 + r, 0);
       for (index_t m = 0; m < M; ++m) o[m] = d == T(0) ? T(0) : buf.num[r * mp + m] / d;
     }
   };
@@ -146,7 +146,8 @@ void linear_task(const linear_problem<T>& pr, const FeatureMap& phi, index_t b, 
   if (!pr.causal && Sk == 0) {  // no key at all: every row sees none and outputs 0
     for (index_t g = 0; g < group; ++g)
       for (index_t i = 0; i < Sq; ++i)
-        std::fill(&pr.out(b, hk * group + g, i, 0), &pr.out(b, hk * group + g, i, 0) + M, T(0));
+        std::fill(pr.out.ptr(b, hk * group + g, i, 0), pr.out.ptr(b, hk * group + g, i, 0) + M,
+                  T(0));
   } else if (!pr.causal) {
     for (index_t j0 = 0; j0 < Sk; j0 += C) {
       const index_t nk = std::min(C, Sk - j0);
@@ -159,7 +160,8 @@ void linear_task(const linear_problem<T>& pr, const FeatureMap& phi, index_t b, 
     // Queries that see no key at all (offset < 0) get 0.
     for (index_t g = 0; g < group; ++g)
       for (index_t i = 0; i < std::min(Sq, -pr.offset); ++i)
-        std::fill(&pr.out(b, hk * group + g, i, 0), &pr.out(b, hk * group + g, i, 0) + M, T(0));
+        std::fill(pr.out.ptr(b, hk * group + g, i, 0), pr.out.ptr(b, hk * group + g, i, 0) + M,
+                  T(0));
     for (index_t j0 = 0; j0 < Sk; j0 += C) {
       const index_t nk = std::min(C, Sk - j0);
       const index_t i0 = std::max<index_t>(0, j0 - pr.offset);  // last visible key in the chunk

@@ -155,10 +155,10 @@ void run_sparse(const dense_problem<S>& pr, const sparse_rows& rows, Select&& se
     const index_t count = select(tk.b, tk.head, tk.block, pieces);
     buffers_t buf(buffers.slice(thread), D, Dv);
     start_tile(
-        cols, [&](index_t c) { return &pr.q(tk.b, cols.head[c], cols.pos[c], 0); }, D, Dv, buf);
+        cols, [&](index_t c) { return pr.q.ptr(tk.b, cols.head[c], cols.pos[c], 0); }, D, Dv, buf);
     attend_pieces(cols, pieces, count, pr.kv.source(tk.b, h0 / group), pr.band, custom, D, Dv, buf);
     finish_tile(cols, buf, [&](index_t c, auto&& value, T lse) {
-      S* row = &pr.out(tk.b, cols.head[c], cols.pos[c], 0);
+      S* row = pr.out.ptr(tk.b, cols.head[c], cols.pos[c], 0);
       for (index_t d = 0; d < Dv; ++d) row[d] = S(value(d));
       if (pr.lse.data()) pr.lse(tk.b, cols.head[c], cols.pos[c]) = float(lse);
     });
