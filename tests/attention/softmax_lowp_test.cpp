@@ -3,7 +3,9 @@
 // oracle), plus the rounding of the output itself to the storage type.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <fovea/fovea.hpp>
+#include <limits>
 #include <vector>
 
 #include "../common/random.hpp"
@@ -83,6 +85,52 @@ TYPED_TEST(SoftmaxLowPrecision, MatchesFp32OnTheSameRoundedInputs) {
       EXPECT_TRUE(within_tolerance<float>(got, want.out, naive.out, storage_rounding<S>()));
     }
   }
+}
+
+// Decode reads bf16/fp16 keys and values in place (converted in registers; bf16 keys
+// scored with AVX512-BF16 pairs where available): head dims on and off the 32-element
+// step, GQA groups that fill one or several score blocks, and a masked key holding NaN.
+TYPED_TEST(SoftmaxLowPrecision, DecodeInPlaceMatchesFp32AndIgnoresMaskedNan) {
+  using S = typename TypeParam::storage;
+  using Backend = typename TypeParam::backend;
+  for (const index_t D : {32, 48, 64, 128})
+    for (const index_t group : {1, 4, 7}) {
+      SCOPED_TRACE("D " + std::to_string(D) + " group " + std::to_string(group));
+      const index_t H = 2 * group, Hk = 2, Sq = 3, Sk = 777;
+      const auto q = rounded<S>(H * Sq * D, 7);
+      auto k = rounded<S>(Hk * Sk * D, 8), v = rounded<S>(Hk * Sk * D, 9);
+      auto nan_k = k, nan_v = v;
+      for (index_t h = 0; h < Hk; ++h)  // the last key: seen by the last query only
+        for (index_t d = 0; d < D; ++d)
+          nan_k[(h * Sk + Sk - 1) * D + d] = nan_v[(h * Sk + Sk - 1) * D + d] =
+              S(std::numeric_limits<float>::quiet_NaN());
+      const softmax_options o{.causal = true, .threads = 1};
+      const auto Q = bhsd<const S>(q.data(), 1, H, Sq, D);
+      const auto K = bhsd<const S>(k.data(), 1, Hk, Sk, D),
+                 V = bhsd<const S>(v.data(), 1, Hk, Sk, D);
+      std::vector<S> out(H * Sq * D), nan_out(H * Sq * D);
+      softmax_attention<Backend>(Q, K, V, bhsd(out.data(), 1, H, Sq, D), o);
+      softmax_attention<Backend>(Q, bhsd<const S>(nan_k.data(), 1, Hk, Sk, D),
+                                 bhsd<const S>(nan_v.data(), 1, Hk, Sk, D),
+                                 bhsd(nan_out.data(), 1, H, Sq, D), o);
+      const auto want = reference_softmax<double>(Q, K, V, o);
+      const auto naive = reference_softmax<float>(Q, K, V, o);
+      std::vector<double> got(out.begin(), out.end()), got_nan, want_seen, naive_seen;
+      EXPECT_TRUE(within_tolerance<float>(got, want.out, naive.out, storage_rounding<S>()));
+      for (index_t h = 0; h < H; ++h)
+        for (index_t i = 0; i < Sq; ++i)
+          for (index_t d = 0; d < D; ++d) {
+            const index_t at = (h * Sq + i) * D + d;
+            if (i == Sq - 1) {
+              EXPECT_TRUE(std::isnan(float(nan_out[at])));
+            } else {
+              got_nan.push_back(double(nan_out[at]));
+              want_seen.push_back(want.out[at]);
+              naive_seen.push_back(naive.out[at]);
+            }
+          }
+      EXPECT_TRUE(within_tolerance<float>(got_nan, want_seen, naive_seen, storage_rounding<S>()));
+    }
 }
 
 TYPED_TEST(SoftmaxLowPrecision, PagedDecodeMatchesContiguous) {

@@ -164,7 +164,9 @@ void expect_softmax_result(const Out& out, const std::vector<float>* lse, tensor
   const auto want = reference_softmax<double>(q, k, v, o, custom);
   const auto naive = reference_softmax<T>(q, k, v, o, custom);
   EXPECT_TRUE(within_tolerance<T>(as_dense(out), want.out, naive.out)) << "out";
-  if (lse) EXPECT_TRUE(within_tolerance<float>(as_dense(*lse), want.lse, naive.lse)) << "lse";
+  if (lse) {
+    EXPECT_TRUE(within_tolerance<float>(as_dense(*lse), want.lse, naive.lse)) << "lse";
+  }
 }
 
 /// Runs fovea on a case and checks out (and lse) against the oracle.

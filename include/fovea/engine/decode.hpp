@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "../core/scratch.hpp"
 #include "../core/tensor_view.hpp"
@@ -21,6 +23,7 @@
 #include "online_softmax.hpp"
 #include "prefill.hpp"
 #include "query_columns.hpp"
+#include "score_bf16.hpp"
 #include "stage.hpp"
 #include "tile_traits.hpp"
 
@@ -31,35 +34,145 @@ inline constexpr index_t decode_max_queries = 16;
 /// Keys per decode tile: larger than prefill's, since a decode tile has few columns and
 /// its per-tile work (rescale, calls, prefetch) is then spread over more keys.
 inline constexpr index_t decode_block_k = 256;
+/// How far ahead of the keys being scored their successors' rows are asked for: the
+/// hardware prefetcher alone leaves the scoring loop waiting on memory (Sk = 32768, D = 128,
+/// fp32 on the reference machine: ~1.4x faster with; 8 or 64 keys ahead are slower).
+inline constexpr index_t decode_prefetch_keys = 16;
+/// Value rows up to this many bytes are prefetched along with the keys; longer ones are
+/// left to the hardware prefetcher, which streams them as well without the extra
+/// instructions (measured: bf16 D = 128 gains 10%, fp32 D = 128 loses 10%).
+inline constexpr index_t decode_prefetch_value_bytes = 256;
 
-/// s[j][c] = q_c . k_j for c < columns, j < keys; columns [columns, ld) are zeroed.
-/// q rows are `dq` long (zero-padded to whole vectors); k rows readable for dq elements.
+/// Columns of one score block: the query rows dot_scores reads come in groups of this many
+/// (rows past the last column must exist, zeroed).
 template <class T, class Backend>
-void dot_scores(const T* q, index_t dq, index_t columns, const T* k, index_t k_stride, index_t keys,
-                T* s, index_t ld) noexcept {
+constexpr index_t score_block_columns() noexcept {
+  return vec<T, Backend>::width < 4 ? vec<T, Backend>::width : 4;
+}
+
+/// How dot_scores multiplies a key row by a query row, `step` elements at a time: key rows
+/// in any storage type converted as they are loaded, query rows in the compute type
+/// (`q`, rows `dq` apart and zero-padded to whole vectors).
+template <class T, class Backend>
+struct converting_dot {
   using V = vec<T, Backend>;
-  constexpr int W = V::width;
+  using key_reg = typename V::type;
+  using query_reg = typename V::type;
+  static constexpr int step = V::width;
+  const T* q;
+  index_t dq;
+
+  template <class S>
+  static key_reg load_key(const S* row, index_t d) noexcept {
+    return load_as<T, Backend>(row + d);
+  }
+  const T* query_row(index_t c) const noexcept { return q + c * dq; }
+  static query_reg load_query(const T* row, index_t d) noexcept { return V::load(row + d); }
+  static typename V::type fma(key_reg k, query_reg x, typename V::type acc) noexcept {
+    return V::fma(k, x, acc);
+  }
+};
+
+#if FOVEA_HAS_BF16_DOT
+/// bf16 key rows against bf16 query pairs with AVX512-BF16's vdpbf16ps: two products per
+/// lane per instruction, exact, summed in fp32 (inputs below bf16's normal range count as
+/// zero). Key rows must be readable in whole 32-element steps.
+template <class Backend>
+struct bf16_pair_dot {
+  using V = vec<float, Backend>;
+  using key_reg = __m512i;
+  using query_reg = __m512i;
+  static constexpr int step = 32;
+  const std::uint32_t* q;  ///< query rows as bf16 pairs, `pairs` apart
+  index_t pairs;
+
+  static key_reg load_key(const bfloat16* row, index_t d) noexcept {
+    return _mm512_loadu_si512(row + d);
+  }
+  const std::uint32_t* query_row(index_t c) const noexcept { return q + c * pairs; }
+  static query_reg load_query(const std::uint32_t* row, index_t d) noexcept {
+    return _mm512_loadu_si512(row + d / 2);
+  }
+  static typename V::type fma(key_reg k, query_reg x, typename V::type acc) noexcept {
+    return typename V::type(_mm512_dpbf16_ps(acc, __m512bh(k), __m512bh(x)));
+  }
+};
+
+/// bf16 keys scored in fp32 on an AVX-512 backend.
+template <class T, class Backend, class K>
+constexpr bool bf16_dot_applies() noexcept {
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<K, bfloat16>)
+    return sizeof(typename vec<T, Backend>::type) == 64;
+  return false;
+}
+#endif
+
+/// Keeps x in a register (see vec::pin).
+template <class R>
+inline void pin_register(R& x) noexcept {
+  if constexpr (requires { x.data; })
+    asm("" : "+v"(x.data));
+  else if constexpr (sizeof(R) >= 16)
+    asm("" : "+v"(x));
+}
+
+/// s[c][j] = s[c * ld + j] = q_c . k_j for c < columns, j < keys (keys along the lanes,
+/// as the softmax wants them), over `depth` elements (a multiple of Dot::step; k rows
+/// readable that far). Blocks of (width / CQ) keys x CQ columns leave their sums in one
+/// register after a single lane reduction, and every key row is loaded once per CQ
+/// columns (query rows up to the next multiple of CQ must exist). prefetch(j, n) is
+/// called before each block of keys [j, j + n) is read.
+template <class T, class Backend, class Dot, class S, class Prefetch>
+void dot_scores(const Dot& dot, index_t depth, index_t columns, const S* k, index_t k_stride,
+                index_t keys, T* s, index_t ld, Prefetch&& prefetch) noexcept {
+  using V = vec<T, Backend>;
+  constexpr int W = V::width, CQ = int(score_block_columns<T, Backend>()), KR = W / CQ;
   alignas(64) T lanes[W];
-  for (index_t jb = 0; jb < keys; jb += W) {
-    const T* rows[W];
+  for (index_t jb = 0; jb < keys; jb += KR) {
+    const index_t n = std::min<index_t>(KR, keys - jb);
+    prefetch(jb, n);
+    const S* rows[KR];
 #pragma GCC unroll 16
-    for (int r = 0; r < W; ++r) rows[r] = k + std::min<index_t>(jb + r, keys - 1) * k_stride;
-    const index_t n = std::min<index_t>(W, keys - jb);
-    for (index_t c = 0; c < columns; ++c) {
-      const T* qc = q + c * dq;
-      typename V::type acc[W];
+    for (int r = 0; r < KR; ++r) rows[r] = k + std::min<index_t>(jb + r, keys - 1) * k_stride;
+    for (index_t c0 = 0; c0 < columns; c0 += CQ) {
+      typename V::type acc[W];  // acc[c * KR + r]: lanes come out column by column
 #pragma GCC unroll 16
-      for (int r = 0; r < W; ++r) acc[r] = V::broadcast(T(0));
-      for (index_t d = 0; d < dq; d += W) {
-        const auto qv = V::load(qc + d);
+      for (int i = 0; i < W; ++i) acc[i] = V::broadcast(T(0));
+      decltype(dot.query_row(0)) query[CQ];
+#pragma GCC unroll 4
+      for (int c = 0; c < CQ; ++c) query[c] = dot.query_row(c0 + c);
+      for (index_t d = 0; d < depth; d += Dot::step) {
+        // Every operand loaded once into a register: left to itself, GCC folds the key
+        // loads into the FMAs, loading each key vector CQ times (twice as slow).
+        typename Dot::query_reg qv[CQ];
+        typename Dot::key_reg kr[KR];
+#pragma GCC unroll 4
+        for (int c = 0; c < CQ; ++c) {
+          qv[c] = Dot::load_query(query[c], d);
+          pin_register(qv[c]);
+        }
 #pragma GCC unroll 16
-        for (int r = 0; r < W; ++r) acc[r] = V::fma(V::load(rows[r] + d), qv, acc[r]);
+        for (int r = 0; r < KR; ++r) {
+          kr[r] = Dot::load_key(rows[r], d);
+          pin_register(kr[r]);
+        }
+#pragma GCC unroll 16
+        for (int r = 0; r < KR; ++r)
+#pragma GCC unroll 4
+          for (int c = 0; c < CQ; ++c) acc[c * KR + r] = Dot::fma(kr[r], qv[c], acc[c * KR + r]);
       }
       V::store(lanes, V::reduce_add_lanes(acc));
-      for (index_t r = 0; r < n; ++r) s[(jb + r) * ld + c] = lanes[r];
+      const index_t m = std::min<index_t>(CQ, columns - c0);
+      for (index_t c = 0; c < m; ++c) {
+        T* out = s + (c0 + c) * ld + jb;
+        if (n == KR) {
+#pragma GCC unroll 16
+          for (int r = 0; r < KR; ++r) out[r] = lanes[c * KR + r];
+        } else {
+          std::copy_n(lanes + c * KR, n, out);
+        }
+      }
     }
-    for (index_t r = 0; r < n; ++r)
-      std::fill(s + (jb + r) * ld + columns, s + (jb + r) * ld + ld, T(0));
   }
 }
 
@@ -74,20 +187,23 @@ struct decode_buffers {
   static index_t size(index_t D, index_t Dv) noexcept {
     const index_t dq = padded(D), dvp = padded(Dv);
     return round_to_line<T>(capacity * dq) + 2 * BK * capacity + round_to_line<T>(capacity * dvp) +
-           3 * capacity + round_to_line<T>(BK * dq) + round_to_line<T>(BK * dvp);
+           3 * capacity + round_to_line<T>(BK * dq) + round_to_line<T>(BK * dvp) +
+           round_to_line<T>(capacity * bf16_pairs(dq));
   }
   index_t dq, dvp;
   T *q, *s, *p, *acc, *m, *l, *alpha, *stage_k, *stage_v;
+  std::uint32_t* q_pairs;  ///< [capacity][bf16_pairs(dq)] query rows for bf16_pair_dot
   decode_buffers(T* work, index_t D, index_t Dv) noexcept : dq(padded(D)), dvp(padded(Dv)) {
     q = work;                                    // [capacity][dq] query rows
-    s = q + round_to_line<T>(capacity * dq);     // [BK][ld] logits
-    p = s + BK * capacity;                       // [BK][ld] probabilities
+    s = q + round_to_line<T>(capacity * dq);     // [capacity][BK] logits
+    p = s + BK * capacity;                       // [capacity][BK] probabilities
     acc = p + BK * capacity;                     // [capacity][dvp] unnormalised output rows
     m = acc + round_to_line<T>(capacity * dvp);  // [capacity]
     l = m + capacity;
     alpha = l + capacity;
     stage_k = alpha + capacity;                     // [BK][dq]
     stage_v = stage_k + round_to_line<T>(BK * dq);  // [BK][dvp]
+    q_pairs = reinterpret_cast<std::uint32_t*>(stage_v + round_to_line<T>(BK * dvp));
   }
 };
 
@@ -98,41 +214,65 @@ constexpr index_t partial_size(index_t Dv) noexcept {
 }
 
 /// Attends the columns `cols` (query rows already in buf.q) over keys [first, last) and
-/// stores each column's partial state at partials + c * partial_size(Dv).
-template <class Backend, int QV, class T, class S, class ScoreMod, class MaskMod>
+/// stores each column's partial state at partials + c * partial_size(Dv). Keys up to
+/// `stream_end` may be prefetched (the next chunks of the same stream).
+template <class Backend, class T, class S, class ScoreMod, class MaskMod>
 void decode_chunk(const query_columns<T>& cols, const kv_source<S>& kv, const key_band& band,
                   const custom_variant<ScoreMod, MaskMod>& custom, index_t D, index_t Dv,
-                  index_t first, index_t last, decode_buffers<T, Backend>& buf,
+                  index_t first, index_t last, index_t stream_end, decode_buffers<T, Backend>& buf,
                   T* partials) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width;
-  constexpr index_t ld = index_t(QV) * W, BK = decode_buffers<T, Backend>::BK;
+  constexpr index_t ld = decode_buffers<T, Backend>::BK;
   const index_t n = cols.count, dq = buf.dq, dvp = buf.dvp;
   std::fill(buf.acc, buf.acc + n * dvp, T(0));
-  std::fill(buf.m, buf.m + ld, -std::numeric_limits<T>::infinity());
-  std::fill(buf.l, buf.l + ld, T(0));
+  std::fill(buf.m, buf.m + n, -std::numeric_limits<T>::infinity());
+  std::fill(buf.l, buf.l + n, T(0));
+  [[maybe_unused]] bool pairs_ready = false;  // bf16 keys read in place in whole 32-element steps
+#if FOVEA_HAS_BF16_DOT
+  if constexpr (bf16_dot_applies<T, Backend, S>()) {
+    pairs_ready = D % bf16_pair_dot<Backend>::step == 0;
+    constexpr index_t CQ = score_block_columns<T, Backend>();
+    if (pairs_ready)
+      for (index_t c = 0; c < (n + CQ - 1) / CQ * CQ; ++c)
+        to_bf16_pairs(buf.q + c * dq, D, buf.q_pairs + c * bf16_pairs(dq));
+  }
+#endif
 
   for (index_t j0 = first; j0 < last;) {
-    const index_t keys = kv.run(j0, std::min(BK, last - j0));
-    const index_t ahead = std::min(last, j0 + keys + BK);  // two tiles ahead
-    prefetch_rows(kv, ahead, std::min(BK, last - ahead), D, Dv);
-    const auto k = rows_for_kernel<T>(kv, true, j0, keys, D, dq, buf.stage_k);
-    const auto v = rows_for_kernel<T>(kv, false, j0, keys, Dv, dvp, buf.stage_v);
-    dot_scores<T, Backend>(buf.q, dq, n, k.data, k.stride, keys, buf.s, ld);
+    const index_t keys = kv.run(j0, std::min(ld, last - j0));
+    const auto ahead = [&](index_t jb, index_t count) {
+      const index_t j = j0 + jb + decode_prefetch_keys;
+      if (j < stream_end)
+        prefetch_rows(kv, j, std::min(count, stream_end - j), D, Dv,
+                      Dv * index_t(sizeof(S)) <= decode_prefetch_value_bytes);
+    };
+    with_rows(kv, true, j0, keys, D, dq, buf.stage_k, [&](const auto* k, index_t stride) {
+#if FOVEA_HAS_BF16_DOT
+      using K = std::remove_cv_t<std::remove_pointer_t<decltype(k)>>;
+      if constexpr (bf16_dot_applies<T, Backend, K>())
+        if (pairs_ready)
+          return dot_scores<T, Backend>(bf16_pair_dot<Backend>{buf.q_pairs, bf16_pairs(dq)}, D, n,
+                                        k, stride, keys, buf.s, ld, ahead);
+#endif
+      dot_scores<T, Backend>(converting_dot<T, Backend>{buf.q, dq}, dq, n, k, stride, keys, buf.s,
+                             ld, ahead);
+    });
     const tile_cuts cuts{!band.covers(cols.first_pos, cols.last_pos + 1, j0, j0 + keys)};
-    const bool masked = apply_logits<Backend>(
+    const bool masked = apply_logits_by_column<Backend>(
         cols, custom, band, cuts, buf.s, ld, [j0](index_t r) { return j0 + r; }, keys);
-    if (online_softmax_update<T, Backend, QV>(buf.s, buf.p, ld, keys, buf.m, buf.l, buf.alpha))
+    if (online_softmax_by_column<T, Backend>(buf.s, buf.p, ld, n, keys, buf.m, buf.l, buf.alpha))
       for (index_t c = 0; c < n; ++c) {
         const auto a = V::broadcast(buf.alpha[c]);
         for (index_t d = 0; d < dvp; d += W)
           V::store(buf.acc + c * dvp + d, V::mul(V::load(buf.acc + c * dvp + d), a));
       }
-    if (masked && !all_finite<T, Backend>(v.data, v.stride, keys, Dv))
-      accumulate_skipping_masked(v.data, v.stride, keys, Dv, buf.s, buf.p, ld, n, buf.acc, 1, dvp);
-    else
-      gemm_wide<T, Backend, 4, 4, true>(n, dvp / W, buf.p, 1, ld, v.data, v.stride, buf.acc, dvp,
-                                        keys);
+    with_rows(kv, false, j0, keys, Dv, dvp, buf.stage_v, [&](const auto* v, index_t stride) {
+      if (masked && !all_finite<T, Backend>(v, stride, keys, Dv))
+        accumulate_skipping_masked(v, stride, keys, Dv, buf.s, buf.p, 1, ld, n, buf.acc, 1, dvp);
+      else  // columns in pairs, whole value rows (up to 8 vectors) per pass
+        gemm_wide<T, Backend, 2, 8, true>(n, dvp / W, buf.p, ld, 1, v, stride, buf.acc, dvp, keys);
+    });
     j0 += keys;
   }
   for (index_t c = 0; c < n; ++c) {

@@ -142,19 +142,18 @@ void run_dense(std::span<const dense_problem<S>> problems,
     const layout& lay = layouts[tk.problem];
     decode_columns(pr, lay, tk.b, tk.head, tk.tile, cols);
     decode_buf buf(buffers.slice(thread), D, Dv);
-    for (index_t c = 0; c < cols.count; ++c) {
-      const S* row = pr.q.ptr(tk.b, cols.head[c], cols.pos[c], 0);
-      for (index_t d = 0; d < buf.dq; ++d) buf.q[c * buf.dq + d] = d < D ? T(row[d]) : T(0);
+    constexpr index_t CQ = score_block_columns<T, Backend>();
+    for (index_t c = 0; c < (cols.count + CQ - 1) / CQ * CQ; ++c) {
+      const S* row = c < cols.count ? pr.q.ptr(tk.b, cols.head[c], cols.pos[c], 0) : nullptr;
+      for (index_t d = 0; d < buf.dq; ++d) buf.q[c * buf.dq + d] = row && d < D ? T(row[d]) : T(0);
     }
     const auto [first, last] = pr.band.keys_for(cols.first_pos, cols.last_pos + 1);
     const index_t c0 = tk.chunk * lay.chunk_keys;
     const index_t lo = std::max(first, c0), hi = std::min(last, c0 + lay.chunk_keys);
     T* states = partials.data() + tk.partials + tk.chunk * lay.width * partial_size<T>(Dv);
     const auto kv = pr.kv.source(tk.b, tk.head);
-    if (lay.width == W)
-      decode_chunk<Backend, 1>(cols, kv, pr.band, custom, D, Dv, lo, std::max(lo, hi), buf, states);
-    else
-      decode_chunk<Backend, 4>(cols, kv, pr.band, custom, D, Dv, lo, std::max(lo, hi), buf, states);
+    decode_chunk<Backend>(cols, kv, pr.band, custom, D, Dv, lo, std::max(lo, hi), last, buf,
+                          states);
   });
 
   parallel_for(index_t(merges.size()), used, [&](index_t i, int thread) {

@@ -1,13 +1,15 @@
 // The one register-blocked micro-kernel both tile products use:
 //   C[rows x N] (= or +=) A[rows x depth] * B[depth x N],  N = Vectors SIMD widths,
-// A read by broadcast through (row, column) strides, B and C row-major. With queries
-// along N, Q K^T is C = K * Q^T and P V is O^T += V^T * P^T: neither K nor V is copied.
+// A read by broadcast through (row, column) strides, B and C row-major, B in the compute
+// type or a storage type converted as it is loaded. With queries along N, Q K^T is
+// C = K * Q^T and P V is O^T += V^T * P^T: neither K nor V is copied.
 #pragma once
 
 #include <type_traits>
 #include <utility>
 
 #include "../core/tensor_view.hpp"
+#include "../simd/convert.hpp"
 #include "../simd/vec.hpp"
 
 namespace fovea::detail {
@@ -26,9 +28,9 @@ struct listed_rows {
   const TA* operator()(index_t r) const noexcept { return rows[r]; }
 };
 
-template <class T, class Backend, int Rows, int Vectors, bool Accumulate, class TA>
-inline void micro_kernel_body(const TA* const* a_rows, index_t a_col, const T* b, index_t ldb, T* c,
-                              index_t ldc, index_t depth) noexcept {
+template <class T, class Backend, int Rows, int Vectors, bool Accumulate, class TA, class TB>
+inline void micro_kernel_body(const TA* const* a_rows, index_t a_col, const TB* b, index_t ldb,
+                              T* c, index_t ldc, index_t depth) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width;
   typename V::type acc[Rows][Vectors];
@@ -41,7 +43,7 @@ inline void micro_kernel_body(const TA* const* a_rows, index_t a_col, const T* b
     typename V::type bp[Vectors];
 #pragma GCC unroll 8
     for (int x = 0; x < Vectors; ++x) {
-      bp[x] = V::load(b + p * ldb + x * W);
+      bp[x] = load_as<T, Backend>(b + p * ldb + x * W);
       V::pin(bp[x]);
     }
 #pragma GCC unroll 16
@@ -61,16 +63,16 @@ inline void micro_kernel_body(const TA* const* a_rows, index_t a_col, const T* b
 /// into code that loads the next depth step's A and B after the last one (reading past
 /// the end of K or V: a crash when they end on a page boundary), so the scalar backend,
 /// meant to be plain C++ anyway, is compiled without tree vectorisation.
-template <class T, int Rows, int Vectors, bool Accumulate, class TA>
+template <class T, int Rows, int Vectors, bool Accumulate, class TA, class TB>
 __attribute__((optimize("no-tree-vectorize", "no-tree-slp-vectorize"))) void micro_kernel_scalar(
-    const TA* const* a_rows, index_t a_col, const T* b, index_t ldb, T* c, index_t ldc,
+    const TA* const* a_rows, index_t a_col, const TB* b, index_t ldb, T* c, index_t ldc,
     index_t depth) noexcept {
   micro_kernel_body<T, scalar, Rows, Vectors, Accumulate>(a_rows, a_col, b, ldb, c, ldc, depth);
 }
 
 /// C[Rows x Vectors*W] (= or +=) A * B with A's rows a(r0), ..., a(r0 + Rows - 1).
-template <class T, class Backend, int Rows, int Vectors, bool Accumulate, class ARows>
-inline void micro_kernel(const ARows& a, index_t r0, index_t a_col, const T* b, index_t ldb, T* c,
+template <class T, class Backend, int Rows, int Vectors, bool Accumulate, class ARows, class TB>
+inline void micro_kernel(const ARows& a, index_t r0, index_t a_col, const TB* b, index_t ldb, T* c,
                          index_t ldc, index_t depth) noexcept {
   using TA = std::remove_cv_t<std::remove_pointer_t<decltype(a(0))>>;
   const TA* a_rows[Rows];
@@ -84,8 +86,8 @@ inline void micro_kernel(const ARows& a, index_t r0, index_t a_col, const T* b, 
 
 /// C[rows x Vectors*W] (= or +=) A * B for any number of rows: full row blocks, then one
 /// call of the micro-kernel sized to the remainder.
-template <class T, class Backend, int RowBlock, int Vectors, bool Accumulate, class ARows>
-inline void gemm_rows(index_t rows, const ARows& a, index_t a_col, const T* b, index_t ldb, T* c,
+template <class T, class Backend, int RowBlock, int Vectors, bool Accumulate, class ARows, class TB>
+inline void gemm_rows(index_t rows, const ARows& a, index_t a_col, const TB* b, index_t ldb, T* c,
                       index_t ldc, index_t depth) noexcept {
   index_t r = 0;
   for (; r + RowBlock <= rows; r += RowBlock)
@@ -106,8 +108,8 @@ inline void gemm_rows(index_t rows, const ARows& a, index_t a_col, const T* b, i
 }
 
 /// gemm_rows with A's rows at a + r * a_row.
-template <class T, class Backend, int RowBlock, int Vectors, bool Accumulate, class TA>
-inline void gemm_rows(index_t rows, const TA* a, index_t a_row, index_t a_col, const T* b,
+template <class T, class Backend, int RowBlock, int Vectors, bool Accumulate, class TA, class TB>
+inline void gemm_rows(index_t rows, const TA* a, index_t a_row, index_t a_col, const TB* b,
                       index_t ldb, T* c, index_t ldc, index_t depth) noexcept {
   gemm_rows<T, Backend, RowBlock, Vectors, Accumulate>(rows, strided_rows<TA>{a, a_row}, a_col, b,
                                                        ldb, c, ldc, depth);
@@ -119,8 +121,8 @@ namespace fovea::detail {
 
 /// gemm_rows over any number of vectors of columns: blocks of Block vectors, then one
 /// call sized to the remainder.
-template <class T, class Backend, int RowBlock, int Block, bool Accumulate, class ARows>
-inline void gemm_wide(index_t rows, index_t vectors, const ARows& a, index_t a_col, const T* b,
+template <class T, class Backend, int RowBlock, int Block, bool Accumulate, class ARows, class TB>
+inline void gemm_wide(index_t rows, index_t vectors, const ARows& a, index_t a_col, const TB* b,
                       index_t ldb, T* c, index_t ldc, index_t depth) noexcept {
   constexpr int W = vec<T, Backend>::width;
   index_t x = 0;
@@ -142,9 +144,9 @@ inline void gemm_wide(index_t rows, index_t vectors, const ARows& a, index_t a_c
 }
 
 /// gemm_wide with A's rows at a + r * a_row.
-template <class T, class Backend, int RowBlock, int Block, bool Accumulate, class TA>
+template <class T, class Backend, int RowBlock, int Block, bool Accumulate, class TA, class TB>
 inline void gemm_wide(index_t rows, index_t vectors, const TA* a, index_t a_row, index_t a_col,
-                      const T* b, index_t ldb, T* c, index_t ldc, index_t depth) noexcept {
+                      const TB* b, index_t ldb, T* c, index_t ldc, index_t depth) noexcept {
   gemm_wide<T, Backend, RowBlock, Block, Accumulate>(rows, vectors, strided_rows<TA>{a, a_row},
                                                      a_col, b, ldb, c, ldc, depth);
 }

@@ -63,17 +63,20 @@ struct kv_layout {
   index_t value_dim() const noexcept { return v.extent(3); }
 };
 
-/// Asks for the key and value rows [j, j + rows) to be brought into cache (decode streams
-/// K and V once, and the hardware prefetcher alone leaves the core waiting).
+/// Asks for the key rows [j, j + rows) to be brought into L1 and, if `values`, the value
+/// rows into L2 (decode streams K and V once, and the hardware prefetcher alone leaves the
+/// core waiting).
 template <class S>
-void prefetch_rows(const kv_source<S>& kv, index_t j, index_t rows, index_t D,
-                   index_t Dv) noexcept {
+[[gnu::always_inline]] inline void prefetch_rows(const kv_source<S>& kv, index_t j, index_t rows,
+                                                 index_t D, index_t Dv, bool values) noexcept {
   constexpr index_t line = 64 / sizeof(S);
   for (index_t r = 0; r < rows; ++r) {
     const S* k = kv.k_row(j + r);
-    const S* v = kv.v_row(j + r);
-    for (index_t d = 0; d < D; d += line) prefetch_l2(k + d);
-    for (index_t d = 0; d < Dv; d += line) prefetch_l2(v + d);
+    for (index_t d = 0; d < D; d += line) prefetch_l1(k + d);
+    if (values) {
+      const S* v = kv.v_row(j + r);
+      for (index_t d = 0; d < Dv; d += line) prefetch_l2(v + d);
+    }
   }
 }
 

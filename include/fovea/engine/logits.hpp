@@ -2,6 +2,7 @@
 // score_mod / mask_mod, and the key band, applied in the documented order.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -23,6 +24,42 @@ struct tile_cuts {
   const bool* mask_mod_rows = nullptr;  ///< if set, mask_mod applies to row r iff [r] is true
 };
 
+/// The per-(key, column) terms, in the documented order: bias, score_mod, the key band,
+/// the boolean mask, mask_mod. `at(r, c)` is the logit of tile row r (key key_of(r)) and
+/// column c < cols.count, whatever the tile's layout.
+template <class T, class ScoreMod, class MaskMod, class KeyOf, class At>
+void apply_logit_terms(const query_columns<T>& cols,
+                       const custom_variant<ScoreMod, MaskMod>& custom, const key_band& band,
+                       tile_cuts cuts, KeyOf&& key_of, index_t keys, At&& at) noexcept {
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  constexpr bool scored = !std::is_same_v<ScoreMod, identity_score_mod>;
+  constexpr bool masking = !std::is_same_v<MaskMod, keep_all_mask_mod>;
+  const index_t n = cols.count;
+  if (!cols.has_bias && !scored && !cuts.band && !cols.has_mask && !(masking && cuts.mask_mod))
+    return;
+  for (index_t r = 0; r < keys; ++r) {
+    const index_t j = key_of(r);
+    if (cols.has_bias)
+      for (index_t c = 0; c < n; ++c) {
+        const T bias = T(cols.bias[c][j * cols.bias_step]);
+        at(r, c) = bias == neg_inf ? neg_inf : at(r, c) + bias;
+      }
+    if constexpr (scored)
+      for (index_t c = 0; c < n; ++c)
+        at(r, c) = T(custom.score_mod(at(r, c), cols.batch, cols.head[c], cols.pos[c], j));
+    if (cuts.band)
+      for (index_t c = 0; c < n; ++c)
+        if (!band.visible(cols.pos[c], j)) at(r, c) = neg_inf;
+    if (cols.has_mask)
+      for (index_t c = 0; c < n; ++c)
+        if (!cols.mask[c][j * cols.mask_step]) at(r, c) = neg_inf;
+    if constexpr (masking)
+      if (cuts.mask_mod && (!cuts.mask_mod_rows || cuts.mask_mod_rows[r]))
+        for (index_t c = 0; c < n; ++c)
+          if (!custom.mask_mod(cols.batch, cols.head[c], cols.pos[c], j)) at(r, c) = neg_inf;
+  }
+}
+
 /// `tile` is laid out [key][column], `ld` columns per key row (a whole number of vectors);
 /// row r holds key key_of(r), r < keys. Columns past cols.count are padding: they get the
 /// vector passes only and are never read back. Returns true if any logit is -inf (a
@@ -33,18 +70,13 @@ bool apply_logits(const query_columns<T>& cols, const custom_variant<ScoreMod, M
                   index_t keys) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width;
-  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
-  const index_t n = cols.count;
   const auto scale = V::broadcast(cols.scale);
   const bool capped = cols.softcap > T(0);
   const auto cap = V::broadcast(cols.softcap);
   const auto inv_cap = V::broadcast(capped ? T(1) / cols.softcap : T(0));
-  const auto minus_inf = V::broadcast(neg_inf);
-  bool masked = false;
   for (index_t r = 0; r < keys; ++r) {
     T* row = tile + r * ld;
-    const index_t j = key_of(r);
-    const auto diagonal_minus_j = V::broadcast(T(band.offset - j));
+    const auto diagonal_minus_j = V::broadcast(T(band.offset - key_of(r)));
     for (index_t c = 0; c < ld; c += W) {
       auto s = V::mul(V::load(row + c), scale);
       if (capped) s = V::mul(cap, V::tanh(V::mul(s, inv_cap)));
@@ -54,28 +86,62 @@ bool apply_logits(const query_columns<T>& cols, const custom_variant<ScoreMod, M
       }
       V::store(row + c, s);
     }
-    if (cols.has_bias)
-      for (index_t c = 0; c < n; ++c) {
-        const T bias = T(cols.bias[c][j * cols.bias_step]);
-        row[c] = bias == neg_inf ? neg_inf : row[c] + bias;
-      }
-    if constexpr (!std::is_same_v<ScoreMod, identity_score_mod>)
-      for (index_t c = 0; c < n; ++c)
-        row[c] = T(custom.score_mod(row[c], cols.batch, cols.head[c], cols.pos[c], j));
-    if (cuts.band)
-      for (index_t c = 0; c < n; ++c)
-        if (!band.visible(cols.pos[c], j)) row[c] = neg_inf;
-    if (cols.has_mask)
-      for (index_t c = 0; c < n; ++c)
-        if (!cols.mask[c][j * cols.mask_step]) row[c] = neg_inf;
-    if constexpr (!std::is_same_v<MaskMod, keep_all_mask_mod>)
-      if (cuts.mask_mod && (!cuts.mask_mod_rows || cuts.mask_mod_rows[r]))
-        for (index_t c = 0; c < n; ++c)
-          if (!custom.mask_mod(cols.batch, cols.head[c], cols.pos[c], j)) row[c] = neg_inf;
-    for (index_t c = 0; c < ld; c += W)
-      masked = masked || V::any(V::equal(V::load(row + c), minus_inf));
   }
+  apply_logit_terms(cols, custom, band, cuts, key_of, keys,
+                    [&](index_t r, index_t c) -> T& { return tile[r * ld + c]; });
+  const auto minus_inf = V::broadcast(-std::numeric_limits<T>::infinity());
+  bool masked = false;
+  for (index_t r = 0; r < keys && !masked; ++r)
+    for (index_t c = 0; c < ld; c += W)
+      masked = masked || V::any(V::equal(V::load(tile + r * ld + c), minus_inf));
   return masked;
+}
+
+/// The same for a tile laid out [column][key] (keys contiguous, `ld` >= keys rounded up to
+/// whole vectors): decode, whose few columns would leave most lanes of a [key][column] row
+/// idle. Only the cols.count column rows exist; lanes past `keys` get the vector passes
+/// and are never read back.
+template <class Backend, class T, class ScoreMod, class MaskMod, class KeyOf>
+bool apply_logits_by_column(const query_columns<T>& cols,
+                            const custom_variant<ScoreMod, MaskMod>& custom, const key_band& band,
+                            tile_cuts cuts, T* tile, index_t ld, KeyOf&& key_of,
+                            index_t keys) noexcept {
+  using V = vec<T, Backend>;
+  constexpr int W = V::width;
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  const index_t n = cols.count;
+  const auto scale = V::broadcast(cols.scale);
+  const bool capped = cols.softcap > T(0);
+  const auto cap = V::broadcast(cols.softcap);
+  const auto inv_cap = V::broadcast(capped ? T(1) / cols.softcap : T(0));
+  alignas(64) T key_lanes[W];
+  for (index_t j0 = 0; j0 < keys; j0 += W) {
+    if (cols.has_alibi)
+      for (int i = 0; i < W; ++i) key_lanes[i] = T(key_of(std::min<index_t>(j0 + i, keys - 1)));
+    for (index_t c = 0; c < n; ++c) {
+      T* at = tile + c * ld + j0;
+      auto s = V::mul(V::load(at), scale);
+      if (capped) s = V::mul(cap, V::tanh(V::mul(s, inv_cap)));
+      if (cols.has_alibi) {  // - slope * |i + offset - j|
+        const auto diagonal = V::broadcast(cols.pos_value[c] + T(band.offset));
+        const auto distance = V::abs(V::sub(diagonal, V::load(key_lanes)));
+        s = V::fma(V::broadcast(cols.minus_slope[c]), distance, s);
+      }
+      V::store(at, s);
+    }
+  }
+  apply_logit_terms(cols, custom, band, cuts, key_of, keys,
+                    [&](index_t r, index_t c) -> T& { return tile[c * ld + r]; });
+  const auto minus_inf = V::broadcast(neg_inf);
+  for (index_t c = 0; c < n; ++c) {
+    const T* row = tile + c * ld;
+    index_t j = 0;
+    for (; j + W <= keys; j += W)
+      if (V::any(V::equal(V::load(row + j), minus_inf))) return true;
+    for (; j < keys; ++j)
+      if (row[j] == neg_inf) return true;
+  }
+  return false;
 }
 
 }  // namespace fovea::detail

@@ -1,11 +1,13 @@
 // The online-softmax state of a query tile: running max m and sum l per query column,
-// updated one key tile at a time (logits laid out [keys][queries], queries contiguous).
+// updated one key tile at a time (logits laid out [keys][queries], queries contiguous, or
+// [queries][keys] for decode's few queries).
 //
 // The -inf case (FlashInfer's attention/state.cuh): while a query has seen no visible
 // key, m = -inf; exponents are then taken against 0 instead of m, so exp(-inf - -inf)
 // never produces NaN and the row's p, l and accumulator stay exactly 0.
 #pragma once
 
+#include <cmath>
 #include <limits>
 
 #include "../core/tensor_view.hpp"
@@ -53,6 +55,44 @@ inline bool online_softmax_update(const T* s, T* p, index_t ld, index_t keys, T*
 #pragma GCC unroll 8
   for (int x = 0; x < Vectors; ++x)
     V::store(l + x * W, V::fma(V::load(l + x * W), V::load(alpha + x * W), sum[x]));
+  return rescale;
+}
+
+/// The same update for logits laid out [column][key] (keys contiguous): row c is
+/// s[c * ld + j], j < keys (lanes past `keys` are ignored), with state m[c], l[c] and
+/// alpha[c]; p has the same layout.
+template <class T, class Backend>
+inline bool online_softmax_by_column(const T* s, T* p, index_t ld, index_t columns, index_t keys,
+                                     T* m, T* l, T* alpha) noexcept {
+  using V = vec<T, Backend>;
+  constexpr int W = V::width;
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  const index_t whole = keys / W * W;
+  bool rescale = false;
+  for (index_t c = 0; c < columns; ++c) {
+    const T* row = s + c * ld;
+    T* out = p + c * ld;
+    auto lanes_max = V::broadcast(neg_inf);
+    for (index_t j = 0; j < whole; j += W) lanes_max = V::max(lanes_max, V::load(row + j));
+    T tile_max = V::reduce_max(lanes_max);
+    for (index_t j = whole; j < keys; ++j) tile_max = row[j] > tile_max ? row[j] : tile_max;
+    const T m_new = tile_max > m[c] ? tile_max : m[c];
+    const T m_ref = m_new == neg_inf ? T(0) : m_new;
+    const T a = std::exp(m[c] - m_ref);
+    rescale = rescale || a != T(1);
+    alpha[c] = a;
+    m[c] = m_new;
+    const auto ref = V::broadcast(m_ref);
+    auto lanes_sum = V::broadcast(T(0));
+    for (index_t j = 0; j < whole; j += W) {
+      const auto e = V::exp(V::sub(V::load(row + j), ref));
+      V::store(out + j, e);
+      lanes_sum = V::add(lanes_sum, e);
+    }
+    T sum = V::reduce_add(lanes_sum);
+    for (index_t j = whole; j < keys; ++j) sum += out[j] = std::exp(row[j] - m_ref);
+    l[c] = l[c] * a + sum;
+  }
   return rescale;
 }
 

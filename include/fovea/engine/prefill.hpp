@@ -21,35 +21,38 @@
 namespace fovea::detail {
 
 /// True when rows [0, rows) x [0, cols) of a strided matrix hold only finite values.
-template <class T, class Backend>
-bool all_finite(const T* data, index_t row_stride, index_t rows, index_t cols) noexcept {
+template <class T, class Backend, class S>
+bool all_finite(const S* data, index_t row_stride, index_t rows, index_t cols) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width;
   const auto zero = V::broadcast(T(0));
   auto acc = zero;
   T tail = 0;
   for (index_t r = 0; r < rows; ++r) {
-    const T* row = data + r * row_stride;
+    const S* row = data + r * row_stride;
     index_t c = 0;
-    for (; c + W <= cols; c += W) acc = V::fma(V::load(row + c), zero, acc);
-    for (; c < cols; ++c) tail += row[c] * T(0);
+    for (; c + W <= cols; c += W) acc = V::fma(load_as<T, Backend>(row + c), zero, acc);
+    for (; c < cols; ++c) tail += T(row[c]) * T(0);
   }
   return V::reduce_add(acc) + tail == T(0);
 }
 
 /// acc += P V over one key tile for a tile whose masked (-inf) logits meet non-finite
 /// values: each masked (column, key) pair is skipped, so NaN/Inf in a masked key never
-/// reaches a row. acc(d, c) is acc[d * acc_d + c * acc_c].
-template <class T>
-void accumulate_skipping_masked(const T* v, index_t v_stride, index_t keys, index_t dv,
-                                const T* logits, const T* p, index_t ld, index_t columns, T* acc,
-                                index_t acc_d, index_t acc_c) noexcept {
+/// reaches a row. Logit and p (key j, column c) are at [j * tile_j + c * tile_c]; acc(d, c)
+/// is acc[d * acc_d + c * acc_c].
+template <class T, class S>
+void accumulate_skipping_masked(const S* v, index_t v_stride, index_t keys, index_t dv,
+                                const T* logits, const T* p, index_t tile_j, index_t tile_c,
+                                index_t columns, T* acc, index_t acc_d, index_t acc_c) noexcept {
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   for (index_t c = 0; c < columns; ++c)
     for (index_t d = 0; d < dv; ++d) {
       T sum = acc[d * acc_d + c * acc_c];
-      for (index_t j = 0; j < keys; ++j)
-        if (logits[j * ld + c] != neg_inf) sum += v[j * v_stride + d] * p[j * ld + c];
+      for (index_t j = 0; j < keys; ++j) {
+        const index_t at = j * tile_j + c * tile_c;
+        if (logits[at] != neg_inf) sum += T(v[j * v_stride + d]) * p[at];
+      }
       acc[d * acc_d + c * acc_c] = sum;
     }
 }
@@ -107,7 +110,7 @@ void attend_keys(const query_columns<T>& cols, row_block<T> k, row_block<T> v, i
   if (online_softmax_update<T, Backend, QV>(buf.s, buf.p, BQ, keys, buf.m, buf.l, buf.alpha))
     rescale_rows<T, Backend, QV>(buf.acc, BQ, Dv, buf.alpha);
   if (masked && !all_finite<T, Backend>(v.data, v.stride, keys, Dv))
-    accumulate_skipping_masked(v.data, v.stride, keys, Dv, buf.s, buf.p, BQ, BQ, buf.acc, BQ, 1);
+    accumulate_skipping_masked(v.data, v.stride, keys, Dv, buf.s, buf.p, BQ, 1, BQ, buf.acc, BQ, 1);
   else
     gemm_rows<T, Backend, RB, QV, true>(Dv, v.data, 1, v.stride, buf.p, BQ, buf.acc, BQ, keys);
 }

@@ -43,4 +43,21 @@ row_block<T> rows_for_kernel(const kv_source<S>& kv, bool keys, index_t j, index
   return {buffer, padded};
 }
 
+/// Calls f(rows, stride) with the rows [j, j + rows) where a kernel that converts as it
+/// loads (load_as) can read them: in place, in the storage type, when rows are whole
+/// vectors (`padded` == cols), else staged into `buffer` in the compute type.
+template <class T, class S, class F>
+void with_rows(const kv_source<S>& kv, bool keys, index_t j, index_t rows, index_t cols,
+               index_t padded, T* buffer, F&& f) noexcept {
+  if (padded == cols) {
+    if (keys)
+      f(kv.k_row(j), kv.k_stride);
+    else
+      f(kv.v_row(j), kv.v_stride);
+    return;
+  }
+  stage_rows(kv, keys, j, rows, cols, padded, buffer);
+  f(static_cast<const T*>(buffer), padded);
+}
+
 }  // namespace fovea::detail
