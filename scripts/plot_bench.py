@@ -3,7 +3,7 @@
 GFLOP/s against N for fovea and the Eigen baseline, one panel per (D, causal), with the
 measured FMA peak. Uses gnuplot (Debian's gnuplot-nox); python3's standard library only.
 
-    scripts/plot_bench.py build/bench/softmax_bench.json docs/softmax_bench.png [peak GFLOP/s]
+    scripts/plot_bench.py build/release/softmax_bench.json docs/softmax_bench.png [peak GFLOP/s]
 """
 import json
 import os

@@ -267,11 +267,17 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<S>& kv, const ke
         for (index_t d = 0; d < dvp; d += W)
           V::store(buf.acc + c * dvp + d, V::mul(V::load(buf.acc + c * dvp + d), a));
       }
+    // P V: values read as they are go two columns at a time over whole rows (a sequential
+    // stream); converted ones four columns at a time over half rows, so that each value
+    // vector is converted once per four columns (measured, D = 128: the other way round
+    // fp32 is 25% slower and bf16 12% slower).
     with_rows(kv, false, j0, keys, Dv, dvp, buf.stage_v, [&](const auto* v, index_t stride) {
       if (masked && !all_finite<T, Backend>(v, stride, keys, Dv))
         accumulate_skipping_masked(v, stride, keys, Dv, buf.s, buf.p, 1, ld, n, buf.acc, 1, dvp);
-      else  // columns in pairs, whole value rows (up to 8 vectors) per pass
+      else if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(v)>>, T>)
         gemm_wide<T, Backend, 2, 8, true>(n, dvp / W, buf.p, ld, 1, v, stride, buf.acc, dvp, keys);
+      else
+        gemm_wide<T, Backend, 4, 4, true>(n, dvp / W, buf.p, ld, 1, v, stride, buf.acc, dvp, keys);
     });
     j0 += keys;
   }

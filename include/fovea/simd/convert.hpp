@@ -59,8 +59,9 @@ typename vec<T, Backend>::type load_as(const S* p) noexcept {
   if constexpr (std::is_same_v<S, T>) {
     return V::load(p);
   } else {
-    constexpr bool to_float = std::is_same_v<T, float>;
-    constexpr bool from_bf16 = std::is_same_v<S, bfloat16>, from_half = std::is_same_v<S, half>;
+    [[maybe_unused]] constexpr bool to_float = std::is_same_v<T, float>;
+    [[maybe_unused]] constexpr bool from_bf16 = std::is_same_v<S, bfloat16>;
+    [[maybe_unused]] constexpr bool from_half = std::is_same_v<S, half>;
 #if defined(__AVX512F__)
     if constexpr (to_float && V::width == 16 && (from_bf16 || from_half)) {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
