@@ -67,6 +67,7 @@ struct dma_case {
   int bias_form;  // 0: (B, Hk, 1, Sk)  1: (1, 1, 1, Sk)  2: (B, H, Sq, Sk)  3: (B, 1, Sq, Sk)
   bool mask;      // a (B, 1, 1, Sk) padding mask
   bool softcap_lse;
+  bool tied = false;  // bias values from {-1, -0, +0, 0.5}: most ranks are ties
 };
 
 template <class T, class Backend>
@@ -79,7 +80,9 @@ void check_dma_case(const dma_case& c, std::uint64_t seed, int threads = 1) {
   const index_t bias_extents[4][4] = {
       {s.B, s.Hk, 1, s.Sk}, {1, 1, 1, s.Sk}, {s.B, s.H, s.Sq, s.Sk}, {s.B, 1, s.Sq, s.Sk}};
   const index_t* e = bias_extents[c.bias_form];
-  const auto bias_values = normal<float>(e[0] * e[1] * e[2] * e[3], seed + 5, 2.0);
+  auto bias_values = normal<float>(e[0] * e[1] * e[2] * e[3], seed + 5, 2.0);
+  if (c.tied)
+    for (float& x : bias_values) x = x < -1 ? -1.0f : x < 0 ? -0.0f : x < 1 ? 0.0f : 0.5f;
   const auto bias = view<const float, 4>(bias_values.data(), {e[0], e[1], e[2], e[3]});
   const auto mask_values = bernoulli(s.B * s.Sk, seed + 6, 0.85);
   dynamic_mask_options o;
@@ -122,6 +125,21 @@ TYPED_TEST(DynamicMask, EqualsDenseOverTheKeptKeys) {
         check_dma_case<T, Backend>({s, keep, causal, int(next % 4), next % 3 == 0, next % 2 == 0},
                                    next, int(next % 3));
       }
+}
+
+// Ties (and -0 against +0) go to the earlier key, whether the rows share one selection
+// (one query row, or rows with the same allowed keys: a radix top-k) or rank a growing
+// causal prefix each (a heap) or their own biases.
+TYPED_TEST(DynamicMask, TiesGoToTheEarlierKey) {
+  using T = typename TypeParam::value_type;
+  using Backend = typename TypeParam::backend;
+  std::uint64_t seed = 900;
+  for (const shape& s : {shape{1, 4, 2, 1, 700, 16, 16}, shape{1, 2, 1, 5, 300, 8, 8}})
+    for (index_t keep : {1, 5, 64, 299})
+      for (bool causal : {false, true})
+        for (int form : {0, 2})
+          for (bool mask : {false, true})
+            check_dma_case<T, Backend>({s, keep, causal, form, mask, false, true}, ++seed);
 }
 
 TYPED_TEST(DynamicMask, EveryBiasAndMaskShape) {

@@ -18,6 +18,7 @@
 #include "../core/tensor_view.hpp"
 #include "../core/validate.hpp"
 #include "../engine/sparse.hpp"
+#include "../engine/topk.hpp"
 #include "../engine/variant.hpp"
 #include "../simd/backend.hpp"
 #include "softmax.hpp"
@@ -92,8 +93,8 @@ struct rank_bar {
   float value = -std::numeric_limits<float>::infinity();
   index_t index = std::numeric_limits<index_t>::max();
 };
-inline float rank_value(float bias) noexcept {
-  return std::isnan(bias) ? std::numeric_limits<float>::infinity() : bias;
+inline float rank_value(float bias) noexcept {  // NaN ranks first; -0 ties with +0
+  return std::isnan(bias) ? std::numeric_limits<float>::infinity() : bias == 0 ? 0.0f : bias;
 }
 inline bool ranks_above(float r1, index_t j1, float r2, index_t j2) noexcept {
   return r1 > r2 || (r1 == r2 && j1 < j2);
@@ -127,7 +128,13 @@ dma_selection select_kept(const dense_problem<S>& pr, index_t keep, int threads)
     float rank;
     index_t j;
   };
-  std::vector<ranked> scratch(std::size_t(used) * std::max<index_t>(Sk + 1, 1));
+  // Rows that share ranks and allow the same keys (one row, or no causal/window cut
+  // between them) share one selection: a radix top-k over the allowed keys, O(Sk).
+  const bool same_keys =
+      !per_row && Sq > 0 && pr.band.keys_for(0, 1) == pr.band.keys_for(Sq - 1, Sq);
+  std::vector<ranked> scratch(same_keys ? 0 : std::size_t(used) * std::max<index_t>(Sk + 1, 1));
+  std::vector<std::uint64_t> radix(same_keys ? std::size_t(used) * 2 * std::max<index_t>(Sk, 1)
+                                             : 0);
   // Heap order: the lowest-ranked key on top.
   auto lower_on_top = [](const ranked& x, const ranked& y) {
     return ranks_above(x.rank, x.j, y.rank, y.j);
@@ -141,7 +148,7 @@ dma_selection select_kept(const dense_problem<S>& pr, index_t keep, int threads)
     auto allowed = [&](index_t i, index_t j) {
       return pr.band.visible(i, j) && (!mask_plane.base || mask_plane(i, j) != 0);
     };
-    ranked* pool = scratch.data() + std::size_t(thread) * (Sk + 1);
+    ranked* pool = scratch.data() + (same_keys ? 0 : std::size_t(thread) * (Sk + 1));
     rank_bar* bars = sel.bars.data() + task * Sq;
     auto bar_of = [&](index_t count) {  // the lowest kept, or keep-all
       return count < keep ? rank_bar{} : rank_bar{pool[0].rank, pool[0].j};
@@ -151,14 +158,29 @@ dma_selection select_kept(const dense_problem<S>& pr, index_t keep, int threads)
         index_t n = 0;
         for (index_t j = 0; j < Sk; ++j)
           if (allowed(i, j)) pool[n++] = {rank_value(bias_plane(i, j)), j};
+        bars[i] = rank_bar{};  // at most `keep` allowed: keep them all
         if (n > keep) {
           std::nth_element(pool, pool + keep - 1, pool + n, [&](const ranked& x, const ranked& y) {
             return ranks_above(x.rank, x.j, y.rank, y.j);
           });
-          pool[0] = pool[keep - 1];
+          bars[i] = {pool[keep - 1].rank, pool[keep - 1].j};
         }
-        bars[i] = bar_of(n);
       }
+      return;
+    }
+    if (same_keys) {
+      std::uint64_t* keys = radix.data() + std::size_t(thread) * 2 * Sk;
+      const auto [first, last] = pr.band.keys_for(0, 1);
+      index_t n = 0;
+      for (index_t j = first; j < last; ++j)
+        if (!mask_plane.base || mask_plane(0, j) != 0)
+          keys[n++] = rank_key(rank_value(bias_plane(0, j)), j);
+      rank_bar bar{};
+      if (n >= keep) {
+        const auto j = index_t(~std::uint32_t(kth_largest(keys, n, keep, keys + n)));
+        bar = {rank_value(bias_plane(0, j)), j};
+      }
+      std::fill(bars, bars + Sq, bar);
       return;
     }
     // The rows share their ranks; row i allows a prefix of keys (when causal) that grows
