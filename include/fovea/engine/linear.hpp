@@ -67,6 +67,31 @@ struct linear_buffers {
 };
 
 /// Runs one (b, hk): all query heads of the group against all keys.
+/// x[0, n) summed with vector lanes (the chunk loops' reductions: a scalar running sum
+/// is a chain of dependent adds, slower than the chunk's GEMMs).
+template <class T, class Backend>
+T sum_row(const T* x, index_t n) noexcept {
+  using V = vec<T, Backend>;
+  auto acc = V::broadcast(T(0));
+  index_t i = 0;
+  for (; i + V::width <= n; i += V::width) acc = V::add(acc, V::load(x + i));
+  T total = V::reduce_add(acc);
+  for (; i < n; ++i) total += x[i];
+  return total;
+}
+
+/// x[0, n) . y[0, n) with vector lanes.
+template <class T, class Backend>
+T dot_row(const T* x, const T* y, index_t n) noexcept {
+  using V = vec<T, Backend>;
+  auto acc = V::broadcast(T(0));
+  index_t i = 0;
+  for (; i + V::width <= n; i += V::width) acc = V::fma(V::load(x + i), V::load(y + i), acc);
+  T total = V::reduce_add(acc);
+  for (; i < n; ++i) total += x[i] * y[i];
+  return total;
+}
+
 template <class Backend, class T, class FeatureMap>
 void linear_task(const linear_problem<T>& pr, const FeatureMap& phi, index_t b, index_t hk,
                  linear_buffers<T, Backend>& buf) noexcept {
@@ -89,40 +114,29 @@ void linear_task(const linear_problem<T>& pr, const FeatureMap& phi, index_t b, 
     for (index_t j = 0; j < C; ++j) {
       if (j < nk) phi(pr.k.ptr(b, hk, j0 + j, 0), row, D);
       for (index_t e = 0; e < E; ++e) buf.phi_kt[e * C + j] = j < nk ? row[e] : T(0);
-      for (index_t m = 0; m < mp; ++m)
-        buf.v[j * mp + m] = j < nk && m < M ? pr.v(b, hk, j0 + j, m) : T(0);
+      T* v = buf.v + j * mp;
+      if (j < nk) std::copy(pr.v.ptr(b, hk, j0 + j, 0), pr.v.ptr(b, hk, j0 + j, 0) + M, v);
+      std::fill(v + (j < nk ? M : 0), v + mp, T(0));
     }
   };
   auto absorb_chunk = [&](index_t nk) {  // S += phi(K)^T V, z += sum phi(K)
     gemm_wide<T, Backend, 4, 4, true>(E, mp / W, buf.phi_kt, C, 1, buf.v, mp, buf.s, mp, nk);
-    for (index_t e = 0; e < E; ++e)
-      for (index_t j = 0; j < nk; ++j) buf.z[e] += buf.phi_kt[e * C + j];
+    for (index_t e = 0; e < E; ++e) buf.z[e] += sum_row<T, Backend>(buf.phi_kt + e * C, nk);
   };
   // Queries [i0, i0 + nq) of head h: num = phi(Q) S (+ masked intra-chunk part), out.
   auto emit = [&](index_t h, index_t i0, index_t nq, index_t j0, index_t nk) {
     for (index_t r = 0; r < nq; ++r) phi(pr.q.ptr(b, h, i0 + r, 0), buf.phi_q + r * E, D);
     gemm_wide<T, Backend, 4, 4, false>(nq, mp / W, buf.phi_q, E, 1, buf.s, mp, buf.num, mp, E);
-    for (index_t r = 0; r < nq; ++r) {
-      T d = 0;
-      for (index_t e = 0; e < E; ++e) d += buf.phi_q[r * E + e] * buf.z[e];
-      buf.den[r] = d;
-    }
+    for (index_t r = 0; r < nq; ++r) buf.den[r] = dot_row<T, Backend>(buf.phi_q + r * E, buf.z, E);
     if (nk > 0) {
       gemm_wide<T, Backend, 4, 4, false>(nq, C / W, buf.phi_q, E, 1, buf.phi_kt, C, buf.a, C, E);
       bool skipped = false;
-      for (index_t r = 0; r < nq; ++r) {
-        const index_t last = i0 + r + pr.offset;  // last visible key
-        T d = 0;
-        for (index_t j = 0; j < C; ++j) {
-          T& x = buf.a[r * C + j];
-          if (j >= nk || j0 + j > last) {
-            x = T(0);
-            skipped = skipped || j < nk;
-          } else {
-            d += x;
-          }
-        }
-        buf.den[r] += d;
+      for (index_t r = 0; r < nq; ++r) {  // keys [0, seen) of the chunk are visible
+        const index_t seen = std::clamp<index_t>(i0 + r + pr.offset - j0 + 1, 0, nk);
+        T* row = buf.a + r * C;
+        std::fill(row + seen, row + C, T(0));
+        skipped = skipped || seen < nk;
+        buf.den[r] += sum_row<T, Backend>(row, seen);
       }
       if (skipped && !all_finite<T, Backend>(buf.v, mp, nk, M)) {
         for (index_t r = 0; r < nq; ++r)  // hidden keys skipped, not multiplied by 0
