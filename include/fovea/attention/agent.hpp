@@ -15,6 +15,7 @@
 #include "../core/validate.hpp"
 #include "../simd/backend.hpp"
 #include "../simd/convert.hpp"
+#include "../simd/row_math.hpp"
 #include "checks.hpp"
 #include "softmax.hpp"
 
@@ -151,15 +152,6 @@ struct agent_prefix {
   T* acc;  ///< [m][Dv]
 };
 
-/// x . y over n elements (both padded with zeros to a whole number of vectors).
-template <class A, class Backend>
-A dot_padded(const A* x, const A* y, index_t n) noexcept {
-  using V = vec<A, Backend>;
-  auto acc = V::broadcast(A(0));
-  for (index_t d = 0; d < n; d += V::width) acc = V::fma(V::load(x + d), V::load(y + d), acc);
-  return V::reduce_add(acc);
-}
-
 /// Absorbs key j (row k, values v, both in A and padded) into every agent's prefix
 /// softmax: logit scale * a_t . k + B1(t, j), rescaling when a new maximum arrives; -inf
 /// logits skip. Agents are rows of dp, accumulators rows of dvp.
@@ -168,7 +160,7 @@ void absorb_key(const A* agents, index_t m, index_t dp, index_t dvp, A scale, co
                 const A* v, Bias&& b1, index_t j, agent_prefix<A> st) noexcept {
   using V = vec<A, Backend>;
   for (index_t t = 0; t < m; ++t) {
-    const A logit = scale * dot_padded<A, Backend>(agents + t * dp, k, dp) + b1(t, j);
+    const A logit = scale * dot_row<A, Backend>(agents + t * dp, k, dp) + b1(t, j);
     if (logit == -std::numeric_limits<A>::infinity()) continue;
     A* acc = st.acc + t * dvp;
     A rescale = 1;
@@ -193,7 +185,7 @@ void agent_output(const A* agents, index_t m, index_t dp, index_t Dv, index_t dv
   using V = vec<A, Backend>;
   A top = -std::numeric_limits<A>::infinity();
   for (index_t t = 0; t < m; ++t) {
-    probs[t] = scale * dot_padded<A, Backend>(agents + t * dp, q, dp) + b2(i, t);
+    probs[t] = scale * dot_row<A, Backend>(agents + t * dp, q, dp) + b2(i, t);
     top = std::max(top, probs[t]);
   }
   A total = 0;

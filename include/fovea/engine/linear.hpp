@@ -13,6 +13,7 @@
 #include "../core/scratch.hpp"
 #include "../core/tensor_view.hpp"
 #include "../simd/prefetch.hpp"
+#include "../simd/row_math.hpp"
 #include "../simd/vec.hpp"
 #include "gemm_tile.hpp"
 #include "prefill.hpp"
@@ -68,31 +69,6 @@ struct linear_buffers {
 };
 
 /// Runs one (b, hk): all query heads of the group against all keys.
-/// x[0, n) summed with vector lanes (the chunk loops' reductions: a scalar running sum
-/// is a chain of dependent adds, slower than the chunk's GEMMs).
-template <class T, class Backend>
-T sum_row(const T* x, index_t n) noexcept {
-  using V = vec<T, Backend>;
-  auto acc = V::broadcast(T(0));
-  index_t i = 0;
-  for (; i + V::width <= n; i += V::width) acc = V::add(acc, V::load(x + i));
-  T total = V::reduce_add(acc);
-  for (; i < n; ++i) total += x[i];
-  return total;
-}
-
-/// x[0, n) . y[0, n) with vector lanes.
-template <class T, class Backend>
-T dot_row(const T* x, const T* y, index_t n) noexcept {
-  using V = vec<T, Backend>;
-  auto acc = V::broadcast(T(0));
-  index_t i = 0;
-  for (; i + V::width <= n; i += V::width) acc = V::fma(V::load(x + i), V::load(y + i), acc);
-  T total = V::reduce_add(acc);
-  for (; i < n; ++i) total += x[i] * y[i];
-  return total;
-}
-
 template <class Backend, class T, class FeatureMap>
 void linear_task(const linear_problem<T>& pr, const FeatureMap& phi, index_t b, index_t hk,
                  linear_buffers<T, Backend>& buf) noexcept {
