@@ -5,20 +5,21 @@
 
 namespace fovea::detail {
 
-inline void prefetch_l1(const void* p) noexcept {
+/// Asks for the line holding p to be brought into cache level `Level` (1 or 2).
+template <int Level>
+inline void prefetch_into(const void* p) noexcept {
+  static_assert(Level == 1 || Level == 2);
 #if defined(__x86_64__) || defined(__i386__)
-  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+  if constexpr (Level == 1)
+    asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+  else
+    asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
 #else
-  __builtin_prefetch(p, 0, 3);
+  __builtin_prefetch(p, 0, Level == 1 ? 3 : 2);
 #endif
 }
 
-inline void prefetch_l2(const void* p) noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
-#else
-  __builtin_prefetch(p, 0, 2);
-#endif
-}
+inline void prefetch_l1(const void* p) noexcept { prefetch_into<1>(p); }
+inline void prefetch_l2(const void* p) noexcept { prefetch_into<2>(p); }
 
 }  // namespace fovea::detail
