@@ -243,9 +243,11 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<S>& kv, const ke
     const index_t keys = kv.run(j0, std::min(ld, last - j0));
     const auto ahead = [&](index_t jb, index_t count) {
       const index_t j = j0 + jb + decode_prefetch_keys;
-      if (j < stream_end)
-        prefetch_rows(kv, j, std::min(count, stream_end - j), D, Dv,
-                      Dv * index_t(sizeof(S)) <= decode_prefetch_value_bytes);
+      if (j >= stream_end) return;
+      if (Dv * index_t(sizeof(S)) <= decode_prefetch_value_bytes)
+        prefetch_rows<1, 2>(kv, j, std::min(count, stream_end - j), D, Dv);
+      else
+        prefetch_rows<1, 0>(kv, j, std::min(count, stream_end - j), D, Dv);
     };
     with_rows(kv, true, j0, keys, D, dq, buf.stage_k, [&](const auto* k, index_t stride) {
 #if FOVEA_HAS_BF16_DOT

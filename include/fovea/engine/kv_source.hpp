@@ -63,20 +63,19 @@ struct kv_layout {
   index_t value_dim() const noexcept { return v.extent(3); }
 };
 
-/// Asks for the key rows [j, j + rows) to be brought into L1 and, if `values`, the value
-/// rows into L2 (decode streams K and V once, and the hardware prefetcher alone leaves the
-/// core waiting).
-template <class S>
+/// Asks for the key rows [j, j + rows) to be brought into cache level KeyLevel and the
+/// value rows into ValueLevel (1 or 2; 0: not asked for). Decode streams K and V once
+/// and the hardware prefetcher alone leaves the core waiting; the block-sparse engine
+/// reads scattered pieces the hardware cannot guess.
+template <int KeyLevel, int ValueLevel, class S>
 [[gnu::always_inline]] inline void prefetch_rows(const kv_source<S>& kv, index_t j, index_t rows,
-                                                 index_t D, index_t Dv, bool values) noexcept {
+                                                 index_t D, index_t Dv) noexcept {
   constexpr index_t line = 64 / sizeof(S);
-  for (index_t r = 0; r < rows; ++r) {
-    const S* k = kv.k_row(j + r);
-    for (index_t d = 0; d < D; d += line) prefetch_l1(k + d);
-    if (values) {
-      const S* v = kv.v_row(j + r);
-      for (index_t d = 0; d < Dv; d += line) prefetch_l2(v + d);
-    }
+  for (index_t r = j; r < j + rows; ++r) {
+    if constexpr (KeyLevel > 0)
+      for (index_t d = 0; d < D; d += line) prefetch_into<KeyLevel>(kv.k_row(r) + d);
+    if constexpr (ValueLevel > 0)
+      for (index_t d = 0; d < Dv; d += line) prefetch_into<ValueLevel>(kv.v_row(r) + d);
   }
 }
 

@@ -69,8 +69,19 @@ void attend_pieces(const query_columns<T>& cols, const key_piece* pieces, index_
     }
   };
   auto end_of = [&](index_t piece) { return std::min(pieces[piece].last, last); };
+  // Short pieces are scattered: their rows are prefetched a few pieces ahead.
+  constexpr index_t pieces_ahead = 4;
+  index_t prefetched = 0;  // pieces [0, prefetched) asked for
+  auto prefetch_ahead = [&] {
+    for (; prefetched < std::min(count, p + pieces_ahead); ++prefetched) {
+      const index_t a = std::max(pieces[prefetched].first, first);
+      const index_t e = std::min({pieces[prefetched].last, last, a + BK});
+      if (a < e) prefetch_rows<2, 2>(kv, a, e - a, D, Dv);
+    }
+  };
   next(0);
   while (p < count) {
+    prefetch_ahead();
     const index_t left = end_of(p) - j;
     if (left >= BK || p + 1 == count) {  // in place: a run of one piece
       const index_t keys = kv.run(j, std::min(BK, left));
@@ -98,7 +109,7 @@ void attend_pieces(const query_columns<T>& cols, const key_piece* pieces, index_
       cuts.mask_mod = cuts.mask_mod || pieces[p].mask_mod;
       keys += take;
       j += take;
-      if (j == end_of(p)) next(p + 1);
+      if (j == end_of(p)) next(p + 1), prefetch_ahead();
     }
     cuts.band = !band.covers(i0, i1, lowest, key_index[keys - 1] + 1);
     attend_keys(
