@@ -77,21 +77,22 @@ struct hip_buffers {
   static index_t key_rows(const hip_params& p) noexcept {  // rows scored per round, at most
     return 2 * p.branches * ((p.block_k + p.stride_k - 1) / p.stride_k);
   }
-  /// index_t slots: branches, children, ranks, positions, then one row pointer per row.
+  /// index_t slots: branches (each list with one spare slot), children, ranks, positions,
+  /// then one row pointer per row.
   static index_t indices(const hip_params& p) noexcept {
     static_assert(sizeof(void*) <= sizeof(index_t));
-    return 12 * p.branches + reps(p) + key_rows(p);
+    return 12 * p.branches + 2 + reps(p) + key_rows(p);
   }
   static index_t size(const hip_params& p, index_t D) noexcept {
     const index_t ld = columns(p), rows = key_rows(p);
     return round_to_line<T>(D * ld) + round_to_line<T>(rows * ld) +
-           round_to_line<T>(bf16_pairs(D) * (ld + rows)) + round_to_line<T>(3 * p.branches) +
+           round_to_line<T>(bf16_pairs(D) * (ld + rows)) + round_to_line<T>(3 * p.branches + 1) +
            round_to_line<T>((indices(p) * index_t(sizeof(index_t)) + index_t(sizeof(T)) - 1) /
                             index_t(sizeof(T)));
   }
   T *q_t, *scores, *child_score, *branch_score;
   std::uint32_t *q_pairs, *key_pairs;  ///< bf16 scoring: [pairs][ld] and [rows][pairs]
-  index_t *first, *end;                ///< branches, in key blocks of the candidates
+  index_t *first, *end;                ///< branches, in key blocks of the candidates (+1 spare)
   index_t *child_first, *child_end;    ///< halves of this round
   index_t *pick, *chosen, *position;   ///< ranked children, kept flags; query positions
   void* rows;                          ///< the scored key rows, as const S* pointers
@@ -101,12 +102,12 @@ struct hip_buffers {
     scores = q_t + round_to_line<T>(D * ld);
     child_score = scores + round_to_line<T>(n_rows * ld);
     branch_score = child_score + 2 * kb;
-    T* pairs = child_score + round_to_line<T>(3 * kb);
+    T* pairs = child_score + round_to_line<T>(3 * kb + 1);
     q_pairs = reinterpret_cast<std::uint32_t*>(pairs);
     key_pairs = q_pairs + bf16_pairs(D) * ld;
     first = reinterpret_cast<index_t*>(pairs + round_to_line<T>(bf16_pairs(D) * (ld + n_rows)));
-    end = first + kb;
-    child_first = end + kb;
+    end = first + kb + 1;
+    child_first = end + kb + 1;
     child_end = child_first + 2 * kb;
     pick = child_end + 2 * kb;
     chosen = pick + 4 * kb;
@@ -147,7 +148,8 @@ index_t hip_select_block(const hip_params& p, QueryRow&& q_row, index_t i0, inde
   if (!bf16) key_pairs = nullptr;
   for (index_t c = 0; c < ld; ++c) {
     const auto* row = q_row(std::min(c, reps - 1) * p.stride_q + i0);
-    for (index_t d = 0; d < D; ++d) buf.q_t[d * ld + c] = T(row[d]);
+    if (!bf16)
+      for (index_t d = 0; d < D; ++d) buf.q_t[d * ld + c] = T(row[d]);
 #if FOVEA_HAS_BF16_DOT
     if constexpr (bf16_capable)
       if (bf16) {
@@ -239,13 +241,16 @@ index_t hip_select_block(const hip_params& p, QueryRow&& q_row, index_t i0, inde
     for (index_t c = 0; c < children; ++c) rank[c] = rank_key(float(buf.child_score[c]), c);
     const std::uint64_t bar = kth_largest(rank, children, kb, rank + children);
     for (index_t c = 0; c < children; ++c) known[c] = rank[c] >= bar;  // reused as "kept"
+    // Compacted without branches (which half is kept is a coin toss): every child is
+    // written at the next slot, which only advances past kept ones (the spare slot takes
+    // the writes after the last).
     split = false;
     for (index_t c = 0, m = 0; c < children; ++c) {
-      if (!known[c]) continue;
       buf.first[m] = buf.child_first[c];
       buf.end[m] = buf.child_end[c];
-      buf.branch_score[m++] = buf.child_score[c];
-      split = split || buf.child_end[c] - buf.child_first[c] >= 2;
+      buf.branch_score[m] = buf.child_score[c];
+      split = split || (known[c] && buf.child_end[c] - buf.child_first[c] >= 2);
+      m += known[c];
     }
   }
   for (index_t m = 0; m < kb; ++m) starts[m] = std::int32_t(cand.first + buf.first[m] * p.block_k);

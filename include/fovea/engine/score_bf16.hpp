@@ -69,13 +69,14 @@ inline void dot_bf16_block(const std::uint32_t* const* a, const std::uint32_t* b
 }
 
 /// s[r][c] for r < rows (rows a[r], `pairs` pairs each) and c < vectors * 16 (at most 4
-/// vectors): blocks of 6 rows, then one call sized to the remainder. The rows are
-/// usually scattered (a tree search's picks), so the hardware cannot guess the next one:
-/// each block's rows are prefetched into L1 two blocks ahead.
+/// vectors): blocks of 8 rows (6 at four vectors: the accumulators fit the 32 registers),
+/// then one call sized to the remainder. The rows are usually scattered (a tree search's
+/// picks), so the hardware cannot guess the next one: each block's rows are prefetched
+/// into L1 two blocks ahead.
 template <int Vectors>
 inline void dot_bf16_rows(index_t rows, const std::uint32_t* const* a, const std::uint32_t* b,
                           index_t ld, index_t pairs, float* s, index_t lds) noexcept {
-  constexpr int RB = 6, ahead = 2 * RB;
+  constexpr int RB = Vectors == 4 ? 6 : 8, ahead = 2 * RB;
   constexpr index_t line = 16;  // pairs per cache line
   auto prefetch_block = [&](index_t from, index_t to) {
     for (index_t r = from; r < std::min(to, rows); ++r)
