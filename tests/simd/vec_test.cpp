@@ -88,5 +88,23 @@ TYPED_TEST(VectorApi, ReduceAddLanesPutsRowSumsInOrder) {
   for (int r = 0; r < W; ++r) EXPECT_EQ(out[r], T(r + 1) * T(W - 1 + 100)) << "lane " << r;
 }
 
+TYPED_TEST(VectorApi, TransposeBlockMovesEveryElement) {
+  using T = typename TypeParam::value_type;
+  constexpr int W = detail::vec<T, typename TypeParam::backend>::width;
+  constexpr index_t ld = W + 3;  // rows of the destination further apart than W
+  std::vector<std::vector<T>> src(W, std::vector<T>(W));
+  const T* rows[W];
+  for (int c = 0; c < W; ++c) {
+    for (int i = 0; i < W; ++i) src[c][i] = T(100 * c + i);
+    rows[c] = src[c].data();
+  }
+  std::vector<T> dst(W * ld, T(-1));
+  detail::transpose_block<T, typename TypeParam::backend>(rows, dst.data(), ld);
+  for (int i = 0; i < W; ++i) {
+    for (int c = 0; c < W; ++c) EXPECT_EQ(dst[i * ld + c], T(100 * c + i)) << i << "," << c;
+    for (index_t c = W; c < ld; ++c) EXPECT_EQ(dst[i * ld + c], T(-1)) << "written past the block";
+  }
+}
+
 }  // namespace
 }  // namespace fovea::test

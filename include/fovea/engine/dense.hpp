@@ -136,7 +136,8 @@ void run_dense(std::span<const dense_problem<S>> problems,
             S* row = pr.out.ptr(tk.b, tk.head, i0 + c, 0);
             for (index_t d = 0; d < Dv; ++d) row[d] = S(value(d));
             if (pr.lse.data()) pr.lse(tk.b, tk.head, i0 + c) = float(lse);
-          });
+          },
+          pr.lse.data() != nullptr);
       return;
     }
     const layout& lay = layouts[tk.problem];
@@ -168,7 +169,7 @@ void run_dense(std::span<const dense_problem<S>> problems,
       T m, l;
       merge_partials(partials.data() + tk.partials + c * partial_size<T>(Dv), stride, lay.chunks,
                      Dv, m, l, acc);
-      const row_result<T> r = finish_row(m, l, cols.sink[c]);
+      const row_result<T> r = finish_row(m, l, cols.sink[c], pr.lse.data() != nullptr);
       S* row = pr.out.ptr(tk.b, cols.head[c], cols.pos[c], 0);
       for (index_t d = 0; d < Dv; ++d) row[d] = r.factor == T(0) ? S(0) : S(acc[d] * r.factor);
       if (pr.lse.data()) pr.lse(tk.b, cols.head[c], cols.pos[c]) = float(r.lse);

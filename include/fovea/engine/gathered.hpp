@@ -50,7 +50,7 @@ void attend_gathered(const T* q, index_t nq, const T* k, const T* v, index_t nk,
           [j0](index_t r) { return j0 + r; }, tile_cuts{false, how == tile_view::partial},
           everywhere, pairs, D, Dv, buf);
     }
-    finish_tile(cols, buf, [&](index_t c, auto&& value, T lse) { emit(i0 + c, value, lse); });
+    finish_tile(cols, Dv, buf, [&](index_t c, auto&& value, T lse) { emit(i0 + c, value, lse); });
   }
 }
 

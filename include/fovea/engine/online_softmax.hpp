@@ -112,7 +112,8 @@ inline void rescale_rows(T* acc, index_t ld, index_t rows, const T* alpha) noexc
 
 /// What a finished row becomes: out = acc * factor, and its log-sum-exp. A sink logit
 /// (sink = -inf for none) joins the denominator only. A row that saw no key (and no
-/// sink) gets factor 0 and lse -inf; NaN in m or l carries through to both.
+/// sink) gets factor 0 and lse -inf; NaN in m or l carries through to both. Without
+/// `with_lse` the logarithm is skipped and lse is left 0.
 template <class T>
 struct row_result {
   T factor;
@@ -120,16 +121,16 @@ struct row_result {
 };
 
 template <class T>
-inline row_result<T> finish_row(T m, T l, T sink) noexcept {
+inline row_result<T> finish_row(T m, T l, T sink, bool with_lse = true) noexcept {
   constexpr T inf = std::numeric_limits<T>::infinity();
   if (sink != -inf) {
     const T m_all = m > sink ? m : (m != m ? m : sink);
     const T kept = m == -inf ? T(0) : std::exp(m - m_all);
     const T total = l * kept + std::exp(sink - m_all);
-    return {kept / total, m_all + std::log(total)};
+    return {kept / total, with_lse ? m_all + std::log(total) : T(0)};
   }
-  if (l == T(0)) return {T(0), -inf};
-  return {T(1) / l, m + std::log(l)};
+  if (l == T(0)) return {T(0), with_lse ? -inf : T(0)};
+  return {T(1) / l, with_lse ? m + std::log(l) : T(0)};
 }
 
 }  // namespace fovea::detail

@@ -6,9 +6,11 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "../core/scratch.hpp"
 #include "../core/tensor_view.hpp"
+#include "../simd/transpose.hpp"
 #include "gemm_tile.hpp"
 #include "key_band.hpp"
 #include "kv_source.hpp"
@@ -86,7 +88,22 @@ template <class Backend, class T, class QueryRow>
 void start_tile(const query_columns<T>& cols, QueryRow&& q_row, index_t D, index_t Dv,
                 prefill_buffers<T, Backend>& buf) noexcept {
   constexpr index_t BQ = prefill_buffers<T, Backend>::BQ;
-  for (index_t c = 0; c < BQ; ++c) {
+  constexpr int W = vec<T, Backend>::width;
+  index_t c0 = 0;  // whole blocks of W columns of the storage type T: in registers
+  if constexpr (std::is_same_v<std::remove_cvref_t<decltype(*q_row(0))>, T>) {
+    const T* rows[W];
+    for (; c0 + W <= cols.count; c0 += W) {
+      for (int c = 0; c < W; ++c) rows[c] = q_row(c0 + c);
+      index_t d = 0;
+      for (; d + W <= D; d += W) {
+        transpose_block<T, Backend>(rows, buf.q_t + d * BQ + c0, BQ);
+        for (int c = 0; c < W; ++c) rows[c] += W;
+      }
+      for (; d < D; ++d)
+        for (int c = 0; c < W; ++c) buf.q_t[d * BQ + c0 + c] = *rows[c]++;
+    }
+  }
+  for (index_t c = c0; c < BQ; ++c) {
     const auto* row = c < cols.count ? q_row(c) : nullptr;
     for (index_t d = 0; d < D; ++d) buf.q_t[d * BQ + c] = row ? T(row[d]) : T(0);
   }
@@ -115,13 +132,39 @@ void attend_keys(const query_columns<T>& cols, row_block<T> k, row_block<T> v, i
     gemm_rows<T, Backend, RB, QV, true>(Dv, v.data, 1, v.stride, buf.p, BQ, buf.acc, BQ, keys);
 }
 
-/// Hands each column's output row (as value(d)) and lse to `emit`.
+/// Hands each column's output row (as value(d), d < Dv) and lse (0 unless `with_lse`) to
+/// `emit`. The output is
+/// transposed back W columns at a time into the (now free) logit buffers.
 template <class Backend, class T, class Emit>
-void finish_tile(const query_columns<T>& cols, prefill_buffers<T, Backend>& buf,
-                 Emit&& emit) noexcept {
-  constexpr index_t BQ = prefill_buffers<T, Backend>::BQ;
+void finish_tile(const query_columns<T>& cols, index_t Dv, prefill_buffers<T, Backend>& buf,
+                 Emit&& emit, bool with_lse = true) noexcept {
+  constexpr index_t BQ = prefill_buffers<T, Backend>::BQ, BK = prefill_buffers<T, Backend>::BK;
+  constexpr int W = vec<T, Backend>::width;
+  index_t c0 = 0;
+  if (W * Dv <= 2 * BK * BQ) {  // buf.s and buf.p, contiguous
+    T* rows_out = buf.s;        // [W][Dv]
+    const T* rows[W];
+    for (; c0 < cols.count; c0 += W) {
+      const index_t n = std::min<index_t>(W, cols.count - c0);
+      index_t d = 0;
+      for (; d + W <= Dv; d += W) {
+        for (int i = 0; i < W; ++i) rows[i] = buf.acc + (d + i) * BQ + c0;
+        transpose_block<T, Backend>(rows, rows_out + d, Dv);
+      }
+      for (; d < Dv; ++d)
+        for (index_t c = 0; c < n; ++c) rows_out[c * Dv + d] = buf.acc[d * BQ + c0 + c];
+      for (index_t c = 0; c < n; ++c) {
+        const row_result<T> r =
+            finish_row(buf.m[c0 + c], buf.l[c0 + c], cols.sink[c0 + c], with_lse);
+        const T* row = rows_out + c * Dv;
+        emit(
+            c0 + c, [&](index_t d) { return r.factor == T(0) ? T(0) : row[d] * r.factor; }, r.lse);
+      }
+    }
+    return;
+  }
   for (index_t c = 0; c < cols.count; ++c) {
-    const row_result<T> r = finish_row(buf.m[c], buf.l[c], cols.sink[c]);
+    const row_result<T> r = finish_row(buf.m[c], buf.l[c], cols.sink[c], with_lse);
     emit(
         c, [&](index_t d) { return r.factor == T(0) ? T(0) : buf.acc[d * BQ + c] * r.factor; },
         r.lse);
@@ -129,12 +172,14 @@ void finish_tile(const query_columns<T>& cols, prefill_buffers<T, Backend>& buf,
 }
 
 /// Attends the columns `cols` (query rows q_row(c), length D) over the keys the band lets
-/// them see in `kv`, then writes each column's output row and lse through `emit`.
+/// them see in `kv`, then writes each column's output row and lse (0 unless `with_lse`)
+/// through `emit`.
 template <class Backend, class T, class S, class ScoreMod, class MaskMod, class QueryRow,
           class Emit>
 void prefill_tile(const query_columns<T>& cols, QueryRow&& q_row, const kv_source<S>& kv,
                   const key_band& band, const custom_variant<ScoreMod, MaskMod>& custom, index_t D,
-                  index_t Dv, prefill_buffers<T, Backend>& buf, Emit&& emit) noexcept {
+                  index_t Dv, prefill_buffers<T, Backend>& buf, Emit&& emit,
+                  bool with_lse = true) noexcept {
   constexpr index_t BK = prefill_buffers<T, Backend>::BK;
   start_tile(cols, q_row, D, Dv, buf);
   const auto [first, last] = band.keys_for(cols.first_pos, cols.last_pos + 1);
@@ -147,7 +192,7 @@ void prefill_tile(const query_columns<T>& cols, QueryRow&& q_row, const kv_sourc
         cols, k, v, keys, [j0](index_t r) { return j0 + r; }, cuts, band, custom, D, Dv, buf);
     j0 += keys;
   }
-  finish_tile(cols, buf, emit);
+  finish_tile(cols, Dv, buf, emit, with_lse);
 }
 
 }  // namespace fovea::detail

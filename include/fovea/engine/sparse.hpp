@@ -168,11 +168,14 @@ void run_sparse(const dense_problem<S>& pr, const sparse_rows& rows, Select&& se
     start_tile(
         cols, [&](index_t c) { return pr.q.ptr(tk.b, cols.head[c], cols.pos[c], 0); }, D, Dv, buf);
     attend_pieces(cols, pieces, count, pr.kv.source(tk.b, h0 / group), pr.band, custom, D, Dv, buf);
-    finish_tile(cols, buf, [&](index_t c, auto&& value, T lse) {
-      S* row = pr.out.ptr(tk.b, cols.head[c], cols.pos[c], 0);
-      for (index_t d = 0; d < Dv; ++d) row[d] = S(value(d));
-      if (pr.lse.data()) pr.lse(tk.b, cols.head[c], cols.pos[c]) = float(lse);
-    });
+    finish_tile(
+        cols, Dv, buf,
+        [&](index_t c, auto&& value, T lse) {
+          S* row = pr.out.ptr(tk.b, cols.head[c], cols.pos[c], 0);
+          for (index_t d = 0; d < Dv; ++d) row[d] = S(value(d));
+          if (pr.lse.data()) pr.lse(tk.b, cols.head[c], cols.pos[c]) = float(lse);
+        },
+        pr.lse.data() != nullptr);
   });
 }
 
