@@ -137,7 +137,8 @@ void run_dense(std::span<const dense_problem<S>> problems,
             for (index_t d = 0; d < Dv; ++d) row[d] = S(value(d));
             if (pr.lse.data()) pr.lse(tk.b, tk.head, i0 + c) = float(lse);
           },
-          pr.lse.data() != nullptr);
+          tile_options{.with_lse = pr.lse.data() != nullptr,
+                       .stream_kv = pr.queries() <= BQ && pr.terms.group == 1});
       return;
     }
     const layout& lay = layouts[tk.problem];

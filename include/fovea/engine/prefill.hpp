@@ -171,20 +171,31 @@ void finish_tile(const query_columns<T>& cols, index_t Dv, prefill_buffers<T, Ba
   }
 }
 
+/// How prefill_tile runs: whether the caller wants the lse, and whether the keys and
+/// values are read by this tile alone (few queries against many keys: agent attention's
+/// first stage), so that they come from memory and the next tile's rows are worth
+/// prefetching (tiles that share their K/V find them in cache: the prefetches only cost).
+struct tile_options {
+  bool with_lse = true;
+  bool stream_kv = false;
+};
+
 /// Attends the columns `cols` (query rows q_row(c), length D) over the keys the band lets
-/// them see in `kv`, then writes each column's output row and lse (0 unless `with_lse`)
-/// through `emit`.
+/// them see in `kv`, then writes each column's output row and lse (0 unless
+/// `how.with_lse`) through `emit`.
 template <class Backend, class T, class S, class ScoreMod, class MaskMod, class QueryRow,
           class Emit>
 void prefill_tile(const query_columns<T>& cols, QueryRow&& q_row, const kv_source<S>& kv,
                   const key_band& band, const custom_variant<ScoreMod, MaskMod>& custom, index_t D,
                   index_t Dv, prefill_buffers<T, Backend>& buf, Emit&& emit,
-                  bool with_lse = true) noexcept {
+                  tile_options how = {}) noexcept {
   constexpr index_t BK = prefill_buffers<T, Backend>::BK;
   start_tile(cols, q_row, D, Dv, buf);
   const auto [first, last] = band.keys_for(cols.first_pos, cols.last_pos + 1);
   for (index_t j0 = first; j0 < last;) {
     const index_t keys = kv.run(j0, std::min(BK, last - j0));
+    if (how.stream_kv && j0 + keys < last)
+      prefetch_rows<1, 1>(kv, j0 + keys, std::min(BK, last - j0 - keys), D, Dv);
     const auto k = rows_for_kernel<T>(kv, true, j0, keys, D, D, buf.stage_k);
     const auto v = rows_for_kernel<T>(kv, false, j0, keys, Dv, Dv, buf.stage_v);
     const tile_cuts cuts{!band.covers(cols.first_pos, cols.last_pos + 1, j0, j0 + keys)};
@@ -192,7 +203,7 @@ void prefill_tile(const query_columns<T>& cols, QueryRow&& q_row, const kv_sourc
         cols, k, v, keys, [j0](index_t r) { return j0 + r; }, cuts, band, custom, D, Dv, buf);
     j0 += keys;
   }
-  finish_tile(cols, Dv, buf, emit, with_lse);
+  finish_tile(cols, Dv, buf, emit, how.with_lse);
 }
 
 }  // namespace fovea::detail
