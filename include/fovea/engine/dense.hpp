@@ -14,6 +14,7 @@
 #include "../core/scratch.hpp"
 #include "../core/storage.hpp"
 #include "../core/tensor_view.hpp"
+#include "../simd/prefetch.hpp"
 #include "decode.hpp"
 #include "key_band.hpp"
 #include "kv_source.hpp"
@@ -58,6 +59,9 @@ void run_dense(std::span<const dense_problem<S>> problems,
   constexpr int W = vec<T, Backend>::width;
   constexpr index_t BQ = prefill_buf::BQ;
   constexpr index_t wide = 4 * index_t(W);  // decode tile width with 4 vectors
+  // A prefill tile over at most this many keys (agent attention's second stage) computes
+  // for less time than its query rows and output rows take to arrive from memory.
+  constexpr index_t short_tile_keys = 4 * prefill_buf::BK;
 
   struct task {
     index_t problem, b, head, tile, chunk;  // head: query head (prefill) or kv head (decode)
@@ -124,6 +128,14 @@ void run_dense(std::span<const dense_problem<S>> problems,
     query_columns<T> cols;
     if (!pr.decode()) {
       const index_t i0 = tk.tile * BQ, n = std::min(BQ, pr.queries() - i0);
+      if (pr.keys <= short_tile_keys) {  // little compute to hide a miss behind
+        constexpr index_t line = 64 / index_t(sizeof(S));
+        for (index_t r = i0; r < i0 + n; ++r)  // this tile's output rows
+          for (index_t d = 0; d < Dv; d += line)
+            prefetch_for_write(pr.out.ptr(tk.b, tk.head, r, d));
+        for (index_t r = std::max<index_t>(0, i0 - BQ); r < i0; ++r)  // the next task's queries
+          for (index_t d = 0; d < D; d += line) prefetch_l2(pr.q.ptr(tk.b, tk.head, r, d));
+      }
       start_columns(cols, pr.terms, tk.b + pr.batch_base);
       for (index_t c = 0; c < n; ++c) cols.add(pr.terms, H, tk.head, i0 + c);
       cols.pad_to(BQ);

@@ -1,5 +1,5 @@
-// Software prefetch into L1 or L2. GCC 12 drops __builtin_prefetch / _mm_prefetch loops it
-// judges free of side effects (the enclosing function is marked pure and its call
+// Software prefetch into L1 or L2, or for writing. GCC 12 drops __builtin_prefetch / _mm_prefetch
+// loops it judges free of side effects (the enclosing function is marked pure and its call
 // deleted), so on x86 this is an asm statement the optimiser must keep.
 #pragma once
 
@@ -16,6 +16,18 @@ inline void prefetch_into(const void* p) noexcept {
     asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
 #else
   __builtin_prefetch(p, 0, Level == 1 ? 3 : 2);
+#endif
+}
+
+/// Asks for the line holding p in L1 for writing (PREFETCHW where the target has it), so
+/// that the read a store to a missing line needs starts early.
+inline void prefetch_for_write(const void* p) noexcept {
+#if defined(__PRFCHW__)
+  asm volatile("prefetchw %0" : : "m"(*static_cast<const char*>(p)));
+#elif defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 1, 3);
 #endif
 }
 
