@@ -315,6 +315,22 @@ TYPED_TEST(SoftmaxAttention, ThreadCountNeverChangesABit) {
       {2, 4, 2, 301, 333, 48, 40}, feature::bias | feature::alibi | feature::sinks, 60));
 }
 
+// At most 4 query tiles in all against >= 4096 keys: the engine splits the keys into fixed
+// chunks whose states are merged in order (agent attention's first stage uses this).
+TYPED_TEST(SoftmaxAttention, FewQueryTilesAgainstManyKeysSplitTheKeys) {
+  namespace F = feature;
+  for (unsigned f : {0u, unsigned(F::causal), unsigned(F::causal | F::top_left | F::lse),
+                     unsigned(F::bias | F::alibi | F::sinks | F::lse), unsigned(F::window),
+                     unsigned(F::mask | F::softcap)})
+    for (int threads : {1, 2}) this->check({1, 1, 1, 64, 9000, 64, 64}, f, 70 + f, threads);
+  this->check({1, 2, 1, 17, 4096, 32, 24}, F::causal, 71, 2);            // GQA, 17 queries
+  this->check({1, 1, 1, 100, 5000, 59, 40}, F::causal | F::lse, 72, 2);  // two tiles
+  using T = typename TestFixture::T;
+  using Backend = typename TestFixture::Backend;
+  expect_thread_invariant<T, Backend>(
+      attention_inputs<T>({1, 2, 2, 40, 6000, 48, 40}, F::bias | F::alibi | F::sinks | F::lse, 73));
+}
+
 TYPED_TEST(SoftmaxAttention, LayoutsGiveIdenticalBits) {
   using T = typename TestFixture::T;
   using Backend = typename TestFixture::Backend;

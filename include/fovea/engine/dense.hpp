@@ -50,6 +50,22 @@ constexpr index_t decode_chunk_keys(index_t keys) noexcept {
   return std::max<index_t>(512, (by_count + BK - 1) / BK * BK);
 }
 
+/// Prefill problems with at most this many query tiles in all, against at least
+/// split_prefill_min_keys keys, split their keys into fixed chunks (as decode does) so that
+/// threads share the keys, not only the tiles: agent attention's first stage (64 agent
+/// queries against every key) would otherwise run on one core. The chunking depends on
+/// the shape only, so the result does not depend on the thread count.
+inline constexpr index_t split_prefill_max_tiles = 4;
+inline constexpr index_t split_prefill_min_keys = 4096;
+
+/// The split's chunk: at most 16 chunks of >= 2048 keys (a tile's 64 columns over 2048 keys
+/// are ~100 us of work: the per-chunk load, store and merge stay a few percent).
+template <index_t BK>
+constexpr index_t split_prefill_chunk_keys(index_t keys) noexcept {
+  const index_t by_count = (keys + 15) / 16;
+  return std::max<index_t>(2048, (by_count + BK - 1) / BK * BK);
+}
+
 template <class Backend, class S, class ScoreMod, class MaskMod>
 void run_dense(std::span<const dense_problem<S>> problems,
                const custom_variant<ScoreMod, MaskMod>& custom, int threads) {
@@ -65,9 +81,9 @@ void run_dense(std::span<const dense_problem<S>> problems,
 
   struct task {
     index_t problem, b, head, tile, chunk;  // head: query head (prefill) or kv head (decode)
-    index_t partials;                       // decode: offset of this (b, hk, tile)'s states
+    index_t partials;                       // split keys: offset of this tile's states
   };
-  struct layout {  // a decode problem's column tiles and key chunks
+  struct layout {  // a problem's column tiles and key chunks (chunks > 1: split keys)
     index_t columns, width, tiles, chunk_keys, chunks, partials;
   };
   std::vector<task> work, merges;
@@ -80,10 +96,29 @@ void run_dense(std::span<const dense_problem<S>> problems,
     if (B * H * Sq == 0) continue;
     if (!pr.decode()) {
       scratch = std::max(scratch, prefill_buf::size(D, Dv));
-      const index_t tiles = (Sq + BQ - 1) / BQ;
+      layout& lay = layouts[pi];
+      lay.width = BQ;
+      lay.tiles = (Sq + BQ - 1) / BQ;
+      lay.chunks = 1;
+      if (B * H * lay.tiles <= split_prefill_max_tiles && pr.keys >= split_prefill_min_keys) {
+        lay.chunk_keys = split_prefill_chunk_keys<prefill_buf::BK>(pr.keys);
+        lay.chunks = (pr.keys + lay.chunk_keys - 1) / lay.chunk_keys;
+        lay.partials = partial_total;
+      }
+      const index_t per_tile = lay.chunks * BQ * partial_size<T>(Dv);
       // Later query tiles see more keys under a causal band: hand them out first.
       for (index_t bh = 0; bh < B * H; ++bh)
-        for (index_t t = tiles; t-- > 0;) work.push_back({pi, bh / H, bh % H, t, 0, 0});
+        for (index_t t = lay.tiles; t-- > 0;) {
+          if (lay.chunks == 1) {
+            work.push_back({pi, bh / H, bh % H, t, 0, 0});
+            continue;
+          }
+          const index_t at = lay.partials + (bh * lay.tiles + t) * per_tile;
+          merges.push_back({pi, bh / H, bh % H, t, 0, at});
+          for (index_t ch = 0; ch < lay.chunks; ++ch)
+            work.push_back({pi, bh / H, bh % H, t, ch, at});
+        }
+      if (lay.chunks > 1) partial_total += B * H * lay.tiles * per_tile;
       continue;
     }
     scratch = std::max(scratch, decode_buf::size(D, Dv));
@@ -120,11 +155,19 @@ void run_dense(std::span<const dense_problem<S>> problems,
       cols.add(pr.terms, pr.heads(), hk * group + r / Sq, r % Sq);
     cols.pad_to(lay.width);
   };
+  // Columns c of prefill tile t of (b, h): query head h, position t * BQ + c.
+  auto prefill_columns = [&](const dense_problem<S>& pr, index_t b, index_t h, index_t t,
+                             query_columns<T>& cols) {
+    start_columns(cols, pr.terms, b + pr.batch_base);
+    for (index_t i = t * BQ; i < std::min(pr.queries(), (t + 1) * BQ); ++i)
+      cols.add(pr.terms, pr.heads(), h, i);
+    cols.pad_to(BQ);
+  };
 
   parallel_for(index_t(work.size()), used, [&](index_t i, int thread) {
     const task& tk = work[i];
     const dense_problem<S>& pr = problems[tk.problem];
-    const index_t D = pr.q.extent(3), Dv = pr.out.extent(3), H = pr.heads();
+    const index_t D = pr.q.extent(3), Dv = pr.out.extent(3);
     query_columns<T> cols;
     if (!pr.decode()) {
       const index_t i0 = tk.tile * BQ, n = std::min(BQ, pr.queries() - i0);
@@ -136,21 +179,30 @@ void run_dense(std::span<const dense_problem<S>> problems,
         for (index_t r = std::max<index_t>(0, i0 - BQ); r < i0; ++r)  // the next task's queries
           for (index_t d = 0; d < D; d += line) prefetch_l2(pr.q.ptr(tk.b, tk.head, r, d));
       }
-      start_columns(cols, pr.terms, tk.b + pr.batch_base);
-      for (index_t c = 0; c < n; ++c) cols.add(pr.terms, H, tk.head, i0 + c);
-      cols.pad_to(BQ);
+      prefill_columns(pr, tk.b, tk.head, tk.tile, cols);
       prefill_buf buf(buffers.slice(thread), D, Dv);
       const auto kv = pr.kv.source(tk.b, tk.head / pr.terms.group);
+      auto q_row = [&](index_t c) { return pr.q.ptr(tk.b, tk.head, i0 + c, 0); };
+      const layout& lay = layouts[tk.problem];
+      tile_options how{.with_lse = pr.lse.data() != nullptr,
+                       .stream_kv = pr.queries() <= BQ && pr.terms.group == 1};
+      if (lay.chunks > 1) {  // this task's chunk of the keys, kept as partial states
+        how.from = tk.chunk * lay.chunk_keys;
+        how.to = how.from + lay.chunk_keys;
+        prefill_keys(cols, q_row, kv, pr.band, custom, D, Dv, buf, how);
+        store_partials(cols, Dv, buf,
+                       partials.data() + tk.partials + tk.chunk * BQ * partial_size<T>(Dv),
+                       partial_size<T>(Dv));
+        return;
+      }
       prefill_tile<Backend>(
-          cols, [&](index_t c) { return pr.q.ptr(tk.b, tk.head, i0 + c, 0); }, kv, pr.band, custom,
-          D, Dv, buf,
+          cols, q_row, kv, pr.band, custom, D, Dv, buf,
           [&](index_t c, auto&& value, T lse) {
             S* row = pr.out.ptr(tk.b, tk.head, i0 + c, 0);
             for (index_t d = 0; d < Dv; ++d) row[d] = S(value(d));
             if (pr.lse.data()) pr.lse(tk.b, tk.head, i0 + c) = float(lse);
           },
-          tile_options{.with_lse = pr.lse.data() != nullptr,
-                       .stream_kv = pr.queries() <= BQ && pr.terms.group == 1});
+          how);
       return;
     }
     const layout& lay = layouts[tk.problem];
@@ -176,7 +228,10 @@ void run_dense(std::span<const dense_problem<S>> problems,
     const layout& lay = layouts[tk.problem];
     const index_t Dv = pr.out.extent(3), stride = lay.width * partial_size<T>(Dv);
     query_columns<T> cols;
-    decode_columns(pr, lay, tk.b, tk.head, tk.tile, cols);
+    if (pr.decode())
+      decode_columns(pr, lay, tk.b, tk.head, tk.tile, cols);
+    else
+      prefill_columns(pr, tk.b, tk.head, tk.tile, cols);
     T* acc = buffers.slice(thread);
     for (index_t c = 0; c < cols.count; ++c) {
       T m, l;

@@ -171,27 +171,27 @@ void finish_tile(const query_columns<T>& cols, index_t Dv, prefill_buffers<T, Ba
   }
 }
 
-/// How prefill_tile runs: whether the caller wants the lse, and whether the keys and
-/// values are read by this tile alone (few queries against many keys: agent attention's
-/// first stage), so that they come from memory and the next tile's rows are worth
-/// prefetching (tiles that share their K/V find them in cache: the prefetches only cost).
+/// How prefill_tile runs: whether the caller wants the lse; whether the keys and values
+/// are read by this tile alone (few queries against many keys: agent attention's first
+/// stage), so that they come from memory and the next tile's rows are worth prefetching
+/// (tiles that share their K/V find them in cache: the prefetches only cost); and the
+/// window of keys [from, to) it covers, when the keys are split between tasks.
 struct tile_options {
   bool with_lse = true;
   bool stream_kv = false;
+  index_t from = 0, to = std::numeric_limits<index_t>::max();
 };
 
-/// Attends the columns `cols` (query rows q_row(c), length D) over the keys the band lets
-/// them see in `kv`, then writes each column's output row and lse (0 unless
-/// `how.with_lse`) through `emit`.
-template <class Backend, class T, class S, class ScoreMod, class MaskMod, class QueryRow,
-          class Emit>
-void prefill_tile(const query_columns<T>& cols, QueryRow&& q_row, const kv_source<S>& kv,
+/// Loads the columns `cols` (query rows q_row(c), length D) and attends them over the keys
+/// in [how.from, how.to) that the band lets them see in `kv`.
+template <class Backend, class T, class S, class ScoreMod, class MaskMod, class QueryRow>
+void prefill_keys(const query_columns<T>& cols, QueryRow&& q_row, const kv_source<S>& kv,
                   const key_band& band, const custom_variant<ScoreMod, MaskMod>& custom, index_t D,
-                  index_t Dv, prefill_buffers<T, Backend>& buf, Emit&& emit,
-                  tile_options how = {}) noexcept {
+                  index_t Dv, prefill_buffers<T, Backend>& buf, const tile_options& how) noexcept {
   constexpr index_t BK = prefill_buffers<T, Backend>::BK;
   start_tile(cols, q_row, D, Dv, buf);
-  const auto [first, last] = band.keys_for(cols.first_pos, cols.last_pos + 1);
+  const auto visible = band.keys_for(cols.first_pos, cols.last_pos + 1);
+  const index_t first = std::max(visible.first, how.from), last = std::min(visible.second, how.to);
   for (index_t j0 = first; j0 < last;) {
     const index_t keys = kv.run(j0, std::min(BK, last - j0));
     if (how.stream_kv && j0 + keys < last)
@@ -203,7 +203,32 @@ void prefill_tile(const query_columns<T>& cols, QueryRow&& q_row, const kv_sourc
         cols, k, v, keys, [j0](index_t r) { return j0 + r; }, cuts, band, custom, D, Dv, buf);
     j0 += keys;
   }
+}
+
+/// prefill_keys, then each column's output row and lse (0 unless `how.with_lse`) through
+/// `emit`.
+template <class Backend, class T, class S, class ScoreMod, class MaskMod, class QueryRow,
+          class Emit>
+void prefill_tile(const query_columns<T>& cols, QueryRow&& q_row, const kv_source<S>& kv,
+                  const key_band& band, const custom_variant<ScoreMod, MaskMod>& custom, index_t D,
+                  index_t Dv, prefill_buffers<T, Backend>& buf, Emit&& emit,
+                  const tile_options& how = {}) noexcept {
+  prefill_keys(cols, q_row, kv, band, custom, D, Dv, buf, how);
   finish_tile(cols, Dv, buf, emit, how.with_lse);
+}
+
+/// Each column's online-softmax state (m, l, then its Dv unnormalised outputs) at
+/// partials + c * stride, for a merge with the states of the tile's other key windows.
+template <class Backend, class T>
+void store_partials(const query_columns<T>& cols, index_t Dv,
+                    const prefill_buffers<T, Backend>& buf, T* partials, index_t stride) noexcept {
+  constexpr index_t BQ = prefill_buffers<T, Backend>::BQ;
+  for (index_t c = 0; c < cols.count; ++c) {
+    T* out = partials + c * stride;
+    out[0] = buf.m[c];
+    out[1] = buf.l[c];
+    for (index_t d = 0; d < Dv; ++d) out[2 + d] = buf.acc[d * BQ + c];
+  }
 }
 
 }  // namespace fovea::detail
