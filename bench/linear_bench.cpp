@@ -81,9 +81,9 @@ void BM_recurrence(benchmark::State& state, index_t n) {
   }
 }
 
-void BM_agent(benchmark::State& state, index_t n) {
-  time_kernel(state, n, [](auto q, auto k, auto v, auto o) {
-    fovea::agent_attention(q, k, v, o, {.num_agents = 64, .threads = 1});
+void BM_agent(benchmark::State& state, index_t n, int threads) {
+  time_kernel(state, n, [threads](auto q, auto k, auto v, auto o) {
+    fovea::agent_attention(q, k, v, o, {.num_agents = 64, .threads = threads});
   });
 }
 
@@ -109,9 +109,13 @@ int main(int argc, char** argv) {
   }
   for (index_t n : {4096, 16384, 32768}) {
     const std::string shape = "/N=" + std::to_string(n) + "/D=64/threads=1";
-    benchmark::RegisterBenchmark(("agent64" + shape).c_str(), BM_agent, n)
+    benchmark::RegisterBenchmark(("agent64" + shape).c_str(), BM_agent, n, 1)
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
+    if (n == 32768)  // one head: the first stage's keys are split between the threads
+      benchmark::RegisterBenchmark("agent64/N=32768/D=64/threads=2", BM_agent, n, 2)
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
     if (n == 16384)
       benchmark::RegisterBenchmark(("dense" + shape).c_str(), BM_dense, n)
           ->Unit(benchmark::kMillisecond)
@@ -138,7 +142,7 @@ int main(int argc, char** argv) {
       std::printf("\ntime(N=32768) / time(N=4096) = %.2f (linear growth: 8)\n",
                   r.first.seconds / t4096);
   const auto& all = reporter.results();
-  std::printf("\n| agent attention, 64 agents, D=64, 1 thread | ms |\n|---|---:|\n");
+  std::printf("\n| agent attention, 64 agents, D=64, one head | ms |\n|---|---:|\n");
   for (const auto& [name, r] : all)
     if (name.rfind("agent64", 0) == 0)
       std::printf("| %s | %.2f |\n", name.c_str(), r.seconds * 1e3);
@@ -152,5 +156,9 @@ int main(int argc, char** argv) {
   if (a4 != all.end() && a32 != all.end())
     std::printf("agent time(N=32768) / time(N=4096) = %.2f (linear growth: 8)\n",
                 a32->second.seconds / a4->second.seconds);
+  if (const auto a32x2 = all.find("agent64/N=32768/D=64/threads=2");
+      a32 != all.end() && a32x2 != all.end())
+    std::printf("agent at N=32768: 2 threads %.2fx faster than 1\n",
+                a32->second.seconds / a32x2->second.seconds);
   return 0;
 }
