@@ -107,13 +107,20 @@ constexpr bool bf16_dot_applies() noexcept {
 }
 #endif
 
-/// Keeps x in a register (see vec::pin).
+/// Keeps x in a register (see vec::pin). The asm works on a local copy: given an element
+/// of an array, GCC would otherwise keep the array on the stack and store every pinned
+/// value to it (8 dead stores per 16 FMAs in dot_scores, measured 12% of in-cache decode).
 template <class R>
 inline void pin_register(R& x) noexcept {
-  if constexpr (requires { x.data; })
-    asm("" : "+v"(x.data));
-  else if constexpr (sizeof(R) >= 16)
-    asm("" : "+v"(x));
+  if constexpr (requires { x.data; }) {
+    auto r = x.data;
+    asm("" : "+v"(r));
+    x = R(r);
+  } else if constexpr (sizeof(R) >= 16) {
+    R r = x;
+    asm("" : "+v"(r));
+    x = r;
+  }
 }
 
 /// s[c][j] = s[c * ld + j] = q_c . k_j for c < columns, j < keys (keys along the lanes,
