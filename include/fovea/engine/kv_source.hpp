@@ -70,8 +70,13 @@ struct kv_layout {
 template <int KeyLevel, int ValueLevel, class S>
 [[gnu::always_inline]] inline void prefetch_rows(const kv_source<S>& kv, index_t j, index_t rows,
                                                  index_t D, index_t Dv) noexcept {
-  constexpr index_t line = 64 / sizeof(S);
-  for (index_t r = j; r < j + rows; ++r) {
+  constexpr index_t line = 64 / sizeof(S), size = sizeof(S);
+  if (!kv.pages && kv.k_stride == D && kv.v_stride == Dv) {  // rows back to back: two spans
+    if constexpr (KeyLevel > 0) prefetch_span<KeyLevel>(kv.k_row(j), rows * D * size);
+    if constexpr (ValueLevel > 0) prefetch_span<ValueLevel>(kv.v_row(j), rows * Dv * size);
+    return;
+  }
+  for (index_t r = j; r < j + rows; ++r) {  // (as spans, strided rows were 25% slower)
     if constexpr (KeyLevel > 0)
       for (index_t d = 0; d < D; d += line) prefetch_into<KeyLevel>(kv.k_row(r) + d);
     if constexpr (ValueLevel > 0)

@@ -3,6 +3,8 @@
 // deleted), so on x86 this is an asm statement the optimiser must keep.
 #pragma once
 
+#include <cstddef>
+
 namespace fovea::detail {
 
 /// Asks for the line holding p to be brought into cache level `Level` (1 or 2).
@@ -29,6 +31,15 @@ inline void prefetch_for_write(const void* p) noexcept {
 #else
   __builtin_prefetch(p, 1, 3);
 #endif
+}
+
+/// Asks for the lines of [first, first + bytes) to be brought into cache level `Level`,
+/// in one loop (measured: decode's key prefetch written as a loop per key row made the
+/// whole decode 16% slower, Sk = 32768, D = 128, fp32).
+template <int Level>
+inline void prefetch_span(const void* first, std::ptrdiff_t bytes) noexcept {
+  const char* p = static_cast<const char*>(first);
+  for (std::ptrdiff_t at = 0; at < bytes; at += 64) prefetch_into<Level>(p + at);
 }
 
 inline void prefetch_l1(const void* p) noexcept { prefetch_into<1>(p); }
