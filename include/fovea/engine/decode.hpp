@@ -129,8 +129,9 @@ inline void pin_register(R& x) noexcept {
 /// as the softmax wants them), over `depth` elements (a multiple of Dot::step; k rows
 /// readable that far). Blocks of (width / CQ) keys x CQ columns leave their sums in one
 /// register after a single lane reduction, and every key row is loaded once per CQ
-/// columns (query rows up to the next multiple of CQ must exist). prefetch(j, n) is
-/// called before each block of keys [j, j + n) is read.
+/// columns (query rows up to the next multiple of CQ must exist). prefetch.start(j, n,
+/// parts) is called before each block of keys [j, j + n) is read in `parts` parts, and
+/// prefetch.step() with each part read for the first columns.
 template <class T, class Backend, class Dot, class S, class Prefetch>
 void dot_scores(const Dot& dot, index_t depth, index_t columns, const S* k, index_t k_stride,
                 index_t keys, T* s, index_t ld, Prefetch&& prefetch) noexcept {
@@ -139,7 +140,7 @@ void dot_scores(const Dot& dot, index_t depth, index_t columns, const S* k, inde
   alignas(64) T lanes[W];
   for (index_t jb = 0; jb < keys; jb += KR) {
     const index_t n = std::min<index_t>(KR, keys - jb);
-    prefetch(jb, n);
+    prefetch.start(jb, n, (depth + Dot::step - 1) / Dot::step);
     const S* rows[KR];
 #pragma GCC unroll 16
     for (int r = 0; r < KR; ++r) rows[r] = k + std::min<index_t>(jb + r, keys - 1) * k_stride;
@@ -151,6 +152,7 @@ void dot_scores(const Dot& dot, index_t depth, index_t columns, const S* k, inde
 #pragma GCC unroll 4
       for (int c = 0; c < CQ; ++c) query[c] = dot.query_row(c0 + c);
       for (index_t d = 0; d < depth; d += Dot::step) {
+        if (c0 == 0) prefetch.step();
         // Every operand loaded once into a register: left to itself, GCC folds the key
         // loads into the FMAs, loading each key vector CQ times (twice as slow).
         typename Dot::query_reg qv[CQ];
@@ -250,15 +252,10 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<S>& kv, const ke
 
   for (index_t j0 = first; j0 < last;) {
     const index_t keys = kv.run(j0, std::min(ld, last - j0));
-    const auto ahead = [&](index_t jb, index_t count) {
-      const bool short_rows = Dv * index_t(sizeof(S)) <= decode_prefetch_value_bytes;
-      const index_t j = j0 + jb + (short_rows ? decode_prefetch_short_keys : decode_prefetch_keys);
-      if (j >= stream_end) return;
-      if (short_rows)
-        prefetch_rows<2, 2>(kv, j, std::min(count, stream_end - j), D, Dv);
-      else
-        prefetch_rows<1, 0>(kv, j, std::min(count, stream_end - j), D, Dv);
-    };
+    const bool short_rows = Dv * index_t(sizeof(S)) <= decode_prefetch_value_bytes;
+    spread_prefetch<S, W> ahead(
+        kv, j0 + (short_rows ? decode_prefetch_short_keys : decode_prefetch_keys), stream_end, D,
+        Dv, !short_rows, short_rows);
     with_rows(kv, true, j0, keys, D, dq, buf.stage_k, [&](const auto* k, index_t stride) {
 #if FOVEA_HAS_BF16_DOT
       using K = std::remove_cv_t<std::remove_pointer_t<decltype(k)>>;

@@ -84,4 +84,77 @@ template <int KeyLevel, int ValueLevel, class S>
   }
 }
 
+/// Prefetch spread through a loop that reads a block of key rows in `steps` parts
+/// (decode's scoring): with each part, the next share of the rows of the keys `distance`
+/// further on is asked for, and of their values, in address order. The requests go out
+/// as evenly as the loads; asked for a block's rows at once, bf16 decode (Sk = 32768,
+/// D = 128) was 15% slower, 16 keys' rows at once 35% slower, and the same lines asked
+/// for across the rows (line d of every row with part d) 15% slower too.
+template <class S, int MaxRows>
+class spread_prefetch {
+ public:
+  /// Keys at or past `end` are not asked for; keys into L1 or L2, values into L2 or not.
+  spread_prefetch(const kv_source<S>& kv, index_t distance, index_t end, index_t D, index_t Dv,
+                  bool keys_to_l1, bool values) noexcept
+      : kv_(kv),
+        distance_(distance),
+        end_(end),
+        D_(D),
+        Dv_(Dv),
+        keys_to_l1_(keys_to_l1),
+        values_(values),
+        contiguous_(!kv.pages && kv.k_stride == D && kv.v_stride == Dv) {}
+
+  /// Keys [j, j + n) (n <= MaxRows) are about to be read in `steps` parts.
+  void start(index_t j, index_t n, index_t steps) noexcept {
+    const index_t first = j + distance_, rows = std::clamp<index_t>(end_ - first, 0, n);
+    const index_t spans = contiguous_ ? std::min<index_t>(rows, 1) : rows;
+    const index_t span_rows = contiguous_ ? rows : 1;
+    spans_ = int(spans);
+    for (int r = 0; r < spans_; ++r) {
+      key_spans_[r] = span(kv_.k_row(first + r), span_rows * D_);
+      if (values_) value_spans_[r] = span(kv_.v_row(first + r), span_rows * Dv_);
+    }
+    key_share_ = share(span_rows * D_, steps);
+    value_share_ = share(span_rows * Dv_, steps);
+  }
+  /// One part is being read: asks for the next share of each span.
+  void step() noexcept {
+    for (int r = 0; r < spans_; ++r) {
+      if (keys_to_l1_)
+        advance<1>(key_spans_[r], key_share_);
+      else
+        advance<2>(key_spans_[r], key_share_);
+    }
+    if (values_)
+      for (int r = 0; r < spans_; ++r) advance<2>(value_spans_[r], value_share_);
+  }
+
+ private:
+  struct cursor {
+    const char *at, *end;
+  };
+  static cursor span(const S* p, index_t elements) noexcept {
+    const char* c = reinterpret_cast<const char*>(p);
+    return {c, c + elements * index_t(sizeof(S))};
+  }
+  /// Bytes per part, whole lines.
+  static index_t share(index_t elements, index_t steps) noexcept {
+    const index_t lines = (elements * index_t(sizeof(S)) + 63) / 64;
+    return (lines + steps - 1) / steps * 64;
+  }
+  template <int Level>
+  static void advance(cursor& c, index_t bytes) noexcept {
+    const char* stop = c.end - c.at < bytes ? c.end : c.at + bytes;
+    for (; c.at < stop; c.at += 64) prefetch_into<Level>(c.at);
+  }
+
+  const kv_source<S>& kv_;
+  index_t distance_, end_, D_, Dv_;
+  bool keys_to_l1_, values_, contiguous_;
+  cursor key_spans_[MaxRows], value_spans_[MaxRows];
+  index_t key_share_ = 0, value_share_ = 0;
+  int spans_ = 0;
+};
+
 }  // namespace fovea::detail
