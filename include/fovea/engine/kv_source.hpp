@@ -145,8 +145,10 @@ class spread_prefetch {
   }
   template <int Level>
   static void advance(cursor& c, index_t bytes) noexcept {
-    const char* stop = c.end - c.at < bytes ? c.end : c.at + bytes;
-    for (; c.at < stop; c.at += 64) prefetch_into<Level>(c.at);
+    const char* at = c.at;  // a local: through c, every line would store the cursor
+    const char* stop = c.end - at < bytes ? c.end : at + bytes;
+    for (; at < stop; at += 64) prefetch_into<Level>(at);
+    c.at = at;
   }
 
   const kv_source<S>& kv_;
