@@ -115,8 +115,12 @@ class spread_prefetch {
       key_spans_[r] = span(kv_.k_row(first + r), span_rows * D_);
       if (values_) value_spans_[r] = span(kv_.v_row(first + r), span_rows * Dv_);
     }
-    key_share_ = share(span_rows * D_, steps);
-    value_share_ = share(span_rows * Dv_, steps);
+    if (span_rows != shared_rows_ || steps != shared_steps_) {  // (two divisions)
+      shared_rows_ = span_rows;
+      shared_steps_ = steps;
+      key_share_ = share(span_rows * D_, steps);
+      value_share_ = share(span_rows * Dv_, steps);
+    }
   }
   /// One part is being read: asks for the next share of each span.
   void step() noexcept {
@@ -155,7 +159,7 @@ class spread_prefetch {
   index_t distance_, end_, D_, Dv_;
   bool keys_to_l1_, values_, contiguous_;
   cursor key_spans_[MaxRows], value_spans_[MaxRows];
-  index_t key_share_ = 0, value_share_ = 0;
+  index_t key_share_ = 0, value_share_ = 0, shared_rows_ = -1, shared_steps_ = -1;
   int spans_ = 0;
 };
 
