@@ -34,14 +34,15 @@ inline constexpr index_t decode_max_queries = 16;
 /// Keys per decode tile: larger than prefill's, since a decode tile has few columns and
 /// its per-tile work (rescale, calls, prefetch) is then spread over more keys.
 inline constexpr index_t decode_block_k = 256;
-/// How far ahead of the keys being scored their successors' rows are asked for: the
-/// hardware prefetcher alone leaves the scoring loop waiting on memory (Sk = 32768, D = 128,
-/// fp32 on the reference machine: ~1.4x faster with; 8 or 64 keys ahead are slower).
+/// How far ahead of the keys being scored their successors' rows are asked for (spread
+/// through the scoring loop, see spread_prefetch): the hardware prefetcher alone leaves
+/// the scoring loop waiting on memory (Sk = 32768, D = 128, fp32 on the reference machine:
+/// ~1.4x faster with; 8 or 64 keys ahead are slower).
 inline constexpr index_t decode_prefetch_keys = 16;
 /// Rows up to this many bytes (bf16 D = 128) are asked for further ahead, keys and values
-/// both into L2: 15% faster than without the values, 7% faster than keys into L1 16 ahead.
-/// Longer rows: keys into L1 only, values left to the hardware prefetcher, which streams
-/// them without the extra instructions (fp32 D = 128: 10% slower with values or L2 keys).
+/// both into L2: 15% faster than without the values, 25% faster than keys into L1 (32 to
+/// 96 keys ahead measured the same). Longer rows: keys into L1 only, values left to the
+/// hardware prefetcher (fp32 D = 128: 14% slower with values, 20% with keys into L2).
 inline constexpr index_t decode_prefetch_value_bytes = 256;
 inline constexpr index_t decode_prefetch_short_keys = 32;
 
