@@ -100,26 +100,15 @@ int main(int argc, char** argv) {
   const double peak = fovea::bench::measure_fma_peak_gflops();
   for (index_t n : {4096, 8192, 32768}) {
     const std::string shape = "/N=" + std::to_string(n) + "/D=64/causal/threads=1";
-    benchmark::RegisterBenchmark(("linear" + shape).c_str(), BM_fovea_linear, n)
-        ->Unit(benchmark::kMillisecond)
-        ->UseRealTime();
-    benchmark::RegisterBenchmark(("recurrence" + shape).c_str(), BM_recurrence, n)
-        ->Unit(benchmark::kMillisecond)
-        ->UseRealTime();
+    fovea::bench::add("linear" + shape, BM_fovea_linear, n);
+    fovea::bench::add("recurrence" + shape, BM_recurrence, n);
   }
   for (index_t n : {4096, 16384, 32768}) {
     const std::string shape = "/N=" + std::to_string(n) + "/D=64/threads=1";
-    benchmark::RegisterBenchmark(("agent64" + shape).c_str(), BM_agent, n, 1)
-        ->Unit(benchmark::kMillisecond)
-        ->UseRealTime();
+    fovea::bench::add("agent64" + shape, BM_agent, n, 1);
     if (n == 32768)  // one head: the first stage's keys are split between the threads
-      benchmark::RegisterBenchmark("agent64/N=32768/D=64/threads=2", BM_agent, n, 2)
-          ->Unit(benchmark::kMillisecond)
-          ->UseRealTime();
-    if (n == 16384)
-      benchmark::RegisterBenchmark(("dense" + shape).c_str(), BM_dense, n)
-          ->Unit(benchmark::kMillisecond)
-          ->UseRealTime();
+      fovea::bench::add("agent64/N=32768/D=64/threads=2", BM_agent, n, 2);
+    if (n == 16384) fovea::bench::add("dense" + shape, BM_dense, n);
   }
   fovea::bench::summary_reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);

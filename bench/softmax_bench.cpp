@@ -187,32 +187,20 @@ int main(int argc, char** argv) {
           const std::string shape = "/N=" + std::to_string(n) + "/D=" + std::to_string(d) +
                                     (causal ? "/causal" : "/full") +
                                     "/threads=" + std::to_string(threads);
-          benchmark::RegisterBenchmark(("fovea" + shape).c_str(), BM_fovea, n, d, causal, threads)
-              ->Unit(benchmark::kMillisecond)
-              ->UseRealTime();
-          benchmark::RegisterBenchmark(("eigen" + shape).c_str(), BM_eigen, n, d, causal, threads)
-              ->Unit(benchmark::kMillisecond)
-              ->UseRealTime();
+          fovea::bench::add("fovea" + shape, BM_fovea, n, d, causal, threads);
+          fovea::bench::add("eigen" + shape, BM_eigen, n, d, causal, threads);
         }
 
   for (int threads : thread_counts)
     for (index_t sq : {1, 4}) {
       const std::string shape = "/Sq=" + std::to_string(sq) +
                                 "/Sk=32768/H=32/Hk=8/D=128/threads=" + std::to_string(threads);
-      benchmark::RegisterBenchmark(("decode/fp32" + shape).c_str(), BM_decode<float>, sq, 32768,
-                                   threads)
-          ->Unit(benchmark::kMillisecond)
-          ->UseRealTime();
-      benchmark::RegisterBenchmark(("decode/bf16" + shape).c_str(), BM_decode<fovea::bfloat16>, sq,
-                                   32768, threads)
-          ->Unit(benchmark::kMillisecond)
-          ->UseRealTime();
+      fovea::bench::add("decode/fp32" + shape, BM_decode<float>, sq, 32768, threads);
+      fovea::bench::add("decode/bf16" + shape, BM_decode<fovea::bfloat16>, sq, 32768, threads);
     }
 
-  benchmark::RegisterBenchmark("extremes/denormal/N=2048/D=64/full/threads=1", BM_denormal_rescale,
-                               index_t(2048), index_t(64))
-      ->Unit(benchmark::kMillisecond)
-      ->UseRealTime();
+  fovea::bench::add("extremes/denormal/N=2048/D=64/full/threads=1", BM_denormal_rescale,
+                    index_t(2048), index_t(64));
 
   fovea::bench::summary_reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);

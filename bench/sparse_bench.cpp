@@ -281,11 +281,7 @@ void print_recall() {
 
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
-  auto add = [](const std::string& name, auto fn, auto... args) {
-    benchmark::RegisterBenchmark(name.c_str(), fn, args...)
-        ->Unit(benchmark::kMillisecond)
-        ->UseRealTime();
-  };
+  using fovea::bench::add;
   for (index_t n : {16384, 32768}) add("dense/N=" + std::to_string(n), BM_dense, n);
   for (index_t n : {16384, 32768, 65536}) add("hip512/N=" + std::to_string(n), BM_hip, n);
   for (index_t keep : {2048, 1024})

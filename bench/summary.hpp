@@ -11,6 +11,22 @@
 
 namespace fovea::bench {
 
+/// Every benchmark added through add(), in the order added: the summary tables list their
+/// rows in this order even when the repetitions ran interleaved at random.
+inline std::vector<std::string>& added_names() {
+  static std::vector<std::string> names;
+  return names;
+}
+
+/// Registers a benchmark timed in wall-clock milliseconds.
+template <class... Args>
+benchmark::internal::Benchmark* add(const std::string& name, Args&&... args) {
+  added_names().push_back(name);
+  return benchmark::RegisterBenchmark(name.c_str(), std::forward<Args>(args)...)
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
+}
+
 struct result {
   double seconds = 0;  ///< real time per iteration
   std::map<std::string, double> counters;
@@ -43,12 +59,13 @@ class summary_reporter : public benchmark::ConsoleReporter {
 
   const std::map<std::string, result>& results() const { return results_; }
 
-  /// Entries "<a><shape>" and "<b><shape>" that both ran, as (shape, (a, b)) in run order.
+  /// Entries "<a><shape>" and "<b><shape>" that both ran, as (shape, (a, b)) in the order
+  /// they were added (run order for benchmarks registered otherwise).
   std::vector<std::pair<std::string, std::pair<result, result>>> pairs(const std::string& a,
                                                                        const std::string& b) const {
     std::vector<std::pair<std::string, std::pair<result, result>>> out;
-    for (const std::string& name : order_) {
-      if (name.rfind(a, 0) != 0) continue;
+    for (const std::string& name : added_names().empty() ? order_ : added_names()) {
+      if (name.rfind(a, 0) != 0 || !results_.count(name)) continue;
       const std::string shape = name.substr(a.size());
       const auto other = results_.find(b + shape);
       if (other != results_.end()) out.push_back({shape, {results_.at(name), other->second}});
