@@ -64,9 +64,10 @@ struct kv_layout {
 };
 
 /// Asks for the key rows [j, j + rows) to be brought into cache level KeyLevel and the
-/// value rows into ValueLevel (1 or 2; 0: not asked for). Decode streams K and V once
-/// and the hardware prefetcher alone leaves the core waiting; the block-sparse engine
-/// reads scattered pieces the hardware cannot guess.
+/// value rows into ValueLevel (1 or 2; 0: not asked for), all at once: prefill asks for
+/// its next key tile, the block-sparse engine for scattered pieces the hardware cannot
+/// guess. (Decode, which streams K and V with little work per key, spreads its requests
+/// through the scoring loop instead: spread_prefetch below.)
 template <int KeyLevel, int ValueLevel, class S>
 [[gnu::always_inline]] inline void prefetch_rows(const kv_source<S>& kv, index_t j, index_t rows,
                                                  index_t D, index_t Dv) noexcept {
