@@ -14,6 +14,7 @@
 #include "../core/scratch.hpp"
 #include "../core/storage.hpp"
 #include "../core/tensor_view.hpp"
+#include "../simd/convert.hpp"
 #include "../simd/prefetch.hpp"
 #include "decode.hpp"
 #include "key_band.hpp"
@@ -209,9 +210,11 @@ void run_dense(std::span<const dense_problem<S>> problems,
     decode_columns(pr, lay, tk.b, tk.head, tk.tile, cols);
     decode_buf buf(buffers.slice(thread), D, Dv);
     constexpr index_t CQ = score_block_columns<T, Backend>();
-    for (index_t c = 0; c < (cols.count + CQ - 1) / CQ * CQ; ++c) {
-      const S* row = c < cols.count ? pr.q.ptr(tk.b, cols.head[c], cols.pos[c], 0) : nullptr;
-      for (index_t d = 0; d < buf.dq; ++d) buf.q[c * buf.dq + d] = row && d < D ? T(row[d]) : T(0);
+    for (index_t c = 0; c < (cols.count + CQ - 1) / CQ * CQ; ++c) {  // zero-padded rows
+      T* q = buf.q + c * buf.dq;
+      const index_t n = c < cols.count ? D : 0;
+      if (n > 0) convert_row(pr.q.ptr(tk.b, cols.head[c], cols.pos[c], 0), q, n);
+      std::fill(q + n, q + buf.dq, T(0));
     }
     const auto [first, last] = pr.band.keys_for(cols.first_pos, cols.last_pos + 1);
     const index_t c0 = tk.chunk * lay.chunk_keys;
