@@ -251,12 +251,11 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<S>& kv, const ke
   }
 #endif
 
+  const bool short_rows = Dv * index_t(sizeof(S)) <= decode_prefetch_value_bytes;
+  const index_t distance = short_rows ? decode_prefetch_short_keys : decode_prefetch_keys;
   for (index_t j0 = first; j0 < last;) {
     const index_t keys = kv.run(j0, std::min(ld, last - j0));
-    const bool short_rows = Dv * index_t(sizeof(S)) <= decode_prefetch_value_bytes;
-    spread_prefetch<S, W> ahead(
-        kv, j0 + (short_rows ? decode_prefetch_short_keys : decode_prefetch_keys), stream_end, D,
-        Dv, !short_rows, short_rows);
+    spread_prefetch<S, W> ahead(kv, j0 + distance, stream_end, D, Dv, !short_rows, short_rows);
     with_rows(kv, true, j0, keys, D, dq, buf.stage_k, [&](const auto* k, index_t stride) {
 #if FOVEA_HAS_BF16_DOT
       using K = std::remove_cv_t<std::remove_pointer_t<decltype(k)>>;
