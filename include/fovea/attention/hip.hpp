@@ -118,18 +118,18 @@ hip_selection run_hip_select(const tensor_view<const S, 4>& q, const tensor_view
   const index_t group = H / Hk;
   kv_layout<S> kv{k, k};
   const int used = int(std::min<index_t>(std::max(threads, 1), rows));
-  // With several query blocks per head, every key is scored many times: convert the keys
-  // to bf16 pairs once (half the bytes of K) when the search scores in bf16.
-  const index_t pairs = bf16_pairs(D);
-  std::unique_ptr<std::uint32_t[]> key_pairs;  // every element written below: not zeroed
-  if (hip_scores_in_bf16<T, S, Backend>(p) && sel.query_blocks >= 4) {
-    key_pairs.reset(new std::uint32_t[std::size_t(B * Hk * Sk * pairs)]);
-#if FOVEA_HAS_BF16_DOT
+  // With several query blocks per head, every key is scored many times: quantise the keys
+  // once (a quarter of the bytes of K) when the search scores in int8.
+  const index_t words = int8_row_words(D);
+  std::unique_ptr<std::uint32_t[]> key_quads;  // every word written below: not zeroed
+  if (hip_scores_in_int8<T, S, Backend>(p) && sel.query_blocks >= 4) {
+    key_quads.reset(new std::uint32_t[std::size_t(B * Hk * Sk * words)]);
+#if FOVEA_HAS_INT8_DOT
     if constexpr (std::is_same_v<S, float>)
       parallel_for(B * Hk, used, [&](index_t bh, int) {
         const auto src = kv.source(bh / Hk, bh % Hk);
         for (index_t j = 0; j < Sk; ++j)
-          to_bf16_pairs(src.k_row(j), D, key_pairs.get() + (bh * Sk + j) * pairs);
+          quantise_key_int8(src.k_row(j), D, key_quads.get() + (bh * Sk + j) * words);
       });
 #endif
   }
@@ -139,14 +139,14 @@ hip_selection run_hip_select(const tensor_view<const S, 4>& q, const tensor_view
     const index_t i0 = row % sel.query_blocks * p.block_q, i1 = std::min(Sq, i0 + p.block_q);
     hip_buffers<T, Backend> buf(buffers.slice(thread), p, D);
     const auto cand = hip_candidates_for(p, i1, Sq, Sk);
-    const std::uint32_t* converted =
-        key_pairs ? key_pairs.get() + (b * Hk + h / group) * Sk * pairs : nullptr;
+    const std::uint32_t* quantised =
+        key_quads ? key_quads.get() + (b * Hk + h / group) * Sk * words : nullptr;
     // The next block's representative queries are fetched while this block searches.
     for (index_t i = i1; i < std::min(Sq, i1 + p.block_q); i += p.stride_q)
       for (index_t d = 0; d < D; d += 64 / index_t(sizeof(S))) prefetch_l2(q.ptr(b, h, i, d));
     sel.counts[row] = std::int32_t(hip_select_block(
         p, [&](index_t i) { return q.ptr(b, h, i, 0); }, i0, i1, p.causal ? Sk - Sq : 0,
-        kv.source(b, h / group), cand, D, buf, sel.starts.data() + row * p.branches, converted));
+        kv.source(b, h / group), cand, D, buf, sel.starts.data() + row * p.branches, quantised));
   });
   return sel;
 }

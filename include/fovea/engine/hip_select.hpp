@@ -23,7 +23,7 @@
 #include "../simd/vec.hpp"
 #include "gemm_tile.hpp"
 #include "kv_source.hpp"
-#include "score_bf16.hpp"
+#include "score_int8.hpp"
 #include "stage.hpp"
 #include "tile_traits.hpp"
 #include "topk.hpp"
@@ -56,14 +56,20 @@ inline hip_candidates hip_candidates_for(const hip_params& p, index_t i1, index_
   return {first, std::clamp<index_t>(last_position - p.window + 1, first, Sk)};
 }
 
-/// True when hip_select_block scores in bf16 for these types and parameters, so that
-/// keys converted to bf16 pairs once can serve many query blocks.
+/// Whether the CPU and the types allow hip_select_block to score in int8 (dot_int8).
 template <class T, class S, class Backend>
-constexpr bool hip_scores_in_bf16(const hip_params& p) noexcept {
+constexpr bool hip_int8_capable() noexcept {
+  return FOVEA_HAS_INT8_DOT && std::is_same_v<T, float> && std::is_same_v<S, float> &&
+         !std::is_same_v<Backend, scalar>;
+}
+
+/// True when hip_select_block scores in int8 for these types and parameters, so that
+/// keys quantised once can serve many query blocks.
+template <class T, class S, class Backend>
+constexpr bool hip_scores_in_int8(const hip_params& p) noexcept {
   constexpr int W = vec<T, Backend>::width;
   const index_t columns = ((p.block_q + p.stride_q - 1) / p.stride_q + W - 1) / W * W;
-  return FOVEA_HAS_BF16_DOT && std::is_same_v<T, float> && std::is_same_v<S, float> &&
-         !std::is_same_v<Backend, scalar> && columns <= 64;
+  return hip_int8_capable<T, S, Backend>() && columns <= 64;
 }
 
 /// Per-thread buffers of one query block's search.
@@ -86,12 +92,14 @@ struct hip_buffers {
   static index_t size(const hip_params& p, index_t D) noexcept {
     const index_t ld = columns(p), rows = key_rows(p);
     return round_to_line<T>(D * ld) + round_to_line<T>(rows * ld) +
-           round_to_line<T>(bf16_pairs(D) * (ld + rows)) + round_to_line<T>(3 * p.branches + 1) +
+           round_to_line<T>(int8_quads(D) * ld + ld) + round_to_line<T>(int8_row_words(D) * rows) +
+           round_to_line<T>(3 * p.branches + 1) +
            round_to_line<T>((indices(p) * index_t(sizeof(index_t)) + index_t(sizeof(T)) - 1) /
                             index_t(sizeof(T)));
   }
   T *q_t, *scores, *child_score, *branch_score;
-  std::uint32_t *q_pairs, *key_pairs;  ///< bf16 scoring: [pairs][ld] and [rows][pairs]
+  std::uint32_t *q_quads, *key_quads;  ///< int8 scoring: [quads][ld], [rows][int8_row_words]
+  float* q_scale;                      ///< int8 scoring: [ld]
   index_t *first, *end;                ///< branches, in key blocks of the candidates (+1 spare)
   index_t *child_first, *child_end;    ///< halves of this round
   index_t *pick, *chosen, *position;   ///< ranked children, kept flags; query positions
@@ -102,10 +110,12 @@ struct hip_buffers {
     scores = q_t + round_to_line<T>(D * ld);
     child_score = scores + round_to_line<T>(n_rows * ld);
     branch_score = child_score + 2 * kb;
-    T* pairs = child_score + round_to_line<T>(3 * kb + 1);
-    q_pairs = reinterpret_cast<std::uint32_t*>(pairs);
-    key_pairs = q_pairs + bf16_pairs(D) * ld;
-    first = reinterpret_cast<index_t*>(pairs + round_to_line<T>(bf16_pairs(D) * (ld + n_rows)));
+    T* int8 = child_score + round_to_line<T>(3 * kb + 1);
+    q_quads = reinterpret_cast<std::uint32_t*>(int8);
+    q_scale = reinterpret_cast<float*>(q_quads + int8_quads(D) * ld);
+    key_quads = reinterpret_cast<std::uint32_t*>(int8 + round_to_line<T>(int8_quads(D) * ld + ld));
+    first = reinterpret_cast<index_t*>(reinterpret_cast<T*>(key_quads) +
+                                       round_to_line<T>(int8_row_words(D) * n_rows));
     end = first + kb + 1;
     child_first = end + kb + 1;
     child_end = child_first + 2 * kb;
@@ -118,13 +128,14 @@ struct hip_buffers {
 
 /// Writes the sorted first keys of the selected key blocks of queries [i0, i1) (query
 /// rows q_row(i), D long, at positions i + offset) to `starts` and returns their count.
-/// `key_pairs`, if given, holds every key of `kv` already as bf16 pairs (bf16_pairs(D)
-/// per key), for callers that select many blocks against the same keys.
+/// `key_quads`, if given, holds every key of `kv` already quantised (int8_row_words(D)
+/// per key, as quantise_key_int8 writes them), for callers that select many blocks
+/// against the same keys.
 template <class Backend, class T, class S, class QueryRow>
 index_t hip_select_block(const hip_params& p, QueryRow&& q_row, index_t i0, index_t i1,
                          index_t offset, const kv_source<S>& kv, const hip_candidates& cand,
                          index_t D, hip_buffers<T, Backend>& buf, std::int32_t* starts,
-                         const std::uint32_t* key_pairs = nullptr) noexcept {
+                         const std::uint32_t* key_quads = nullptr) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width, RB = tile_traits<T, Backend>::row_block;
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
@@ -139,23 +150,18 @@ index_t hip_select_block(const hip_params& p, QueryRow&& q_row, index_t i0, inde
   index_t* position = buf.position;
   index_t reps = 0;
   for (index_t i = i0; i < i1; i += p.stride_q) position[reps++] = i + offset;
-  // Scores in bf16 products where the CPU has them (only their order matters).
-  [[maybe_unused]] constexpr bool bf16_capable = FOVEA_HAS_BF16_DOT && std::is_same_v<T, float> &&
-                                                 std::is_same_v<S, float> &&
-                                                 !std::is_same_v<Backend, scalar>;
-  const bool bf16 = hip_scores_in_bf16<T, S, Backend>(p);
-  [[maybe_unused]] const index_t pairs = bf16_pairs(D);
-  if (!bf16) key_pairs = nullptr;
+  // Scores in int8 products where the CPU has them (only their order matters).
+  [[maybe_unused]] constexpr bool int8_capable = hip_int8_capable<T, S, Backend>();
+  const bool int8 = hip_scores_in_int8<T, S, Backend>(p);
+  [[maybe_unused]] const index_t quads = int8_quads(D), words = int8_row_words(D);
+  if (!int8) key_quads = nullptr;
   for (index_t c = 0; c < ld; ++c) {
     const auto* row = q_row(std::min(c, reps - 1) * p.stride_q + i0);
-    if (!bf16)
+    if (!int8)
       for (index_t d = 0; d < D; ++d) buf.q_t[d * ld + c] = T(row[d]);
-#if FOVEA_HAS_BF16_DOT
-    if constexpr (bf16_capable)
-      if (bf16) {
-        to_bf16_pairs(row, D, buf.key_pairs);  // as scratch
-        for (index_t i = 0; i < pairs; ++i) buf.q_pairs[i * ld + c] = buf.key_pairs[i];
-      }
+#if FOVEA_HAS_INT8_DOT
+    if constexpr (int8_capable)
+      if (int8) buf.q_scale[c] = quantise_query_int8(row, D, buf.q_quads, ld, c, buf.key_quads);
 #endif
   }
   for (index_t m = 0; m < kb; ++m) buf.first[m] = m * nb / kb, buf.end[m] = (m + 1) * nb / kb;
@@ -187,32 +193,32 @@ index_t hip_select_block(const hip_params& p, QueryRow&& q_row, index_t i0, inde
       return std::pair{k0, std::min(cand.last, k0 + p.block_k)};
     };
     const S** key_rows = static_cast<const S**>(buf.rows);
-    auto** pair_rows = reinterpret_cast<const std::uint32_t**>(buf.rows);
+    auto** int8_rows = reinterpret_cast<const std::uint32_t**>(buf.rows);
     for (index_t c = 0; c < children; ++c) {
       if (known[c]) continue;
       const auto [k0, k1] = keys_of(c);
       for (index_t j = k0; j < k1; j += p.stride_k, ++rows)
-        if (key_pairs)
-          pair_rows[rows] = key_pairs + j * bf16_pairs(D);
+        if (key_quads)
+          int8_rows[rows] = key_quads + j * words;
         else
           key_rows[rows] = kv.k_row(j);
     }
-    if (!bf16) {
+    if (!int8) {
       gemm_wide<T, Backend, RB, 4, false>(rows, ld / W, listed_rows<S>{key_rows}, 1, buf.q_t, ld,
                                           buf.scores, ld, D);
     } else {
-#if FOVEA_HAS_BF16_DOT
-      if constexpr (bf16_capable) {
+#if FOVEA_HAS_INT8_DOT
+      if constexpr (int8_capable) {
         constexpr index_t ahead = 16, line = 16;  // rows prefetched ahead; floats per line
-        for (index_t r = 0; r < std::min(ahead, rows) && !key_pairs; ++r)
+        for (index_t r = 0; r < std::min(ahead, rows) && !key_quads; ++r)
           for (index_t d = 0; d < D; d += line) prefetch_l2(key_rows[r] + d);
-        for (index_t r = 0; r < rows && !key_pairs; ++r) {
+        for (index_t r = 0; r < rows && !key_quads; ++r) {
           if (r + ahead < rows)
             for (index_t d = 0; d < D; d += line) prefetch_l2(key_rows[r + ahead] + d);
-          to_bf16_pairs(key_rows[r], D, buf.key_pairs + r * pairs);
-          pair_rows[r] = buf.key_pairs + r * pairs;
+          quantise_key_int8(key_rows[r], D, buf.key_quads + r * words);
+          int8_rows[r] = buf.key_quads + r * words;
         }
-        dot_bf16(rows, ld / 16, pair_rows, buf.q_pairs, ld, pairs, buf.scores, ld);
+        dot_int8(rows, ld / 16, int8_rows, buf.q_quads, ld, buf.q_scale, quads, buf.scores, ld);
       }
 #endif
     }
