@@ -172,13 +172,14 @@ void run_dense(std::span<const dense_problem<S>> problems,
     query_columns<T> cols;
     if (!pr.decode()) {
       const index_t i0 = tk.tile * BQ, n = std::min(BQ, pr.queries() - i0);
+      paced_prefetch ahead;
       if (pr.keys <= short_tile_keys) {  // little compute to hide a miss behind
-        constexpr index_t line = 64 / index_t(sizeof(S));
-        for (index_t r = i0; r < i0 + n; ++r)  // this tile's output rows
-          for (index_t d = 0; d < Dv; d += line)
-            prefetch_for_write(pr.out.ptr(tk.b, tk.head, r, d));
-        for (index_t r = std::max<index_t>(0, i0 - BQ); r < i0; ++r)  // the next task's queries
-          for (index_t d = 0; d < D; d += line) prefetch_l2(pr.q.ptr(tk.b, tk.head, r, d));
+        constexpr index_t size = sizeof(S);
+        const index_t r0 = std::max<index_t>(0, i0 - BQ);  // the next task's queries
+        ahead.add(pr.out.ptr(tk.b, tk.head, i0, 0), Dv * size, pr.out.stride(2) * size, n,
+                  prefetch_kind::write);  // this tile's output rows
+        ahead.add(pr.q.ptr(tk.b, tk.head, r0, 0), D * size, pr.q.stride(2) * size, i0 - r0,
+                  prefetch_kind::l2);
       }
       prefill_columns(pr, tk.b, tk.head, tk.tile, cols);
       prefill_buf buf(buffers.slice(thread), D, Dv);
@@ -186,7 +187,8 @@ void run_dense(std::span<const dense_problem<S>> problems,
       auto q_row = [&](index_t c) { return pr.q.ptr(tk.b, tk.head, i0 + c, 0); };
       const layout& lay = layouts[tk.problem];
       tile_options how{.with_lse = pr.lse.data() != nullptr,
-                       .stream_kv = pr.queries() <= BQ && pr.terms.group == 1};
+                       .stream_kv = pr.queries() <= BQ && pr.terms.group == 1,
+                       .ahead = &ahead};
       if (lay.chunks > 1) {  // this task's chunk of the keys, kept as partial states
         how.from = tk.chunk * lay.chunk_keys;
         how.to = how.from + lay.chunk_keys;

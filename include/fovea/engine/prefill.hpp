@@ -10,6 +10,7 @@
 
 #include "../core/scratch.hpp"
 #include "../core/tensor_view.hpp"
+#include "../simd/prefetch.hpp"
 #include "../simd/transpose.hpp"
 #include "gemm_tile.hpp"
 #include "key_band.hpp"
@@ -112,24 +113,33 @@ void start_tile(const query_columns<T>& cols, QueryRow&& q_row, index_t D, index
   std::fill(buf.l, buf.l + BQ, T(0));
 }
 
+/// Micro-kernel calls of attend_keys over `keys` keys (the ticks it gives a paced prefetch).
+template <class T, class Backend>
+constexpr index_t attend_ticks(index_t keys, index_t Dv) noexcept {
+  constexpr index_t RB = tile_traits<T, Backend>::row_block;
+  return std::max<index_t>(1, keys / RB + Dv / RB);
+}
+
 /// One step of the online softmax over `keys` keys: rows k (D long) and v (Dv long) in the
-/// compute type, key key_of(r) in row r, needing the checks `cuts`.
+/// compute type, key key_of(r) in row r, needing the checks `cuts`; pace->tick() between
+/// the products' micro-kernel calls.
 template <class Backend, class T, class ScoreMod, class MaskMod, class KeyOf>
 void attend_keys(const query_columns<T>& cols, row_block<T> k, row_block<T> v, index_t keys,
                  KeyOf&& key_of, tile_cuts cuts, const key_band& band,
                  const custom_variant<ScoreMod, MaskMod>& custom, index_t D, index_t Dv,
-                 prefill_buffers<T, Backend>& buf) noexcept {
+                 prefill_buffers<T, Backend>& buf, paced_prefetch* pace = nullptr) noexcept {
   using traits = tile_traits<T, Backend>;
   constexpr index_t BQ = traits::block_q;
   constexpr int QV = traits::query_vectors, RB = traits::row_block;
-  gemm_rows<T, Backend, RB, QV, false>(keys, k.data, k.stride, 1, buf.q_t, BQ, buf.s, BQ, D);
+  gemm_rows<T, Backend, RB, QV, false>(keys, k.data, k.stride, 1, buf.q_t, BQ, buf.s, BQ, D, pace);
   const bool masked = apply_logits<Backend>(cols, custom, band, cuts, buf.s, BQ, key_of, keys);
   if (online_softmax_update<T, Backend, QV>(buf.s, buf.p, BQ, keys, buf.m, buf.l, buf.alpha))
     rescale_rows<T, Backend, QV>(buf.acc, BQ, Dv, buf.alpha);
   if (masked && !all_finite<T, Backend>(v.data, v.stride, keys, Dv))
     accumulate_skipping_masked(v.data, v.stride, keys, Dv, buf.s, buf.p, BQ, 1, BQ, buf.acc, BQ, 1);
   else
-    gemm_rows<T, Backend, RB, QV, true>(Dv, v.data, 1, v.stride, buf.p, BQ, buf.acc, BQ, keys);
+    gemm_rows<T, Backend, RB, QV, true>(Dv, v.data, 1, v.stride, buf.p, BQ, buf.acc, BQ, keys,
+                                        pace);
 }
 
 /// Hands each column's output row (as value(d), d < Dv) and lse (0 unless `with_lse`) to
@@ -173,13 +183,16 @@ void finish_tile(const query_columns<T>& cols, index_t Dv, prefill_buffers<T, Ba
 
 /// How prefill_tile runs: whether the caller wants the lse; whether the keys and values
 /// are read by this tile alone (few queries against many keys: agent attention's first
-/// stage), so that they come from memory and the next tile's rows are worth prefetching
-/// (tiles that share their K/V find them in cache: the prefetches only cost); and the
-/// window of keys [from, to) it covers, when the keys are split between tasks.
+/// stage), so that they come from memory and the next key tile's rows are worth
+/// prefetching (tiles that share their K/V find them in cache: the prefetches only cost);
+/// the window of keys [from, to) it covers, when the keys are split between tasks; and
+/// the caller's own requests (`ahead`, added but not paced), paced through the first key
+/// tile's products and finished after it.
 struct tile_options {
   bool with_lse = true;
   bool stream_kv = false;
   index_t from = 0, to = std::numeric_limits<index_t>::max();
+  paced_prefetch* ahead = nullptr;
 };
 
 /// Loads the columns `cols` (query rows q_row(c), length D) and attends them over the keys
@@ -192,17 +205,31 @@ void prefill_keys(const query_columns<T>& cols, QueryRow&& q_row, const kv_sourc
   start_tile(cols, q_row, D, Dv, buf);
   const auto visible = band.keys_for(cols.first_pos, cols.last_pos + 1);
   const index_t first = std::max(visible.first, how.from), last = std::min(visible.second, how.to);
+  paced_prefetch* ahead = how.ahead;
   for (index_t j0 = first; j0 < last;) {
     const index_t keys = kv.run(j0, std::min(BK, last - j0));
-    if (how.stream_kv && j0 + keys < last)
-      prefetch_rows<1, 1>(kv, j0 + keys, std::min(BK, last - j0 - keys), D, Dv);
+    paced_prefetch next_tile;
+    paced_prefetch& pace = ahead ? *ahead : next_tile;
+    if (how.stream_kv)
+      for (index_t j = j0 + keys, n = std::min(BK, last - j0 - keys), run; n > 0;
+           j += run, n -= run) {
+        run = kv.run(j, n);  // (a page boundary splits the rows)
+        constexpr index_t size = sizeof(S);
+        pace.add(kv.k_row(j), D * size, kv.k_stride * size, run, prefetch_kind::l1);
+        pace.add(kv.v_row(j), Dv * size, kv.v_stride * size, run, prefetch_kind::l1);
+      }
+    pace.pace(attend_ticks<T, Backend>(keys, Dv));
     const auto k = rows_for_kernel<T>(kv, true, j0, keys, D, D, buf.stage_k);
     const auto v = rows_for_kernel<T>(kv, false, j0, keys, Dv, Dv, buf.stage_v);
     const tile_cuts cuts{!band.covers(cols.first_pos, cols.last_pos + 1, j0, j0 + keys)};
     attend_keys(
-        cols, k, v, keys, [j0](index_t r) { return j0 + r; }, cuts, band, custom, D, Dv, buf);
+        cols, k, v, keys, [j0](index_t r) { return j0 + r; }, cuts, band, custom, D, Dv, buf,
+        pace.empty() ? nullptr : &pace);
+    pace.finish();
+    ahead = nullptr;
     j0 += keys;
   }
+  if (ahead) ahead->finish();  // no keys
 }
 
 /// prefill_keys, then each column's output row and lse (0 unless `how.with_lse`) through
