@@ -126,21 +126,22 @@ inline void gemm_rows(index_t rows, const TA* a, index_t a_row, index_t a_col, c
 namespace fovea::detail {
 
 /// gemm_rows over any number of vectors of columns: blocks of Block vectors, then one
-/// call sized to the remainder.
+/// call sized to the remainder; pace->tick() between micro-kernel calls.
 template <class T, class Backend, int RowBlock, int Block, bool Accumulate, class ARows, class TB>
 inline void gemm_wide(index_t rows, index_t vectors, const ARows& a, index_t a_col, const TB* b,
-                      index_t ldb, T* c, index_t ldc, index_t depth) noexcept {
+                      index_t ldb, T* c, index_t ldc, index_t depth,
+                      paced_prefetch* pace = nullptr) noexcept {
   constexpr int W = vec<T, Backend>::width;
   index_t x = 0;
   for (; x + Block <= vectors; x += Block)
     gemm_rows<T, Backend, RowBlock, Block, Accumulate>(rows, a, a_col, b + x * W, ldb, c + x * W,
-                                                       ldc, depth);
+                                                       ldc, depth, pace);
   const index_t rest = vectors - x;
   if constexpr (Block > 1) {
     if (rest > 0) {
       [&]<int... X>(std::integer_sequence<int, X...>) {
         ((rest == X + 1 ? gemm_rows<T, Backend, RowBlock, X + 1, Accumulate>(
-                              rows, a, a_col, b + x * W, ldb, c + x * W, ldc, depth)
+                              rows, a, a_col, b + x * W, ldb, c + x * W, ldc, depth, pace)
                         : void()),
          ...);
       }
@@ -152,9 +153,10 @@ inline void gemm_wide(index_t rows, index_t vectors, const ARows& a, index_t a_c
 /// gemm_wide with A's rows at a + r * a_row.
 template <class T, class Backend, int RowBlock, int Block, bool Accumulate, class TA, class TB>
 inline void gemm_wide(index_t rows, index_t vectors, const TA* a, index_t a_row, index_t a_col,
-                      const TB* b, index_t ldb, T* c, index_t ldc, index_t depth) noexcept {
+                      const TB* b, index_t ldb, T* c, index_t ldc, index_t depth,
+                      paced_prefetch* pace = nullptr) noexcept {
   gemm_wide<T, Backend, RowBlock, Block, Accumulate>(rows, vectors, strided_rows<TA>{a, a_row},
-                                                     a_col, b, ldb, c, ldc, depth);
+                                                     a_col, b, ldb, c, ldc, depth, pace);
 }
 
 }  // namespace fovea::detail

@@ -96,32 +96,37 @@ void linear_task(const linear_problem<T>& pr, const FeatureMap& phi, index_t b, 
       std::fill(v + (j < nk ? M : 0), v + mp, T(0));
     }
   };
-  // The next chunk's key, value and query rows, asked for while this one computes (at
-  // N=32768, D=64 they come from DRAM: 5% of the time, and time then grows ~linearly).
+  // The next chunk's key, value and query rows, asked for while this one computes, a
+  // share between each of its products' micro-kernel calls (at N=32768, D=64 they come
+  // from DRAM; asked for at once, the time grew 8.8x from N=4096, paced 8.2x; asking for
+  // the output rows too cost 2% at N=4096 and gained nothing).
+  paced_prefetch next;
   auto prefetch_chunk = [&](index_t j0, index_t nk) {
-    constexpr index_t line = 64 / index_t(sizeof(T));
-    auto ask = [&](const T* row, index_t n) {
-      for (index_t d = 0; d < n; d += line) prefetch_l2(row + d);
-    };
-    for (index_t j = j0; j < j0 + nk; ++j) {
-      ask(pr.k.ptr(b, hk, j, 0), D);
-      ask(pr.v.ptr(b, hk, j, 0), M);
-      const index_t i = j - pr.offset;  // the query on key j's diagonal
-      if (i >= 0 && i < Sq)
-        for (index_t g = 0; g < group; ++g) ask(pr.q.ptr(b, hk * group + g, i, 0), D);
+    next = paced_prefetch{};
+    constexpr index_t size = sizeof(T);
+    next.add(pr.k.ptr(b, hk, j0, 0), D * size, pr.k.stride(2) * size, nk, prefetch_kind::l2);
+    next.add(pr.v.ptr(b, hk, j0, 0), M * size, pr.v.stride(2) * size, nk, prefetch_kind::l2);
+    const index_t i0 = std::clamp<index_t>(j0 - pr.offset, 0, Sq);  // the queries on the diagonal
+    const index_t i1 = std::clamp<index_t>(j0 + nk - pr.offset, i0, Sq);
+    for (index_t g = 0; g < group && i1 > i0; ++g) {
+      const index_t h = hk * group + g;
+      next.add(pr.q.ptr(b, h, i0, 0), D * size, pr.q.stride(2) * size, i1 - i0, prefetch_kind::l2);
     }
+    next.pace((E + 3 * group * C) / 4);  // micro-kernel calls of a chunk (row blocks of 4)
   };
   auto absorb_chunk = [&](index_t nk) {  // S += phi(K)^T V, z += sum phi(K)
-    gemm_wide<T, Backend, 4, 4, true>(E, mp / W, buf.phi_kt, C, 1, buf.v, mp, buf.s, mp, nk);
+    gemm_wide<T, Backend, 4, 4, true>(E, mp / W, buf.phi_kt, C, 1, buf.v, mp, buf.s, mp, nk, &next);
     for (index_t e = 0; e < E; ++e) buf.z[e] += sum_row<T, Backend>(buf.phi_kt + e * C, nk);
   };
   // Queries [i0, i0 + nq) of head h: num = phi(Q) S (+ masked intra-chunk part), out.
   auto emit = [&](index_t h, index_t i0, index_t nq, index_t j0, index_t nk) {
     for (index_t r = 0; r < nq; ++r) phi(pr.q.ptr(b, h, i0 + r, 0), buf.phi_q + r * E, D);
-    gemm_wide<T, Backend, 4, 4, false>(nq, mp / W, buf.phi_q, E, 1, buf.s, mp, buf.num, mp, E);
+    gemm_wide<T, Backend, 4, 4, false>(nq, mp / W, buf.phi_q, E, 1, buf.s, mp, buf.num, mp, E,
+                                       &next);
     for (index_t r = 0; r < nq; ++r) buf.den[r] = dot_row<T, Backend>(buf.phi_q + r * E, buf.z, E);
     if (nk > 0) {
-      gemm_wide<T, Backend, 4, 4, false>(nq, C / W, buf.phi_q, E, 1, buf.phi_kt, C, buf.a, C, E);
+      gemm_wide<T, Backend, 4, 4, false>(nq, C / W, buf.phi_q, E, 1, buf.phi_kt, C, buf.a, C, E,
+                                         &next);
       bool skipped = false;
       for (index_t r = 0; r < nq; ++r) {  // keys [0, seen) of the chunk are visible
         const index_t seen = std::clamp<index_t>(i0 + r + pr.offset - j0 + 1, 0, nk);
@@ -139,7 +144,8 @@ void linear_task(const linear_problem<T>& pr, const FeatureMap& phi, index_t b, 
             buf.num[r * mp + m] = acc;
           }
       } else {
-        gemm_wide<T, Backend, 4, 4, true>(nq, mp / W, buf.a, C, 1, buf.v, mp, buf.num, mp, nk);
+        gemm_wide<T, Backend, 4, 4, true>(nq, mp / W, buf.a, C, 1, buf.v, mp, buf.num, mp, nk,
+                                          &next);
       }
     }
     for (index_t r = 0; r < nq; ++r) {
@@ -177,6 +183,7 @@ void linear_task(const linear_problem<T>& pr, const FeatureMap& phi, index_t b, 
       if (i1 > i0)
         for (index_t g = 0; g < group; ++g) emit(hk * group + g, i0, i1 - i0, j0, nk);
       absorb_chunk(nk);
+      next.finish();
     }
   }
   if (state) {

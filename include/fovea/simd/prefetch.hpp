@@ -56,11 +56,19 @@ enum class prefetch_kind : std::uint8_t { l1, l2, write };
 /// and came back as misses: agent attention (N = 32768, D = 64) spent 16% longer.
 class paced_prefetch {
  public:
-  /// Rows r < rows of `bytes` bytes each, at first + r * stride bytes.
+  /// Rows r < rows of `bytes` bytes each, at first + r * stride bytes (asked for at once
+  /// when the spans are all taken).
   void add(const void* first, std::ptrdiff_t bytes, std::ptrdiff_t stride, std::ptrdiff_t rows,
            prefetch_kind kind) noexcept {
-    if (count_ == capacity || bytes <= 0 || rows <= 0) return;
-    spans_[count_++] = {static_cast<const char*>(first), bytes, stride, rows, 0, 0, kind};
+    if (bytes <= 0 || rows <= 0) return;
+    const span s{static_cast<const char*>(first), bytes, stride, rows, 0, 0, kind};
+    if (count_ == capacity) {
+      paced_prefetch now;
+      now.spans_[now.count_++] = s;
+      now.ask(rows * ((bytes + 63) / 64));
+      return;
+    }
+    spans_[count_++] = s;
     lines_ += rows * ((bytes + 63) / 64);
   }
   /// Lines asked for per tick: all of them over `ticks` ticks.
@@ -99,7 +107,7 @@ class paced_prefetch {
       if (s.row == s.rows) ++next_;
     }
   }
-  static constexpr int capacity = 4;
+  static constexpr int capacity = 8;
   span spans_[capacity];
   int count_ = 0, next_ = 0;
   std::ptrdiff_t lines_ = 0, per_tick_ = 0;
