@@ -61,6 +61,7 @@ class paced_prefetch {
   void add(const void* first, std::ptrdiff_t bytes, std::ptrdiff_t stride, std::ptrdiff_t rows,
            prefetch_kind kind) noexcept {
     if (bytes <= 0 || rows <= 0) return;
+    if (stride == bytes) bytes *= rows, rows = 1;  // back to back: one piece
     const span s{static_cast<const char*>(first), bytes, stride, rows, 0, 0, kind};
     if (count_ == capacity) {
       paced_prefetch now;
