@@ -54,6 +54,11 @@ inline float quantise_int8(const float* x, index_t n, std::uint32_t* dst,
   // the search treats as the highest score (the row is selected, and poisons its output).
   const float scale = unordered || !std::isfinite(largest) ? std::numeric_limits<float>::quiet_NaN()
                                                            : largest / 127;
+  sum = 0;
+  if (scale != scale) {  // the values do not matter then: zeros (NaN converts to INT_MIN)
+    std::fill(dst, dst + int8_quads(n), 0u);
+    return scale;
+  }
   const __m512 inverse = _mm512_set1_ps(scale > 0 ? 1 / scale : 0);
   __m512i total = _mm512_setzero_si512();
   for (index_t d = 0; d < int8_quads(n) * 4; d += 16) {
