@@ -64,10 +64,11 @@ struct kv_layout {
 };
 
 /// Asks for the key rows [j, j + rows) to be brought into cache level KeyLevel and the
-/// value rows into ValueLevel (1 or 2; 0: not asked for), all at once: prefill asks for
-/// its next key tile, the block-sparse engine for scattered pieces the hardware cannot
-/// guess. (Decode, which streams K and V with little work per key, spreads its requests
-/// through the scoring loop instead: spread_prefetch below.)
+/// value rows into ValueLevel (1 or 2; 0: not asked for), all at once: the block-sparse
+/// engine asks for scattered pieces the hardware cannot guess, a few pieces ahead.
+/// (Streams spread their requests instead: decode through its scoring loop,
+/// spread_prefetch below; prefill's next key tile between the micro-kernel calls,
+/// paced_prefetch.)
 template <int KeyLevel, int ValueLevel, class S>
 [[gnu::always_inline]] inline void prefetch_rows(const kv_source<S>& kv, index_t j, index_t rows,
                                                  index_t D, index_t Dv) noexcept {
