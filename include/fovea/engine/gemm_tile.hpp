@@ -29,11 +29,9 @@ struct listed_rows {
   const TA* operator()(index_t r) const noexcept { return rows[r]; }
 };
 
-/// Out of line: the register allocation wants the whole function to itself (GCC inlined
-/// it into prefill's tile loop once gemm_rows took a paced prefetch, 25% slower).
 template <class T, class Backend, int Rows, int Vectors, bool Accumulate, class TA, class TB>
-[[gnu::noinline]] void micro_kernel_body(const TA* const* a_rows, index_t a_col, const TB* b,
-                                         index_t ldb, T* c, index_t ldc, index_t depth) noexcept {
+inline void micro_kernel_body(const TA* const* a_rows, index_t a_col, const TB* b, index_t ldb,
+                              T* c, index_t ldc, index_t depth) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width;
   typename V::type acc[Rows][Vectors];
@@ -65,12 +63,28 @@ template <class T, class Backend, int Rows, int Vectors, bool Accumulate, class 
 /// The scalar backend's copy. GCC 12 at -O2/-O3 auto-vectorises the scalar loop above
 /// into code that loads the next depth step's A and B after the last one (reading past
 /// the end of K or V: a crash when they end on a page boundary), so the scalar backend,
-/// meant to be plain C++ anyway, is compiled without tree vectorisation.
+/// meant to be plain C++ anyway, is compiled without tree vectorisation (a GCC attribute:
+/// clang would warn about it at every include).
+#if defined(__GNUC__) && !defined(__clang__)
+#define FOVEA_NO_TREE_VECTORIZE \
+  __attribute__((optimize("no-tree-vectorize", "no-tree-slp-vectorize")))
+#else
+#define FOVEA_NO_TREE_VECTORIZE
+#endif
 template <class T, int Rows, int Vectors, bool Accumulate, class TA, class TB>
-__attribute__((optimize("no-tree-vectorize", "no-tree-slp-vectorize"))) void micro_kernel_scalar(
-    const TA* const* a_rows, index_t a_col, const TB* b, index_t ldb, T* c, index_t ldc,
-    index_t depth) noexcept {
+FOVEA_NO_TREE_VECTORIZE void micro_kernel_scalar(const TA* const* a_rows, index_t a_col,
+                                                 const TB* b, index_t ldb, T* c, index_t ldc,
+                                                 index_t depth) noexcept {
   micro_kernel_body<T, scalar, Rows, Vectors, Accumulate>(a_rows, a_col, b, ldb, c, ldc, depth);
+}
+
+/// The SIMD backends' copy, out of line: the register allocation wants the whole function
+/// to itself (GCC inlined the body into prefill's tile loop once gemm_rows took a paced
+/// prefetch: 25% slower).
+template <class T, class Backend, int Rows, int Vectors, bool Accumulate, class TA, class TB>
+[[gnu::noinline]] void micro_kernel_simd(const TA* const* a_rows, index_t a_col, const TB* b,
+                                         index_t ldb, T* c, index_t ldc, index_t depth) noexcept {
+  micro_kernel_body<T, Backend, Rows, Vectors, Accumulate>(a_rows, a_col, b, ldb, c, ldc, depth);
 }
 
 /// C[Rows x Vectors*W] (= or +=) A * B with A's rows a(r0), ..., a(r0 + Rows - 1).
@@ -84,7 +98,7 @@ inline void micro_kernel(const ARows& a, index_t r0, index_t a_col, const TB* b,
   if constexpr (std::is_same_v<Backend, scalar>)
     micro_kernel_scalar<T, Rows, Vectors, Accumulate>(a_rows, a_col, b, ldb, c, ldc, depth);
   else
-    micro_kernel_body<T, Backend, Rows, Vectors, Accumulate>(a_rows, a_col, b, ldb, c, ldc, depth);
+    micro_kernel_simd<T, Backend, Rows, Vectors, Accumulate>(a_rows, a_col, b, ldb, c, ldc, depth);
 }
 
 /// C[rows x Vectors*W] (= or +=) A * B for any number of rows: full row blocks, then one
