@@ -39,12 +39,25 @@ inline constexpr index_t decode_block_k = 256;
 /// the scoring loop waiting on memory (Sk = 32768, D = 128, fp32 on the reference machine:
 /// ~1.4x faster with; 8 or 64 keys ahead are slower).
 inline constexpr index_t decode_prefetch_keys = 16;
-/// Rows up to this many bytes (bf16 D = 128) are asked for further ahead, keys and values
-/// both into L2: 15% faster than without the values, 25% faster than keys into L1 (32 to
-/// 96 keys ahead measured the same). Longer rows: keys into L1 only, values left to the
-/// hardware prefetcher (fp32 D = 128: 14% slower with values, 20% with keys into L2).
+/// Rows up to this many bytes (bf16 D = 128, fp32 D = 64) are asked for further ahead,
+/// keys and values into L2 (bf16: 25% faster than keys into L1; 32 to 96 keys ahead
+/// measured the same on one thread, 16 slower, 64 7% slower on two); values with the keys while
+/// scoring, or during P V after the short scoring loop of bf16 pairs (see decode_value_group).
+/// Longer rows: keys into L1 only, values left to the hardware prefetcher (fp32 D = 128: 14% slower
+/// with values, 20% with keys into L2).
 inline constexpr index_t decode_prefetch_value_bytes = 256;
 inline constexpr index_t decode_prefetch_short_keys = 32;
+/// Short bf16 value rows scored by vdpbf16ps are asked for a tile ahead during P V, which
+/// then runs in groups of this many keys per four columns, each group pacing its share of
+/// the requests through its micro-kernel calls: so the memory is kept busy in both halves
+/// of a tile (the scoring loop is then the shorter one), neither issuing its requests in a
+/// burst (bf16, Sk = 32768, D = 128, 4 columns: 8-14% faster than values asked for with the
+/// keys while scoring; D = 64 the same; groups of 4, 24 or 32 keys were slower, of 8 or 12
+/// a little slower; in cache, the groups' calls cost 4-5%). Where scoring takes longer
+/// (fp32 rows, fp16 converted in the scoring loop) this was up to 9% slower (D = 64), and
+/// with two threads 10-20% slower: while one thread's P V leaves the memory idle, the
+/// other's scoring uses it.
+inline constexpr index_t decode_value_group = 16;
 
 /// Columns of one score block: the query rows dot_scores reads come in groups of this many
 /// (rows past the last column must exist, zeroed).
@@ -227,12 +240,13 @@ constexpr index_t partial_size(index_t Dv) noexcept {
 
 /// Attends the columns `cols` (query rows already in buf.q) over keys [first, last) and
 /// stores each column's partial state at partials + c * partial_size(Dv). Keys up to
-/// `stream_end` may be prefetched (the next chunks of the same stream).
+/// `stream_end` may be prefetched (the next chunks of the same stream); `alone`: no other
+/// thread is reading memory for this call (see decode_value_group).
 template <class Backend, class T, class S, class ScoreMod, class MaskMod>
 void decode_chunk(const query_columns<T>& cols, const kv_source<S>& kv, const key_band& band,
                   const custom_variant<ScoreMod, MaskMod>& custom, index_t D, index_t Dv,
-                  index_t first, index_t last, index_t stream_end, decode_buffers<T, Backend>& buf,
-                  T* partials) noexcept {
+                  index_t first, index_t last, index_t stream_end, bool alone,
+                  decode_buffers<T, Backend>& buf, T* partials) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width;
   constexpr index_t ld = decode_buffers<T, Backend>::BK;
@@ -252,10 +266,12 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<S>& kv, const ke
 #endif
 
   const bool short_rows = Dv * index_t(sizeof(S)) <= decode_prefetch_value_bytes;
+  const bool values_in_pv = short_rows && pairs_ready && alone;
   const index_t distance = short_rows ? decode_prefetch_short_keys : decode_prefetch_keys;
   for (index_t j0 = first; j0 < last;) {
     const index_t keys = kv.run(j0, std::min(ld, last - j0));
-    spread_prefetch<S, W> ahead(kv, j0 + distance, stream_end, D, Dv, !short_rows, short_rows);
+    spread_prefetch<S, W> ahead(kv, j0 + distance, stream_end, D, Dv, !short_rows,
+                                short_rows && !values_in_pv);
     with_rows(kv, true, j0, keys, D, dq, buf.stage_k, [&](const auto* k, index_t stride) {
 #if FOVEA_HAS_BF16_DOT
       using K = std::remove_cv_t<std::remove_pointer_t<decltype(k)>>;
@@ -281,12 +297,32 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<S>& kv, const ke
     // vector is converted once per four columns (measured, D = 128: the other way round
     // fp32 is 25% slower and bf16 12% slower).
     with_rows(kv, false, j0, keys, Dv, dvp, buf.stage_v, [&](const auto* v, index_t stride) {
-      if (masked && !all_finite<T, Backend>(v, stride, keys, Dv))
+      // keys [from, from + count)
+      auto accumulate = [&](index_t from, index_t count, paced_prefetch* pace) {
+        const auto* rows = v + from * stride;
+        if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(v)>>, T>)
+          gemm_wide<T, Backend, 2, 8, true>(n, dvp / W, buf.p + from, ld, 1, rows, stride, buf.acc,
+                                            dvp, count, pace);
+        else
+          gemm_wide<T, Backend, 4, 4, true>(n, dvp / W, buf.p + from, ld, 1, rows, stride, buf.acc,
+                                            dvp, count, pace);
+      };
+      if (masked && !all_finite<T, Backend>(v, stride, keys, Dv)) {
         accumulate_skipping_masked(v, stride, keys, Dv, buf.s, buf.p, 1, ld, n, buf.acc, 1, dvp);
-      else if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(v)>>, T>)
-        gemm_wide<T, Backend, 2, 8, true>(n, dvp / W, buf.p, ld, 1, v, stride, buf.acc, dvp, keys);
-      else
-        gemm_wide<T, Backend, 4, 4, true>(n, dvp / W, buf.p, ld, 1, v, stride, buf.acc, dvp, keys);
+      } else if (!values_in_pv) {
+        accumulate(0, keys, nullptr);
+      } else {
+        const index_t column_blocks = (n + 3) / 4, group = decode_value_group * column_blocks;
+        for (index_t g = 0; g < keys; g += group) {
+          const index_t count = std::min(group, keys - g), next = j0 + ld + g;
+          paced_prefetch values;
+          pace_rows(values, kv, false, next, std::clamp<index_t>(stream_end - next, 0, count), Dv,
+                    prefetch_kind::l2);
+          values.pace(2 * column_blocks);  // ~ the micro-kernel calls
+          accumulate(g, count, &values);
+          values.finish();
+        }
+      }
     });
     j0 += keys;
   }

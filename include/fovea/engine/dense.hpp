@@ -223,8 +223,8 @@ void run_dense(std::span<const dense_problem<S>> problems,
     const index_t lo = std::max(first, c0), hi = std::min(last, c0 + lay.chunk_keys);
     T* states = partials.data() + tk.partials + tk.chunk * lay.width * partial_size<T>(Dv);
     const auto kv = pr.kv.source(tk.b, tk.head);
-    decode_chunk<Backend>(cols, kv, pr.band, custom, D, Dv, lo, std::max(lo, hi), last, buf,
-                          states);
+    decode_chunk<Backend>(cols, kv, pr.band, custom, D, Dv, lo, std::max(lo, hi), last, used == 1,
+                          buf, states);
   });
 
   parallel_for(index_t(merges.size()), used, [&](index_t i, int thread) {

@@ -86,6 +86,21 @@ template <int KeyLevel, int ValueLevel, class S>
   }
 }
 
+/// Adds the key rows (keys) or value rows [j, j + n) of `cols` elements each to `pace`,
+/// one span per run of rows that share a stride (a page boundary splits them).
+template <class S>
+void pace_rows(paced_prefetch& pace, const kv_source<S>& kv, bool keys, index_t j, index_t n,
+               index_t cols, prefetch_kind kind) noexcept {
+  constexpr index_t size = sizeof(S);
+  for (index_t run; n > 0; j += run, n -= run) {
+    run = kv.run(j, n);
+    if (keys)
+      pace.add(kv.k_row(j), cols * size, kv.k_stride * size, run, kind);
+    else
+      pace.add(kv.v_row(j), cols * size, kv.v_stride * size, run, kind);
+  }
+}
+
 /// Prefetch spread through a loop that reads a block of key rows in `steps` parts
 /// (decode's scoring): with each part, the next share of the rows of the keys `distance`
 /// further on is asked for, and of their values, in address order. The requests go out

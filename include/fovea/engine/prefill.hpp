@@ -210,14 +210,11 @@ void prefill_keys(const query_columns<T>& cols, QueryRow&& q_row, const kv_sourc
     const index_t keys = kv.run(j0, std::min(BK, last - j0));
     paced_prefetch next_tile;
     paced_prefetch& pace = ahead ? *ahead : next_tile;
-    if (how.stream_kv)
-      for (index_t j = j0 + keys, n = std::min(BK, last - j0 - keys), run; n > 0;
-           j += run, n -= run) {
-        run = kv.run(j, n);  // (a page boundary splits the rows)
-        constexpr index_t size = sizeof(S);
-        pace.add(kv.k_row(j), D * size, kv.k_stride * size, run, prefetch_kind::l1);
-        pace.add(kv.v_row(j), Dv * size, kv.v_stride * size, run, prefetch_kind::l1);
-      }
+    if (how.stream_kv) {
+      const index_t next = std::min(BK, last - j0 - keys);
+      pace_rows(pace, kv, true, j0 + keys, next, D, prefetch_kind::l1);
+      pace_rows(pace, kv, false, j0 + keys, next, Dv, prefetch_kind::l1);
+    }
     pace.pace(attend_ticks<T, Backend>(keys, Dv));
     const auto k = rows_for_kernel<T>(kv, true, j0, keys, D, D, buf.stage_k);
     const auto v = rows_for_kernel<T>(kv, false, j0, keys, Dv, Dv, buf.stage_v);
