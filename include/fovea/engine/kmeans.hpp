@@ -92,10 +92,17 @@ void seeded_centroids(const T* x, index_t n, index_t d, index_t clusters, index_
     std::copy(x + picks[c] * d, x + picks[c] * d + d, mu + c * d);
   }
   const index_t ld = score_columns<T, Backend>(clusters);
+  // Rows are scored a block at a time and assigned while their scores are in cache (the
+  // whole n x ld matrix, 64 MB at n = 65536 and 256 clusters, would go to memory and back
+  // each step); each score is the same either way.
+  constexpr index_t block = 32 * tile_traits<T, Backend>::row_block;
   for (index_t it = 0; it < iterations; ++it) {
     transpose_centroids(mu, clusters, d, ld, mu_t);
-    centroid_scores<T, Backend>(x, n, d, mu_t, ld, scores);
-    assign_rows(scores, n, clusters, ld, assignment);
+    for (index_t r0 = 0; r0 < n; r0 += block) {
+      const index_t rows = std::min(block, n - r0);
+      centroid_scores<T, Backend>(x + r0 * d, rows, d, mu_t, ld, scores);
+      assign_rows(scores, rows, clusters, ld, assignment + r0);
+    }
     recentre(x, n, d, assignment, mu, clusters, sums, counts);
   }
 }
