@@ -71,7 +71,8 @@ class routing_centroids {
     detail::require(x.extent(0) >= 1 && n >= clusters_, "x: has ", x.extent(0), " batch rows of ",
                     n, " tokens; init needs one row of at least the ", clusters_, " clusters");
     detail::require(iterations >= 0, "iterations: is ", iterations, ", expected >= 0");
-    std::vector<double> rows(n * dim_), mu(clusters_ * dim_), scores(n * clusters_),
+    const index_t score_rows = std::min(n, detail::kmeans_block_rows<double, scalar>());
+    std::vector<double> rows(n * dim_), mu(clusters_ * dim_), scores(score_rows * clusters_),
         mu_t(dim_ * clusters_), sums(clusters_ * dim_);
     std::vector<index_t> assignment(n), counts(clusters_), picks(n);
     for (index_t h = 0; h < heads_; ++h) {
@@ -155,8 +156,12 @@ struct routing_buffers {
   static constexpr index_t tile(index_t d, index_t dv) {
     return prefill_buffers<T, Backend>::size(d, dv);
   }
+  /// Score rows: the queries', then the keys' (the same rows), or a k-means block.
+  index_t score_rows() const noexcept {
+    return std::max({sq, sk, std::min(sq + sk, kmeans_block_rows<T, Backend>())});
+  }
   index_t size() const noexcept {
-    return round_to_line<T>((sq + sk) * d) + round_to_line<T>((sq + sk) * ld) +
+    return round_to_line<T>((sq + sk) * d) + round_to_line<T>(score_rows() * ld) +
            2 * round_to_line<T>(clusters * d) + round_to_line<T>(d * ld) +
            round_to_line<T>((wq + 2 * wk) * std::max(d, dv)) + round_to_line<T>(sq * dv) +
            tile(d, dv);
@@ -264,7 +269,7 @@ void run_routing(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>
     T* xq = buffers.slice(thread);  // routed queries, then keys (Sq + Sk) x D
     T* xk = xq + Sq * D;
     T* scores = xq + round_to_line<T>((Sq + Sk) * D);
-    T* mu = scores + round_to_line<T>((Sq + Sk) * ld);
+    T* mu = scores + round_to_line<T>(sizes.score_rows() * ld);
     T* sums = mu + round_to_line<T>(c_n * D);
     T* mu_t = sums + round_to_line<T>(c_n * D);
     T* gq = mu_t + round_to_line<T>(D * ld);  // gathered queries, keys, values

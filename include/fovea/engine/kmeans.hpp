@@ -77,9 +77,16 @@ void recentre(const T* x, index_t n, index_t d, const index_t* assignment, T* mu
     if (counts[c] > 0) normalized_rows(sums + c * d, d, 1, d, mu + c * d);
 }
 
+/// Rows a Lloyd step scores and assigns at a time (see seeded_centroids).
+template <class T, class Backend>
+constexpr index_t kmeans_block_rows() noexcept {
+  return 32 * tile_traits<T, Backend>::row_block;
+}
+
 /// Seeded centroids for the rows x (n x d, unit norm): `clusters` distinct rows chosen at
-/// random, then `iterations` Lloyd steps. Needs clusters <= n. Scratch: scores (n x ld),
-/// mu_t (d x ld), sums (clusters x d), assignment (n), counts (clusters), picks (n).
+/// random, then `iterations` Lloyd steps. Needs clusters <= n. Scratch: scores
+/// (min(n, kmeans_block_rows) x ld), mu_t (d x ld), sums (clusters x d), assignment (n),
+/// counts (clusters), picks (n).
 template <class T, class Backend>
 void seeded_centroids(const T* x, index_t n, index_t d, index_t clusters, index_t iterations,
                       std::uint64_t seed, T* mu, T* scores, T* mu_t, T* sums, index_t* assignment,
@@ -95,7 +102,7 @@ void seeded_centroids(const T* x, index_t n, index_t d, index_t clusters, index_
   // Rows are scored a block at a time and assigned while their scores are in cache (the
   // whole n x ld matrix, 64 MB at n = 65536 and 256 clusters, would go to memory and back
   // each step); each score is the same either way.
-  constexpr index_t block = 32 * tile_traits<T, Backend>::row_block;
+  constexpr index_t block = kmeans_block_rows<T, Backend>();
   for (index_t it = 0; it < iterations; ++it) {
     transpose_centroids(mu, clusters, d, ld, mu_t);
     for (index_t r0 = 0; r0 < n; r0 += block) {
