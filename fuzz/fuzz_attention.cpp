@@ -5,7 +5,8 @@
 // The contract checked on every input:
 //  - either fovea::error is thrown and the output buffer is untouched,
 //  - or the call returns; then softmax, block-sparse (full layout) and linear attention
-//    must match the f64 reference within the tolerance rule wherever it is finite, and
+//    must match the f64 reference within the tolerance rule wherever it is finite, have
+//    NaN wherever the f64 and naive f32 references both have NaN, and
 //    every kernel's output must be finite when every input value is.
 // Build and run: scripts/fuzz [seconds] (clang's -fsanitize=fuzzer,address,undefined).
 #include <cmath>
@@ -49,6 +50,7 @@ struct bytes {
   std::abort();
 }
 
+/// NaN wherever both references have NaN (the NaN pattern); and
 /// max |got - want| <= 2 max |naive - want| + floor over the elements where the f64
 /// reference and the naive f32 computation are finite (where even the naive f32 one
 /// overflows, f32 kernels may too); got must be finite there. The floor scales with the
@@ -59,6 +61,9 @@ void check_tolerance(const std::vector<float>& got, const std::vector<double>& w
                      const std::vector<double>& naive) {
   double err = 0, naive_err = 0, magnitude = 0;
   for (std::size_t i = 0; i < want.size(); ++i) {
+    // NaN from the inputs (both references agree on it) must reach the output.
+    if (std::isnan(want[i]) && std::isnan(naive[i]) && !std::isnan(got[i]))
+      fail("a NaN that both references have did not reach the output");
     if (!std::isfinite(want[i]) || !std::isfinite(naive[i])) continue;
     if (!std::isfinite(got[i])) fail("non-finite output where the references are finite");
     err = std::max(err, std::abs(double(got[i]) - want[i]));

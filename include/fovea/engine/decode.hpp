@@ -335,6 +335,8 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<S>& kv, const ke
 }
 
 /// Merges `chunks` partial states (stride apart) in order into one (m, l) and acc[Dv].
+/// Only a chunk that saw no key (l == 0) is left out: a chunk whose every visible logit
+/// was NaN keeps m = -inf (a max ignores NaN) but carries l = NaN, and must poison the row.
 template <class T>
 void merge_partials(const T* partials, index_t stride, index_t chunks, index_t Dv, T& m, T& l,
                     T* acc) noexcept {
@@ -348,7 +350,12 @@ void merge_partials(const T* partials, index_t stride, index_t chunks, index_t D
   std::fill(acc, acc + Dv, T(0));
   for (index_t k = 0; k < chunks; ++k) {
     const T* p = partials + k * stride;
-    if (p[0] == neg_inf) continue;
+    if (p[1] == T(0)) continue;  // saw no key (or only underflowed ones): adds nothing
+    if (p[1] != p[1]) {          // a NaN logit: the row's result is NaN
+      l = p[1];
+      std::fill(acc, acc + Dv, p[1]);
+      return;
+    }
     const T e = std::exp(p[0] - m);
     l += p[1] * e;
     for (index_t d = 0; d < Dv; ++d) acc[d] += p[2 + d] * e;

@@ -227,20 +227,28 @@ index_t hip_select_block(const hip_params& p, QueryRow&& q_row, index_t i0, inde
     for (index_t c = 0; c < children; ++c) {
       if (known[c]) continue;
       const auto [k0, k1] = keys_of(c);
-      T best = neg_inf;
-      auto all = V::broadcast(neg_inf);
+      // A max passes over NaN, so NaN is looked for on the side (s * 0 is NaN for NaN
+      // and Inf): a NaN score keeps its child, as the rule in the README says.
+      T best = neg_inf, poison = 0;
+      auto all = V::broadcast(neg_inf), poisoned = V::broadcast(T(0));
+      const auto zero = V::broadcast(T(0));
       for (index_t j = k0; j < k1; j += p.stride_k, ++rows) {
         const T* s = buf.scores + rows * ld;
         index_t from = 0;  // the first column whose window starts past key j
         if (p.causal)
           while (from < reps && position[from] - p.window + 1 <= j) ++from;
         if (from == 0)
-          for (index_t x = 0; x < ld; x += W) all = V::max(all, V::load(s + x));
+          for (index_t x = 0; x < ld; x += W) {
+            const auto sx = V::load(s + x);
+            all = V::max(all, sx);
+            poisoned = V::fma(sx, zero, poisoned);
+          }
         else
-          for (index_t x = from; x < reps; ++x) best = std::max(best, s[x]);
+          for (index_t x = from; x < reps; ++x) best = std::max(best, s[x]), poison += s[x] * T(0);
       }
       best = std::max(best, V::reduce_max(all));
-      buf.child_score[c] = std::isnan(best) ? std::numeric_limits<T>::infinity() : best;
+      const bool nan = poison + V::reduce_add(poisoned) != T(0);
+      buf.child_score[c] = nan || std::isnan(best) ? std::numeric_limits<T>::infinity() : best;
     }
     // Keep the best kb children (ties: the earlier one), in key order.
     auto* rank = reinterpret_cast<std::uint64_t*>(buf.pick);

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
 
 #include "../core/tensor_view.hpp"
@@ -50,31 +51,49 @@ void centroid_scores(const T* x, index_t n, index_t d, const T* mu_t, index_t ld
   gemm_wide<T, Backend, RB, 4, false>(n, ld / W, x, d, 1, mu_t, ld, scores, ld, d);
 }
 
-/// The cluster of highest score per row (ties: the lower cluster).
+/// The cluster of highest score per row (ties: the lower cluster). NaN scores are passed
+/// over; a row whose every score is NaN goes to cluster 0.
 template <class T>
 void assign_rows(const T* scores, index_t n, index_t clusters, index_t ld,
                  index_t* assignment) noexcept {
   for (index_t r = 0; r < n; ++r) {
+    const T* row = scores + r * ld;
     index_t best = 0;
-    for (index_t c = 1; c < clusters; ++c)
-      if (scores[r * ld + c] > scores[r * ld + best]) best = c;
+    T top = -std::numeric_limits<T>::infinity();
+    for (index_t c = 0; c < clusters; ++c)
+      if (row[c] > top) top = row[c], best = c;
     assignment[r] = best;
   }
 }
 
 /// One Lloyd step on unit vectors: each centroid becomes the normalised mean of its rows;
-/// a centroid with no rows keeps its place. sums: clusters x d; counts: clusters.
+/// a centroid with no rows keeps its place. Rows holding NaN or Inf move no centroid, and
+/// a centroid seeded from such a row, left with no rows, becomes the zero vector (it then
+/// scores 0 against every row): one poisoned key cannot pull every key into one cluster.
+/// sums: clusters x d; counts: clusters.
 template <class T>
 void recentre(const T* x, index_t n, index_t d, const index_t* assignment, T* mu, index_t clusters,
               T* sums, index_t* counts) noexcept {
   std::fill(sums, sums + clusters * d, T(0));
   std::fill(counts, counts + clusters, 0);
   for (index_t r = 0; r < n; ++r) {
+    const T* row = x + r * d;
+    T probe = 0;  // NaN when the row holds NaN or Inf
+    for (index_t e = 0; e < d; ++e) probe += row[e] * T(0);
+    if (probe != T(0)) continue;
     ++counts[assignment[r]];
-    for (index_t e = 0; e < d; ++e) sums[assignment[r] * d + e] += x[r * d + e];
+    for (index_t e = 0; e < d; ++e) sums[assignment[r] * d + e] += row[e];
   }
-  for (index_t c = 0; c < clusters; ++c)
-    if (counts[c] > 0) normalized_rows(sums + c * d, d, 1, d, mu + c * d);
+  for (index_t c = 0; c < clusters; ++c) {
+    T* centre = mu + c * d;
+    if (counts[c] > 0) {
+      normalized_rows(sums + c * d, d, 1, d, centre);
+      continue;
+    }
+    T probe = 0;
+    for (index_t e = 0; e < d; ++e) probe += centre[e] * T(0);
+    if (probe != T(0)) std::fill(centre, centre + d, T(0));
+  }
 }
 
 /// Rows a Lloyd step scores and assigns at a time (see seeded_centroids).
