@@ -162,9 +162,9 @@ TYPED_TEST(SoftmaxLowPrecision, PagedDecodeMatchesContiguous) {
                                      bhsd(paged.data(), 1, H, 1, D),
                                      view<const std::int32_t, 2>(table.data(), {1, pages}),
                                      std::span<const std::int32_t>(lens), {.threads = threads});
-    for (index_t i = 0; i < H * D; ++i)
-      EXPECT_NEAR(float(paged[i]), float(contiguous[i]),
-                  storage_rounding<S>() * (1 + std::abs(float(contiguous[i]))));
+    // 16-key pages are gathered into the contiguous call's 256-key tiles: the same bits.
+    EXPECT_EQ(0, std::memcmp(contiguous.data(), paged.data(), sizeof(S) * paged.size()))
+        << threads << " threads";
     if (threads == 1)
       serial = paged;
     else

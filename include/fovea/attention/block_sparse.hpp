@@ -8,8 +8,8 @@
 #include "../core/error.hpp"
 #include "../core/parallel.hpp"
 #include "../core/tensor_view.hpp"
-#include "../engine/sparse.hpp"
-#include "../engine/variant.hpp"
+#include "../engine/sparse/sparse.hpp"
+#include "../engine/dense/variant.hpp"
 #include "../simd/backend.hpp"
 #include "softmax.hpp"
 

@@ -17,9 +17,9 @@
 #include "../core/parallel.hpp"
 #include "../core/tensor_view.hpp"
 #include "../core/validate.hpp"
-#include "../engine/sparse.hpp"
-#include "../engine/topk.hpp"
-#include "../engine/variant.hpp"
+#include "../engine/sparse/sparse.hpp"
+#include "../engine/select/topk.hpp"
+#include "../engine/dense/variant.hpp"
 #include "../simd/backend.hpp"
 #include "softmax.hpp"
 

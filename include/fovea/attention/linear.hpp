@@ -13,7 +13,7 @@
 #include "../core/error.hpp"
 #include "../core/parallel.hpp"
 #include "../core/tensor_view.hpp"
-#include "../engine/linear.hpp"
+#include "../engine/linear/linear.hpp"
 #include "../simd/backend.hpp"
 #include "checks.hpp"
 

@@ -13,8 +13,8 @@
 #include "../core/storage.hpp"
 #include "../core/tensor_view.hpp"
 #include "../core/validate.hpp"
-#include "../engine/dense.hpp"
-#include "../engine/variant.hpp"
+#include "../engine/dense/dense.hpp"
+#include "../engine/dense/variant.hpp"
 #include "../simd/backend.hpp"
 #include "checks.hpp"
 

@@ -21,7 +21,9 @@ namespace fovea {
 /// the first ceil(seqlens_k[b] / page_size) entries of a row are read. The causal
 /// diagonal is bottom-right per sequence (its Sq queries are its last tokens). bias and
 /// mask are not supported here; score_mod / mask_mod receive the batch index b. The result
-/// equals softmax_attention on the same keys and values laid out contiguously.
+/// equals softmax_attention on the same keys and values laid out contiguously, bit for bit,
+/// for any page size: a tile that spans pages is gathered into the tile buffer first (a
+/// copy per tile when pages are smaller than the tile: 64 keys for prefill, 256 for decode).
 template <class Backend = default_backend, class TQ, class TK, class TV, class TO,
           class ScoreMod = identity_score_mod, class MaskMod = keep_all_mask_mod>
 requires detail::attention_types<TQ, TK, TV, TO>

@@ -1,9 +1,10 @@
-// Reductions of one contiguous row with vector lanes: a scalar running sum is a chain of
-// dependent adds, often slower than the GEMMs around it. Linear attention's chunk loops
-// and agent attention's causal prefixes use them.
+// Reductions of rows with vector lanes: a scalar running sum is a chain of dependent adds,
+// often slower than the GEMMs around it. Linear attention's chunk loops, agent attention's
+// causal prefixes and the engines' finiteness checks use them.
 #pragma once
 
 #include "../core/tensor_view.hpp"
+#include "convert.hpp"
 #include "vec.hpp"
 
 namespace fovea::detail {
@@ -30,6 +31,23 @@ T dot_row(const T* x, const T* y, index_t n) noexcept {
   T total = V::reduce_add(acc);
   for (; i < n; ++i) total += x[i] * y[i];
   return total;
+}
+
+/// True when rows [0, rows) x [0, cols) of a strided matrix hold only finite values.
+template <class T, class Backend, class S>
+bool all_finite(const S* data, index_t row_stride, index_t rows, index_t cols) noexcept {
+  using V = vec<T, Backend>;
+  constexpr int W = V::width;
+  const auto zero = V::broadcast(T(0));
+  auto acc = zero;
+  T tail = 0;
+  for (index_t r = 0; r < rows; ++r) {
+    const S* row = data + r * row_stride;
+    index_t c = 0;
+    for (; c + W <= cols; c += W) acc = V::fma(load_as<T, Backend>(row + c), zero, acc);
+    for (; c < cols; ++c) tail += T(row[c]) * T(0);
+  }
+  return V::reduce_add(acc) + tail == T(0);
 }
 
 }  // namespace fovea::detail

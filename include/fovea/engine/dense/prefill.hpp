@@ -8,37 +8,21 @@
 #include <limits>
 #include <type_traits>
 
-#include "../core/scratch.hpp"
-#include "../core/tensor_view.hpp"
-#include "../simd/prefetch.hpp"
-#include "../simd/transpose.hpp"
-#include "gemm_tile.hpp"
+#include "../../core/scratch.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../../simd/prefetch.hpp"
+#include "../../simd/row_math.hpp"
+#include "../../simd/transpose.hpp"
+#include "../tile/gemm_tile.hpp"
 #include "key_band.hpp"
-#include "kv_source.hpp"
+#include "../kv/kv_source.hpp"
 #include "logits.hpp"
 #include "online_softmax.hpp"
 #include "query_columns.hpp"
-#include "stage.hpp"
-#include "tile_traits.hpp"
+#include "../kv/stage.hpp"
+#include "../tile/tile_traits.hpp"
 
 namespace fovea::detail {
-
-/// True when rows [0, rows) x [0, cols) of a strided matrix hold only finite values.
-template <class T, class Backend, class S>
-bool all_finite(const S* data, index_t row_stride, index_t rows, index_t cols) noexcept {
-  using V = vec<T, Backend>;
-  constexpr int W = V::width;
-  const auto zero = V::broadcast(T(0));
-  auto acc = zero;
-  T tail = 0;
-  for (index_t r = 0; r < rows; ++r) {
-    const S* row = data + r * row_stride;
-    index_t c = 0;
-    for (; c + W <= cols; c += W) acc = V::fma(load_as<T, Backend>(row + c), zero, acc);
-    for (; c < cols; ++c) tail += T(row[c]) * T(0);
-  }
-  return V::reduce_add(acc) + tail == T(0);
-}
 
 /// acc += P V over one key tile for a tile whose masked (-inf) logits meet non-finite
 /// values: each masked (column, key) pair is skipped, so NaN/Inf in a masked key never
@@ -207,7 +191,7 @@ void prefill_keys(const query_columns<T>& cols, QueryRow&& q_row, const kv_sourc
   const index_t first = std::max(visible.first, how.from), last = std::min(visible.second, how.to);
   paced_prefetch* ahead = how.ahead;
   for (index_t j0 = first; j0 < last;) {
-    const index_t keys = kv.run(j0, std::min(BK, last - j0));
+    const index_t keys = std::min(BK, last - j0);  // pages are gathered: the same tiles
     paced_prefetch next_tile;
     paced_prefetch& pace = ahead ? *ahead : next_tile;
     if (how.stream_kv) {

@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <utility>
 
-#include "../core/tensor_view.hpp"
+#include "../../core/tensor_view.hpp"
 
 namespace fovea::detail {
 

@@ -11,7 +11,7 @@
 #include <limits>
 #include <type_traits>
 
-#include "../core/tensor_view.hpp"
+#include "../../core/tensor_view.hpp"
 
 namespace fovea {
 

@@ -7,8 +7,8 @@
 #include <cstdint>
 #include <utility>
 
-#include "../core/tensor_view.hpp"
-#include "../simd/prefetch.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../../simd/prefetch.hpp"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>

@@ -6,12 +6,12 @@
 
 #include <algorithm>
 
-#include "../core/tensor_view.hpp"
-#include "key_band.hpp"
-#include "kv_source.hpp"
-#include "prefill.hpp"
-#include "query_columns.hpp"
-#include "variant.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../dense/key_band.hpp"
+#include "../kv/kv_source.hpp"
+#include "../dense/prefill.hpp"
+#include "../dense/query_columns.hpp"
+#include "../dense/variant.hpp"
 
 namespace fovea::detail {
 

@@ -10,13 +10,13 @@
 #include <algorithm>
 #include <vector>
 
-#include "../core/parallel.hpp"
-#include "../core/scratch.hpp"
-#include "../core/storage.hpp"
-#include "../core/tensor_view.hpp"
-#include "dense.hpp"
-#include "prefill.hpp"
-#include "stage.hpp"
+#include "../../core/parallel.hpp"
+#include "../../core/scratch.hpp"
+#include "../../core/storage.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../dense/dense.hpp"
+#include "../dense/prefill.hpp"
+#include "../kv/stage.hpp"
 
 namespace fovea::detail {
 

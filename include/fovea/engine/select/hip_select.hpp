@@ -17,15 +17,15 @@
 #include <type_traits>
 #include <utility>
 
-#include "../core/scratch.hpp"
-#include "../core/tensor_view.hpp"
-#include "../simd/prefetch.hpp"
-#include "../simd/vec.hpp"
-#include "gemm_tile.hpp"
-#include "kv_source.hpp"
+#include "../../core/scratch.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../../simd/prefetch.hpp"
+#include "../../simd/vec.hpp"
+#include "../tile/gemm_tile.hpp"
+#include "../kv/kv_source.hpp"
 #include "score_int8.hpp"
-#include "stage.hpp"
-#include "tile_traits.hpp"
+#include "../kv/stage.hpp"
+#include "../tile/tile_traits.hpp"
 #include "topk.hpp"
 
 namespace fovea::detail {

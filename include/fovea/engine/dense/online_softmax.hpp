@@ -10,8 +10,8 @@
 #include <cmath>
 #include <limits>
 
-#include "../core/tensor_view.hpp"
-#include "../simd/vec.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../../simd/vec.hpp"
 
 namespace fovea::detail {
 

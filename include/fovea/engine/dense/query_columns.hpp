@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "../core/tensor_view.hpp"
+#include "../../core/tensor_view.hpp"
 #include "variant.hpp"
 
 namespace fovea::detail {

@@ -8,7 +8,7 @@
 #include <bit>
 #include <cstdint>
 
-#include "../core/tensor_view.hpp"
+#include "../../core/tensor_view.hpp"
 
 namespace fovea::detail {
 

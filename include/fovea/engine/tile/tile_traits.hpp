@@ -2,8 +2,8 @@
 // vectors wide), how many keys it takes at a time, and the micro-kernel's row block.
 #pragma once
 
-#include "../core/tensor_view.hpp"
-#include "../simd/vec.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../../simd/vec.hpp"
 
 namespace fovea::detail {
 

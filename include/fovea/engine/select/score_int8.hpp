@@ -13,8 +13,8 @@
 #include <limits>
 #include <utility>
 
-#include "../core/tensor_view.hpp"
-#include "../simd/prefetch.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../../simd/prefetch.hpp"
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>

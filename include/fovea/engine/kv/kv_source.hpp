@@ -6,8 +6,8 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "../core/tensor_view.hpp"
-#include "../simd/prefetch.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../../simd/prefetch.hpp"
 
 namespace fovea::detail {
 

@@ -9,10 +9,10 @@
 #include <limits>
 #include <random>
 
-#include "../core/tensor_view.hpp"
-#include "../simd/vec.hpp"
-#include "gemm_tile.hpp"
-#include "tile_traits.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../../simd/vec.hpp"
+#include "../tile/gemm_tile.hpp"
+#include "../tile/tile_traits.hpp"
 #include "topk.hpp"
 
 namespace fovea::detail {

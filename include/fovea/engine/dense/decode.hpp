@@ -13,19 +13,19 @@
 #include <limits>
 #include <type_traits>
 
-#include "../core/scratch.hpp"
-#include "../core/tensor_view.hpp"
-#include "../simd/prefetch.hpp"
-#include "gemm_tile.hpp"
+#include "../../core/scratch.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../../simd/prefetch.hpp"
+#include "../tile/gemm_tile.hpp"
 #include "key_band.hpp"
-#include "kv_source.hpp"
+#include "../kv/kv_source.hpp"
 #include "logits.hpp"
 #include "online_softmax.hpp"
 #include "prefill.hpp"
 #include "query_columns.hpp"
 #include "score_bf16.hpp"
-#include "stage.hpp"
-#include "tile_traits.hpp"
+#include "../kv/stage.hpp"
+#include "../tile/tile_traits.hpp"
 
 namespace fovea::detail {
 
@@ -269,7 +269,7 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<S>& kv, const ke
   const bool values_in_pv = short_rows && pairs_ready && alone;
   const index_t distance = short_rows ? decode_prefetch_short_keys : decode_prefetch_keys;
   for (index_t j0 = first; j0 < last;) {
-    const index_t keys = kv.run(j0, std::min(ld, last - j0));
+    const index_t keys = std::min(ld, last - j0);  // pages are gathered: the same tiles
     spread_prefetch<S, W> ahead(kv, j0 + distance, stream_end, D, Dv, !short_rows,
                                 short_rows && !values_in_pv);
     with_rows(kv, true, j0, keys, D, dq, buf.stage_k, [&](const auto* k, index_t stride) {

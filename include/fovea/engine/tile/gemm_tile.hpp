@@ -8,10 +8,10 @@
 #include <type_traits>
 #include <utility>
 
-#include "../core/tensor_view.hpp"
-#include "../simd/convert.hpp"
-#include "../simd/prefetch.hpp"
-#include "../simd/vec.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../../simd/convert.hpp"
+#include "../../simd/prefetch.hpp"
+#include "../../simd/vec.hpp"
 
 namespace fovea::detail {
 

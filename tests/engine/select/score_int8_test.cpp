@@ -8,12 +8,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <fovea/engine/score_int8.hpp>
+#include <fovea/engine/select/score_int8.hpp>
 #include <limits>
 #include <string>
 #include <vector>
 
-#include "../common/random.hpp"
+#include "../../common/random.hpp"
 
 namespace fovea::test {
 namespace {

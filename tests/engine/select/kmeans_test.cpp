@@ -7,7 +7,7 @@
 #include <limits>
 #include <vector>
 
-#include "../common/random.hpp"
+#include "../../common/random.hpp"
 
 namespace fovea::test {
 namespace {

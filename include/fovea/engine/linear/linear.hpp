@@ -9,14 +9,13 @@
 #include <algorithm>
 #include <cmath>
 
-#include "../core/parallel.hpp"
-#include "../core/scratch.hpp"
-#include "../core/tensor_view.hpp"
-#include "../simd/prefetch.hpp"
-#include "../simd/row_math.hpp"
-#include "../simd/vec.hpp"
-#include "gemm_tile.hpp"
-#include "prefill.hpp"
+#include "../../core/parallel.hpp"
+#include "../../core/scratch.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../../simd/prefetch.hpp"
+#include "../../simd/row_math.hpp"
+#include "../../simd/vec.hpp"
+#include "../tile/gemm_tile.hpp"
 
 namespace fovea::detail {
 

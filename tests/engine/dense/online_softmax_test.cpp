@@ -3,12 +3,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <fovea/engine/online_softmax.hpp>
+#include <fovea/engine/dense/online_softmax.hpp>
 #include <limits>
 #include <vector>
 
-#include "../common/configs.hpp"
-#include "../common/random.hpp"
+#include "../../common/configs.hpp"
+#include "../../common/random.hpp"
 
 namespace fovea::test {
 namespace {

@@ -7,8 +7,8 @@
 #include <limits>
 #include <type_traits>
 
-#include "../core/tensor_view.hpp"
-#include "../simd/vec.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../../simd/vec.hpp"
 #include "key_band.hpp"
 #include "query_columns.hpp"
 #include "variant.hpp"

@@ -1,0 +1,309 @@
+// The dense engine's entry: runs a list of attention problems (one for a plain call, one
+// per sequence for varlen and paged calls) on up to `threads` threads. plan_dense cuts
+// them into tasks (a plan a test can inspect); run_dense executes it. A problem with at
+// most decode_max_queries queries takes the decode path (stacked GQA heads, split keys,
+// ordered merge); any other takes prefill tiles. Which path, how keys are chunked and
+// which task computes which row depend on the shapes only, never on the thread count.
+#pragma once
+
+#include <algorithm>
+#include <limits>
+#include <span>
+#include <vector>
+
+#include "../../core/parallel.hpp"
+#include "../../core/scratch.hpp"
+#include "../../core/storage.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../../simd/convert.hpp"
+#include "../../simd/prefetch.hpp"
+#include "decode.hpp"
+#include "key_band.hpp"
+#include "../kv/kv_source.hpp"
+#include "prefill.hpp"
+#include "query_columns.hpp"
+#include "variant.hpp"
+
+namespace fovea::detail {
+
+/// One attention problem, validated by a front-end.
+template <class S>
+struct dense_problem {
+  using T = accumulator_t<S>;
+  tensor_view<const S, 4> q;  ///< (B, H, Sq, D)
+  tensor_view<S, 4> out;      ///< (B, H, Sq, Dv)
+  tensor_view<float, 3> lse;  ///< (B, H, Sq) or empty
+  kv_layout<S> kv;
+  index_t keys = 0;        ///< Sk
+  index_t batch_base = 0;  ///< batch index of q's row 0 in the caller's terms (varlen, paged)
+  key_band band;
+  logit_terms<T> terms;
+
+  index_t batch() const noexcept { return q.extent(0); }
+  index_t heads() const noexcept { return q.extent(1); }
+  index_t queries() const noexcept { return q.extent(2); }
+  bool decode() const noexcept { return queries() <= decode_max_queries; }
+};
+
+/// Fixed chunking of Sk for the decode path: at most 64 chunks of >= 512 keys.
+template <index_t BK>
+constexpr index_t decode_chunk_keys(index_t keys) noexcept {
+  const index_t by_count = (keys + 63) / 64;
+  return std::max<index_t>(512, (by_count + BK - 1) / BK * BK);
+}
+
+/// Prefill problems with at most this many query tiles in all, against at least
+/// split_prefill_min_keys keys, split their keys into fixed chunks (as decode does) so that
+/// threads share the keys, not only the tiles: agent attention's first stage (64 agent
+/// queries against every key) would otherwise run on one core. The chunking depends on
+/// the shape only, so the result does not depend on the thread count.
+inline constexpr index_t split_prefill_max_tiles = 4;
+inline constexpr index_t split_prefill_min_keys = 4096;
+
+/// The split's chunk: at most 16 chunks of >= 2048 keys (a tile's 64 columns over 2048 keys
+/// are ~100 us of work: the per-chunk load, store and merge stay a few percent).
+template <index_t BK>
+constexpr index_t split_prefill_chunk_keys(index_t keys) noexcept {
+  const index_t by_count = (keys + 15) / 16;
+  return std::max<index_t>(2048, (by_count + BK - 1) / BK * BK);
+}
+
+/// One unit of work: a prefill query tile of (b, head) over all its keys or one chunk of
+/// them, or a decode column tile of (b, kv head) over one key chunk; merges reuse it to
+/// name the tile whose chunk states they combine.
+struct dense_task {
+  index_t problem, b, head, tile, chunk;  ///< head: query head (prefill) or kv head (decode)
+  index_t partials;                       ///< split keys: offset of the tile's chunk states
+};
+
+/// How one problem is cut: column tiles of `width` columns and key chunks, whose states
+/// wait at `partials` for the merge (every decode tile; prefill tiles with chunks > 1).
+struct dense_layout {
+  bool decode = false;
+  index_t columns = 0;  ///< decode: stacked (query head, position) columns
+  index_t width = 0, tiles = 0, chunk_keys = 0, chunks = 1, partials = 0;
+};
+
+/// The work of a run_dense call, fixed by the shapes alone (never by the thread count):
+/// the tasks, the merges of split keys, each problem's layout and the memory they need.
+struct dense_plan {
+  std::vector<dense_task> work, merges;
+  std::vector<dense_layout> layouts;
+  index_t scratch = 0;        ///< elements of per-thread scratch
+  index_t partial_total = 0;  ///< elements of chunk states
+};
+
+/// Plans problems for the prefill tile (query tiles of BQ, split keys when few tiles meet
+/// many keys) or the decode tile (stacked GQA columns, keys in decode_chunk_keys chunks).
+template <class Backend, class S>
+dense_plan plan_dense(std::span<const dense_problem<S>> problems) {
+  using T = accumulator_t<S>;
+  using prefill_buf = prefill_buffers<T, Backend>;
+  using decode_buf = decode_buffers<T, Backend>;
+  constexpr int W = vec<T, Backend>::width;
+  constexpr index_t BQ = prefill_buf::BQ;
+  constexpr index_t wide = 4 * index_t(W);  // decode tile width with 4 vectors
+  dense_plan plan;
+  plan.layouts.resize(problems.size());
+  for (index_t pi = 0; pi < index_t(problems.size()); ++pi) {
+    const auto& pr = problems[pi];
+    const index_t B = pr.batch(), H = pr.heads(), Sq = pr.queries();
+    const index_t D = pr.q.extent(3), Dv = pr.out.extent(3), Hk = pr.kv.heads();
+    if (B * H * Sq == 0) continue;
+    dense_layout& lay = plan.layouts[pi];
+    if (!pr.decode()) {
+      plan.scratch = std::max(plan.scratch, prefill_buf::size(D, Dv));
+      lay.width = BQ;
+      lay.tiles = (Sq + BQ - 1) / BQ;
+      if (B * H * lay.tiles <= split_prefill_max_tiles && pr.keys >= split_prefill_min_keys) {
+        lay.chunk_keys = split_prefill_chunk_keys<prefill_buf::BK>(pr.keys);
+        lay.chunks = (pr.keys + lay.chunk_keys - 1) / lay.chunk_keys;
+        lay.partials = plan.partial_total;
+      }
+      const index_t per_tile = lay.chunks * BQ * partial_size<T>(Dv);
+      // Later query tiles see more keys under a causal band: hand them out first.
+      for (index_t bh = 0; bh < B * H; ++bh)
+        for (index_t t = lay.tiles; t-- > 0;) {
+          if (lay.chunks == 1) {
+            plan.work.push_back({pi, bh / H, bh % H, t, 0, 0});
+            continue;
+          }
+          const index_t at = lay.partials + (bh * lay.tiles + t) * per_tile;
+          plan.merges.push_back({pi, bh / H, bh % H, t, 0, at});
+          for (index_t ch = 0; ch < lay.chunks; ++ch)
+            plan.work.push_back({pi, bh / H, bh % H, t, ch, at});
+        }
+      if (lay.chunks > 1) plan.partial_total += B * H * lay.tiles * per_tile;
+      continue;
+    }
+    plan.scratch = std::max(plan.scratch, decode_buf::size(D, Dv));
+    lay.decode = true;
+    lay.columns = (H / Hk) * Sq;
+    lay.width = lay.columns <= W ? W : wide;
+    lay.tiles = (lay.columns + lay.width - 1) / lay.width;
+    lay.chunk_keys = decode_chunk_keys<decode_block_k>(pr.keys);
+    lay.chunks = std::max<index_t>(1, (pr.keys + lay.chunk_keys - 1) / lay.chunk_keys);
+    lay.partials = plan.partial_total;
+    const index_t per_tile = lay.chunks * lay.width * partial_size<T>(Dv);
+    for (index_t b = 0; b < B; ++b)
+      for (index_t hk = 0; hk < Hk; ++hk)
+        for (index_t t = 0; t < lay.tiles; ++t) {
+          const index_t at = lay.partials + ((b * Hk + hk) * lay.tiles + t) * per_tile;
+          plan.merges.push_back({pi, b, hk, t, 0, at});
+          for (index_t ch = 0; ch < lay.chunks; ++ch) plan.work.push_back({pi, b, hk, t, ch, at});
+        }
+    plan.partial_total += B * Hk * lay.tiles * per_tile;
+  }
+  return plan;
+}
+
+/// Columns c of decode tile t of (b, hk): query head hk * group + g, position i.
+template <class S, class T>
+void decode_columns(const dense_problem<S>& pr, const dense_layout& lay, index_t b, index_t hk,
+                    index_t t, query_columns<T>& cols) noexcept {
+  const index_t Sq = pr.queries(), group = pr.heads() / pr.kv.heads();
+  start_columns(cols, pr.terms, b + pr.batch_base);
+  const index_t end = std::min(lay.columns, (t + 1) * lay.width);
+  for (index_t r = t * lay.width; r < end; ++r)
+    cols.add(pr.terms, pr.heads(), hk * group + r / Sq, r % Sq);
+  cols.pad_to(lay.width);
+}
+
+/// Columns c of prefill tile t of (b, h): query head h, position t * BQ + c.
+template <class Backend, class S, class T>
+void prefill_columns(const dense_problem<S>& pr, index_t b, index_t h, index_t t,
+                     query_columns<T>& cols) noexcept {
+  constexpr index_t BQ = prefill_buffers<T, Backend>::BQ;
+  start_columns(cols, pr.terms, b + pr.batch_base);
+  for (index_t i = t * BQ; i < std::min(pr.queries(), (t + 1) * BQ); ++i)
+    cols.add(pr.terms, pr.heads(), h, i);
+  cols.pad_to(BQ);
+}
+
+/// Runs one prefill task: a query tile over all its keys (rows written), or over one chunk
+/// of them (states stored for the merge).
+template <class Backend, class S, class ScoreMod, class MaskMod>
+void run_prefill_task(const dense_problem<S>& pr, const dense_layout& lay, const dense_task& tk,
+                      const custom_variant<ScoreMod, MaskMod>& custom,
+                      accumulator_t<S>* scratch, accumulator_t<S>* partials) {
+  using T = accumulator_t<S>;
+  using prefill_buf = prefill_buffers<T, Backend>;
+  constexpr index_t BQ = prefill_buf::BQ;
+  // A prefill tile over at most this many keys (agent attention's second stage) computes
+  // for less time than its query rows and output rows take to arrive from memory.
+  constexpr index_t short_tile_keys = 4 * prefill_buf::BK;
+  const index_t D = pr.q.extent(3), Dv = pr.out.extent(3);
+  const index_t i0 = tk.tile * BQ, n = std::min(BQ, pr.queries() - i0);
+  paced_prefetch ahead;
+  if (pr.keys <= short_tile_keys) {  // little compute to hide a miss behind
+    constexpr index_t size = sizeof(S);
+    const index_t r0 = std::max<index_t>(0, i0 - BQ);  // the next task's queries
+    ahead.add(pr.out.ptr(tk.b, tk.head, i0, 0), Dv * size, pr.out.stride(2) * size, n,
+              prefetch_kind::write);  // this tile's output rows
+    ahead.add(pr.q.ptr(tk.b, tk.head, r0, 0), D * size, pr.q.stride(2) * size, i0 - r0,
+              prefetch_kind::l2);
+  }
+  query_columns<T> cols;
+  prefill_columns<Backend>(pr, tk.b, tk.head, tk.tile, cols);
+  prefill_buf buf(scratch, D, Dv);
+  const auto kv = pr.kv.source(tk.b, tk.head / pr.terms.group);
+  auto q_row = [&](index_t c) { return pr.q.ptr(tk.b, tk.head, i0 + c, 0); };
+  tile_options how{.with_lse = pr.lse.data() != nullptr,
+                   .stream_kv = pr.queries() <= BQ && pr.terms.group == 1,
+                   .ahead = &ahead};
+  if (lay.chunks > 1) {  // this task's chunk of the keys, kept as partial states
+    how.from = tk.chunk * lay.chunk_keys;
+    how.to = how.from + lay.chunk_keys;
+    prefill_keys(cols, q_row, kv, pr.band, custom, D, Dv, buf, how);
+    store_partials(cols, Dv, buf, partials + tk.partials + tk.chunk * BQ * partial_size<T>(Dv),
+                   partial_size<T>(Dv));
+    return;
+  }
+  prefill_tile<Backend>(
+      cols, q_row, kv, pr.band, custom, D, Dv, buf,
+      [&](index_t c, auto&& value, T lse) {
+        S* row = pr.out.ptr(tk.b, tk.head, i0 + c, 0);
+        for (index_t d = 0; d < Dv; ++d) row[d] = S(value(d));
+        if (pr.lse.data()) pr.lse(tk.b, tk.head, i0 + c) = float(lse);
+      },
+      how);
+}
+
+/// Runs one decode task: a column tile of (b, kv head) over one key chunk, states stored.
+/// `alone`: no other thread runs (see decode_value_group).
+template <class Backend, class S, class ScoreMod, class MaskMod>
+void run_decode_task(const dense_problem<S>& pr, const dense_layout& lay, const dense_task& tk,
+                     const custom_variant<ScoreMod, MaskMod>& custom, bool alone,
+                     accumulator_t<S>* scratch, accumulator_t<S>* partials) {
+  using T = accumulator_t<S>;
+  const index_t D = pr.q.extent(3), Dv = pr.out.extent(3);
+  query_columns<T> cols;
+  decode_columns(pr, lay, tk.b, tk.head, tk.tile, cols);
+  decode_buffers<T, Backend> buf(scratch, D, Dv);
+  constexpr index_t CQ = score_block_columns<T, Backend>();
+  for (index_t c = 0; c < (cols.count + CQ - 1) / CQ * CQ; ++c) {  // zero-padded rows
+    T* q = buf.q + c * buf.dq;
+    const index_t n = c < cols.count ? D : 0;
+    if (n > 0) convert_row(pr.q.ptr(tk.b, cols.head[c], cols.pos[c], 0), q, n);
+    std::fill(q + n, q + buf.dq, T(0));
+  }
+  const auto [first, last] = pr.band.keys_for(cols.first_pos, cols.last_pos + 1);
+  const index_t c0 = tk.chunk * lay.chunk_keys;
+  const index_t lo = std::max(first, c0), hi = std::min(last, c0 + lay.chunk_keys);
+  T* states = partials + tk.partials + tk.chunk * lay.width * partial_size<T>(Dv);
+  const auto kv = pr.kv.source(tk.b, tk.head);
+  decode_chunk<Backend>(cols, kv, pr.band, custom, D, Dv, lo, std::max(lo, hi), last, alone, buf,
+                        states);
+}
+
+/// Merges the chunk states of one tile in chunk order and writes its rows (and lse).
+template <class Backend, class S>
+void run_merge_task(const dense_problem<S>& pr, const dense_layout& lay, const dense_task& tk,
+                    accumulator_t<S>* acc, const accumulator_t<S>* partials) {
+  using T = accumulator_t<S>;
+  const index_t Dv = pr.out.extent(3), stride = lay.width * partial_size<T>(Dv);
+  query_columns<T> cols;
+  if (pr.decode())
+    decode_columns(pr, lay, tk.b, tk.head, tk.tile, cols);
+  else
+    prefill_columns<Backend>(pr, tk.b, tk.head, tk.tile, cols);
+  for (index_t c = 0; c < cols.count; ++c) {
+    T m, l;
+    merge_partials(partials + tk.partials + c * partial_size<T>(Dv), stride, lay.chunks, Dv, m, l,
+                   acc);
+    const row_result<T> r = finish_row(m, l, cols.sink[c], pr.lse.data() != nullptr);
+    S* row = pr.out.ptr(tk.b, cols.head[c], cols.pos[c], 0);
+    for (index_t d = 0; d < Dv; ++d) row[d] = r.factor == T(0) ? S(0) : S(acc[d] * r.factor);
+    if (pr.lse.data()) pr.lse(tk.b, cols.head[c], cols.pos[c]) = float(r.lse);
+  }
+}
+
+/// Runs the problems on up to `threads` threads: plan_dense's tasks, then its merges.
+template <class Backend, class S, class ScoreMod, class MaskMod>
+void run_dense(std::span<const dense_problem<S>> problems,
+               const custom_variant<ScoreMod, MaskMod>& custom, int threads) {
+  using T = accumulator_t<S>;
+  const dense_plan plan = plan_dense<Backend>(problems);
+  if (plan.work.empty()) return;
+  const int used =
+      static_cast<int>(std::min<index_t>(std::max(threads, 1), index_t(plan.work.size())));
+  const scratch_slices<T> buffers(used, plan.scratch);
+  std::vector<T> partials(plan.partial_total);
+  parallel_for(index_t(plan.work.size()), used, [&](index_t i, int thread) {
+    const dense_task& tk = plan.work[i];
+    const dense_problem<S>& pr = problems[tk.problem];
+    const dense_layout& lay = plan.layouts[tk.problem];
+    if (pr.decode())
+      run_decode_task<Backend>(pr, lay, tk, custom, used == 1, buffers.slice(thread),
+                               partials.data());
+    else
+      run_prefill_task<Backend>(pr, lay, tk, custom, buffers.slice(thread), partials.data());
+  });
+  parallel_for(index_t(plan.merges.size()), used, [&](index_t i, int thread) {
+    const dense_task& tk = plan.merges[i];
+    run_merge_task<Backend>(problems[tk.problem], plan.layouts[tk.problem], tk,
+                            buffers.slice(thread), partials.data());
+  });
+}
+
+}  // namespace fovea::detail

@@ -1,0 +1,91 @@
+// The dense engine's plan: which tasks a call is cut into depends on the shapes alone;
+// every (tile, chunk) of every problem is one task, each tile with chunk states has one
+// merge, and
+// decode's key chunks follow decode_chunk_keys.
+#include <gtest/gtest.h>
+
+#include <fovea/fovea.hpp>
+#include <set>
+#include <tuple>
+#include <vector>
+
+namespace fovea::test {
+namespace {
+
+using detail::dense_problem;
+
+dense_problem<float> problem(const std::vector<float>& q, const std::vector<float>& kv,
+                             std::vector<float>& out, index_t B, index_t H, index_t Hk, index_t Sq,
+                             index_t Sk, index_t D) {
+  return detail::make_softmax_problem<float>(
+      bhsd<const float>(q.data(), B, H, Sq, D), bhsd<const float>(kv.data(), B, Hk, Sk, D),
+      bhsd<const float>(kv.data(), B, Hk, Sk, D), bhsd(out.data(), B, H, Sq, D), {});
+}
+
+/// Every (problem, b, head, tile, chunk) exactly once; merges exactly the tiles whose
+/// states wait for one (decode tiles, split prefill tiles).
+void expect_covering(const detail::dense_plan& plan) {
+  std::set<std::tuple<index_t, index_t, index_t, index_t, index_t>> seen;
+  for (const auto& t : plan.work)
+    EXPECT_TRUE(seen.insert({t.problem, t.b, t.head, t.tile, t.chunk}).second) << "twice";
+  std::set<std::tuple<index_t, index_t, index_t, index_t>> merged;
+  for (const auto& t : plan.merges)
+    EXPECT_TRUE(merged.insert({t.problem, t.b, t.head, t.tile}).second) << "merged twice";
+  for (const auto& t : plan.work) {
+    const auto& lay = plan.layouts[t.problem];
+    EXPECT_LT(t.chunk, lay.chunks);
+    EXPECT_LT(t.tile, lay.tiles);
+    EXPECT_EQ(lay.decode || lay.chunks > 1, merged.count({t.problem, t.b, t.head, t.tile}) == 1);
+  }
+}
+
+TEST(DensePlan, DecodeChunksKeysByLengthOnly) {
+  const index_t B = 2, H = 8, Hk = 2, D = 16;
+  for (index_t sk : {1, 511, 512, 513, 1024, 32768, 40000}) {
+    SCOPED_TRACE(sk);
+    std::vector<float> q(B * H * D), kv(B * Hk * sk * D), out(B * H * D);
+    const auto pr = problem(q, kv, out, B, H, Hk, 1, sk, D);
+    const auto plan = detail::plan_dense<default_backend>(std::span(&pr, 1));
+    const auto& lay = plan.layouts[0];
+    const index_t chunk = std::max<index_t>(512, ((sk + 63) / 64 + 255) / 256 * 256);
+    EXPECT_EQ(lay.chunk_keys, chunk);
+    EXPECT_EQ(lay.chunks, (sk + chunk - 1) / chunk);
+    EXPECT_LE(lay.chunks, 64);
+    EXPECT_EQ(lay.columns, H / Hk);  // the group's heads stacked as columns
+    EXPECT_EQ(index_t(plan.work.size()), B * Hk * lay.tiles * lay.chunks);
+    EXPECT_EQ(index_t(plan.merges.size()), B * Hk * lay.tiles);
+    expect_covering(plan);
+  }
+}
+
+TEST(DensePlan, PrefillSplitsKeysOnlyForFewTilesOverManyKeys) {
+  const index_t D = 8;
+  {  // one tile of queries over 8192 keys: split into chunks, merged
+    std::vector<float> q(40 * D), kv(8192 * D), out(40 * D);
+    const auto pr = problem(q, kv, out, 1, 1, 1, 40, 8192, D);
+    const auto plan = detail::plan_dense<default_backend>(std::span(&pr, 1));
+    EXPECT_GT(plan.layouts[0].chunks, 1);
+    EXPECT_FALSE(plan.merges.empty());
+    EXPECT_GT(plan.partial_total, 0);
+    expect_covering(plan);
+  }
+  {  // many tiles: one task per tile, no merge
+    std::vector<float> q(4 * 2048 * D), kv(2048 * D), out(4 * 2048 * D);
+    const auto pr = problem(q, kv, out, 1, 4, 1, 2048, 2048, D);
+    const auto plan = detail::plan_dense<default_backend>(std::span(&pr, 1));
+    EXPECT_EQ(plan.layouts[0].chunks, 1);
+    EXPECT_TRUE(plan.merges.empty());
+    EXPECT_EQ(index_t(plan.work.size()), 4 * plan.layouts[0].tiles);
+    EXPECT_EQ(plan.work.front().tile, plan.layouts[0].tiles - 1);  // longest tiles first
+    expect_covering(plan);
+  }
+}
+
+TEST(DensePlan, EmptyProblemsHaveNoWork) {
+  std::vector<float> q(1), kv(1), out(1);
+  const auto pr = problem(q, kv, out, 1, 1, 1, 0, 5, 1);
+  EXPECT_TRUE(detail::plan_dense<default_backend>(std::span(&pr, 1)).work.empty());
+}
+
+}  // namespace
+}  // namespace fovea::test
