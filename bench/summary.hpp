@@ -4,6 +4,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include <cstdlib>
+#include <fstream>
 #include <map>
 #include <string>
 #include <utility>
@@ -38,6 +40,19 @@ struct result {
 
 class summary_reporter : public benchmark::ConsoleReporter {
  public:
+  /// With FOVEA_BENCH_RAW=path in the environment, Google Benchmark's own table and its
+  /// context lines (CPU caches, load, the library's build type) go to that file, so the
+  /// terminal shows only the summary tables (scripts/bench does this).
+  summary_reporter() {
+    if (const char* path = std::getenv("FOVEA_BENCH_RAW")) {
+      raw_.open(path);
+      if (raw_) {
+        SetOutputStream(&raw_);
+        SetErrorStream(&raw_);
+      }
+    }
+  }
+
   void ReportRuns(const std::vector<Run>& runs) override {
     ConsoleReporter::ReportRuns(runs);
     for (const Run& run : runs) {
@@ -74,6 +89,7 @@ class summary_reporter : public benchmark::ConsoleReporter {
   }
 
  private:
+  std::ofstream raw_;
   std::map<std::string, result> results_;
   std::vector<std::string> order_;
 };

@@ -20,6 +20,11 @@ if(MODE STREQUAL "find_package")
                   tiny_transformer)
     run(${WORK}/build/${example})
   endforeach()
+  set(model ${SOURCE}/../shared/models/stories260K.bin)  # the real checkpoint, when laid out
+  if(EXISTS ${model})
+    run(${WORK}/build/llama2c ${model} -n 64)
+    run(${WORK}/build/llama2c ${model} -n 64 --kv bf16 --paged)
+  endif()
 elseif(MODE STREQUAL "add_subdirectory")
   run(${CMAKE_COMMAND} -S ${SOURCE}/tests/consumers/add_subdirectory -B ${WORK}/build
       -DCMAKE_BUILD_TYPE=Release -DFOVEA_SOURCE_DIR=${SOURCE} -DCMAKE_CXX_COMPILER=${CXX})
@@ -30,6 +35,14 @@ elseif(MODE STREQUAL "include_flags")
   run(${CXX} -std=c++20 -O2 -march=native -fopenmp -I${SOURCE}/include -I/usr/include/eigen3
       ${SOURCE}/examples/basic_attention.cpp -o ${WORK}/basic_attention)
   run(${WORK}/basic_attention)
+  # Warning-clean under -Wall -Wextra -Werror: every family, natively (and run), and for
+  # AVX-512 with BF16 and VNNI (compiled only: this machine need not run it).
+  foreach(arch native sapphirerapids)
+    run(${CXX} -std=c++20 -O2 -march=${arch} -fopenmp -Wall -Wextra -Werror -I${SOURCE}/include
+        -isystem /usr/include/eigen3 ${SOURCE}/tests/consumers/every_family.cpp
+        -o ${WORK}/every_family-${arch})
+  endforeach()
+  run(${WORK}/every_family-native)
 else()
   message(FATAL_ERROR "unknown MODE ${MODE}")
 endif()

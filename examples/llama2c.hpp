@@ -1,0 +1,385 @@
+// A llama2.c checkpoint (karpathy/llama2.c's run.c format) run through fovea: the part
+// of the llama2c example to copy into an engine. Eigen does the projections and the MLP;
+// fovea does attention: one causal call per layer over the whole prompt (prefill), then
+// one decode call per layer and token against a KV cache (contiguous or paged, in f32,
+// bf16 or fp16). The other attention families are offered as approximations of the
+// trained model (it was trained with softmax attention).
+//
+// The format: seven int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size,
+// seq_len; vocab_size < 0: the classifier is stored after the other weights), then fp32
+// weights: token embedding (vocab, dim), rms_att (layers, dim), wq (layers, dim, dim),
+// wk and wv (layers, kv_dim, dim), wo (layers, dim, dim), rms_ffn (layers, dim), w1
+// (layers, hidden, dim), w2 (layers, dim, hidden), w3 (layers, hidden, dim), rms_final
+// (dim), two legacy rotary tables (seq_len * head_size / 2 each, unused), and the
+// classifier (vocab, dim) when not shared. Matrices are row-major (out, in). Rotary with
+// base 10000 on consecutive pairs of each head; RMSNorm eps 1e-5; SwiGLU MLP.
+#pragma once
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <fovea/fovea.hpp>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace llama2c {
+
+using matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using weight = Eigen::Map<const matrix>;
+
+struct config {
+  int dim = 0, hidden_dim = 0, n_layers = 0, n_heads = 0, n_kv_heads = 0, vocab_size = 0,
+      seq_len = 0;
+  bool shared_classifier = true;
+  int head_size() const { return dim / n_heads; }
+  int kv_dim() const { return n_kv_heads * head_size(); }
+};
+
+/// The checkpoint's weights, read whole; `load` throws std::runtime_error naming what is
+/// wrong (a missing file, a header that cannot be, a size that disagrees with it).
+struct checkpoint {
+  config c;
+  std::vector<float> data;
+  const float *embedding = nullptr, *rms_att = nullptr, *wq = nullptr, *wk = nullptr,
+              *wv = nullptr, *wo = nullptr, *rms_ffn = nullptr, *w1 = nullptr, *w2 = nullptr,
+              *w3 = nullptr, *rms_final = nullptr, *classifier = nullptr;
+
+  static checkpoint load(const std::string& path) {
+    std::unique_ptr<std::FILE, int (*)(std::FILE*)> f(std::fopen(path.c_str(), "rb"), std::fclose);
+    if (!f) throw std::runtime_error(path + ": cannot open the checkpoint");
+    std::int32_t h[7];
+    if (std::fread(h, sizeof(h), 1, f.get()) != 1)
+      throw std::runtime_error(path + ": shorter than the 28-byte header");
+    checkpoint ck;
+    config& c = ck.c;
+    c.dim = h[0], c.hidden_dim = h[1], c.n_layers = h[2], c.n_heads = h[3], c.n_kv_heads = h[4];
+    c.vocab_size = std::abs(h[5]), c.seq_len = h[6], c.shared_classifier = h[5] > 0;
+    auto bad = [&](const std::string& what) {
+      return std::runtime_error(path + ": header: " + what + " (dim " + std::to_string(c.dim) +
+                                ", hidden " + std::to_string(c.hidden_dim) + ", layers " +
+                                std::to_string(c.n_layers) + ", heads " +
+                                std::to_string(c.n_heads) + ", kv heads " +
+                                std::to_string(c.n_kv_heads) + ", vocab " +
+                                std::to_string(c.vocab_size) + ", seq_len " +
+                                std::to_string(c.seq_len) + ")");
+    };
+    const int limit = 1 << 20;
+    for (int x : {c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len})
+      if (x < 1 || x > limit) throw bad("every field must be 1 to 2^20");
+    if (c.dim % c.n_heads != 0) throw bad("n_heads must divide dim");
+    if (c.n_heads % c.n_kv_heads != 0) throw bad("n_kv_heads must divide n_heads");
+    if (c.head_size() % 2 != 0) throw bad("the head size must be even (rotary pairs)");
+    const std::size_t L = c.n_layers, d = c.dim, kv = c.kv_dim(), hid = c.hidden_dim;
+    const std::size_t floats = c.vocab_size * d + L * d + L * d * d + 2 * L * kv * d +
+                               L * d * d + L * d + 3 * L * hid * d + d +
+                               std::size_t(c.seq_len) * c.head_size() +
+                               (c.shared_classifier ? 0 : c.vocab_size * d);
+    std::fseek(f.get(), 0, SEEK_END);
+    const long bytes = std::ftell(f.get());
+    if (bytes < 0 || std::size_t(bytes) != 28 + 4 * floats)
+      throw bad("the file has " + std::to_string(bytes) + " bytes, the header implies " +
+                std::to_string(28 + 4 * floats));
+    std::fseek(f.get(), 28, SEEK_SET);
+    ck.data.resize(floats);
+    if (std::fread(ck.data.data(), 4, floats, f.get()) != floats)
+      throw std::runtime_error(path + ": read failed");
+    const float* p = ck.data.data();
+    auto take = [&](std::size_t n) {
+      const float* at = p;
+      p += n;
+      return at;
+    };
+    ck.embedding = take(c.vocab_size * d);
+    ck.rms_att = take(L * d);
+    ck.wq = take(L * d * d);
+    ck.wk = take(L * kv * d);
+    ck.wv = take(L * kv * d);
+    ck.wo = take(L * d * d);
+    ck.rms_ffn = take(L * d);
+    ck.w1 = take(L * hid * d);
+    ck.w2 = take(L * d * hid);
+    ck.w3 = take(L * hid * d);
+    ck.rms_final = take(d);
+    take(std::size_t(c.seq_len) * c.head_size());  // the legacy rotary tables
+    ck.classifier = c.shared_classifier ? ck.embedding : take(c.vocab_size * d);
+    return ck;
+  }
+};
+
+enum class family { softmax, hip, dma, routing, agent, linear };
+enum class kv_type { f32, bf16, fp16 };
+
+inline const char* to_string(family f) {
+  constexpr const char* names[] = {"softmax", "hip", "dma", "routing", "agent", "linear"};
+  return names[int(f)];
+}
+inline const char* to_string(kv_type t) {
+  constexpr const char* names[] = {"f32", "bf16", "fp16"};
+  return names[int(t)];
+}
+
+struct run_options {
+  family attention = family::softmax;
+  bool paged = false;  ///< softmax only: the cache in 16-token pages, handed out scrambled
+  int threads = 1;
+};
+
+/// y[r] = x[r] / rms(x[r]) * w, eps 1e-5 (llama2.c's rmsnorm).
+inline matrix rms_norm(const matrix& x, const float* w, int dim) {
+  matrix y(x.rows(), x.cols());
+  const Eigen::Map<const Eigen::RowVectorXf> weight_row(w, dim);
+  for (Eigen::Index r = 0; r < x.rows(); ++r)
+    y.row(r) = x.row(r).cwiseProduct(weight_row) /
+               std::sqrt(x.row(r).squaredNorm() / float(dim) + 1e-5f);
+  return y;
+}
+
+/// Rotary embedding on consecutive pairs of each head, rows at positions first, first + 1, ...
+inline void rotary(matrix& x, int heads, int head_size, int first) {
+  for (Eigen::Index t = 0; t < x.rows(); ++t)
+    for (int h = 0; h < heads; ++h)
+      for (int i = 0; i < head_size; i += 2) {
+        const float freq = 1.0f / std::pow(10000.0f, float(i) / float(head_size));
+        const float angle = float(first + t) * freq, c = std::cos(angle), s = std::sin(angle);
+        float& a = x(t, h * head_size + i);
+        float& b = x(t, h * head_size + i + 1);
+        const float a0 = a;
+        a = a0 * c - b * s;
+        b = a0 * s + b * c;
+      }
+}
+
+/// x (tokens, in) times the row-major (out, in) weight w, transposed: (tokens, out). One
+/// token takes Eigen's matrix-vector product (the weights are read once, row by row).
+inline matrix project(const matrix& x, const float* w, int out, int in) {
+  const weight W(w, out, in);
+  if (x.rows() == 1) return (W * x.row(0).transpose()).transpose();
+  return x * W.transpose();
+}
+
+/// A model with its KV cache in storage type S (float, fovea::bfloat16, fovea::half): q and
+/// the attention output are converted to S around each call, as fovea wants one type for
+/// q, k, v and out. prefill() runs a block of tokens, decode() one token; both append to
+/// the cache and return the logits of each token run.
+template <class S>
+class model {
+ public:
+  static constexpr int page_size = 16;
+
+  model(const checkpoint& ck, const run_options& o) : ck_(ck), c_(ck.c), o_(o) {
+    Eigen::setNbThreads(std::max(1, o.threads));  // Eigen's GEMMs on as many threads as fovea
+    const int hs = c_.head_size();
+    const std::size_t per_layer = std::size_t(c_.n_kv_heads) * c_.seq_len * hs;
+    k_.assign(c_.n_layers * per_layer, S(0.f));
+    v_.assign(c_.n_layers * per_layer, S(0.f));
+    const int pages = (c_.seq_len + page_size - 1) / page_size;
+    table_.resize(pages);
+    std::iota(table_.begin(), table_.end(), 0);
+    std::shuffle(table_.begin(), table_.end(), std::mt19937(7));  // any order works
+    if (o_.paged && o_.attention != family::softmax)
+      throw std::runtime_error("--paged: only softmax attention reads a paged cache here");
+    linear_.assign(c_.n_layers, fovea::linear_state<float>(1, c_.n_kv_heads, hs, hs));
+    centroids_.resize(c_.n_layers);
+    routes_.resize(c_.n_layers);
+    agents_.resize(c_.n_layers);
+  }
+
+  int position() const { return pos_; }
+  const config& cfg() const { return c_; }
+
+  /// Runs tokens at positions position() ... and returns their logits (tokens x vocab).
+  matrix prefill(std::span<const int> tokens) { return forward(tokens); }
+  /// One token: its logits.
+  Eigen::RowVectorXf decode(int token) { return forward(std::span<const int>(&token, 1)).row(0); }
+
+  /// Seconds spent inside fovea's attention calls so far.
+  double attention_seconds() const { return attention_s_; }
+
+ private:
+  matrix forward(std::span<const int> tokens) {
+    const int n = int(tokens.size()), d = c_.dim, hs = c_.head_size(), kvd = c_.kv_dim();
+    if (pos_ + n > c_.seq_len)
+      throw std::runtime_error("the context of " + std::to_string(c_.seq_len) +
+                               " tokens is full");
+    for (int t : tokens)
+      if (t < 0 || t >= c_.vocab_size)
+        throw std::runtime_error("token " + std::to_string(t) + " is outside the vocabulary");
+    matrix x(n, d);
+    for (int t = 0; t < n; ++t) x.row(t) = weight(ck_.embedding + std::size_t(tokens[t]) * d, 1, d);
+    for (int l = 0; l < c_.n_layers; ++l) {
+      const matrix h = rms_norm(x, ck_.rms_att + std::size_t(l) * d, d);
+      matrix q = project(h, ck_.wq + std::size_t(l) * d * d, d, d);
+      matrix k = project(h, ck_.wk + std::size_t(l) * kvd * d, kvd, d);
+      matrix v = project(h, ck_.wv + std::size_t(l) * kvd * d, kvd, d);
+      rotary(q, c_.n_heads, hs, pos_);
+      rotary(k, c_.n_kv_heads, hs, pos_);
+      matrix out(n, d);
+      attend(l, q, k, v, out);
+      x += project(out, ck_.wo + std::size_t(l) * d * d, d, d);
+      const matrix g = rms_norm(x, ck_.rms_ffn + std::size_t(l) * d, d);
+      const int hid = c_.hidden_dim;
+      matrix a = project(g, ck_.w1 + std::size_t(l) * hid * d, hid, d);
+      const matrix b = project(g, ck_.w3 + std::size_t(l) * hid * d, hid, d);
+      for (Eigen::Index i = 0; i < a.size(); ++i) {
+        const float z = a.data()[i];
+        a.data()[i] = z / (1.f + std::exp(-z)) * b.data()[i];  // SwiGLU
+      }
+      x += project(a, ck_.w2 + std::size_t(l) * d * hid, d, hid);
+    }
+    pos_ += n;
+    return project(rms_norm(x, ck_.rms_final, d), ck_.classifier, c_.vocab_size, d);
+  }
+
+  // Cache row of (layer, kv head, position): contiguous [layer][kv head][seq_len][hs], or
+  // paged [layer][page][slot][kv head][hs] (paged_nhd) through the block table.
+  S* k_row(int l, int hk, int t) { return k_.data() + slot(l, hk, t); }
+  S* v_row(int l, int hk, int t) { return v_.data() + slot(l, hk, t); }
+  std::size_t slot(int l, int hk, int t) const {
+    const std::size_t hs = c_.head_size(), per_layer = std::size_t(c_.n_kv_heads) * c_.seq_len * hs;
+    if (!o_.paged) return l * per_layer + (std::size_t(hk) * c_.seq_len + t) * hs;
+    const std::size_t page = table_[t / page_size], s = t % page_size;
+    return l * per_layer + ((page * page_size + s) * c_.n_kv_heads + hk) * hs;
+  }
+
+  void attend(int l, const matrix& q, const matrix& k, const matrix& v, matrix& out) {
+    const int n = int(q.rows()), H = c_.n_heads, Hk = c_.n_kv_heads, hs = c_.head_size();
+    const int total = pos_ + n;  // keys in the cache after this step
+    for (int t = 0; t < n; ++t)
+      for (int hk = 0; hk < Hk; ++hk)
+        for (int e = 0; e < hs; ++e) {
+          k_row(l, hk, pos_ + t)[e] = S(k(t, hk * hs + e));
+          v_row(l, hk, pos_ + t)[e] = S(v(t, hk * hs + e));
+        }
+    std::vector<S> qs(std::size_t(n) * H * hs), os(qs.size());
+    std::transform(q.data(), q.data() + q.size(), qs.begin(), [](float x) { return S(x); });
+    const auto Q = fovea::bshd<const S>(qs.data(), 1, n, H, hs);
+    const auto O = fovea::bshd(os.data(), 1, n, H, hs);
+    const std::size_t per_layer = std::size_t(Hk) * c_.seq_len * hs;
+    const S* kl = k_.data() + l * per_layer;
+    const S* vl = v_.data() + l * per_layer;
+    // The contiguous cache holds seq_len rows per head; the call sees the first `total`.
+    const auto K = fovea::view<const S, 4>(kl, {1, Hk, total, hs},
+                                           {std::int64_t(per_layer), c_.seq_len * hs, hs, 1});
+    const auto V = fovea::view<const S, 4>(vl, {1, Hk, total, hs},
+                                           {std::int64_t(per_layer), c_.seq_len * hs, hs, 1});
+    const int threads = o_.threads;
+    const double t0 = now();
+    switch (o_.attention) {
+      case family::softmax:
+        if (o_.paged) {
+          const int pages = int(table_.size());
+          const std::int32_t len = total;
+          fovea::softmax_attention_paged(
+              Q, fovea::paged_nhd<const S>(kl, pages, page_size, Hk, hs),
+              fovea::paged_nhd<const S>(vl, pages, page_size, Hk, hs), O,
+              fovea::view<const std::int32_t, 2>(table_.data(), {1, pages}),
+              std::span<const std::int32_t>(&len, 1), {.causal = true, .threads = threads});
+        } else {
+          fovea::softmax_attention(Q, K, V, O, {.causal = true, .threads = threads});
+        }
+        break;
+      case family::hip:  // keys in blocks of 2, 64 kept per query block, sinks + window
+        fovea::hip_attention(Q, K, V, O,
+                             {.causal = true, .top_k = 64, .sliding_window = 32, .sink_tokens = 4,
+                              .threads = threads});
+        break;
+      case family::dma: {  // per-key importance: the value row's norm (the model has no W_dt)
+        std::vector<float> bias(std::size_t(Hk) * total);
+        for (int hk = 0; hk < Hk; ++hk)
+          for (int t = 0; t < total; ++t) {
+            float s = 0;
+            for (int e = 0; e < hs; ++e) s += float(V(0, hk, t, e)) * float(V(0, hk, t, e));
+            bias[std::size_t(hk) * total + t] = std::sqrt(s);
+          }
+        fovea::dynamic_mask_attention(Q, K, V, O,
+                                      fovea::view<const float, 4>(bias.data(), {1, Hk, 1, total}),
+                                      {.causal = true, .keep = 64, .threads = threads});
+        break;
+      }
+      case family::routing: {
+        // Centroids from the cached keys (per query head: its group's key head) once 16
+        // keys are there; until then the few keys are attended exactly.
+        constexpr int clusters = 4, first_keys = 16;
+        if (!centroids_[l] && total >= first_keys) {
+          std::vector<float> x(std::size_t(H) * total * hs);
+          for (int h = 0; h < H; ++h)
+            for (int t = 0; t < total; ++t)
+              for (int e = 0; e < hs; ++e)
+                x[(std::size_t(h) * total + t) * hs + e] = float(K(0, h / (H / Hk), t, e));
+          centroids_[l] = std::make_unique<fovea::routing_centroids>(H, clusters, hs);
+          centroids_[l]->init(fovea::bhsd<const float>(x.data(), 1, H, total, hs));
+          routes_[l] = std::make_unique<fovea::routing_cache>(*centroids_[l], 1, Hk);
+        }
+        if (!routes_[l]) {
+          fovea::softmax_attention(Q, K, V, O, {.causal = true, .threads = threads});
+          break;
+        }
+        routes_[l]->append(K);
+        fovea::routing_decode(Q, K, V, O, *routes_[l], {.threads = threads});
+        break;
+      }
+      case family::agent: {  // agents: the first 16 queries of the prompt, per head
+        const auto Qf = fovea::bshd<const float>(q.data(), 1, n, H, hs);
+        if (!agents_[l]) {
+          const int m = 16;
+          std::vector<float> a(std::size_t(H) * m * hs);
+          for (int h = 0; h < H; ++h)
+            for (int t = 0; t < m; ++t)
+              for (int e = 0; e < hs; ++e)
+                a[(std::size_t(h) * m + t) * hs + e] = Qf(0, h, std::min(t, n - 1), e);
+          agents_[l] = std::make_unique<fovea::agent_state<float>>(
+              fovea::bhsd<const float>(a.data(), 1, H, m, hs), hs);
+        }
+        // The state holds what it needs of the keys: this step's rows only, in f32.
+        agents_[l]->step(Qf, fovea::bshd<const float>(k.data(), 1, n, Hk, hs),
+                         fovea::bshd<const float>(v.data(), 1, n, Hk, hs),
+                         fovea::bshd(out.data(), 1, n, H, hs));
+        attention_s_ += now() - t0;
+        return;
+      }
+      case family::linear:  // the recurrent state replaces the cache (elu + 1 feature map)
+        linear_[l].step(fovea::bshd<const float>(q.data(), 1, n, H, hs),
+                        fovea::bshd<const float>(k.data(), 1, n, Hk, hs),
+                        fovea::bshd<const float>(v.data(), 1, n, Hk, hs),
+                        fovea::bshd(out.data(), 1, n, H, hs), {.threads = threads});
+        attention_s_ += now() - t0;
+        return;
+    }
+    attention_s_ += now() - t0;
+    std::transform(os.begin(), os.end(), out.data(), [](S x) { return float(x); });
+  }
+
+  static double now() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+
+  const checkpoint& ck_;
+  config c_;
+  run_options o_;
+  int pos_ = 0;
+  std::vector<S> k_, v_;
+  std::vector<std::int32_t> table_;
+  std::vector<fovea::linear_state<float>> linear_;
+  std::vector<std::unique_ptr<fovea::routing_centroids>> centroids_;
+  std::vector<std::unique_ptr<fovea::routing_cache>> routes_;
+  std::vector<std::unique_ptr<fovea::agent_state<float>>> agents_;
+  double attention_s_ = 0;
+};
+
+/// The index of the largest logit (ties: the lower index).
+inline int argmax(const Eigen::RowVectorXf& logits) {
+  Eigen::Index best = 0;
+  logits.maxCoeff(&best);
+  return int(best);
+}
+
+}  // namespace llama2c

@@ -1,0 +1,31 @@
+// Every public entry point instantiated for float and bf16, for the warning-clean consumer
+// check (-Wall -Wextra -Werror, also compiled for AVX-512 targets this machine may lack).
+#include <fovea/fovea.hpp>
+#include <vector>
+
+template <class T>
+void every_family() {
+  const long B = 1, H = 4, Hk = 2, S = 64, D = 32;
+  std::vector<T> q(B * H * S * D), k(B * Hk * S * D), v(B * Hk * S * D), o(B * H * S * D);
+  const auto Q = fovea::bhsd<const T>(q.data(), B, H, S, D);
+  const auto K = fovea::bhsd<const T>(k.data(), B, Hk, S, D);
+  const auto V = fovea::bhsd<const T>(v.data(), B, Hk, S, D);
+  const auto O = fovea::bhsd(o.data(), B, H, S, D);
+  fovea::softmax_attention(Q, K, V, O, {.causal = true});
+  fovea::softmax_attention(fovea::bhsd<const T>(q.data(), B, H, 1, D), K, V,
+                           fovea::bhsd(o.data(), B, H, 1, D));
+  fovea::hip_attention(Q, K, V, O, {.causal = true, .top_k = 32});
+  std::vector<float> bias(B * Hk * S);
+  fovea::dynamic_mask_attention(Q, K, V, O, fovea::bhsd<const float>(bias.data(), B, Hk, 1, S),
+                                {.causal = true, .keep = 16});
+  fovea::routing_attention(Q, K, V, O, {.num_clusters = 4, .window = 16});
+  std::vector<T> a(B * H * 8 * D);
+  fovea::agent_attention(Q, K, V, O, fovea::bhsd<const T>(a.data(), B, H, 8, D), {.causal = true});
+  if constexpr (std::is_same_v<T, float>) fovea::linear_attention(Q, K, V, O, {.causal = true});
+}
+
+int main() {
+  every_family<float>();
+  every_family<fovea::bfloat16>();
+  return 0;
+}
