@@ -1,5 +1,6 @@
-// The public contract of DESIGN.md, compiled exactly as written there (float views, the
-// designated initializers, options filled field by field), for every kernel family.
+// The public contract (the call forms acceptance checks compile against: the README's
+// "Use" section shows them), compiled exactly as written (float views, the designated
+// initializers, options filled field by field), for every kernel family.
 #include <gtest/gtest.h>
 
 #include <cmath>

@@ -270,7 +270,7 @@ void run_agent_causal(const tensor_view<const S, 4>& q, const tensor_view<const 
 ///
 ///   q: (B, H, Sq, D)   k: (B, Hk, Sk, D)   v: (B, Hk, Sk, Dv)   agents: (B, H, m, D)
 ///
-/// Hk divides H. float or double (bf16/fp16 too through the explicit-agents overload).
+/// Hk divides H. float, double, bf16 or fp16 (accumulated in at least float).
 /// Both stages are softmax_attention calls, with its numerical contract (an agent that
 /// sees no key contributes a zero vector).
 ///

@@ -40,7 +40,9 @@ struct dynamic_mask_options {
 enum class dynamic_mask_form { softplus, zoh_exp };
 
 /// The DMA bias from value states: dt = concat_heads(v) W_dt^T (+ dt_bias), mixing all
-/// key/value heads, then bias = A * softplus(dt) (or exp of it).
+/// key/value heads, then bias = A * softplus(dt) (or exp of it). A is usually negative
+/// (trained models store A = -exp(A_log), as Mamba does), so the bias is <= 0 and keys
+/// with a small dt are preferred; a positive A works the same way with the order reversed.
 ///   v: (B, Hk, Sk, Dv)   w_dt: (Hk, Hk * Dv)   a: (Hk)   dt_bias: (Hk) or empty
 ///   bias (out): (B, Hk, 1, Sk), ready for dynamic_mask_attention.
 template <class TV>

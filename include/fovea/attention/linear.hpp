@@ -191,7 +191,8 @@ inline constexpr bool is_linear_type_v =
 ///
 ///   q: (B, H, Sq, D)   k: (B, Hk, Sk, D)   v: (B, Hk, Sk, Dv)   out: (B, H, Sq, Dv)
 ///
-/// Hk divides H. float or double, accumulated in that type; any strides with innermost
+/// Hk divides H. float or double only (bf16/fp16 are rejected at compile time: see the
+/// README's type table), accumulated in that type; any strides with innermost
 /// stride 1. The causal form is computed in chunks of 64 keys (masked quadratic inside a
 /// chunk, state products between chunks). A row whose normaliser (plus eps) is 0 outputs
 /// 0. Keys a causal query cannot see are skipped, so NaN/Inf in them never reaches it.

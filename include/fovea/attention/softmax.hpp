@@ -87,9 +87,10 @@ void check_lse(const softmax_options& o, index_t B, index_t H, index_t Sq,
   check_data(o.lse, "options.lse");
   require(o.lse.data() != nullptr, "options.lse: data is null");
   const index_t want[3] = {B, H, Sq};
+  const char* what[3] = {"batch", "heads", "queries"};
   for (std::size_t r = 0; r < 3; ++r)
-    require(o.lse.extent(r) == want[r], "options.lse: extent ", r, " is ", o.lse.extent(r),
-            ", expected ", want[r]);
+    require(o.lse.extent(r) == want[r], "options.lse: extent ", r, " (", what[r], ") is ",
+            o.lse.extent(r), ", expected ", want[r], " as q (lse is (B, H, Sq))");
   check_one_to_one(o.lse, "options.lse");
   check_no_alias(o.lse, "options.lse", out, "out");
   check_no_alias(o.lse, "options.lse", q, "q");
@@ -150,11 +151,22 @@ dense_problem<T> make_softmax_problem(const tensor_view<const T, 4>& q,
 ///   q:   (B, H,  Sq, D)    k: (B, Hk, Sk, D)    v: (B, Hk, Sk, Dv)    out: (B, H, Sq, Dv)
 ///
 /// Hk divides H (GQA/MQA: query head h reads key/value head h / (H / Hk)). Any strides
-/// with innermost stride 1 (bhsd, bshd, ...); float or double, accumulated in that type.
+/// with innermost stride 1 (bhsd, bshd, ...). Storage: float or double (accumulated in
+/// that type), or fovea::bfloat16 / fovea::half (accumulated in float); q, k, v and out
+/// in one type.
+///
+/// Paths: a call with at most 16 queries per sequence (decode_max_queries) takes the
+/// decode path: the query heads of a key/value head are stacked as columns of one tile,
+/// so K and V are read once for all of them, and the keys are split into fixed chunks
+/// (at most 64 of >= 512 keys) whose states are merged in order. Any other call takes
+/// prefill tiles (64 keys x a few SIMD vectors of queries). The path and the chunking
+/// depend on the shapes only: the result is bitwise the same for every thread count.
+///
 /// A query that sees no key gets out = 0 and lse = -inf (with a sink: lse = the sink).
 /// Keys hidden by the band, the mask, mask_mod or a -inf bias are skipped: NaN/Inf in
-/// them never reach the output; NaN in a visible input propagates. The result is bitwise
-/// the same for every thread count. Bad arguments throw fovea::error before any write.
+/// them never reach the output; a NaN logit a row sees makes its whole output row and
+/// its lse NaN, on both paths. Bad arguments throw fovea::error (naming the argument,
+/// the dimension, the value and what was expected) before any write.
 ///
 /// `custom` is a user variant (see custom_variant / with_score_mod / with_mask_mod);
 /// `Backend` selects scalar or simd<Arch> code (default: the best the flags allow).

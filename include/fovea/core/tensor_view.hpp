@@ -30,6 +30,16 @@ class tensor_view {
            !std::is_same_v<U, T>) constexpr tensor_view(const tensor_view<U, Rank>& other)
       : data_(other.data()), extents_(other.extents()), strides_(other.strides()) {}
 
+  /// A view of bool converts implicitly to a view of const std::uint8_t, so boolean masks
+  /// (PyTorch's torch.bool, std::vector<char> of 0/1 read as bool) pass as they are.
+  template <class U>
+  requires(std::is_same_v<T, const std::uint8_t> && std::is_same_v<std::remove_const_t<U>, bool>)
+  constexpr tensor_view(const tensor_view<U, Rank>& other)
+      : data_(reinterpret_cast<T*>(other.data())), extents_(other.extents()),
+        strides_(other.strides()) {
+    static_assert(sizeof(bool) == 1, "bool masks are read as bytes");
+  }
+
   constexpr T* data() const noexcept { return data_; }
   constexpr const extents_type& extents() const noexcept { return extents_; }
   constexpr const extents_type& strides() const noexcept { return strides_; }
@@ -98,6 +108,22 @@ constexpr tensor_view<T, Rank> view(T* data, const std::array<index_t, Rank>& ex
   return {data, extents, strides};
 }
 
+/// The same from braced lists, the rank deduced from them: `view(p, {2, 3}, {3, 1})`,
+/// `view(p, {B, 1, Sq, Sk})`; `view<const float>(p, ...)` for a view of const data.
+template <class T, std::size_t Rank>
+constexpr tensor_view<T, Rank> view(T* data, const index_t (&extents)[Rank],
+                                    const index_t (&strides)[Rank]) {
+  std::array<index_t, Rank> e{}, s{};
+  for (std::size_t r = 0; r < Rank; ++r) e[r] = extents[r], s[r] = strides[r];
+  return {data, e, s};
+}
+template <class T, std::size_t Rank>
+constexpr tensor_view<T, Rank> view(T* data, const index_t (&extents)[Rank]) {
+  std::array<index_t, Rank> e{};
+  for (std::size_t r = 0; r < Rank; ++r) e[r] = extents[r];
+  return view(data, e);
+}
+
 /// Memory laid out as [batch, heads, seq, dim]; the view is (batch, head, seq, dim).
 template <class T>
 constexpr tensor_view<T, 4> bhsd(T* data, index_t batch, index_t heads, index_t seq, index_t dim) {
@@ -108,6 +134,22 @@ constexpr tensor_view<T, 4> bhsd(T* data, index_t batch, index_t heads, index_t 
 template <class T>
 constexpr tensor_view<T, 4> bshd(T* data, index_t batch, index_t seq, index_t heads, index_t dim) {
   return {data, {batch, heads, seq, dim}, {seq * heads * dim, dim, heads * dim, 1}};
+}
+
+/// The four extents by name, for the layout factories: `bhsd(p, {.batch = B, .heads = H,
+/// .seq = S, .dim = D})` and `bshd(p, {...})` read the same in both layouts, so a swapped
+/// argument cannot compile into a wrong view (the positional forms take heads and seq in
+/// their memory order, which differs between bhsd and bshd).
+struct dims {
+  index_t batch = 1, heads = 1, seq = 1, dim = 1;
+};
+template <class T>
+constexpr tensor_view<T, 4> bhsd(T* data, const dims& d) {
+  return bhsd(data, d.batch, d.heads, d.seq, d.dim);
+}
+template <class T>
+constexpr tensor_view<T, 4> bshd(T* data, const dims& d) {
+  return bshd(data, d.batch, d.seq, d.heads, d.dim);
 }
 
 /// The sub-view of indices [start, start + count) along dimension `dim`.

@@ -61,8 +61,16 @@ void check_broadcast(const tensor_view<const E, 4>& v, std::string_view name, in
   for (std::size_t r = 0; r < 4; ++r) {
     const index_t e = v.extent(r);
     const bool ok = e == 1 || e == full[r] || (r == 1 && e == Hk);
-    require(ok, name, ": extent ", r, " (", r == 3 ? "keys" : dim_name(r), ") is ", e,
-            ", expected 1 or ", full[r], r == 1 && Hk != H ? " or the key/value heads" : "");
+    const char* what = r == 0 ? "batch" : r == 1 ? "heads" : r == 2 ? "queries" : "keys";
+    if (full[r] == 1) {
+      require(ok, name, ": extent ", r, " (", what, ") is ", e, ", expected 1");
+    } else if (r == 1 && Hk != H) {
+      require(ok, name, ": extent 1 (heads) is ", e, ", expected 1, ", H, " (query heads) or ", Hk,
+              " (key/value heads)");
+    } else {
+      require(ok, name, ": extent ", r, " (", what, ") is ", e, ", expected 1 (broadcast) or ",
+              full[r]);
+    }
   }
 }
 
