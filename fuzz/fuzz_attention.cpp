@@ -78,7 +78,7 @@ void check_tolerance(const std::vector<float>& got, const std::vector<double>& w
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   bytes in{data, size};
-  const int kernel = in.u8() % 13;
+  const int kernel = in.u8() % 14;
   const index_t B = in.u8() % 3, H = in.u8() % 5, Sq = in.u8() % 41, Sk = in.u8() % 41;
   const index_t D = in.u8() % 10, Dv = in.u8() % 10;
   const std::uint8_t hk_pick = in.u8(), layout = in.u8() % 8, flags = in.u8();
@@ -231,6 +231,25 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             if (x != -7.f) fail("bias written before fovea::error");
         }
         return 0;  // no attention output to check
+      }
+      case 13: {  // linear_recurrence: every rule, decay and beta from the bytes (maybe
+                  // non-finite or misshapen: an error), optional initial and final state
+        const auto rule = fovea::update_rule(flags % 4);
+        const bool gated = rule == fovea::update_rule::gated || rule == fovea::update_rule::gated_delta;
+        const bool delta = rule == fovea::update_rule::delta || rule == fovea::update_rule::gated_delta;
+        const index_t width = flags & 16 ? D : 1;
+        std::vector<float> g(B * Hk * Sq * std::max<index_t>(width, 1) + 1),
+            beta(B * Hk * Sq + 1), state(B * Hk * D * Dv + 1), state_out(B * Hk * D * Dv + 1);
+        for (auto* x : {&g, &beta, &state}) for (float& e : *x) e = in.value();
+        fovea::linear_recurrence_options o{.rule = rule, .scale = scale};
+        if (gated || (flags & 32)) o.decay = fovea::bhsd<const float>(g.data(), B, Hk, Sq, width);
+        if (delta || (flags & 64)) o.beta = fovea::bhsd<const float>(beta.data(), B, Hk, Sq, 1);
+        if (flags & 128) o.state_in = fovea::bhsd<const float>(state.data(), B, Hk, D, Dv);
+        if (flags & 8) o.state_out = fovea::bhsd(state_out.data(), B, Hk, D, Dv);
+        fovea::linear_recurrence(Q, K, V, O, o);
+        // Decays above 0 and the delta rule on keys of any norm may grow without bound.
+        moderate = moderate && rule == fovea::update_rule::linear && !(flags & 128);
+        break;
       }
       default: {  // routing's strictly causal decode over a cache of K
         fovea::routing_centroids mu(std::max<index_t>(H, 1), 1 + in.u8() % 4,

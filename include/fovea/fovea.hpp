@@ -20,6 +20,7 @@
 #include "attention/hip.hpp"
 #include "attention/routing.hpp"
 #include "attention/linear.hpp"
+#include "attention/linear_recurrence.hpp"
 #include "attention/softmax.hpp"
 #include "attention/softmax_paged.hpp"
 #include "attention/softmax_varlen.hpp"

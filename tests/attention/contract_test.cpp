@@ -47,6 +47,20 @@ void run_contract() {
   ho.top_k = 512;
   fovea::hip_attention(Q, K, V, O, ho);
   EXPECT_TRUE(finite());
+  // This turn's additions that exist: lse out of the forward; the gated delta rule.
+  std::vector<float> l(B * H * Sq);
+  auto L = fovea::view<float, 3>(l.data(), {B, H, Sq});
+  fovea::softmax_attention(Q, K, V, O, {.causal = true, .lse = L});
+  EXPECT_TRUE(finite());
+  std::vector<float> g(B * Hk * Sq, -0.05f), beta(B * Hk * Sq, 0.02f);  // beta |k|^2 < 2: stable
+  auto G = fovea::bhsd<const float>(g.data(), B, Hk, Sq, 1);
+  auto Beta = fovea::bhsd<const float>(beta.data(), B, Hk, Sq, 1);
+  fovea::linear_recurrence(Q, K, V, O, {.rule = fovea::update_rule::gated_delta,
+                                        .decay = G /* (B,Hk,S,1) or (B,Hk,S,Dk), log space */,
+                                        .beta = Beta /* (B,Hk,S,1) */});
+  EXPECT_TRUE(finite());
+  fovea::linear_recurrence_options lro;
+  lro.threads = 1;
   fovea::softmax_options so;
   fovea::linear_options lo;
   fovea::agent_options ao;

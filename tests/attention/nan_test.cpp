@@ -334,8 +334,11 @@ TEST(NaNPropagationEntryPoints, HipKeepsANaNRepresentative) {
                 {.causal = true, .top_k = 64, .sliding_window = 16, .sink_tokens = 4});
   for (index_t i = 0; i < S; ++i)
     for (index_t d = 0; d < D; ++d) {
-      if (i < from) ASSERT_TRUE(std::isfinite(out[i * D + d])) << "row " << i;
-      if (i >= to + 64) ASSERT_TRUE(std::isnan(out[i * D + d])) << "row " << i;
+      if (i < from) {
+        ASSERT_TRUE(std::isfinite(out[i * D + d])) << "row " << i;
+      } else if (i >= to + 64) {
+        ASSERT_TRUE(std::isnan(out[i * D + d])) << "row " << i;
+      }
     }
 }
 

@@ -1,6 +1,8 @@
 // parallel_for over OpenMP when the caller compiles with it, serial otherwise.
 #pragma once
 
+#include <algorithm>
+
 #include "tensor_view.hpp"
 
 #if defined(_OPENMP)
@@ -17,6 +19,19 @@ inline int resolve_threads(int requested) noexcept {
   (void)requested;
   return 1;
 #endif
+}
+
+/// Work (in flops) below which a call runs on one thread: starting a parallel region and
+/// meeting at its barrier costs a few microseconds when the cores are free and up to
+/// milliseconds when another process holds one (the waiting thread must be scheduled
+/// again), while ~2 MFLOP take ~10-20 us on one core. Results never depend on it.
+inline constexpr double min_parallel_flops = 2e6;
+
+/// The threads worth using for `flops` of work split into `tasks`: 1 below
+/// min_parallel_flops, else at most one per task.
+inline int threads_for_work(int threads, double flops, index_t tasks) noexcept {
+  if (flops < min_parallel_flops) return 1;
+  return static_cast<int>(std::max<index_t>(1, std::min<index_t>(threads, tasks)));
 }
 
 /// Runs body(task, thread) for task in [0, tasks) on up to `threads` threads, handing

@@ -91,6 +91,7 @@ struct dense_plan {
   std::vector<dense_layout> layouts;
   index_t scratch = 0;        ///< elements of per-thread scratch
   index_t partial_total = 0;  ///< elements of chunk states
+  double flops = 0;           ///< Q K^T and P V over every key (causal or not): an upper bound
 };
 
 /// Plans problems for the prefill tile (query tiles of BQ, split keys when few tiles meet
@@ -110,6 +111,7 @@ dense_plan plan_dense(std::span<const dense_problem<S>> problems) {
     const index_t B = pr.batch(), H = pr.heads(), Sq = pr.queries();
     const index_t D = pr.q.extent(3), Dv = pr.out.extent(3), Hk = pr.kv.heads();
     if (B * H * Sq == 0) continue;
+    plan.flops += 2.0 * double(B * H * Sq) * double(pr.keys) * double(D + Dv);
     dense_layout& lay = plan.layouts[pi];
     if (!pr.decode()) {
       plan.scratch = std::max(plan.scratch, prefill_buf::size(D, Dv));
@@ -285,8 +287,7 @@ void run_dense(std::span<const dense_problem<S>> problems,
   using T = accumulator_t<S>;
   const dense_plan plan = plan_dense<Backend>(problems);
   if (plan.work.empty()) return;
-  const int used =
-      static_cast<int>(std::min<index_t>(std::max(threads, 1), index_t(plan.work.size())));
+  const int used = threads_for_work(std::max(threads, 1), plan.flops, index_t(plan.work.size()));
   const scratch_slices<T> buffers(used, plan.scratch);
   std::vector<T> partials(plan.partial_total);
   parallel_for(index_t(plan.work.size()), used, [&](index_t i, int thread) {

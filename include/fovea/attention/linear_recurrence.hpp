@@ -1,0 +1,212 @@
+// fovea::linear_recurrence: linear attention with decay and the delta rule (ONNX
+// LinearAttention's update rules linear, gated, delta, gated_delta; the recurrences of
+// RetNet/Mamba2-style gated linear attention, DeltaNet and Gated DeltaNet as in Qwen3-Next),
+// computed in chunks at GEMM speed (engine/linear/recurrence.hpp), with a state object
+// for decoding.
+#pragma once
+
+#include <cmath>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "../core/error.hpp"
+#include "../core/parallel.hpp"
+#include "../core/storage.hpp"
+#include "../core/tensor_view.hpp"
+#include "../core/validate.hpp"
+#include "../engine/linear/recurrence.hpp"
+#include "../simd/backend.hpp"
+#include "checks.hpp"
+
+namespace fovea {
+
+/// How the state is updated per token (ONNX LinearAttention's update_rule).
+enum class update_rule { linear, gated, delta, gated_delta };
+
+constexpr const char* to_string(update_rule r) noexcept {
+  constexpr const char* names[] = {"linear", "gated", "delta", "gated_delta"};
+  return names[int(r)];
+}
+
+struct linear_recurrence_options {
+  update_rule rule = update_rule::linear;
+  /// Gated rules: g_t in log space (the state is multiplied by exp(g_t)), (B, Hk, S, 1)
+  /// one per head and token, or (B, Hk, S, Dk) one per key dimension; finite.
+  tensor_view<const float, 4> decay{};
+  /// Delta rules: beta_t, (B, Hk, S, 1) per head or (B, 1, S, 1) shared by all heads; finite.
+  tensor_view<const float, 4> beta{};
+  tensor_view<const float, 4> state_in{};  ///< optional (B, Hk, Dk, Dv); zero when absent
+  tensor_view<float, 4> state_out{};       ///< optional out (B, Hk, Dk, Dv): the final state
+  std::optional<double> scale{};           ///< default 1/sqrt(Dk); finite, > 0
+  int threads = 0;                         ///< 0: all OpenMP offers; 1: serial
+};
+
+namespace detail {
+
+/// A (B, heads|1, S, width) side input: shape and finite values.
+inline void check_side_input(const tensor_view<const float, 4>& x, const char* name, index_t B,
+                             index_t Hk, bool shared_heads, index_t S, index_t width,
+                             index_t Dk) {
+  check_data(x, name);
+  require(x.data() != nullptr || x.empty(), name, ": data is null");
+  require(x.extent(0) == B, name, ": extent 0 (batch) is ", x.extent(0), ", expected ", B);
+  require(x.extent(1) == Hk || (shared_heads && x.extent(1) == 1), name, ": extent 1 (heads) is ",
+          x.extent(1), ", expected ", Hk, " (key/value heads)", shared_heads ? " or 1" : "");
+  require(x.extent(2) == S, name, ": extent 2 (tokens) is ", x.extent(2), ", expected ", S);
+  require(x.extent(3) == 1 || x.extent(3) == width, name, ": extent 3 is ", x.extent(3),
+          ", expected 1", width != 1 ? " or " + std::to_string(Dk) + " (key dim)" : "");
+  for (index_t b = 0; b < x.extent(0); ++b)
+    for (index_t h = 0; h < x.extent(1); ++h)
+      for (index_t t = 0; t < x.extent(2); ++t)
+        for (index_t e = 0; e < x.extent(3); ++e)
+          require(std::isfinite(x(b, h, t, e)), name, ": element (", b, ", ", h, ", ", t, ", ", e,
+                  ") is ", x(b, h, t, e), ", expected a finite value");
+}
+
+template <class T>
+recurrence_problem<T> make_recurrence_problem(const tensor_view<const T, 4>& q,
+                                              const tensor_view<const T, 4>& k,
+                                              const tensor_view<const T, 4>& v,
+                                              const tensor_view<T, 4>& out,
+                                              const linear_recurrence_options& o) {
+  check_qkvo(q, k, v, out);
+  const index_t B = q.extent(0), S = q.extent(2), Dk = q.extent(3), Hk = k.extent(1);
+  const index_t Dv = v.extent(3);
+  require(k.extent(2) == S, "k: extent 2 (seq) is ", k.extent(2), ", expected the ", S,
+          " tokens of q (a recurrence reads each token once)");
+  require(o.threads >= 0, "options.threads: is ", o.threads, ", expected >= 0");
+  const double scale = o.scale ? *o.scale : 1.0 / std::sqrt(double(Dk));
+  require(std::isfinite(scale) && scale > 0, "options.scale: is ", scale,
+          ", expected finite and > 0");
+  const bool gated = o.rule == update_rule::gated || o.rule == update_rule::gated_delta;
+  const bool delta = o.rule == update_rule::delta || o.rule == update_rule::gated_delta;
+  auto given = [](const tensor_view<const float, 4>& x) {  // a default view has no extents
+    return x.data() != nullptr || x.extents() != std::array<index_t, 4>{};
+  };
+  const bool has_decay = given(o.decay), has_beta = given(o.beta);
+  require(gated == has_decay, "options.decay: the ", to_string(o.rule), " rule ",
+          gated ? "needs a decay" : "takes no decay");
+  require(delta == has_beta, "options.beta: the ", to_string(o.rule), " rule ",
+          delta ? "needs beta" : "takes no beta");
+  if (gated) check_side_input(o.decay, "options.decay", B, Hk, false, S, Dk, Dk);
+  if (delta) check_side_input(o.beta, "options.beta", B, Hk, true, S, 1, Dk);
+  for (const auto& [state, name] :
+       {std::pair{tensor_view<const float, 4>(o.state_in), "options.state_in"},
+        std::pair{tensor_view<const float, 4>(o.state_out), "options.state_out"}}) {
+    if (!given(state)) continue;
+    check_data(state, name);
+    require(state.data() != nullptr, name, ": data is null");
+    const index_t want[4] = {B, Hk, Dk, Dv};
+    const char* what[4] = {"batch", "key/value heads", "key dim", "value dim"};
+    for (std::size_t r = 0; r < 4; ++r)
+      require(state.extent(r) == want[r], name, ": extent ", r, " (", what[r], ") is ",
+              state.extent(r), ", expected ", want[r]);
+  }
+  check_one_to_one(o.state_out, "options.state_out");
+  check_no_alias(o.state_out, "options.state_out", out, "out");
+  check_no_alias(o.state_out, "options.state_out", q, "q");
+  check_no_alias(o.state_out, "options.state_out", k, "k");
+  check_no_alias(o.state_out, "options.state_out", v, "v");
+  check_no_alias(out, "out", o.decay, "options.decay");
+  check_no_alias(out, "out", o.beta, "options.beta");
+  check_no_alias(out, "out", o.state_in, "options.state_in");
+  recurrence_problem<T> pr;
+  pr.q = q, pr.k = k, pr.v = v, pr.out = out;
+  pr.decay = o.decay, pr.beta = o.beta, pr.state_in = o.state_in, pr.state_out = o.state_out;
+  pr.delta = delta;
+  pr.scale = scale;
+  return pr;
+}
+
+}  // namespace detail
+
+/// Linear attention as a recurrence over the state S (Dk x Dv) of each (batch, key/value
+/// head), zero or options.state_in at the start. For each token t in order:
+///   gated rules:  S <- exp(g_t) S   (g_t per head, or per key dimension: row-wise)
+///   delta rules:  v'_t = beta_t (v_t - S^T k_t)   (else v'_t = v_t)
+///   S <- S + k_t v'_t^T;   o_t = scale S^T q_t   (read after the update)
+/// Query heads share their key/value head's state (GQA); scale defaults to 1/sqrt(Dk).
+///
+///   q: (B, H, S, Dk)   k: (B, Hk, S, Dk)   v: (B, Hk, S, Dv)   out: (B, H, S, Dv)
+///   options.decay: (B, Hk, S, 1 | Dk) log space;  options.beta: (B, Hk | 1, S, 1)
+///   options.state_in / state_out: (B, Hk, Dk, Dv), exchanged in fp32
+///
+/// Semantics of ONNX's LinearAttention operator. Per-head decays are computed in chunks of
+/// 64 tokens (the UT transform for the delta rules: T = (I + tril(diag(beta) K K^T, -1))^-1,
+/// W = T diag(beta) K, U = T diag(beta) V; Yang et al. 2024, "Parallelizing Linear
+/// Transformers with the Delta Rule over Sequence Length", and Gated DeltaNet), with the
+/// cumulative decays kept in log space: every factor is exp of a difference <= 0, so a
+/// decay of exp(-20) per token or stronger underflows to 0 and never overflows. Per-key-
+/// dimension decays run the fused token recurrence instead (one pass over the state per
+/// token; no chunked form here). float or double, accumulated in that type. NaN in an
+/// input reaches every later output of its head (the state carries it). Each (batch,
+/// key/value head) is one serial task: bitwise the same for every thread count. Bad input
+/// (shapes, a decay or beta the rule does not take or lacks, non-finite decay or beta)
+/// throws fovea::error naming the argument, before anything is written.
+template <class Backend = default_backend, class TQ, class TK, class TV, class TO>
+requires detail::attention_types<TQ, TK, TV, TO> &&
+         (std::is_same_v<TO, float> || std::is_same_v<TO, double>)
+void linear_recurrence(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v,
+                       tensor_view<TO, 4> out, const linear_recurrence_options& options = {}) {
+  const auto pr = detail::make_recurrence_problem<TO>(q, k, v, out, options);
+  detail::run_recurrence<Backend>(pr, detail::resolve_threads(options.threads));
+}
+
+/// The state of linear_recurrence for decoding: S per (batch, key/value head), kept
+/// between calls in fp32 and updated in place. step() runs n new tokens from it (n = 1:
+/// the fused token step, one pass over each state, two for the delta rules; n > 1: the
+/// chunked form). Stepping in multiples of 64 tokens gives the batch call's bits (float);
+/// any other stepping agrees within rounding.
+template <class T>
+class linear_recurrence_state {
+ public:
+  linear_recurrence_state(index_t batch, index_t kv_heads, index_t key_dim, index_t value_dim)
+      : shape_{batch, kv_heads, key_dim, value_dim}, ld_((value_dim + 15) / 16 * 16) {
+    detail::require(batch >= 0 && kv_heads >= 0 && key_dim >= 1 && value_dim >= 0,
+                    "linear_recurrence_state: batch, kv_heads, value_dim must be >= 0 and "
+                    "key_dim >= 1");
+    data_.assign(std::size_t(batch * kv_heads * key_dim * ld_), 0.f);
+  }
+  void reset() { std::fill(data_.begin(), data_.end(), 0.f); }
+  /// The state as (B, Hk, Dk, Dv), fp32 (rows padded in memory).
+  tensor_view<const float, 4> view() const noexcept {
+    return fovea::view<const float, 4>(
+        data_.data(), shape_, {shape_[1] * shape_[2] * ld_, shape_[2] * ld_, ld_, 1});
+  }
+
+  /// q (B, H, n, Dk), k (B, Hk, n, Dk), v (B, Hk, n, Dv) -> out (B, H, n, Dv). options'
+  /// decay and beta are for these n tokens; its state_in and state_out must be empty.
+  template <class Backend = default_backend, class TQ, class TK, class TV>
+  void step(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v, tensor_view<T, 4> out,
+            linear_recurrence_options options) {
+    detail::require(!options.state_in.data() && !options.state_out.data(),
+                    "options.state_in, state_out: the state object keeps the state; leave them empty");
+    detail::require(k.extent(0) == shape_[0] && k.extent(1) == shape_[1] &&
+                        k.extent(3) == shape_[2] && v.extent(3) == shape_[3],
+                    "k, v: shapes do not match the state (batch ", shape_[0], ", kv heads ",
+                    shape_[1], ", key dim ", shape_[2], ", value dim ", shape_[3], ")");
+    const tensor_view<const T, 4> cq = q, ck = k, cv = v;
+    if constexpr (std::is_same_v<accumulator_t<T>, float>) {
+      auto pr = detail::make_recurrence_problem<T>(cq, ck, cv, out, options);
+      detail::require(!detail::overlaps(out, view()), "out: memory overlaps the state");
+      pr.state = data_.data();
+      pr.state_ld = ld_;
+      detail::run_recurrence<Backend>(pr, detail::resolve_threads(options.threads));
+    } else {  // double: through fp32 state views
+      std::vector<float> next(data_.size());
+      options.state_in = view();
+      options.state_out = fovea::view<float, 4>(
+          next.data(), shape_, {shape_[1] * shape_[2] * ld_, shape_[2] * ld_, ld_, 1});
+      linear_recurrence<Backend>(cq, ck, cv, out, options);
+      data_.swap(next);
+    }
+  }
+
+ private:
+  std::array<index_t, 4> shape_;
+  index_t ld_;
+  std::vector<float> data_;
+};
+
+}  // namespace fovea

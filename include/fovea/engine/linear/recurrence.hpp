@@ -1,0 +1,331 @@
+// The linear-recurrence engine: gated and delta-rule linear attention (ONNX
+// LinearAttention's update rules) computed chunk by chunk with the UT transform, on the
+// register-blocked micro-kernels; and the fused token step for decoding. Its own engine:
+// the state update is not a softmax over keys (see attention/linear_recurrence.hpp for
+// the semantics).
+//
+// Per (batch, key/value head), state S (Dk x Dv). In a chunk of n tokens with start state
+// S0, cumulative log decays gamma_t = g_1 + ... + g_t (scalar per token) and
+// Gamma_t = exp(gamma_t) (every exponent below is a difference gamma_t - gamma_s with
+// s <= t, <= 0 for decays, so strong decays underflow to 0 instead of overflowing):
+//   delta rules: A_ts = beta_t exp(gamma_t - gamma_s) k_t . k_s (s < t), T = (I + A)^-1,
+//     W = T diag(beta Gamma) K, U = T diag(beta) V, and the new values U' = U - W S0
+//     (Gated DeltaNet's / flash-linear-attention's chunked form; derivation in the README);
+//   other rules: U' = V;
+//   o_t = scale (Gamma_t S0^T q_t + sum_{s<=t} exp(gamma_t - gamma_s) (q_t . k_s) u'_s);
+//   S_end = Gamma_n S0 + sum_s exp(gamma_n - gamma_s) k_s u'_s^T.
+// Decays per key dimension take the fused token recurrence instead (documented there).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../../core/parallel.hpp"
+#include "../../core/scratch.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../../simd/convert.hpp"
+#include "../../simd/vec.hpp"
+#include "../tile/gemm_tile.hpp"
+#include "../tile/tile_traits.hpp"
+
+namespace fovea::detail {
+
+/// Tokens per chunk of the chunked form.
+inline constexpr index_t recurrence_chunk = 64;
+
+/// One call, validated by the front-end. Views are (B, heads, S, dim); decay (B, Hk, S, 1
+/// or Dk) in log space, beta (B, Hk or 1, S, 1); state_in / state_out (B, Hk, Dk, Dv).
+template <class T>
+struct recurrence_problem {
+  tensor_view<const T, 4> q, k, v;
+  tensor_view<T, 4> out;
+  tensor_view<const float, 4> decay, beta, state_in;
+  tensor_view<float, 4> state_out;
+  /// Or the state kept in place (the state object's): fp32 rows `state_ld` apart (a
+  /// multiple of 16), Dk rows per (batch, key/value head); read and updated where it is.
+  float* state = nullptr;
+  index_t state_ld = 0;
+  bool delta = false;
+  double scale = 1;
+};
+
+/// Per-task buffers for `rows` tokens at a time (recurrence_chunk for the chunked form, 1
+/// for the token step, which needs no C x C products), widths padded to whole vectors
+/// (values to `dvp`, which a state kept in place fixes). q and o hold `group` rows per
+/// token; the state S (Dk x dvp) is its own array unless kept in place.
+template <class A, class Backend>
+struct recurrence_buffers {
+  static constexpr index_t C = recurrence_chunk;
+  static index_t padded(index_t n) noexcept {
+    constexpr index_t W = vec<A, Backend>::width;
+    return (n + W - 1) / W * W;
+  }
+  static index_t size(index_t rows, index_t group, index_t Dk, index_t dvp, bool own_state) noexcept {
+    const index_t dkp = padded(Dk), square = rows > 1 ? C * C : 0;
+    return 3 * rows * dkp + group * rows * dkp + dkp * rows + 3 * square +
+           (2 + group) * rows * dvp + (own_state ? Dk * dvp : 0) + 4 * rows + 64;
+  }
+  index_t dkp, dvp;
+  A *k, *q, *w, *kd, *kt, *kk, *t, *p, *v, *u, *o, *s, *gamma, *beta, *scaled, *tail;
+  recurrence_buffers(A* work, index_t rows, index_t group, index_t Dk, index_t dvp_, A* state)
+      : dkp(padded(Dk)), dvp(dvp_) {
+    const index_t square = rows > 1 ? C * C : 0;
+    k = work;                       // [rows][dkp] keys
+    q = k + rows * dkp;             // [group * rows][dkp] queries (Gamma-scaled)
+    w = q + group * rows * dkp;     // [rows][dkp] W, negated
+    kd = w + rows * dkp;            // [rows][dkp] keys decayed to the chunk's end
+    kt = kd + rows * dkp;           // [dkp][rows] keys transposed
+    kk = kt + dkp * rows;           // [C][C] K K^T
+    t = kk + square;                // [C][C] T = (I + A)^-1
+    p = t + square;                 // [C][C] masked Q K^T
+    v = p + square;                 // [rows][dvp] values, then beta-scaled
+    u = v + rows * dvp;             // [rows][dvp] new values U'
+    o = u + rows * dvp;             // [group * rows][dvp] outputs
+    gamma = o + group * rows * dvp; // [rows] cumulative log decay
+    beta = gamma + rows;            // [rows]
+    scaled = beta + rows;           // [rows]
+    tail = scaled + rows;           // [rows]
+    s = state ? state : tail + rows;  // [Dk][dvp] the state
+  }
+};
+
+/// Rows [t0, t0 + n) of a (b, h) slice into dst (rows `ld` apart), converted, zero-padded.
+template <class A, class S>
+void load_rows(const tensor_view<const S, 4>& x, index_t b, index_t h, index_t t0, index_t n,
+               index_t ld, A* dst) noexcept {
+  const index_t d = x.extent(3);
+  for (index_t r = 0; r < n; ++r) {
+    convert_row(x.ptr(b, h, t0 + r, 0), dst + r * ld, d);
+    std::fill(dst + r * ld + d, dst + (r + 1) * ld, A(0));
+  }
+}
+
+/// One chunk of n tokens for key/value head (b, hk) with scalar decays: advances buf.s and
+/// writes the outputs of the group's query heads.
+template <class Backend, class T>
+void recurrence_chunk_step(const recurrence_problem<T>& pr, index_t b, index_t hk, index_t t0,
+                           index_t n, recurrence_buffers<accumulator_t<T>, Backend>& buf) noexcept {
+  using A = accumulator_t<T>;
+  using V = vec<A, Backend>;
+  constexpr int W = V::width;
+  // Register blocks: 6 rows x 4 vectors with 32 vector registers, 6 x 2 with 16 (AVX2:
+  // 4 x 4 would need 16 accumulators and spill).
+  constexpr int RB = tile_traits<A, Backend>::row_block;
+  constexpr int VB = V::registers >= 32 ? 4 : 2;
+  constexpr index_t C = recurrence_chunk;
+  const index_t Dk = pr.k.extent(3), Dv = pr.v.extent(3), dkp = buf.dkp, dvp = buf.dvp;
+  const index_t H = pr.q.extent(1), group = H / pr.k.extent(1);
+  load_rows(pr.k, b, hk, t0, n, dkp, buf.k);
+  load_rows(pr.v, b, hk, t0, n, dvp, buf.v);
+  for (index_t r = n; r < C; ++r) {  // padding rows: zero keys and values
+    std::fill(buf.k + r * dkp, buf.k + (r + 1) * dkp, A(0));
+    std::fill(buf.v + r * dvp, buf.v + (r + 1) * dvp, A(0));
+  }
+  A g = 0;
+  for (index_t r = 0; r < n; ++r) {
+    if (pr.decay.data()) g += A(pr.decay(b, hk, t0 + r, 0));
+    buf.gamma[r] = g;
+  }
+  const A gamma_n = n > 0 ? buf.gamma[n - 1] : A(0);
+  for (index_t e = 0; e < Dk; ++e)
+    for (index_t r = 0; r < C; ++r) buf.kt[e * C + r] = buf.k[r * dkp + e];
+  for (index_t e = Dk; e < dkp; ++e) std::fill(buf.kt + e * C, buf.kt + (e + 1) * C, A(0));
+
+  // New values U' (delta rules) or V.
+  A* values = buf.v;
+  if (pr.delta) {
+    for (index_t r = 0; r < n; ++r)
+      buf.beta[r] = A(pr.beta(b, pr.beta.extent(1) == 1 ? 0 : hk, t0 + r, 0));
+    gemm_wide<A, Backend, RB, VB, false>(n, C / W, buf.k, dkp, 1, buf.kt, C, buf.kk, C, Dk);
+    // T = (I + A)^-1 by forward substitution, row by row: T_t = e_t - sum_s A_ts T_s.
+    for (index_t r = 0; r < n; ++r) {
+      A* tr = buf.t + r * C;
+      std::fill(tr, tr + C, A(0));
+      tr[r] = 1;
+      for (index_t s = 0; s < r; ++s) {
+        const A a = buf.beta[r] * std::exp(buf.gamma[r] - buf.gamma[s]) * buf.kk[r * C + s];
+        if (a == A(0)) continue;
+        const A* ts = buf.t + s * C;
+        for (index_t c = 0; c <= s; ++c) tr[c] -= a * ts[c];
+      }
+    }
+    for (index_t r = n; r < C; ++r) std::fill(buf.t + r * C, buf.t + (r + 1) * C, A(0));
+    // W = T diag(beta Gamma) K (negated), U = T diag(beta) V: scale the rows, then GEMMs.
+    for (index_t r = 0; r < n; ++r) {
+      const auto bg = V::broadcast(-buf.beta[r] * std::exp(buf.gamma[r]));
+      const auto bv = V::broadcast(buf.beta[r]);
+      for (index_t e = 0; e < dkp; e += W)
+        V::store(buf.kd + r * dkp + e, V::mul(bg, V::load(buf.k + r * dkp + e)));
+      for (index_t e = 0; e < dvp; e += W)
+        V::store(buf.v + r * dvp + e, V::mul(bv, V::load(buf.v + r * dvp + e)));
+    }
+    gemm_wide<A, Backend, RB, VB, false>(n, dkp / W, buf.t, C, 1, buf.kd, dkp, buf.w, dkp, n);
+    gemm_wide<A, Backend, RB, VB, false>(n, dvp / W, buf.t, C, 1, buf.v, dvp, buf.u, dvp, n);
+    // U' = U - W S0 (W is stored negated).
+    gemm_wide<A, Backend, RB, VB, true>(n, dvp / W, buf.w, dkp, 1, buf.s, dvp, buf.u, dvp, Dk);
+    values = buf.u;
+  }
+
+  // Outputs of each query head of the group.
+  const A scale = A(pr.scale);
+  for (index_t gq = 0; gq < group; ++gq) {
+    const index_t h = hk * group + gq;
+    load_rows(pr.q, b, h, t0, n, dkp, buf.q);
+    gemm_wide<A, Backend, RB, VB, false>(n, C / W, buf.q, dkp, 1, buf.kt, C, buf.p, C, Dk);
+    for (index_t r = 0; r < n; ++r) {
+      A* pr_row = buf.p + r * C;
+      for (index_t s = 0; s <= r; ++s) pr_row[s] *= std::exp(buf.gamma[r] - buf.gamma[s]);
+      std::fill(pr_row + r + 1, pr_row + C, A(0));
+      const auto gr = V::broadcast(std::exp(buf.gamma[r]));
+      for (index_t e = 0; e < dkp; e += W)
+        V::store(buf.q + r * dkp + e, V::mul(gr, V::load(buf.q + r * dkp + e)));
+    }
+    gemm_wide<A, Backend, RB, VB, false>(n, dvp / W, buf.q, dkp, 1, buf.s, dvp, buf.o, dvp, Dk);
+    gemm_wide<A, Backend, RB, VB, true>(n, dvp / W, buf.p, C, 1, values, dvp, buf.o, dvp, n);
+    for (index_t r = 0; r < n; ++r) {
+      T* row = pr.out.ptr(b, h, t0 + r, 0);
+      for (index_t e = 0; e < Dv; ++e) row[e] = T(buf.o[r * dvp + e] * scale);
+    }
+  }
+
+  // S = Gamma_n S0 + (diag(exp(gamma_n - gamma)) K)^T U'.
+  for (index_t r = 0; r < C; ++r) {
+    const A f = r < n ? std::exp(gamma_n - buf.gamma[r]) : A(0);
+    const auto fv = V::broadcast(f);
+    for (index_t e = 0; e < dkp; e += W)
+      V::store(buf.kd + r * dkp + e, V::mul(fv, V::load(buf.k + r * dkp + e)));
+  }
+  const auto decay_n = V::broadcast(std::exp(gamma_n));
+  if (gamma_n != A(0))
+    for (index_t i = 0; i < Dk * dvp; i += W) V::store(buf.s + i, V::mul(decay_n, V::load(buf.s + i)));
+  gemm_wide<A, Backend, RB, VB, true>(Dk, dvp / W, buf.kd, 1, dkp, values, dvp, buf.s, dvp, n);
+}
+
+/// One token t for key/value head (b, hk), any decay shape: the fused recurrence. The
+/// state is walked in column blocks of up to four vectors held in registers across all Dk
+/// rows: delta rules read each block once for S^T k, then once more to update it and add
+/// it into the outputs; the other rules take the second walk only.
+template <class Backend, class T>
+void recurrence_token_step(const recurrence_problem<T>& pr, index_t b, index_t hk, index_t t,
+                           recurrence_buffers<accumulator_t<T>, Backend>& buf) noexcept {
+  using A = accumulator_t<T>;
+  using V = vec<A, Backend>;
+  using R = typename V::type;
+  constexpr int W = V::width, X = 4;
+  const index_t Dk = pr.k.extent(3), Dv = pr.v.extent(3), dvp = buf.dvp;
+  const index_t H = pr.q.extent(1), group = H / pr.k.extent(1);
+  const bool per_dim = pr.decay.data() && pr.decay.extent(3) > 1;
+  A* alpha = buf.kd;  // [Dk] per-row decay factors
+  if (pr.decay.data() && !per_dim) {
+    std::fill(alpha, alpha + Dk, std::exp(A(pr.decay(b, hk, t, 0))));
+  } else {
+    for (index_t e = 0; e < Dk; ++e)
+      alpha[e] = pr.decay.data() ? std::exp(A(pr.decay(b, hk, t, e))) : A(1);
+  }
+  A* k = buf.k;
+  convert_row(pr.k.ptr(b, hk, t, 0), k, Dk);
+  A* ak = buf.w;  // [Dk] alpha_e k_e
+  for (index_t e = 0; e < Dk; ++e) ak[e] = alpha[e] * k[e];
+  A* v = buf.v;
+  convert_row(pr.v.ptr(b, hk, t, 0), v, Dv);
+  std::fill(v + Dv, v + dvp, A(0));
+  A* q = buf.q;  // [group][Dk]
+  for (index_t g = 0; g < group; ++g) convert_row(pr.q.ptr(b, hk * group + g, t, 0), q + g * Dk, Dk);
+  const A beta = pr.delta ? A(pr.beta(b, pr.beta.extent(1) == 1 ? 0 : hk, t, 0)) : A(1);
+  const A scale = A(pr.scale);
+  A* o = buf.o;  // [group][dvp]
+  for (index_t c0 = 0; c0 < dvp; c0 += X * W) {
+    const int n = int(std::min<index_t>(X, (dvp - c0) / W));
+    R vn[X];
+    for (int x = 0; x < n; ++x) vn[x] = V::load(v + c0 + x * W);
+    if (pr.delta) {  // v' = beta (v - (alpha S)^T k) for this block of columns
+      R ks[X];
+      for (int x = 0; x < n; ++x) ks[x] = V::broadcast(A(0));
+      for (index_t e = 0; e < Dk; ++e) {
+        const A* row = buf.s + e * dvp + c0;
+        const R f = V::broadcast(ak[e]);
+        for (int x = 0; x < n; ++x) ks[x] = V::fma(f, V::load(row + x * W), ks[x]);
+      }
+      const R bv = V::broadcast(beta);
+      for (int x = 0; x < n; ++x) vn[x] = V::mul(bv, V::sub(vn[x], ks[x]));
+    }
+    for (index_t g0 = 0; g0 < group; g0 += 2) {  // two query heads' outputs in registers
+      const bool two = g0 + 1 < group;
+      R o0[X], o1[X];
+      for (int x = 0; x < n; ++x) o0[x] = o1[x] = V::broadcast(A(0));
+      for (index_t e = 0; e < Dk; ++e) {
+        A* row = buf.s + e * dvp + c0;
+        const R a = V::broadcast(alpha[e]), ke = V::broadcast(k[e]);
+        const R q0 = V::broadcast(q[g0 * Dk + e]), q1 = V::broadcast(two ? q[(g0 + 1) * Dk + e] : A(0));
+        for (int x = 0; x < n; ++x) {
+          R s = V::load(row + x * W);
+          if (g0 == 0) {  // the first pair of heads updates the state
+            s = V::fma(ke, vn[x], V::mul(a, s));
+            V::store(row + x * W, s);
+          }
+          o0[x] = V::fma(q0, s, o0[x]);
+          if (two) o1[x] = V::fma(q1, s, o1[x]);
+        }
+      }
+      for (int x = 0; x < n; ++x) {
+        V::store(o + g0 * dvp + c0 + x * W, o0[x]);
+        if (two) V::store(o + (g0 + 1) * dvp + c0 + x * W, o1[x]);
+      }
+    }
+  }
+  for (index_t g = 0; g < group; ++g) {
+    T* row = pr.out.ptr(b, hk * group + g, t, 0);
+    for (index_t c = 0; c < Dv; ++c) row[c] = T(o[g * dvp + c] * scale);
+  }
+}
+
+/// Runs the problem: one task per (batch, key/value head), each serial over its tokens
+/// (so the result does not depend on the thread count). Scalar decays go by chunks of
+/// recurrence_chunk tokens (a single token by the fused step), per-dimension decays token
+/// by token.
+template <class Backend, class T>
+void run_recurrence(const recurrence_problem<T>& pr, int threads) {
+  using A = accumulator_t<T>;
+  using buffers = recurrence_buffers<A, Backend>;
+  const index_t B = pr.k.extent(0), Hk = pr.k.extent(1), S = pr.k.extent(2);
+  const index_t Dk = pr.k.extent(3), Dv = pr.v.extent(3);
+  const bool per_dim = pr.decay.data() && pr.decay.extent(3) > 1;
+  const bool token_steps = per_dim || S == 1;
+  const index_t tasks = B * Hk;
+  if (tasks == 0) return;
+  const index_t group = pr.q.extent(1) / Hk;
+  const double flops = 2.0 * double(tasks) * double(S) * double(Dk) * double(Dv) * double(2 + group);
+  const int used = threads_for_work(std::max(threads, 1), flops, tasks);
+  constexpr bool in_place_capable = std::is_same_v<A, float>;
+  const bool in_place = in_place_capable && pr.state != nullptr;
+  const index_t dvp = in_place ? pr.state_ld : buffers::padded(Dv);
+  const index_t rows = token_steps ? 1 : recurrence_chunk;
+  const scratch_slices<A> scratch(used, buffers::size(rows, group, Dk, dvp, !in_place));
+  parallel_for(tasks, used, [&](index_t task, int thread) {
+    const index_t b = task / Hk, hk = task % Hk;
+    A* state = nullptr;
+    if constexpr (in_place_capable)
+      if (in_place) state = pr.state + task * Dk * dvp;
+    buffers buf(scratch.slice(thread), rows, group, Dk, dvp, state);
+    if (!in_place) {
+      std::fill(buf.s, buf.s + Dk * dvp, A(0));
+      if (pr.state_in.data())
+        for (index_t e = 0; e < Dk; ++e)
+          for (index_t c = 0; c < Dv; ++c) buf.s[e * dvp + c] = A(pr.state_in(b, hk, e, c));
+    }
+    if (token_steps) {
+      for (index_t t = 0; t < S; ++t) recurrence_token_step<Backend>(pr, b, hk, t, buf);
+    } else {
+      for (index_t t0 = 0; t0 < S; t0 += recurrence_chunk)
+        recurrence_chunk_step<Backend>(pr, b, hk, t0, std::min(recurrence_chunk, S - t0), buf);
+    }
+    if (!in_place && pr.state_out.data())
+      for (index_t e = 0; e < Dk; ++e)
+        for (index_t c = 0; c < Dv; ++c) pr.state_out(b, hk, e, c) = float(buf.s[e * dvp + c]);
+  });
+}
+
+}  // namespace fovea::detail
