@@ -49,7 +49,7 @@ struct inputs {
   }
 };
 
-/// Flops of the chunked form per token and head (C = 64): K K^T, W, U, W S, Q K^T,
+/// Flops of the chunked form per token and head (C = recurrence_chunk): K K^T, W, U, W S, Q K^T,
 /// (Gamma Q) S, P U' and the state update; the triangular inverse (C^3 / 3 per chunk) left out.
 double chunked_flops(index_t n, index_t heads) {
   const double C = double(fovea::detail::recurrence_chunk);

@@ -169,7 +169,7 @@ TYPED_TEST(LinearRecurrence, EveryRuleDecayAndBetaShape) {
 
 TYPED_TEST(LinearRecurrence, LengthsAroundTheChunk) {
   std::uint64_t seed = 100;
-  for (index_t s : {0, 1, 2, 63, 64, 65, 129, 1000})
+  for (index_t s : {0, 1, 2, 15, 16, 17, 63, 64, 65, 129, 1000})
     for (auto rule : {update_rule::linear, update_rule::gated_delta, update_rule::delta}) {
       recurrence_case c;
       c.S = s, c.rule = rule, c.initial_state = s % 2 == 1;
@@ -231,7 +231,7 @@ tensor_view<T, 4> tokens(T* p, index_t B, index_t heads, index_t S, index_t dim,
   return slice(bhsd(p, B, heads, S, dim), 2, t0, n);
 }
 
-// The state object: stepping by 64 tokens gives the batch's bits; by 1 or 37 tokens the
+// The state object: stepping by 64 tokens (whole chunks) gives the batch's bits; by 1 or 37 tokens the
 // batch within rounding; the final state equals the batch's state_out.
 TYPED_TEST(LinearRecurrence, SteppingEqualsTheBatch) {
   using T = typename TestFixture::T;

@@ -133,7 +133,7 @@ recurrence_problem<T> make_recurrence_problem(const tensor_view<const T, 4>& q,
 ///   options.state_in / state_out: (B, Hk, Dk, Dv), exchanged in fp32
 ///
 /// Semantics of ONNX's LinearAttention operator. Per-head decays are computed in chunks of
-/// 64 tokens (the UT transform for the delta rules: T = (I + tril(diag(beta) K K^T, -1))^-1,
+/// 16 tokens (the UT transform for the delta rules: T = (I + tril(diag(beta) K K^T, -1))^-1,
 /// W = T diag(beta) K, U = T diag(beta) V; Yang et al. 2024, "Parallelizing Linear
 /// Transformers with the Delta Rule over Sequence Length", and Gated DeltaNet), with the
 /// cumulative decays kept in log space: every factor is exp of a difference <= 0, so a
@@ -156,7 +156,7 @@ void linear_recurrence(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<T
 /// The state of linear_recurrence for decoding: S per (batch, key/value head), kept
 /// between calls in fp32 and updated in place. step() runs n new tokens from it (n = 1:
 /// the fused token step, one pass over each state, two for the delta rules; n > 1: the
-/// chunked form). Stepping in multiples of 64 tokens gives the batch call's bits (float);
+/// chunked form). Stepping in multiples of 16 tokens (the chunk) gives the batch call's bits (float);
 /// any other stepping agrees within rounding.
 template <class T>
 class linear_recurrence_state {

@@ -33,8 +33,11 @@
 
 namespace fovea::detail {
 
-/// Tokens per chunk of the chunked form.
-inline constexpr index_t recurrence_chunk = 64;
+/// Tokens per chunk of the chunked form. Small: per token the chunk's own products cost
+/// ~10 C Dk flops against ~6 Dk Dv for the state's, and the state products are GEMMs at
+/// any C (gated_delta, 16 heads of 128 x 128, N = 8192, AVX2: C = 8 270 ms, 16 234 ms,
+/// 24 256 ms, 32 279-315 ms, 64 363 ms).
+inline constexpr index_t recurrence_chunk = 16;
 
 /// One call, validated by the front-end. Views are (B, heads, S, dim); decay (B, Hk, S, 1
 /// or Dk) in log space, beta (B, Hk or 1, S, 1); state_in / state_out (B, Hk, Dk, Dv).
@@ -204,17 +207,76 @@ void recurrence_chunk_step(const recurrence_problem<T>& pr, index_t b, index_t h
   gemm_wide<A, Backend, RB, VB, true>(Dk, dvp / W, buf.kd, 1, dkp, values, dvp, buf.s, dvp, n);
 }
 
+/// Columns [c0, c0 + N vectors) of the token step: N is a compile-time count, so the
+/// block's sums stay in registers across the Dk rows of the state.
+template <int N, class Backend, class A>
+inline void token_columns(A* s, index_t dvp, index_t Dk, index_t c0, const A* alpha, const A* k,
+                          const A* ak, const A* v, const A* q, index_t group, bool delta, A beta,
+                          A* o) noexcept {
+  using V = vec<A, Backend>;
+  using R = typename V::type;
+  constexpr int W = V::width;
+  R vn[N];
+#pragma GCC unroll 4
+  for (int x = 0; x < N; ++x) vn[x] = V::load(v + c0 + x * W);
+  if (delta) {  // v' = beta (v - (alpha S)^T k) for this block of columns
+    R ks[N];
+#pragma GCC unroll 4
+    for (int x = 0; x < N; ++x) ks[x] = V::broadcast(A(0));
+    for (index_t e = 0; e < Dk; ++e) {
+      const A* row = s + e * dvp + c0;
+      const R f = V::broadcast(ak[e]);
+#pragma GCC unroll 4
+      for (int x = 0; x < N; ++x) ks[x] = V::fma(f, V::load(row + x * W), ks[x]);
+    }
+    const R bv = V::broadcast(beta);
+#pragma GCC unroll 4
+    for (int x = 0; x < N; ++x) vn[x] = V::mul(bv, V::sub(vn[x], ks[x]));
+  }
+  // One or two query heads' outputs per walk; the first walk also updates the state.
+  auto walk = [&]<bool Two>(index_t g0, bool update) {
+    R o0[N], o1[N];
+#pragma GCC unroll 4
+    for (int x = 0; x < N; ++x) o0[x] = o1[x] = V::broadcast(A(0));
+    for (index_t e = 0; e < Dk; ++e) {
+      A* row = s + e * dvp + c0;
+      const R a = V::broadcast(alpha[e]), ke = V::broadcast(k[e]);
+      const R q0 = V::broadcast(q[g0 * Dk + e]);
+      const R q1 = V::broadcast(Two ? q[(g0 + 1) * Dk + e] : A(0));
+#pragma GCC unroll 4
+      for (int x = 0; x < N; ++x) {
+        R x_new = V::load(row + x * W);
+        if (update) {
+          x_new = V::fma(ke, vn[x], V::mul(a, x_new));
+          V::store(row + x * W, x_new);
+        }
+        o0[x] = V::fma(q0, x_new, o0[x]);
+        if constexpr (Two) o1[x] = V::fma(q1, x_new, o1[x]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int x = 0; x < N; ++x) {
+      V::store(o + g0 * dvp + c0 + x * W, o0[x]);
+      if constexpr (Two) V::store(o + (g0 + 1) * dvp + c0 + x * W, o1[x]);
+    }
+  };
+  for (index_t g0 = 0; g0 < group; g0 += 2) {
+    if (g0 + 1 < group)
+      walk.template operator()<true>(g0, g0 == 0);
+    else
+      walk.template operator()<false>(g0, g0 == 0);
+  }
+}
+
 /// One token t for key/value head (b, hk), any decay shape: the fused recurrence. The
-/// state is walked in column blocks of up to four vectors held in registers across all Dk
-/// rows: delta rules read each block once for S^T k, then once more to update it and add
-/// it into the outputs; the other rules take the second walk only.
+/// state is walked in column blocks of four vectors held in registers across all Dk rows:
+/// delta rules read each block once for S^T k, then once more (from L1) to update it and
+/// add it into the outputs; the other rules take the second walk only.
 template <class Backend, class T>
 void recurrence_token_step(const recurrence_problem<T>& pr, index_t b, index_t hk, index_t t,
                            recurrence_buffers<accumulator_t<T>, Backend>& buf) noexcept {
   using A = accumulator_t<T>;
-  using V = vec<A, Backend>;
-  using R = typename V::type;
-  constexpr int W = V::width, X = 4;
+  constexpr int W = vec<A, Backend>::width, X = 4;
   const index_t Dk = pr.k.extent(3), Dv = pr.v.extent(3), dvp = buf.dvp;
   const index_t H = pr.q.extent(1), group = H / pr.k.extent(1);
   const bool per_dim = pr.decay.data() && pr.decay.extent(3) > 1;
@@ -235,47 +297,17 @@ void recurrence_token_step(const recurrence_problem<T>& pr, index_t b, index_t h
   A* q = buf.q;  // [group][Dk]
   for (index_t g = 0; g < group; ++g) convert_row(pr.q.ptr(b, hk * group + g, t, 0), q + g * Dk, Dk);
   const A beta = pr.delta ? A(pr.beta(b, pr.beta.extent(1) == 1 ? 0 : hk, t, 0)) : A(1);
-  const A scale = A(pr.scale);
   A* o = buf.o;  // [group][dvp]
-  for (index_t c0 = 0; c0 < dvp; c0 += X * W) {
-    const int n = int(std::min<index_t>(X, (dvp - c0) / W));
-    R vn[X];
-    for (int x = 0; x < n; ++x) vn[x] = V::load(v + c0 + x * W);
-    if (pr.delta) {  // v' = beta (v - (alpha S)^T k) for this block of columns
-      R ks[X];
-      for (int x = 0; x < n; ++x) ks[x] = V::broadcast(A(0));
-      for (index_t e = 0; e < Dk; ++e) {
-        const A* row = buf.s + e * dvp + c0;
-        const R f = V::broadcast(ak[e]);
-        for (int x = 0; x < n; ++x) ks[x] = V::fma(f, V::load(row + x * W), ks[x]);
-      }
-      const R bv = V::broadcast(beta);
-      for (int x = 0; x < n; ++x) vn[x] = V::mul(bv, V::sub(vn[x], ks[x]));
-    }
-    for (index_t g0 = 0; g0 < group; g0 += 2) {  // two query heads' outputs in registers
-      const bool two = g0 + 1 < group;
-      R o0[X], o1[X];
-      for (int x = 0; x < n; ++x) o0[x] = o1[x] = V::broadcast(A(0));
-      for (index_t e = 0; e < Dk; ++e) {
-        A* row = buf.s + e * dvp + c0;
-        const R a = V::broadcast(alpha[e]), ke = V::broadcast(k[e]);
-        const R q0 = V::broadcast(q[g0 * Dk + e]), q1 = V::broadcast(two ? q[(g0 + 1) * Dk + e] : A(0));
-        for (int x = 0; x < n; ++x) {
-          R s = V::load(row + x * W);
-          if (g0 == 0) {  // the first pair of heads updates the state
-            s = V::fma(ke, vn[x], V::mul(a, s));
-            V::store(row + x * W, s);
-          }
-          o0[x] = V::fma(q0, s, o0[x]);
-          if (two) o1[x] = V::fma(q1, s, o1[x]);
-        }
-      }
-      for (int x = 0; x < n; ++x) {
-        V::store(o + g0 * dvp + c0 + x * W, o0[x]);
-        if (two) V::store(o + (g0 + 1) * dvp + c0 + x * W, o1[x]);
-      }
-    }
+  index_t c0 = 0;
+  for (; c0 + X * W <= dvp; c0 += X * W)
+    token_columns<X, Backend>(buf.s, dvp, Dk, c0, alpha, k, ak, v, q, group, pr.delta, beta, o);
+  switch ((dvp - c0) / W) {
+    case 3: token_columns<3, Backend>(buf.s, dvp, Dk, c0, alpha, k, ak, v, q, group, pr.delta, beta, o); break;
+    case 2: token_columns<2, Backend>(buf.s, dvp, Dk, c0, alpha, k, ak, v, q, group, pr.delta, beta, o); break;
+    case 1: token_columns<1, Backend>(buf.s, dvp, Dk, c0, alpha, k, ak, v, q, group, pr.delta, beta, o); break;
+    default: break;
   }
+  const A scale = A(pr.scale);
   for (index_t g = 0; g < group; ++g) {
     T* row = pr.out.ptr(b, hk * group + g, t, 0);
     for (index_t c = 0; c < Dv; ++c) row[c] = T(o[g * dvp + c] * scale);
