@@ -143,7 +143,8 @@ void recurrence_chunk_step(const recurrence_problem<T>& pr, index_t b, index_t h
     for (index_t r = 0; r < n; ++r)
       buf.beta[r] = A(pr.beta(b, pr.beta.extent(1) == 1 ? 0 : hk, t0 + r, 0));
     gemm_wide<A, Backend, RB, VB, false>(n, C / W, buf.k, dkp, 1, buf.kt, C, buf.kk, C, Dk);
-    // T = (I + A)^-1 by forward substitution, row by row: T_t = e_t - sum_s A_ts T_s.
+    // T = (I + A)^-1 by forward substitution, row by row: T_t = e_t - sum_s A_ts T_s
+    // (whole rows of C: T_s is zero past column s).
     for (index_t r = 0; r < n; ++r) {
       A* tr = buf.t + r * C;
       std::fill(tr, tr + C, A(0));
@@ -151,8 +152,9 @@ void recurrence_chunk_step(const recurrence_problem<T>& pr, index_t b, index_t h
       for (index_t s = 0; s < r; ++s) {
         const A a = buf.beta[r] * std::exp(buf.gamma[r] - buf.gamma[s]) * buf.kk[r * C + s];
         if (a == A(0)) continue;
+        const auto na = V::broadcast(-a);
         const A* ts = buf.t + s * C;
-        for (index_t c = 0; c <= s; ++c) tr[c] -= a * ts[c];
+        for (index_t c = 0; c < C; c += W) V::store(tr + c, V::fma(na, V::load(ts + c), V::load(tr + c)));
       }
     }
     for (index_t r = n; r < C; ++r) std::fill(buf.t + r * C, buf.t + (r + 1) * C, A(0));
