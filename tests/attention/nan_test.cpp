@@ -151,7 +151,8 @@ TYPED_TEST(NaNPropagation, WithModifiers) {
 // chunk reach out and lse.
 TEST(NaNPropagationLowPrecision, DecodeAndPrefill) {
   for (index_t sq : {1, 4, 17})
-    for (auto [a, b] : {std::pair<index_t, index_t>{0, 512}, {0, 17}, {1023, 1024}}) {
+    for (auto range : {std::pair<index_t, index_t>{0, 512}, {0, 17}, {1023, 1024}}) {
+      const index_t a = range.first, b = range.second;  // (lambdas may not capture bindings in clang 14)
       SCOPED_TRACE("Sq " + std::to_string(sq) + " keys [" + std::to_string(a) + ", " +
                    std::to_string(b) + ")");
       auto run = [&](auto tag) {

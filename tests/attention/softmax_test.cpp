@@ -15,8 +15,6 @@
 namespace fovea::test {
 namespace {
 
-constexpr float nan_f = std::numeric_limits<float>::quiet_NaN();
-constexpr double inf_d = std::numeric_limits<double>::infinity();
 
 template <class C>
 class SoftmaxAttention : public ::testing::Test {
