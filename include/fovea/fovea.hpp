@@ -24,6 +24,7 @@
 #include "attention/softmax.hpp"
 #include "attention/softmax_paged.hpp"
 #include "attention/softmax_varlen.hpp"
+#include "attention/kv_cache.hpp"
 #include "core/build_info.hpp"
 #include "core/error.hpp"
 #include "core/tensor_view.hpp"

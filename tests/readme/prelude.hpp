@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <numeric>
 #include <fovea/fovea.hpp>
 #include <span>
 #include <vector>

@@ -1,0 +1,231 @@
+// The cache as serving engines hold it: a contiguous cache with a key count per sequence,
+// ragged queries over a paged cache, and appends to both; every result against
+// per-sequence softmax_attention calls, bit for bit (the tiles coincide).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <fovea/fovea.hpp>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../common/random.hpp"
+
+namespace fovea::test {
+namespace {
+
+constexpr index_t H = 4, Hk = 2, D = 24, Dv = 20;
+
+/// out of softmax_attention on one sequence's q rows (H, sq, D) and keys (Hk, sk, D).
+std::vector<float> alone(const float* q, index_t sq, const float* k, const float* v, index_t sk,
+                         bool causal) {
+  std::vector<float> out(H * sq * Dv);
+  softmax_attention(bhsd<const float>(q, 1, H, sq, D), bhsd<const float>(k, 1, Hk, sk, D),
+                    bhsd<const float>(v, 1, Hk, sk, Dv), bhsd(out.data(), 1, H, sq, Dv),
+                    {.causal = causal, .threads = 1});
+  return out;
+}
+
+TEST(KvCache, PerSequenceLengthsOverACapacity) {
+  const index_t capacity = 700, Sq = 3;
+  const std::vector<std::int32_t> lens{700, 0, 1, 129, 513};
+  const index_t B = index_t(lens.size());
+  // [B, capacity, Hk, D], FlashAttention's cache layout, filled past each length too
+  const auto kc = normal<float>(B * capacity * Hk * D, 1), vc = normal<float>(B * capacity * Hk * Dv, 2);
+  const auto q = normal<float>(B * Sq * H * D, 3);
+  for (bool causal : {false, true})
+    for (int threads : {1, 2}) {
+      std::vector<float> out(B * Sq * H * Dv, -7.f);
+      softmax_attention_kvcache(bshd<const float>(q.data(), B, Sq, H, D),
+                                bshd<const float>(kc.data(), B, capacity, Hk, D),
+                                bshd<const float>(vc.data(), B, capacity, Hk, Dv),
+                                bshd(out.data(), B, Sq, H, Dv), lens,
+                                {.causal = causal, .threads = threads});
+      for (index_t b = 0; b < B; ++b) {
+        SCOPED_TRACE("sequence " + std::to_string(b) + (causal ? " causal" : ""));
+        const index_t sk = lens[b];
+        std::vector<float> qb(H * Sq * D), kb(Hk * sk * D), vb(Hk * sk * Dv);
+        for (index_t h = 0; h < H; ++h)
+          for (index_t i = 0; i < Sq; ++i)
+            std::copy_n(&q[((b * Sq + i) * H + h) * D], D, &qb[(h * Sq + i) * D]);
+        for (index_t h = 0; h < Hk; ++h)
+          for (index_t j = 0; j < sk; ++j) {
+            std::copy_n(&kc[((b * capacity + j) * Hk + h) * D], D, &kb[(h * sk + j) * D]);
+            std::copy_n(&vc[((b * capacity + j) * Hk + h) * Dv], Dv, &vb[(h * sk + j) * Dv]);
+          }
+        const auto want = alone(qb.data(), Sq, kb.data(), vb.data(), sk, causal);
+        for (index_t h = 0; h < H; ++h)
+          for (index_t i = 0; i < Sq; ++i)
+            for (index_t e = 0; e < Dv; ++e)
+              ASSERT_EQ(out[((b * Sq + i) * H + h) * Dv + e], want[(h * Sq + i) * Dv + e])
+                  << "h " << h << " i " << i << " e " << e;
+      }
+    }
+  std::vector<float> out(B * Sq * H * Dv, -7.f);
+  const std::vector<std::int32_t> too_long{700, 0, 1, 701, 3};
+  try {
+    softmax_attention_kvcache(bshd<const float>(q.data(), B, Sq, H, D),
+                              bshd<const float>(kc.data(), B, capacity, Hk, D),
+                              bshd<const float>(vc.data(), B, capacity, Hk, Dv),
+                              bshd(out.data(), B, Sq, H, Dv), too_long);
+    ADD_FAILURE() << "a length past the capacity was accepted";
+  } catch (const fovea::error& e) {
+    EXPECT_NE(std::string(e.what()).find("seqlens_k: length 3 is 701, expected 0 to 700"),
+              std::string::npos)
+        << e.what();
+  }
+  for (float x : out) ASSERT_EQ(x, -7.f);
+}
+
+/// A paged cache [pages, page, Hk, D] and its table, filled by append_kv_paged from
+/// contiguous per-sequence keys, in steps: the prompt, then single tokens.
+struct paged_cache {
+  index_t page, pages;
+  std::vector<float> k, v;
+  std::vector<std::int32_t> table, lens;
+  index_t max_pages;
+  paged_cache(index_t page_, const std::vector<std::int32_t>& capacity) : page(page_) {
+    max_pages = 0;
+    for (auto c : capacity) max_pages = std::max<index_t>(max_pages, (c + page - 1) / page);
+    pages = index_t(capacity.size()) * max_pages + 2;
+    k.assign(pages * page * Hk * D, 0.f);
+    v.assign(pages * page * Hk * Dv, 0.f);
+    table.assign(capacity.size() * max_pages, -1);
+    std::vector<std::int32_t> order(pages);
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), std::mt19937(page));
+    index_t next = 0;
+    for (std::size_t b = 0; b < capacity.size(); ++b)
+      for (index_t p = 0; p < (capacity[b] + page - 1) / page; ++p)
+        table[b * max_pages + p] = order[next++];
+    lens.assign(capacity.size(), 0);
+  }
+  tensor_view<float, 4> kview() { return paged_nhd(k.data(), pages, page, Hk, D); }
+  tensor_view<float, 4> vview() { return paged_nhd(v.data(), pages, page, Hk, Dv); }
+  tensor_view<const std::int32_t, 2> tview() const {
+    return view<const std::int32_t, 2>(table.data(), {index_t(lens.size()), max_pages});
+  }
+};
+
+TEST(KvCache, RaggedQueriesOverAPagedCacheEqualPerSequenceCalls) {
+  // Sequences with 0, 1, 5, 17 and 40 new queries (decode and prefill paths in one call)
+  // over caches of 0 to 600 keys, filled by appends: the prompt, then one token at a time.
+  const std::vector<std::int32_t> keys{3, 600, 257, 17, 120}, new_q{0, 1, 5, 17, 40};
+  const index_t B = index_t(keys.size());
+  std::vector<std::vector<float>> ks(B), vs(B);
+  for (index_t b = 0; b < B; ++b) {  // per-sequence contiguous copies: (Hk, sk, D)
+    ks[b] = normal<float>(Hk * keys[b] * D, 10 + b);
+    vs[b] = normal<float>(Hk * keys[b] * Dv, 20 + b);
+  }
+  for (index_t page : {16, 7, 256}) {
+    SCOPED_TRACE("page " + std::to_string(page));
+    paged_cache cache(page, keys);
+    // Append: each sequence's first half at once, then the rest token by token (all
+    // sequences together while they have tokens left: a batch of one row each).
+    for (index_t b = 0; b < B; ++b) {
+      const index_t half = keys[b] / 2;
+      std::vector<std::int32_t> one_len{cache.lens[b]};
+      const auto table_b = slice(cache.tview(), 0, b, 1);
+      append_kv_paged(slice(bhsd<const float>(ks[b].data(), 1, Hk, keys[b], D), 2, 0, half),
+                      slice(bhsd<const float>(vs[b].data(), 1, Hk, keys[b], Dv), 2, 0, half),
+                      cache.kview(), cache.vview(), table_b, one_len);
+      cache.lens[b] += half;
+      for (index_t t = half; t < keys[b]; ++t) {
+        one_len[0] = cache.lens[b];
+        append_kv_paged(slice(bhsd<const float>(ks[b].data(), 1, Hk, keys[b], D), 2, t, 1),
+                        slice(bhsd<const float>(vs[b].data(), 1, Hk, keys[b], Dv), 2, t, 1),
+                        cache.kview(), cache.vview(), table_b, one_len);
+        ++cache.lens[b];
+      }
+    }
+    std::vector<std::int32_t> cu{0};
+    for (auto n : new_q) cu.push_back(cu.back() + n);
+    const index_t total = cu.back();
+    const auto q = normal<float>(H * total * D, 5);
+    std::vector<float> out(H * total * Dv, -7.f);
+    for (int threads : {1, 2}) {
+      softmax_attention_paged(bhsd<const float>(q.data(), 1, H, total, D),
+                              tensor_view<const float, 4>(cache.kview()),
+                              tensor_view<const float, 4>(cache.vview()),
+                              bhsd(out.data(), 1, H, total, Dv), cache.tview(), cache.lens, cu,
+                              {.causal = true, .threads = threads});
+      for (index_t b = 0; b < B; ++b) {
+        const index_t sq = new_q[b], sk = keys[b];
+        std::vector<float> qb(H * sq * D);
+        for (index_t h = 0; h < H; ++h)
+          std::copy_n(&q[(h * total + cu[b]) * D], sq * D, &qb[h * sq * D]);
+        const auto want = alone(qb.data(), sq, ks[b].data(), vs[b].data(), sk, true);
+        for (index_t h = 0; h < H; ++h)
+          for (index_t i = 0; i < sq; ++i)
+            for (index_t e = 0; e < Dv; ++e)
+              ASSERT_EQ(out[(h * total + cu[b] + i) * Dv + e], want[(h * sq + i) * Dv + e])
+                  << "sequence " << b << " h " << h << " i " << i << " threads " << threads;
+      }
+    }
+  }
+}
+
+TEST(KvCache, AppendsToAContiguousCacheConvertingTypes) {
+  const index_t B = 2, capacity = 10, n = 3;
+  std::vector<bfloat16> kc(B * Hk * capacity * D, bfloat16(0.f)), vc(B * Hk * capacity * Dv, bfloat16(0.f));
+  const auto kn = normal<float>(B * Hk * n * D, 1), vn = normal<float>(B * Hk * n * Dv, 2);
+  const std::vector<std::int32_t> lens{0, 7};
+  append_kv(bhsd<const float>(kn.data(), B, Hk, n, D), bhsd<const float>(vn.data(), B, Hk, n, Dv),
+            bhsd(kc.data(), B, Hk, capacity, D), bhsd(vc.data(), B, Hk, capacity, Dv), lens);
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < Hk; ++h)
+      for (index_t t = 0; t < capacity; ++t)
+        for (index_t e = 0; e < D; ++e) {
+          const bool fresh = t >= lens[b] && t < lens[b] + n;
+          const float want = fresh ? float(bfloat16(kn[((b * Hk + h) * n + t - lens[b]) * D + e])) : 0.f;
+          ASSERT_EQ(float(kc[((b * Hk + h) * capacity + t) * D + e]), want)
+              << "b " << b << " h " << h << " t " << t;
+        }
+  // Past the capacity: an error that names it, nothing written.
+  const auto before = kc;
+  const std::vector<std::int32_t> full{0, 8};
+  try {
+    append_kv(bhsd<const float>(kn.data(), B, Hk, n, D), bhsd<const float>(vn.data(), B, Hk, n, Dv),
+              bhsd(kc.data(), B, Hk, capacity, D), bhsd(vc.data(), B, Hk, capacity, Dv), full);
+    ADD_FAILURE() << "no error past the capacity";
+  } catch (const fovea::error& e) {
+    EXPECT_NE(std::string(e.what()).find("sequence 1 holds 8 tokens; 3 more pass the capacity of 10"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(0, std::memcmp(before.data(), kc.data(), kc.size() * sizeof(bfloat16)));
+}
+
+TEST(KvCache, PagedAppendsRejectMissingPages) {
+  paged_cache cache(4, {8, 8});
+  cache.table[1 * cache.max_pages + 1] = -1;  // sequence 1's second page not allocated
+  const auto kn = normal<float>(2 * Hk * 3 * D, 1), vn = normal<float>(2 * Hk * 3 * Dv, 2);
+  const std::vector<std::int32_t> lens{0, 2};
+  const auto before = cache.k;
+  try {
+    append_kv_paged(bhsd<const float>(kn.data(), 2, Hk, 3, D), bhsd<const float>(vn.data(), 2, Hk, 3, Dv),
+                    cache.kview(), cache.vview(), cache.tview(), lens);
+    ADD_FAILURE() << "no error for a missing page";
+  } catch (const fovea::error& e) {
+    EXPECT_NE(std::string(e.what()).find("block_table: entry (1, 1) is -1"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(before, cache.k);
+  const std::vector<std::int32_t> long_lens{0, 7};  // tokens 7..9 need a third page column
+  try {
+    append_kv_paged(bhsd<const float>(kn.data(), 2, Hk, 3, D), bhsd<const float>(vn.data(), 2, Hk, 3, Dv),
+                    cache.kview(), cache.vview(), cache.tview(), long_lens);
+    ADD_FAILURE() << "no error past the table";
+  } catch (const fovea::error& e) {
+    EXPECT_NE(std::string(e.what()).find("needs 3 pages for 10 tokens, the table has 2 columns"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(before, cache.k);
+}
+
+}  // namespace
+}  // namespace fovea::test
