@@ -78,7 +78,7 @@ void check_tolerance(const std::vector<float>& got, const std::vector<double>& w
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   bytes in{data, size};
-  const int kernel = in.u8() % 14;
+  const int kernel = in.u8() % 15;
   const index_t B = in.u8() % 3, H = in.u8() % 5, Sq = in.u8() % 41, Sk = in.u8() % 41;
   const index_t D = in.u8() % 10, Dv = in.u8() % 10;
   const std::uint8_t hk_pick = in.u8(), layout = in.u8() % 8, flags = in.u8();
@@ -191,11 +191,43 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         std::vector<std::int32_t> table(B * pages), lens(B);
         for (auto& t : table) t = std::int32_t(in.u8() % (pages + 1)) - (flags & 16 ? 1 : 0);
         for (auto& l : lens) l = std::int32_t(in.u8() % (Sk + 2));
-        fovea::softmax_attention_paged(
-            Q, fovea::paged_hnd<const float>(k.data(), pages, page, Hk, D),
-            fovea::paged_hnd<const float>(v.data(), pages, page, Hk, Dv), O,
-            fovea::view<const std::int32_t, 2>(table.data(), {B, pages}), lens,
-            {.causal = causal, .scale = scale});
+        const auto Kp = fovea::paged_hnd<const float>(k.data(), pages, page, Hk, D);
+        const auto Vp = fovea::paged_hnd<const float>(v.data(), pages, page, Hk, Dv);
+        const auto T = fovea::view<const std::int32_t, 2>(table.data(), {B, pages});
+        if (flags & 32) {  // ragged packed queries: offsets from the bytes (maybe invalid)
+          std::vector<std::int32_t> cu(B + 1, 0);
+          for (index_t b = 1; b <= B; ++b) cu[b] = cu[b - 1] + std::int32_t(in.u8() % 4);
+          if (flags & 64) cu[B] = std::int32_t(Sq);
+          fovea::softmax_attention_paged(Q, Kp, Vp, O, T, lens, cu, {.causal = causal, .scale = scale});
+        } else if (flags & 128) {  // appends into the cache (its own buffers), then attend
+          std::vector<float> kc(pages * page * Hk * D + 1, 0.f), vc(pages * page * Hk * Dv + 1, 0.f);
+          const auto Kw = fovea::paged_hnd(kc.data(), pages, page, Hk, D);
+          const auto Vw = fovea::paged_hnd(vc.data(), pages, page, Hk, Dv);
+          fovea::append_kv_paged(K, V, Kw, Vw, T, lens);
+          fovea::softmax_attention_paged(Q, fovea::tensor_view<const float, 4>(Kw),
+                                         fovea::tensor_view<const float, 4>(Vw), O, T, lens,
+                                         {.causal = causal, .scale = scale});
+        } else {
+          fovea::softmax_attention_paged(Q, Kp, Vp, O, T, lens, {.causal = causal, .scale = scale});
+        }
+        break;
+      }
+      case 12: {  // a contiguous cache with per-sequence key counts (maybe past capacity),
+                  // optionally filled by append_kv first
+        std::vector<std::int32_t> lens(B);
+        for (auto& l : lens) l = std::int32_t(in.u8() % (Sk + 2));
+        if (flags & 64) {
+          std::vector<float> kc(B * Hk * Sk * D + 1, 0.f), vc(B * Hk * Sk * Dv + 1, 0.f);
+          const auto Kw = fovea::bhsd(kc.data(), B, Hk, Sk, D);
+          const auto Vw = fovea::bhsd(vc.data(), B, Hk, Sk, Dv);
+          std::vector<std::int32_t> start(B, 0);
+          fovea::append_kv(K, V, Kw, Vw, start);
+          fovea::softmax_attention_kvcache(Q, fovea::tensor_view<const float, 4>(Kw),
+                                           fovea::tensor_view<const float, 4>(Vw), O, lens,
+                                           {.causal = causal, .scale = scale});
+        } else {
+          fovea::softmax_attention_kvcache(Q, K, V, O, lens, {.causal = causal, .scale = scale});
+        }
         break;
       }
       case 9: {  // the recurrent linear state, stepped with the call's tokens
