@@ -227,5 +227,117 @@ TEST(KvCache, PagedAppendsRejectMissingPages) {
   EXPECT_EQ(before, cache.k);
 }
 
+
+/// out of softmax_attention on one sequence with a mask (1, 1, sq, sk) and bias (1, H, sq, sk).
+std::vector<float> alone_with(const float* q, index_t sq, const float* k, const float* v, index_t sk,
+                              const std::uint8_t* mask, const float* bias) {
+  std::vector<float> out(H * sq * Dv);
+  softmax_options o{.causal = true, .threads = 1};
+  if (mask) o.mask = view<const std::uint8_t>(mask, {1, 1, sq, sk});
+  if (bias) o.bias = view<const float>(bias, {1, H, sq, sk});
+  softmax_attention(bhsd<const float>(q, 1, H, sq, D), bhsd<const float>(k, 1, Hk, sk, D),
+                    bhsd<const float>(v, 1, Hk, sk, Dv), bhsd(out.data(), 1, H, sq, Dv), o);
+  return out;
+}
+
+// Speculative decoding: each sequence verifies a tree of draft tokens in one paged call;
+// draft token i sees the cached prefix and its ancestors only (a packed tree mask), and
+// a per-head bias rides along. Equal to per-sequence calls with the same mask, bit for bit.
+TEST(KvCache, TreeMaskedDraftsOverAPagedCache) {
+  const std::vector<std::int32_t> prefix{40, 300, 0}, drafts{5, 1, 7};
+  const index_t B = 3, page = 16;
+  std::vector<std::int32_t> keys(B), cu{0};
+  for (index_t b = 0; b < B; ++b) keys[b] = prefix[b] + drafts[b], cu.push_back(cu.back() + drafts[b]);
+  const index_t total = cu.back();
+  paged_cache cache(page, keys);
+  const index_t width = cache.max_pages * page;
+  std::vector<std::vector<float>> ks(B), vs(B);
+  for (index_t b = 0; b < B; ++b) {
+    ks[b] = normal<float>(Hk * keys[b] * D, 30 + b);
+    vs[b] = normal<float>(Hk * keys[b] * Dv, 40 + b);
+    const std::int32_t start = 0;
+    append_kv_paged(bhsd<const float>(ks[b].data(), 1, Hk, keys[b], D),
+                    bhsd<const float>(vs[b].data(), 1, Hk, keys[b], Dv), cache.kview(), cache.vview(),
+                    slice(cache.tview(), 0, b, 1), std::span<const std::int32_t>(&start, 1));
+    cache.lens[b] = keys[b];
+  }
+  // The packed tree mask (1, 1, total, width) and a bias (1, H, total, width).
+  std::vector<std::uint8_t> mask(total * width, 0);
+  const auto bias = normal<float>(H * total * width, 7, 0.5);
+  std::mt19937 gen(3);
+  for (index_t b = 0; b < B; ++b) {
+    std::vector<index_t> parent(drafts[b], -1);
+    for (index_t i = 1; i < drafts[b]; ++i) parent[i] = index_t(gen() % i);
+    for (index_t i = 0; i < drafts[b]; ++i) {
+      std::uint8_t* row = &mask[(cu[b] + i) * width];
+      for (index_t j = 0; j < prefix[b]; ++j) row[j] = 1;
+      for (index_t a = i; a >= 0; a = parent[a]) row[prefix[b] + a] = 1;
+    }
+  }
+  const auto q = normal<float>(H * total * D, 9);
+  std::vector<float> out(H * total * Dv);
+  softmax_attention_paged(bhsd<const float>(q.data(), 1, H, total, D),
+                          tensor_view<const float, 4>(cache.kview()),
+                          tensor_view<const float, 4>(cache.vview()), bhsd(out.data(), 1, H, total, Dv),
+                          cache.tview(), cache.lens, cu,
+                          {.causal = true,
+                           .bias = view<const float>(bias.data(), {1, H, total, width}),
+                           .mask = view<const std::uint8_t>(mask.data(), {1, 1, total, width})});
+  for (index_t b = 0; b < B; ++b) {
+    const index_t sq = drafts[b], sk = keys[b];
+    std::vector<float> qb(H * sq * D), bb(H * sq * sk);
+    std::vector<std::uint8_t> mb(sq * sk);
+    for (index_t h = 0; h < H; ++h) std::copy_n(&q[(h * total + cu[b]) * D], sq * D, &qb[h * sq * D]);
+    for (index_t i = 0; i < sq; ++i) {
+      std::copy_n(&mask[(cu[b] + i) * width], sk, &mb[i * sk]);
+      for (index_t h = 0; h < H; ++h)
+        std::copy_n(&bias[(h * total + cu[b] + i) * width], sk, &bb[(h * sq + i) * sk]);
+    }
+    const auto want = alone_with(qb.data(), sq, ks[b].data(), vs[b].data(), sk, mb.data(), bb.data());
+    for (index_t h = 0; h < H; ++h)
+      for (index_t i = 0; i < sq; ++i)
+        for (index_t e = 0; e < Dv; ++e)
+          ASSERT_EQ(out[(h * total + cu[b] + i) * Dv + e], want[(h * sq + i) * Dv + e])
+              << "sequence " << b << " h " << h << " draft " << i;
+  }
+}
+
+// varlen with a packed bias and mask: sequence b reads its block of the packed matrix.
+TEST(KvCache, VarlenBiasAndMaskAreBlockDiagonal) {
+  const std::vector<std::int32_t> cu_q{0, 3, 3, 43, 44}, cu_k{0, 10, 15, 215, 216};
+  const index_t tq = cu_q.back(), tk = cu_k.back();
+  const auto q = normal<float>(H * tq * D, 1), k = normal<float>(Hk * tk * D, 2),
+             v = normal<float>(Hk * tk * Dv, 3), bias = normal<float>(H * tq * tk, 4, 0.5);
+  const auto mask = bernoulli(tq * tk, 5, 0.8);
+  std::vector<float> out(H * tq * Dv);
+  softmax_attention_varlen(bhsd<const float>(q.data(), 1, H, tq, D), bhsd<const float>(k.data(), 1, Hk, tk, D),
+                           bhsd<const float>(v.data(), 1, Hk, tk, Dv), bhsd(out.data(), 1, H, tq, Dv), cu_q,
+                           cu_k,
+                           {.causal = true,
+                            .bias = view<const float>(bias.data(), {1, H, tq, tk}),
+                            .mask = view<const std::uint8_t>(mask.data(), {1, 1, tq, tk})});
+  for (index_t b = 0; b + 1 < index_t(cu_q.size()); ++b) {
+    const index_t q0 = cu_q[b], sq = cu_q[b + 1] - q0, k0 = cu_k[b], sk = cu_k[b + 1] - k0;
+    std::vector<float> qb(H * sq * D), kb(Hk * sk * D), vb(Hk * sk * Dv), bb(H * sq * sk);
+    std::vector<std::uint8_t> mb(sq * sk);
+    for (index_t h = 0; h < H; ++h) std::copy_n(&q[(h * tq + q0) * D], sq * D, &qb[h * sq * D]);
+    for (index_t h = 0; h < Hk; ++h) {
+      std::copy_n(&k[(h * tk + k0) * D], sk * D, &kb[h * sk * D]);
+      std::copy_n(&v[(h * tk + k0) * Dv], sk * Dv, &vb[h * sk * Dv]);
+    }
+    for (index_t i = 0; i < sq; ++i) {
+      std::copy_n(&mask[(q0 + i) * tk + k0], sk, &mb[i * sk]);
+      for (index_t h = 0; h < H; ++h)
+        std::copy_n(&bias[(h * tq + q0 + i) * tk + k0], sk, &bb[(h * sq + i) * sk]);
+    }
+    const auto want = alone_with(qb.data(), sq, kb.data(), vb.data(), sk, mb.data(), bb.data());
+    for (index_t h = 0; h < H; ++h)
+      for (index_t i = 0; i < sq; ++i)
+        for (index_t e = 0; e < Dv; ++e)
+          ASSERT_EQ(out[(h * tq + q0 + i) * Dv + e], want[(h * sq + i) * Dv + e])
+              << "sequence " << b << " h " << h << " i " << i;
+  }
+}
+
 }  // namespace
 }  // namespace fovea::test

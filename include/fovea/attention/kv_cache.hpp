@@ -22,7 +22,8 @@ namespace fovea {
 ///
 /// The causal diagonal is bottom-right per sequence (its Sq queries are its last tokens).
 /// Each sequence is one problem of the dense engine: the result equals softmax_attention
-/// on each sequence's keys alone, bit for bit. bias and mask are not supported here.
+/// on each sequence's keys alone, bit for bit. bias and mask: (B|1, H|Hk|1, Sq|1,
+/// capacity|1), sequence b reading key columns [0, seqlens_k[b]).
 template <class Backend = default_backend, class TQ, class TK, class TV, class TO,
           class ScoreMod = identity_score_mod, class MaskMod = keep_all_mask_mod>
 requires detail::attention_types<TQ, TK, TV, TO>
@@ -42,7 +43,7 @@ void softmax_attention_kvcache(tensor_view<TQ, 4> q, tensor_view<TK, 4> k_cache,
     require(seqlens_k[b] >= 0 && seqlens_k[b] <= capacity, "seqlens_k: length ", b, " is ",
             seqlens_k[b], ", expected 0 to ", capacity, " (the cache's capacity, extent 2)");
   const double scale = check_scalar_options(options, q.extent(3));
-  check_no_bias_or_mask(options, "softmax_attention_kvcache");
+  check_sequence_terms(options, B, H, ck.extent(1), Sq, capacity, out);
   check_head_options(options, B, H);
   check_lse(options, B, H, Sq, cq, ck, cv, out);
   std::vector<dense_problem<T>> problems(B);
@@ -55,7 +56,7 @@ void softmax_attention_kvcache(tensor_view<TQ, 4> q, tensor_view<TK, 4> k_cache,
     pr.kv.k = slice(slice(ck, 0, b, 1), 2, 0, sk);
     pr.kv.v = slice(slice(cv, 0, b, 1), 2, 0, sk);
     pr.batch_base = b;
-    apply_options(pr, options, scale, group, Sq, sk);
+    apply_options(pr, sequence_options(options, b, 0, Sq, 0, sk), scale, group, Sq, sk);
   }
   run_dense<Backend>(std::span<const dense_problem<T>>(problems), custom,
                      resolve_threads(options.threads));

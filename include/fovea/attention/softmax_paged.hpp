@@ -66,7 +66,10 @@ void run_paged(const tensor_view<const T, 4>& cq, const tensor_view<const T, 4>&
     pr.kv.v = cv;
     pr.kv.table = slice(block_table, 0, b, 1);
     pr.batch_base = b;
-    apply_options(pr, options, scale, H / Hk, sq, seqlens_k[b]);
+    // bias and mask: batch row qb (unpacked calls) or the packed rows; keys from 0
+    const index_t bias_row = cq.extent(0) == 1 ? -1 : qb;
+    apply_options(pr, sequence_options(options, bias_row, q0, sq, 0, seqlens_k[b]), scale, H / Hk,
+                  sq, seqlens_k[b]);
   }
   run_dense<Backend>(std::span<const dense_problem<T>>(problems), custom,
                      resolve_threads(options.threads));
@@ -84,7 +87,9 @@ void run_paged(const tensor_view<const T, 4>& cq, const tensor_view<const T, 4>&
 /// Key j of sequence b is slot j % page_size of page block_table(b, j / page_size); only
 /// the first ceil(seqlens_k[b] / page_size) entries of a row are read. The causal
 /// diagonal is bottom-right per sequence (its Sq queries are its last tokens). bias and
-/// mask are not supported here; score_mod / mask_mod receive the batch index b. The result
+/// mask: (B|1, H|Hk|1, Sq|1, max_pages * page_size|1), key columns counted within each
+/// sequence (a sequence of n keys reads columns [0, n)); score_mod / mask_mod receive the
+/// batch index b. The result
 /// equals softmax_attention on the same keys and values laid out contiguously, bit for bit,
 /// for any page size: a tile that spans pages is gathered into the tile buffer first (a
 /// copy per tile when pages are smaller than the tile: 64 keys for prefill, 256 for decode).
@@ -107,7 +112,7 @@ void softmax_attention_paged(tensor_view<TQ, 4> q, tensor_view<TK, 4> k_cache,
   check_paged_cache(ck, cv, block_table, seqlens_k, B, H, D);
   check_output(out, cq, ck, "k_cache", cv, "v_cache");
   check_scalar_options(options, D);
-  check_no_bias_or_mask(options, "softmax_attention_paged");
+  check_sequence_terms(options, B, H, ck.extent(1), Sq, block_table.extent(1) * ck.extent(2), out);
   check_head_options(options, B, H);
   check_lse(options, B, H, Sq, cq, ck, cv, out);
   run_paged<Backend>(cq, ck, cv, out, block_table, seqlens_k, options, custom, B,
@@ -121,7 +126,9 @@ void softmax_attention_paged(tensor_view<TQ, 4> q, tensor_view<TK, 4> k_cache,
 /// whatever the thread count.
 ///
 ///   q: (1, H, total_q, D)   out: (1, H, total_q, Dv)   options.lse: (1, H, total_q)
-///   cu_seqlens_q: B + 1 offsets, 0 first, total_q last;  the rest as above.
+///   cu_seqlens_q: B + 1 offsets, 0 first, total_q last;  the rest as above, with bias
+///   and mask packed along the queries: (1, H|Hk|1, total_q|1, max_pages * page_size|1)
+///   (a speculative tree mask: each draft token's row keeps its ancestors' columns).
 template <class Backend = default_backend, class TQ, class TK, class TV, class TO,
           class ScoreMod = identity_score_mod, class MaskMod = keep_all_mask_mod>
 requires detail::attention_types<TQ, TK, TV, TO>
@@ -146,7 +153,8 @@ void softmax_attention_paged(tensor_view<TQ, 4> q, tensor_view<TK, 4> k_cache,
   check_paged_cache(ck, cv, block_table, seqlens_k, B, H, D);
   check_output(out, cq, ck, "k_cache", cv, "v_cache");
   check_scalar_options(options, D);
-  check_no_bias_or_mask(options, "softmax_attention_paged");
+  check_sequence_terms(options, 1, H, ck.extent(1), q.extent(2),
+                       block_table.extent(1) * ck.extent(2), out);
   check_head_options(options, B, H);
   check_lse(options, 1, H, q.extent(2), cq, ck, cv, out);
   run_paged<Backend>(cq, ck, cv, out, block_table, seqlens_k, options, custom, B,

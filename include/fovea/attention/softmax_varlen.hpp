@@ -22,9 +22,37 @@ inline void check_offsets(std::span<const std::int32_t> cu, index_t total, const
           " packed tokens");
 }
 
-inline void check_no_bias_or_mask(const softmax_options& o, const char* entry) {
-  require(o.bias.data() == nullptr && o.bias.empty(), "options.bias: not supported by ", entry);
-  require(o.mask.data() == nullptr && o.mask.empty(), "options.mask: not supported by ", entry);
+/// Checks bias and mask for a call of per-sequence problems: (B|1, H|Hk|1, rows|1,
+/// keys|1), as one call of B batch rows, `rows` query rows and `keys` key columns would.
+template <class T>
+void check_sequence_terms(const softmax_options& o, index_t B, index_t H, index_t Hk, index_t rows,
+                          index_t keys, const tensor_view<T, 4>& out) {
+  check_broadcast(o.bias, "options.bias", B, H, Hk, rows, keys);
+  check_broadcast(o.mask, "options.mask", B, H, Hk, rows, keys);
+  check_no_alias(out, "out", o.bias, "options.bias");
+  check_no_alias(out, "out", o.mask, "options.mask");
+}
+
+/// x along dimension d cut to [first, first + n), unless broadcast there (extent 1).
+template <class E>
+tensor_view<const E, 4> sequence_part(const tensor_view<const E, 4>& x, std::size_t d,
+                                      index_t first, index_t n) {
+  if (x.data() == nullptr || x.extent(d) == 1) return x;
+  return slice(x, d, first, n);
+}
+
+/// The options of one sequence's problem: bias and mask cut to its batch row `b` (-1:
+/// packed, batch extent 1), query rows [q0, q0 + sq) and key columns [k0, k0 + sk).
+inline softmax_options sequence_options(const softmax_options& o, index_t b, index_t q0, index_t sq,
+                                        index_t k0, index_t sk) {
+  softmax_options s = o;
+  auto cut = [&](const auto& x) {
+    auto y = b >= 0 ? sequence_part(x, 0, b, 1) : x;
+    return sequence_part(sequence_part(y, 2, q0, sq), 3, k0, sk);
+  };
+  s.bias = cut(o.bias);
+  s.mask = cut(o.mask);
+  return s;
 }
 
 }  // namespace detail
@@ -38,8 +66,10 @@ inline void check_no_bias_or_mask(const softmax_options& o, const char* entry) {
 /// (fovea::bshd(ptr, 1, total, heads, dim) views FlashAttention's packed (total, heads, dim)
 /// tensors.) Each sequence is attended on its own, with the causal diagonal, window and
 /// ALiBi anchored per sequence; options.alibi_slopes may be (sequences|1, H). bias and
-/// mask are not supported here. score_mod / mask_mod receive b = the sequence index and
-/// positions within the sequence. Everything else is as softmax_attention.
+/// mask are packed like q and k: (1, H|Hk|1, total_q|1, total_k|1), sequence b reading
+/// rows [cu_q[b], cu_q[b+1]) and columns [cu_k[b], cu_k[b+1]) (the block diagonal).
+/// score_mod / mask_mod receive b = the sequence index and positions within the
+/// sequence. Everything else is as softmax_attention.
 template <class Backend = default_backend, class TQ, class TK, class TV, class TO,
           class ScoreMod = identity_score_mod, class MaskMod = keep_all_mask_mod>
 requires detail::attention_types<TQ, TK, TV, TO>
@@ -61,7 +91,7 @@ void softmax_attention_varlen(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor
           " offsets, expected ", cu_seqlens_q.size(), " like cu_seqlens_q");
   const index_t sequences = index_t(cu_seqlens_q.size()) - 1;
   const double scale = check_scalar_options(options, q.extent(3));
-  check_no_bias_or_mask(options, "softmax_attention_varlen");
+  check_sequence_terms(options, 1, H, k.extent(1), q.extent(2), k.extent(2), out);
   check_head_options(options, sequences, H);
   check_lse(options, 1, H, q.extent(2), cq, ck, cv, out);
 
@@ -76,7 +106,7 @@ void softmax_attention_varlen(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor
     pr.kv.k = slice(ck, 2, k0, sk);
     pr.kv.v = slice(cv, 2, k0, sk);
     pr.batch_base = b;
-    apply_options(pr, options, scale, group, sq, sk);
+    apply_options(pr, sequence_options(options, -1, q0, sq, k0, sk), scale, group, sq, sk);
   }
   run_dense<Backend>(std::span<const dense_problem<T>>(problems), custom,
                      resolve_threads(options.threads));
