@@ -89,6 +89,19 @@ index_t check_new_rows(const tensor_view<const S, 4>& x, const char* name,
   return x.extent(2);
 }
 
+/// New keys and values against their caches (B sequences): returns the token count n.
+template <class K, class V, class CK, class CV>
+index_t check_new_kv(const tensor_view<const K, 4>& kn, const tensor_view<const V, 4>& vn,
+                     const tensor_view<CK, 4>& k_cache, const tensor_view<CV, 4>& v_cache,
+                     index_t B) {
+  const index_t n = check_new_rows(kn, "k_new", k_cache, "k_cache", B);
+  check_new_rows(vn, "v_new", v_cache, "v_cache", B);
+  require(vn.extent(2) == n, "v_new: extent 2 (tokens) is ", vn.extent(2), ", expected ", n,
+          " as k_new");
+  check_no_alias(k_cache, "k_cache", v_cache, "v_cache");
+  return n;
+}
+
 /// Copies rows r of x (b, h) to dst(r), converted to the cache's type.
 template <class S, class C, class Dst>
 void copy_rows(const tensor_view<const S, 4>& x, Dst&& dst) {
@@ -127,11 +140,7 @@ void append_kv(tensor_view<SK, 4> k_new, tensor_view<SV, 4> v_new, tensor_view<C
               v_cache.extent(2) == capacity,
           "v_cache: extents (", v_cache.extent(0), ", ", v_cache.extent(1), ", ", v_cache.extent(2),
           ", _) differ from k_cache's (", B, ", ", k_cache.extent(1), ", ", capacity, ", _)");
-  const index_t n = check_new_rows(kn, "k_new", k_cache, "k_cache", B);
-  check_new_rows(vn, "v_new", v_cache, "v_cache", B);
-  require(vn.extent(2) == n, "v_new: extent 2 (tokens) is ", vn.extent(2), ", expected ", n,
-          " as k_new");
-  check_no_alias(k_cache, "k_cache", v_cache, "v_cache");
+  const index_t n = check_new_kv(kn, vn, k_cache, v_cache, B);
   require(index_t(seqlens_k.size()) == B, "seqlens_k: has ", seqlens_k.size(),
           " lengths, expected ", B);
   for (index_t b = 0; b < B; ++b)
@@ -174,11 +183,7 @@ void append_kv_paged(tensor_view<SK, 4> k_new, tensor_view<SV, 4> v_new,
           ", _) differ from k_cache's (", pages, ", ", k_cache.extent(1), ", ", page_size, ", _)");
   check_data(block_table, "block_table");
   const index_t B = block_table.extent(0);
-  const index_t n = check_new_rows(kn, "k_new", k_cache, "k_cache", B);
-  check_new_rows(vn, "v_new", v_cache, "v_cache", B);
-  require(vn.extent(2) == n, "v_new: extent 2 (tokens) is ", vn.extent(2), ", expected ", n,
-          " as k_new");
-  check_no_alias(k_cache, "k_cache", v_cache, "v_cache");
+  const index_t n = check_new_kv(kn, vn, k_cache, v_cache, B);
   require(index_t(seqlens_k.size()) == B, "seqlens_k: has ", seqlens_k.size(),
           " lengths, expected ", B, " (the block table's rows)");
   for (index_t b = 0; b < B; ++b) {
