@@ -50,11 +50,11 @@ TEST(KvCache, PerSequenceLengthsOverACapacity) {
         std::vector<float> qb(H * Sq * D), kb(Hk * sk * D), vb(Hk * sk * Dv);
         for (index_t h = 0; h < H; ++h)
           for (index_t i = 0; i < Sq; ++i)
-            std::copy_n(&q[((b * Sq + i) * H + h) * D], D, &qb[(h * Sq + i) * D]);
+            std::copy_n(q.data() + ((b * Sq + i) * H + h) * D, D, qb.data() + (h * Sq + i) * D);
         for (index_t h = 0; h < Hk; ++h)
           for (index_t j = 0; j < sk; ++j) {
-            std::copy_n(&kc[((b * capacity + j) * Hk + h) * D], D, &kb[(h * sk + j) * D]);
-            std::copy_n(&vc[((b * capacity + j) * Hk + h) * Dv], Dv, &vb[(h * sk + j) * Dv]);
+            std::copy_n(kc.data() + ((b * capacity + j) * Hk + h) * D, D, kb.data() + (h * sk + j) * D);
+            std::copy_n(vc.data() + ((b * capacity + j) * Hk + h) * Dv, Dv, vb.data() + (h * sk + j) * Dv);
           }
         const auto want = alone(qb.data(), Sq, kb.data(), vb.data(), sk, causal);
         for (index_t h = 0; h < H; ++h)
@@ -156,7 +156,7 @@ TEST(KvCache, RaggedQueriesOverAPagedCacheEqualPerSequenceCalls) {
         const index_t sq = new_q[b], sk = keys[b];
         std::vector<float> qb(H * sq * D);
         for (index_t h = 0; h < H; ++h)
-          std::copy_n(&q[(h * total + cu[b]) * D], sq * D, &qb[h * sq * D]);
+          std::copy_n(q.data() + (h * total + cu[b]) * D, sq * D, qb.data() + h * sq * D);
         const auto want = alone(qb.data(), sq, ks[b].data(), vs[b].data(), sk, true);
         for (index_t h = 0; h < H; ++h)
           for (index_t i = 0; i < sq; ++i)
@@ -269,7 +269,7 @@ TEST(KvCache, TreeMaskedDraftsOverAPagedCache) {
     std::vector<index_t> parent(drafts[b], -1);
     for (index_t i = 1; i < drafts[b]; ++i) parent[i] = index_t(gen() % i);
     for (index_t i = 0; i < drafts[b]; ++i) {
-      std::uint8_t* row = &mask[(cu[b] + i) * width];
+      std::uint8_t* row = mask.data() + (cu[b] + i) * width;
       for (index_t j = 0; j < prefix[b]; ++j) row[j] = 1;
       for (index_t a = i; a >= 0; a = parent[a]) row[prefix[b] + a] = 1;
     }
@@ -287,11 +287,11 @@ TEST(KvCache, TreeMaskedDraftsOverAPagedCache) {
     const index_t sq = drafts[b], sk = keys[b];
     std::vector<float> qb(H * sq * D), bb(H * sq * sk);
     std::vector<std::uint8_t> mb(sq * sk);
-    for (index_t h = 0; h < H; ++h) std::copy_n(&q[(h * total + cu[b]) * D], sq * D, &qb[h * sq * D]);
+    for (index_t h = 0; h < H; ++h) std::copy_n(q.data() + (h * total + cu[b]) * D, sq * D, qb.data() + h * sq * D);
     for (index_t i = 0; i < sq; ++i) {
-      std::copy_n(&mask[(cu[b] + i) * width], sk, &mb[i * sk]);
+      std::copy_n(mask.data() + (cu[b] + i) * width, sk, mb.data() + i * sk);
       for (index_t h = 0; h < H; ++h)
-        std::copy_n(&bias[(h * total + cu[b] + i) * width], sk, &bb[(h * sq + i) * sk]);
+        std::copy_n(bias.data() + (h * total + cu[b] + i) * width, sk, bb.data() + (h * sq + i) * sk);
     }
     const auto want = alone_with(qb.data(), sq, ks[b].data(), vs[b].data(), sk, mb.data(), bb.data());
     for (index_t h = 0; h < H; ++h)
@@ -320,15 +320,15 @@ TEST(KvCache, VarlenBiasAndMaskAreBlockDiagonal) {
     const index_t q0 = cu_q[b], sq = cu_q[b + 1] - q0, k0 = cu_k[b], sk = cu_k[b + 1] - k0;
     std::vector<float> qb(H * sq * D), kb(Hk * sk * D), vb(Hk * sk * Dv), bb(H * sq * sk);
     std::vector<std::uint8_t> mb(sq * sk);
-    for (index_t h = 0; h < H; ++h) std::copy_n(&q[(h * tq + q0) * D], sq * D, &qb[h * sq * D]);
+    for (index_t h = 0; h < H; ++h) std::copy_n(q.data() + (h * tq + q0) * D, sq * D, qb.data() + h * sq * D);
     for (index_t h = 0; h < Hk; ++h) {
-      std::copy_n(&k[(h * tk + k0) * D], sk * D, &kb[h * sk * D]);
-      std::copy_n(&v[(h * tk + k0) * Dv], sk * Dv, &vb[h * sk * Dv]);
+      std::copy_n(k.data() + (h * tk + k0) * D, sk * D, kb.data() + h * sk * D);
+      std::copy_n(v.data() + (h * tk + k0) * Dv, sk * Dv, vb.data() + h * sk * Dv);
     }
     for (index_t i = 0; i < sq; ++i) {
-      std::copy_n(&mask[(q0 + i) * tk + k0], sk, &mb[i * sk]);
+      std::copy_n(mask.data() + (q0 + i) * tk + k0, sk, mb.data() + i * sk);
       for (index_t h = 0; h < H; ++h)
-        std::copy_n(&bias[(h * tq + q0 + i) * tk + k0], sk, &bb[(h * sq + i) * sk]);
+        std::copy_n(bias.data() + (h * tq + q0 + i) * tk + k0, sk, bb.data() + (h * sq + i) * sk);
     }
     const auto want = alone_with(qb.data(), sq, kb.data(), vb.data(), sk, mb.data(), bb.data());
     for (index_t h = 0; h < H; ++h)

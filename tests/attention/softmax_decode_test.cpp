@@ -145,10 +145,11 @@ TYPED_TEST(SoftmaxDecode, VarlenRejectsBadOffsets) {
   expect_error("cu_seqlens_q", [&] { call({0, 5, 9}, {0, 3, 10}); });
   expect_error("cu_seqlens_k", [&] { call({0, 5, 10}, {1, 3, 10}); });
   expect_error("cu_seqlens_k", [&] { call({0, 5, 10}, {0, 10}); });
-  const float bias = 0;
+  // A bias must span the packed queries and keys (or broadcast): 4 key columns are neither.
+  const std::vector<float> bias(10 * 4, 0.f);
   softmax_options with_bias;
-  with_bias.bias = view<const float, 4>(&bias, {1, 1, 1, 1});
-  expect_error("options.bias", [&] { call({0, 5, 10}, {0, 3, 10}, with_bias); });
+  with_bias.bias = view<const float, 4>(bias.data(), {1, 1, 10, 4});
+  expect_error("options.bias: extent 3 (keys) is 4", [&] { call({0, 5, 10}, {0, 3, 10}, with_bias); });
 }
 
 // ---- paged KV ------------------------------------------------------------------------
