@@ -1,8 +1,12 @@
 // The argument checks every (q, k, v, out) front-end shares.
 #pragma once
 
+#include <cmath>
+#include <cstdint>
+#include <string_view>
 #include <type_traits>
 
+#include "../core/cache_types.hpp"
 #include "../core/error.hpp"
 #include "../core/storage.hpp"
 #include "../core/tensor_view.hpp"
@@ -10,17 +14,87 @@
 
 namespace fovea::detail {
 
+/// q, k, v and out of one storage type.
 template <class TQ, class TK, class TV, class TO>
 concept attention_types = is_storage_type_v<TQ> && !std::is_const_v<TO> &&
                           std::is_same_v<std::remove_const_t<TQ>, std::remove_const_t<TK>> &&
                           std::is_same_v<std::remove_const_t<TQ>, std::remove_const_t<TV>> &&
                           std::is_same_v<std::remove_const_t<TQ>, TO>;
 
+/// q and out of one storage type; k and v each of any cache type (float, bf16, fp16,
+/// block_q8_0, int8, e4m3, e5m2) computed in float, or all four double.
+template <class TQ, class TK, class TV, class TO>
+concept mixed_attention_types =
+    is_storage_type_v<TQ> && !std::is_const_v<TO> && std::is_same_v<std::remove_const_t<TQ>, TO> &&
+    is_cache_type_v<TK> && is_cache_type_v<TV> &&
+    std::is_same_v<TO, double> == std::is_same_v<std::remove_const_t<TK>, double> &&
+    std::is_same_v<TO, double> == std::is_same_v<std::remove_const_t<TV>, double>;
+
+/// The name of a cache type, for messages.
+template <class S>
+constexpr const char* cache_type_name() noexcept {
+  using E = std::remove_const_t<S>;
+  if constexpr (std::is_same_v<E, float>) return "float";
+  else if constexpr (std::is_same_v<E, double>) return "double";
+  else if constexpr (std::is_same_v<E, bfloat16>) return "bfloat16";
+  else if constexpr (std::is_same_v<E, half>) return "half";
+  else if constexpr (std::is_same_v<E, block_q8_0>) return "block_q8_0";
+  else if constexpr (std::is_same_v<E, std::int8_t>) return "int8";
+  else if constexpr (std::is_same_v<E, e4m3>) return "e4m3";
+  else return "e5m2";
+}
+
+/// A cache of blocks (block_q8_0): rows of whole blocks, every stride a whole block.
+template <class S>
+void check_blocks(const tensor_view<S, 4>& c, std::string_view name) {
+  constexpr index_t per = values_per_element<S>::value;
+  if constexpr (per > 1) {
+    require(c.extent(3) % per == 0, name, ": extent 3 (dim) is ", c.extent(3),
+            ", expected a multiple of ", per, " (", cache_type_name<S>(), " blocks)");
+    for (std::size_t r = 0; r < 3; ++r)
+      require(c.extent(r) <= 1 || c.stride(r) % per == 0, name, ": stride ", r, " is ",
+              c.stride(r), " values, expected a multiple of ", per, " (whole ",
+              cache_type_name<S>(), " blocks)");
+  }
+}
+
+/// The scales of a key or value cache of type S with `rows` (batch or pages), Hk heads
+/// and `slots` (keys or page size): (rows|1, Hk|1, slots|1) for int8 (required) and fp8
+/// (optional, default 1; every scale finite); empty for the other types.
+template <class S>
+void check_cache_scales(const tensor_view<const float, 3>& s, std::string_view name,
+                        index_t rows, index_t Hk, index_t slots) {
+  const bool given = s.data() != nullptr || !s.empty();
+  if constexpr (!is_scaled_v<S>) {
+    require(!given, name, ": given for a ", cache_type_name<S>(),
+            " cache, which has no separate scales");
+  } else {
+    if (!given) {
+      require(!std::is_same_v<std::remove_const_t<S>, std::int8_t>, name,
+              ": an int8 cache needs its scales, (", rows, "|1, ", Hk, "|1, ", slots, "|1)");
+      return;
+    }
+    check_data(s, name);
+    require(s.data() != nullptr, name, ": data is null");
+    const index_t full[3] = {rows, Hk, slots};
+    const char* what[3] = {"batch or pages", "heads", "keys or page slots"};
+    for (std::size_t r = 0; r < 3; ++r)
+      require(s.extent(r) == 1 || s.extent(r) == full[r], name, ": extent ", r, " (", what[r],
+              ") is ", s.extent(r), ", expected 1 (broadcast) or ", full[r]);
+    if constexpr (!std::is_same_v<std::remove_const_t<S>, std::int8_t>)
+      for (index_t a = 0; a < s.extent(0); ++a)
+        for (index_t h = 0; h < s.extent(1); ++h)
+          for (index_t t = 0; t < s.extent(2); ++t)
+            require(std::isfinite(s(a, h, t)), name, ": scale (", a, ", ", h, ", ", t, ") is ",
+                    s(a, h, t), ", expected a finite fp8 scale");
+  }
+}
+
 /// out: (B, H, Sq, Dv) of q and v, one-to-one, overlapping none of the inputs.
-template <class T>
+template <class T, class K, class V>
 void check_output(const tensor_view<T, 4>& out, const tensor_view<const T, 4>& q,
-                  const tensor_view<const T, 4>& k, const char* k_name,
-                  const tensor_view<const T, 4>& v, const char* v_name) {
+                  const tensor_view<const K, 4>& k, const char* k_name,
+                  const tensor_view<const V, 4>& v, const char* v_name) {
   check_extent(out, 0, q.extent(0), "out", "batch of q");
   check_extent(out, 1, q.extent(1), "out", "heads of q");
   check_extent(out, 2, q.extent(2), "out", "queries of q");
@@ -32,12 +106,14 @@ void check_output(const tensor_view<T, 4>& out, const tensor_view<const T, 4>& q
 }
 
 /// The shape checks every (q, k, v, out) front-end shares; returns the GQA group size.
-template <class T>
-index_t check_qkvo(const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
-                   const tensor_view<const T, 4>& v, const tensor_view<T, 4>& out) {
+template <class T, class K, class V>
+index_t check_qkvo(const tensor_view<const T, 4>& q, const tensor_view<const K, 4>& k,
+                   const tensor_view<const V, 4>& v, const tensor_view<T, 4>& out) {
   check_rows(q, "q");
   check_rows(k, "k");
   check_rows(v, "v");
+  check_blocks(k, "k");
+  check_blocks(v, "v");
   check_rows(out, "out");
   const index_t B = q.extent(0), H = q.extent(1), D = q.extent(3);
   const index_t Hk = k.extent(1), Sk = k.extent(2);

@@ -10,6 +10,7 @@
 
 #include "../core/error.hpp"
 #include "../core/parallel.hpp"
+#include "../core/cache_types.hpp"
 #include "../core/storage.hpp"
 #include "../core/tensor_view.hpp"
 #include "../core/validate.hpp"
@@ -41,6 +42,11 @@ struct softmax_options {
   tensor_view<const float, 2> alibi_slopes{};  ///< (B|1, H): adds -slope * |i + off - j|
   tensor_view<const float, 1> sinks{};         ///< (H): a sink logit per head, denominator only
   tensor_view<float, 3> lse{};                 ///< out, optional (B, H, Sq): log-sum-exp
+  /// Scales of int8 and fp8 key / value caches (value = stored value * scale), indexed like
+  /// the cache's (batch, head, key) (paged: (page, head, slot)), any dimension 1 to
+  /// broadcast: per tensor (1, 1, 1), per head (1, Hk, 1) (vLLM's fp8), per token and
+  /// head (B, Hk, Sk) (ONNX Runtime's and KIVI's int8). Required for int8; fp8 default 1.
+  tensor_view<const float, 3> k_scale{}, v_scale{};
   int threads = 0;                             ///< 0: all OpenMP offers; 1: serial
 };
 
@@ -79,10 +85,10 @@ inline void check_head_options(const softmax_options& o, index_t batches, index_
 }
 
 /// lse: (B, H, Sq), not overlapping out or the inputs.
-template <class T>
+template <class T, class K, class V>
 void check_lse(const softmax_options& o, index_t B, index_t H, index_t Sq,
-               const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
-               const tensor_view<const T, 4>& v, const tensor_view<T, 4>& out) {
+               const tensor_view<const T, 4>& q, const tensor_view<const K, 4>& k,
+               const tensor_view<const V, 4>& v, const tensor_view<T, 4>& out) {
   if (o.lse.data() == nullptr && o.lse.empty()) return;
   check_data(o.lse, "options.lse");
   require(o.lse.data() != nullptr, "options.lse: data is null");
@@ -99,8 +105,8 @@ void check_lse(const softmax_options& o, index_t B, index_t H, index_t Sq,
 }
 
 /// The options as the engine wants them, for a problem of Sq queries and Sk keys.
-template <class S>
-void apply_options(dense_problem<S>& pr, const softmax_options& o, double scale, index_t group,
+template <class S, class K, class V>
+void apply_options(dense_problem<S, K, V>& pr, const softmax_options& o, double scale, index_t group,
                    index_t Sq, index_t Sk) {
   using T = accumulator_t<S>;
   pr.keys = Sk;
@@ -118,11 +124,33 @@ void apply_options(dense_problem<S>& pr, const softmax_options& o, double scale,
   pr.terms.group = group;
 }
 
-template <class T>
-dense_problem<T> make_softmax_problem(const tensor_view<const T, 4>& q,
-                                      const tensor_view<const T, 4>& k,
-                                      const tensor_view<const T, 4>& v,
-                                      const tensor_view<T, 4>& out, const softmax_options& o) {
+/// k_scale and v_scale for caches of K and V with `rows` (batch or pages), Hk heads and
+/// `slots` (keys or page size).
+template <class K, class V>
+void check_scales(const softmax_options& o, index_t rows, index_t Hk, index_t slots) {
+  check_cache_scales<K>(o.k_scale, "options.k_scale", rows, Hk, slots);
+  check_cache_scales<V>(o.v_scale, "options.v_scale", rows, Hk, slots);
+}
+
+/// A scale view cut to batch row b (unless broadcast) from key `first` (unless
+/// broadcast), for one sequence's problem.
+inline tensor_view<const float, 3> sequence_scales(const tensor_view<const float, 3>& s, index_t b,
+                                                   index_t first) {
+  if (s.data() == nullptr) return s;
+  auto cut = s;
+  if (cut.extent(0) > 1) cut = slice(cut, 0, b, 1);
+  if (cut.extent(2) > 1) cut = slice(cut, 2, first, cut.extent(2) - first);
+  return cut;
+}
+
+template <class T, class KS, class VS, class K = std::remove_const_t<KS>,
+          class V = std::remove_const_t<VS>>
+dense_problem<T, K, V> make_softmax_problem(const tensor_view<const T, 4>& q,
+                                            tensor_view<KS, 4> key, tensor_view<VS, 4> value,
+                                            const tensor_view<T, 4>& out,
+                                            const softmax_options& o) {
+  const tensor_view<const K, 4> k = key;
+  const tensor_view<const V, 4> v = value;
   const index_t group = check_qkvo(q, k, v, out);
   const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2), D = q.extent(3);
   const index_t Hk = k.extent(1), Sk = k.extent(2);
@@ -133,13 +161,16 @@ dense_problem<T> make_softmax_problem(const tensor_view<const T, 4>& q,
   check_lse(o, B, H, Sq, q, k, v, out);
   check_no_alias(out, "out", o.bias, "options.bias");
   check_no_alias(out, "out", o.mask, "options.mask");
+  check_scales<K, V>(o, B, Hk, Sk);
 
-  dense_problem<T> pr;
+  dense_problem<T, K, V> pr;
   pr.q = q;
   pr.out = out;
   pr.lse = o.lse;
   pr.kv.k = k;
   pr.kv.v = v;
+  pr.kv.k_scale = o.k_scale;
+  pr.kv.v_scale = o.v_scale;
   apply_options(pr, o, scale, group, Sq, Sk);
   return pr;
 }
@@ -151,9 +182,13 @@ dense_problem<T> make_softmax_problem(const tensor_view<const T, 4>& q,
 ///   q:   (B, H,  Sq, D)    k: (B, Hk, Sk, D)    v: (B, Hk, Sk, Dv)    out: (B, H, Sq, Dv)
 ///
 /// Hk divides H (GQA/MQA: query head h reads key/value head h / (H / Hk)). Any strides
-/// with innermost stride 1 (bhsd, bshd, ...). Storage: float or double (accumulated in
-/// that type), or fovea::bfloat16 / fovea::half (accumulated in float); q, k, v and out
-/// in one type.
+/// with innermost stride 1 (bhsd, bshd, ...). Storage: q and out in one type, float or
+/// double (accumulated in that type), or fovea::bfloat16 / fovea::half (accumulated in
+/// float). k and v each in its own cache type (with q and out in float, bf16 or fp16):
+/// float, bf16, fp16, fovea::block_q8_0 (D and Dv multiples of 32), int8 (with
+/// options.k_scale / v_scale) or fovea::e4m3 / e5m2 (optional scales); or all double.
+/// Quantized rows are dequantized once per tile (64 keys prefill, 256 decode) into float;
+/// the result is attention over the dequantized values (fovea::dequantize).
 ///
 /// Paths: a call with at most 16 queries per sequence (decode_max_queries) takes the
 /// decode path: the query heads of a key/value head are stacked as columns of one tile,
@@ -172,7 +207,7 @@ dense_problem<T> make_softmax_problem(const tensor_view<const T, 4>& q,
 /// `Backend` selects scalar or simd<Arch> code (default: the best the flags allow).
 template <class Backend = default_backend, class TQ, class TK, class TV, class TO,
           class ScoreMod = identity_score_mod, class MaskMod = keep_all_mask_mod>
-requires detail::attention_types<TQ, TK, TV, TO>
+requires detail::mixed_attention_types<TQ, TK, TV, TO>
 void softmax_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v,
                        tensor_view<TO, 4> out, const softmax_options& options = {},
                        const custom_variant<ScoreMod, MaskMod>& custom = {}) {

@@ -14,12 +14,14 @@ namespace fovea {
 namespace detail {
 
 /// Validates a paged cache and its block table for `B` sequences of seqlens_k keys.
-template <class T>
-void check_paged_cache(const tensor_view<const T, 4>& ck, const tensor_view<const T, 4>& cv,
+template <class K, class V>
+void check_paged_cache(const tensor_view<const K, 4>& ck, const tensor_view<const V, 4>& cv,
                        tensor_view<const std::int32_t, 2> block_table,
                        std::span<const std::int32_t> seqlens_k, index_t B, index_t H, index_t D) {
   check_rows(ck, "k_cache");
   check_rows(cv, "v_cache");
+  check_blocks(ck, "k_cache");
+  check_blocks(cv, "v_cache");
   const index_t pages = ck.extent(0), Hk = ck.extent(1), page_size = ck.extent(2);
   require(Hk >= 1 && H % Hk == 0, "k_cache: extent 1 (heads) is ", Hk,
           ", which does not divide the ", H, " heads of q");
@@ -47,31 +49,34 @@ void check_paged_cache(const tensor_view<const T, 4>& ck, const tensor_view<cons
 
 /// One dense problem per sequence b over its pages: queries [q0(b), q0(b) + sq(b)) of
 /// batch row qb(b) of q (and out, lse).
-template <class Backend, class T, class ScoreMod, class MaskMod, class Rows>
-void run_paged(const tensor_view<const T, 4>& cq, const tensor_view<const T, 4>& ck,
-               const tensor_view<const T, 4>& cv, const tensor_view<T, 4>& out,
+template <class Backend, class T, class K, class V, class ScoreMod, class MaskMod, class Rows>
+void run_paged(const tensor_view<const T, 4>& cq, const tensor_view<const K, 4>& ck,
+               const tensor_view<const V, 4>& cv, const tensor_view<T, 4>& out,
                tensor_view<const std::int32_t, 2> block_table,
                std::span<const std::int32_t> seqlens_k, const softmax_options& options,
                const custom_variant<ScoreMod, MaskMod>& custom, index_t B, Rows&& rows) {
   const index_t H = cq.extent(1), Hk = ck.extent(1);
   const double scale = check_scalar_options(options, cq.extent(3));
-  std::vector<dense_problem<T>> problems(B);
+  check_scales<K, V>(options, ck.extent(0), Hk, ck.extent(2));
+  std::vector<dense_problem<T, K, V>> problems(B);
   for (index_t b = 0; b < B; ++b) {
     const auto [qb, q0, sq] = rows(b);
-    dense_problem<T>& pr = problems[b];
+    dense_problem<T, K, V>& pr = problems[b];
     pr.q = slice(slice(cq, 0, qb, 1), 2, q0, sq);
     pr.out = slice(slice(out, 0, qb, 1), 2, q0, sq);
     if (options.lse.data()) pr.lse = slice(slice(options.lse, 0, qb, 1), 2, q0, sq);
     pr.kv.k = ck;
     pr.kv.v = cv;
     pr.kv.table = slice(block_table, 0, b, 1);
+    pr.kv.k_scale = options.k_scale;
+    pr.kv.v_scale = options.v_scale;
     pr.batch_base = b;
     // bias and mask: batch row qb (unpacked calls) or the packed rows; keys from 0
     const index_t bias_row = cq.extent(0) == 1 ? -1 : qb;
     apply_options(pr, sequence_options(options, bias_row, q0, sq, 0, seqlens_k[b]), scale, H / Hk,
                   sq, seqlens_k[b]);
   }
-  run_dense<Backend>(std::span<const dense_problem<T>>(problems), custom,
+  run_dense<Backend>(std::span<const dense_problem<T, K, V>>(problems), custom,
                      resolve_threads(options.threads));
 }
 
@@ -93,9 +98,11 @@ void run_paged(const tensor_view<const T, 4>& cq, const tensor_view<const T, 4>&
 /// equals softmax_attention on the same keys and values laid out contiguously, bit for bit,
 /// for any page size: a tile that spans pages is gathered into the tile buffer first (a
 /// copy per tile when pages are smaller than the tile: 64 keys for prefill, 256 for decode).
+/// Storage types as softmax_attention; k_scale / v_scale (int8, fp8 caches): (pages|1,
+/// Hk|1, page_size|1), indexed like the cache.
 template <class Backend = default_backend, class TQ, class TK, class TV, class TO,
           class ScoreMod = identity_score_mod, class MaskMod = keep_all_mask_mod>
-requires detail::attention_types<TQ, TK, TV, TO>
+requires detail::mixed_attention_types<TQ, TK, TV, TO>
 void softmax_attention_paged(tensor_view<TQ, 4> q, tensor_view<TK, 4> k_cache,
                              tensor_view<TV, 4> v_cache, tensor_view<TO, 4> out,
                              tensor_view<const std::int32_t, 2> block_table,
@@ -104,7 +111,9 @@ void softmax_attention_paged(tensor_view<TQ, 4> q, tensor_view<TK, 4> k_cache,
                              const custom_variant<ScoreMod, MaskMod>& custom = {}) {
   using T = TO;
   using namespace detail;
-  const tensor_view<const T, 4> cq = q, ck = k_cache, cv = v_cache;
+  const tensor_view<const T, 4> cq = q;
+  const tensor_view<const std::remove_const_t<TK>, 4> ck = k_cache;
+  const tensor_view<const std::remove_const_t<TV>, 4> cv = v_cache;
   check_rows(cq, "q");
   check_rows(out, "out");
   const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2), D = q.extent(3);
@@ -131,7 +140,7 @@ void softmax_attention_paged(tensor_view<TQ, 4> q, tensor_view<TK, 4> k_cache,
 ///   (a speculative tree mask: each draft token's row keeps its ancestors' columns).
 template <class Backend = default_backend, class TQ, class TK, class TV, class TO,
           class ScoreMod = identity_score_mod, class MaskMod = keep_all_mask_mod>
-requires detail::attention_types<TQ, TK, TV, TO>
+requires detail::mixed_attention_types<TQ, TK, TV, TO>
 void softmax_attention_paged(tensor_view<TQ, 4> q, tensor_view<TK, 4> k_cache,
                              tensor_view<TV, 4> v_cache, tensor_view<TO, 4> out,
                              tensor_view<const std::int32_t, 2> block_table,
@@ -141,7 +150,9 @@ void softmax_attention_paged(tensor_view<TQ, 4> q, tensor_view<TK, 4> k_cache,
                              const custom_variant<ScoreMod, MaskMod>& custom = {}) {
   using T = TO;
   using namespace detail;
-  const tensor_view<const T, 4> cq = q, ck = k_cache, cv = v_cache;
+  const tensor_view<const T, 4> cq = q;
+  const tensor_view<const std::remove_const_t<TK>, 4> ck = k_cache;
+  const tensor_view<const std::remove_const_t<TV>, 4> cv = v_cache;
   check_rows(cq, "q");
   check_rows(out, "out");
   const index_t H = q.extent(1), D = q.extent(3);

@@ -69,18 +69,23 @@ inline softmax_options sequence_options(const softmax_options& o, index_t b, ind
 /// mask are packed like q and k: (1, H|Hk|1, total_q|1, total_k|1), sequence b reading
 /// rows [cu_q[b], cu_q[b+1]) and columns [cu_k[b], cu_k[b+1]) (the block diagonal).
 /// score_mod / mask_mod receive b = the sequence index and positions within the
-/// sequence. Everything else is as softmax_attention.
+/// sequence. k_scale / v_scale (int8, fp8 caches): (1, Hk|1, total_k|1). Everything else
+/// (the storage types too) is as softmax_attention.
 template <class Backend = default_backend, class TQ, class TK, class TV, class TO,
           class ScoreMod = identity_score_mod, class MaskMod = keep_all_mask_mod>
-requires detail::attention_types<TQ, TK, TV, TO>
+requires detail::mixed_attention_types<TQ, TK, TV, TO>
 void softmax_attention_varlen(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v,
                               tensor_view<TO, 4> out, std::span<const std::int32_t> cu_seqlens_q,
                               std::span<const std::int32_t> cu_seqlens_k,
                               const softmax_options& options = {},
                               const custom_variant<ScoreMod, MaskMod>& custom = {}) {
   using T = TO;
+  using K = std::remove_const_t<TK>;
+  using V = std::remove_const_t<TV>;
   using namespace detail;
-  const tensor_view<const T, 4> cq = q, ck = k, cv = v;
+  const tensor_view<const T, 4> cq = q;
+  const tensor_view<const K, 4> ck = k;
+  const tensor_view<const V, 4> cv = v;
   const index_t group = check_qkvo(cq, ck, cv, out);
   require(q.extent(0) == 1, "q: extent 0 (batch) is ", q.extent(0),
           ", expected 1 (sequences are packed along seq)");
@@ -94,21 +99,24 @@ void softmax_attention_varlen(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor
   check_sequence_terms(options, 1, H, k.extent(1), q.extent(2), k.extent(2), out);
   check_head_options(options, sequences, H);
   check_lse(options, 1, H, q.extent(2), cq, ck, cv, out);
+  check_scales<K, V>(options, 1, k.extent(1), k.extent(2));
 
-  std::vector<dense_problem<T>> problems(sequences);
+  std::vector<dense_problem<T, K, V>> problems(sequences);
   for (index_t b = 0; b < sequences; ++b) {
     const index_t q0 = cu_seqlens_q[b], sq = cu_seqlens_q[b + 1] - q0;
     const index_t k0 = cu_seqlens_k[b], sk = cu_seqlens_k[b + 1] - k0;
-    dense_problem<T>& pr = problems[b];
+    dense_problem<T, K, V>& pr = problems[b];
     pr.q = slice(cq, 2, q0, sq);
     pr.out = slice(out, 2, q0, sq);
     if (options.lse.data()) pr.lse = slice(options.lse, 2, q0, sq);
     pr.kv.k = slice(ck, 2, k0, sk);
     pr.kv.v = slice(cv, 2, k0, sk);
+    pr.kv.k_scale = sequence_scales(options.k_scale, 0, k0);
+    pr.kv.v_scale = sequence_scales(options.v_scale, 0, k0);
     pr.batch_base = b;
     apply_options(pr, sequence_options(options, -1, q0, sq, k0, sk), scale, group, sq, sk);
   }
-  run_dense<Backend>(std::span<const dense_problem<T>>(problems), custom,
+  run_dense<Backend>(std::span<const dense_problem<T, K, V>>(problems), custom,
                      resolve_threads(options.threads));
 }
 

@@ -12,6 +12,16 @@ namespace fovea {
 
 using index_t = std::ptrdiff_t;
 
+/// Values one element of storage type T holds: 1, except block types (block_q8_0: 32),
+/// whose views count values in their extents and strides, so that a view of blocks has
+/// the shape of the values it holds. Offsets are divided by this to address an element.
+template <class T>
+struct values_per_element {
+  static constexpr index_t value = 1;
+};
+template <class T>
+struct values_per_element<const T> : values_per_element<T> {};
+
 template <class T, std::size_t Rank>
 class tensor_view {
  public:
@@ -70,16 +80,18 @@ class tensor_view {
     return off;
   }
 
+  /// The element holding value (i...) (for block types: its block).
   template <class... I>
   requires(sizeof...(I) == Rank) constexpr T& operator()(I... i) const noexcept {
-    return data_[offset(i...)];
+    return data_[offset(i...) / values_per_element<T>::value];
   }
 
-  /// The address of element (i...): where a row starts. An empty view may hold null data;
-  /// then this is null rather than a reference formed through it.
+  /// The address of element (i...): where a row starts (for block types: the block that
+  /// holds value (i...)). An empty view may hold null data; then this is null rather than
+  /// a reference formed through it.
   template <class... I>
   requires(sizeof...(I) == Rank) constexpr T* ptr(I... i) const noexcept {
-    return data_ ? data_ + offset(i...) : data_;
+    return data_ ? data_ + offset(i...) / values_per_element<T>::value : data_;
   }
 
  private:
@@ -158,7 +170,8 @@ constexpr tensor_view<T, Rank> slice(const tensor_view<T, Rank>& v, std::size_t 
                                      index_t count) {
   auto extents = v.extents();
   extents[dim] = count;
-  return {count > 0 ? v.data() + start * v.stride(dim) : v.data(), extents, v.strides()};
+  return {count > 0 ? v.data() + start * v.stride(dim) / values_per_element<T>::value : v.data(),
+          extents, v.strides()};
 }
 
 /// Paged caches in vLLM's layout [pages, page_size, heads, dim], viewed as (page, head,
@@ -188,7 +201,8 @@ std::pair<const std::byte*, const std::byte*> byte_range(const tensor_view<T, Ra
     (reach < 0 ? lo : hi) += reach;
   }
   const auto* base = reinterpret_cast<const std::byte*>(v.data());
-  return {base + lo * index_t(sizeof(T)), base + (hi + 1) * index_t(sizeof(T))};
+  constexpr index_t per = values_per_element<T>::value, size = sizeof(T);
+  return {base + lo / per * size, base + (hi / per + 1) * size};
 }
 
 template <class A, std::size_t RA, class B, std::size_t RB>

@@ -242,8 +242,8 @@ constexpr index_t partial_size(index_t Dv) noexcept {
 /// stores each column's partial state at partials + c * partial_size(Dv). Keys up to
 /// `stream_end` may be prefetched (the next chunks of the same stream); `alone`: no other
 /// thread is reading memory for this call (see decode_value_group).
-template <class Backend, class T, class S, class ScoreMod, class MaskMod>
-void decode_chunk(const query_columns<T>& cols, const kv_source<S>& kv, const key_band& band,
+template <class Backend, class T, class KS, class VS, class ScoreMod, class MaskMod>
+void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, const key_band& band,
                   const custom_variant<ScoreMod, MaskMod>& custom, index_t D, index_t Dv,
                   index_t first, index_t last, index_t stream_end, bool alone,
                   decode_buffers<T, Backend>& buf, T* partials) noexcept {
@@ -256,7 +256,7 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<S>& kv, const ke
   std::fill(buf.l, buf.l + n, T(0));
   [[maybe_unused]] bool pairs_ready = false;  // bf16 keys read in place in whole 32-element steps
 #if FOVEA_HAS_BF16_DOT
-  if constexpr (bf16_dot_applies<T, Backend, S>()) {
+  if constexpr (bf16_dot_applies<T, Backend, KS>()) {
     pairs_ready = D % bf16_pair_dot<Backend>::step == 0;
     constexpr index_t CQ = score_block_columns<T, Backend>();
     if (pairs_ready)
@@ -265,12 +265,12 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<S>& kv, const ke
   }
 #endif
 
-  const bool short_rows = Dv * index_t(sizeof(S)) <= decode_prefetch_value_bytes;
+  const bool short_rows = storage_bytes<VS>(Dv) <= decode_prefetch_value_bytes;
   const bool values_in_pv = short_rows && pairs_ready && alone;
   const index_t distance = short_rows ? decode_prefetch_short_keys : decode_prefetch_keys;
   for (index_t j0 = first; j0 < last;) {
     const index_t keys = std::min(ld, last - j0);  // pages are gathered: the same tiles
-    spread_prefetch<S, W> ahead(kv, j0 + distance, stream_end, D, Dv, !short_rows,
+    spread_prefetch<KS, VS, W> ahead(kv, j0 + distance, stream_end, D, Dv, !short_rows,
                                 short_rows && !values_in_pv);
     with_rows(kv, true, j0, keys, D, dq, buf.stage_k, [&](const auto* k, index_t stride) {
 #if FOVEA_HAS_BF16_DOT

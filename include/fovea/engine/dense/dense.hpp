@@ -26,14 +26,17 @@
 
 namespace fovea::detail {
 
-/// One attention problem, validated by a front-end.
-template <class S>
+/// One attention problem, validated by a front-end: q and out of storage type S, keys
+/// of K and values of V (each S, or another storage or cache type).
+template <class S, class K = S, class V = S>
 struct dense_problem {
   using T = accumulator_t<S>;
+  using key_type = K;
+  using value_type = V;
   tensor_view<const S, 4> q;  ///< (B, H, Sq, D)
   tensor_view<S, 4> out;      ///< (B, H, Sq, Dv)
   tensor_view<float, 3> lse;  ///< (B, H, Sq) or empty
-  kv_layout<S> kv;
+  kv_layout<K, V> kv;
   index_t keys = 0;        ///< Sk
   index_t batch_base = 0;  ///< batch index of q's row 0 in the caller's terms (varlen, paged)
   key_band band;
@@ -96,8 +99,8 @@ struct dense_plan {
 
 /// Plans problems for the prefill tile (query tiles of BQ, split keys when few tiles meet
 /// many keys) or the decode tile (stacked GQA columns, keys in decode_chunk_keys chunks).
-template <class Backend, class S>
-dense_plan plan_dense(std::span<const dense_problem<S>> problems) {
+template <class Backend, class S, class K, class V>
+dense_plan plan_dense(std::span<const dense_problem<S, K, V>> problems) {
   using T = accumulator_t<S>;
   using prefill_buf = prefill_buffers<T, Backend>;
   using decode_buf = decode_buffers<T, Backend>;
@@ -160,8 +163,8 @@ dense_plan plan_dense(std::span<const dense_problem<S>> problems) {
 }
 
 /// Columns c of decode tile t of (b, hk): query head hk * group + g, position i.
-template <class S, class T>
-void decode_columns(const dense_problem<S>& pr, const dense_layout& lay, index_t b, index_t hk,
+template <class S, class K, class V, class T>
+void decode_columns(const dense_problem<S, K, V>& pr, const dense_layout& lay, index_t b, index_t hk,
                     index_t t, query_columns<T>& cols) noexcept {
   const index_t Sq = pr.queries(), group = pr.heads() / pr.kv.heads();
   start_columns(cols, pr.terms, b + pr.batch_base);
@@ -172,8 +175,8 @@ void decode_columns(const dense_problem<S>& pr, const dense_layout& lay, index_t
 }
 
 /// Columns c of prefill tile t of (b, h): query head h, position t * BQ + c.
-template <class Backend, class S, class T>
-void prefill_columns(const dense_problem<S>& pr, index_t b, index_t h, index_t t,
+template <class Backend, class S, class K, class V, class T>
+void prefill_columns(const dense_problem<S, K, V>& pr, index_t b, index_t h, index_t t,
                      query_columns<T>& cols) noexcept {
   constexpr index_t BQ = prefill_buffers<T, Backend>::BQ;
   start_columns(cols, pr.terms, b + pr.batch_base);
@@ -184,8 +187,8 @@ void prefill_columns(const dense_problem<S>& pr, index_t b, index_t h, index_t t
 
 /// Runs one prefill task: a query tile over all its keys (rows written), or over one chunk
 /// of them (states stored for the merge).
-template <class Backend, class S, class ScoreMod, class MaskMod>
-void run_prefill_task(const dense_problem<S>& pr, const dense_layout& lay, const dense_task& tk,
+template <class Backend, class S, class K, class V, class ScoreMod, class MaskMod>
+void run_prefill_task(const dense_problem<S, K, V>& pr, const dense_layout& lay, const dense_task& tk,
                       const custom_variant<ScoreMod, MaskMod>& custom,
                       accumulator_t<S>* scratch, accumulator_t<S>* partials) {
   using T = accumulator_t<S>;
@@ -233,8 +236,8 @@ void run_prefill_task(const dense_problem<S>& pr, const dense_layout& lay, const
 
 /// Runs one decode task: a column tile of (b, kv head) over one key chunk, states stored.
 /// `alone`: no other thread runs (see decode_value_group).
-template <class Backend, class S, class ScoreMod, class MaskMod>
-void run_decode_task(const dense_problem<S>& pr, const dense_layout& lay, const dense_task& tk,
+template <class Backend, class S, class K, class V, class ScoreMod, class MaskMod>
+void run_decode_task(const dense_problem<S, K, V>& pr, const dense_layout& lay, const dense_task& tk,
                      const custom_variant<ScoreMod, MaskMod>& custom, bool alone,
                      accumulator_t<S>* scratch, accumulator_t<S>* partials) {
   using T = accumulator_t<S>;
@@ -259,8 +262,8 @@ void run_decode_task(const dense_problem<S>& pr, const dense_layout& lay, const 
 }
 
 /// Merges the chunk states of one tile in chunk order and writes its rows (and lse).
-template <class Backend, class S>
-void run_merge_task(const dense_problem<S>& pr, const dense_layout& lay, const dense_task& tk,
+template <class Backend, class S, class K, class V>
+void run_merge_task(const dense_problem<S, K, V>& pr, const dense_layout& lay, const dense_task& tk,
                     accumulator_t<S>* acc, const accumulator_t<S>* partials) {
   using T = accumulator_t<S>;
   const index_t Dv = pr.out.extent(3), stride = lay.width * partial_size<T>(Dv);
@@ -281,8 +284,8 @@ void run_merge_task(const dense_problem<S>& pr, const dense_layout& lay, const d
 }
 
 /// Runs the problems on up to `threads` threads: plan_dense's tasks, then its merges.
-template <class Backend, class S, class ScoreMod, class MaskMod>
-void run_dense(std::span<const dense_problem<S>> problems,
+template <class Backend, class S, class K, class V, class ScoreMod, class MaskMod>
+void run_dense(std::span<const dense_problem<S, K, V>> problems,
                const custom_variant<ScoreMod, MaskMod>& custom, int threads) {
   using T = accumulator_t<S>;
   const dense_plan plan = plan_dense<Backend>(problems);
@@ -292,7 +295,7 @@ void run_dense(std::span<const dense_problem<S>> problems,
   std::vector<T> partials(plan.partial_total);
   parallel_for(index_t(plan.work.size()), used, [&](index_t i, int thread) {
     const dense_task& tk = plan.work[i];
-    const dense_problem<S>& pr = problems[tk.problem];
+    const dense_problem<S, K, V>& pr = problems[tk.problem];
     const dense_layout& lay = plan.layouts[tk.problem];
     if (pr.decode())
       run_decode_task<Backend>(pr, lay, tk, custom, used == 1, buffers.slice(thread),

@@ -181,8 +181,8 @@ struct tile_options {
 
 /// Loads the columns `cols` (query rows q_row(c), length D) and attends them over the keys
 /// in [how.from, how.to) that the band lets them see in `kv`.
-template <class Backend, class T, class S, class ScoreMod, class MaskMod, class QueryRow>
-void prefill_keys(const query_columns<T>& cols, QueryRow&& q_row, const kv_source<S>& kv,
+template <class Backend, class T, class K, class V, class ScoreMod, class MaskMod, class QueryRow>
+void prefill_keys(const query_columns<T>& cols, QueryRow&& q_row, const kv_source<K, V>& kv,
                   const key_band& band, const custom_variant<ScoreMod, MaskMod>& custom, index_t D,
                   index_t Dv, prefill_buffers<T, Backend>& buf, const tile_options& how) noexcept {
   constexpr index_t BK = prefill_buffers<T, Backend>::BK;
@@ -215,9 +215,9 @@ void prefill_keys(const query_columns<T>& cols, QueryRow&& q_row, const kv_sourc
 
 /// prefill_keys, then each column's output row and lse (0 unless `how.with_lse`) through
 /// `emit`.
-template <class Backend, class T, class S, class ScoreMod, class MaskMod, class QueryRow,
+template <class Backend, class T, class K, class V, class ScoreMod, class MaskMod, class QueryRow,
           class Emit>
-void prefill_tile(const query_columns<T>& cols, QueryRow&& q_row, const kv_source<S>& kv,
+void prefill_tile(const query_columns<T>& cols, QueryRow&& q_row, const kv_source<K, V>& kv,
                   const key_band& band, const custom_variant<ScoreMod, MaskMod>& custom, index_t D,
                   index_t Dv, prefill_buffers<T, Backend>& buf, Emit&& emit,
                   const tile_options& how = {}) noexcept {

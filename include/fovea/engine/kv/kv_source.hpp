@@ -6,61 +6,99 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../../core/cache_types.hpp"
 #include "../../core/tensor_view.hpp"
 #include "../../simd/prefetch.hpp"
 
 namespace fovea::detail {
 
-template <class S>
+/// The scales of one (sequence, head) of a scaled cache (int8, fp8): slot s of page p (or
+/// key s of a contiguous cache, p = 0) has scale at[p * page + s * token]; null: 1.
+struct row_scales {
+  const float* at = nullptr;
+  index_t token = 0, page = 0;
+};
+
+template <class K, class V = K>
 struct kv_source {
-  const S* k = nullptr;  ///< key 0 (contiguous) or slot 0 of page 0 (paged)
-  const S* v = nullptr;
-  index_t k_stride = 0, v_stride = 0;  ///< between consecutive keys (within a page)
+  const K* k = nullptr;  ///< key 0 (contiguous) or slot 0 of page 0 (paged)
+  const V* v = nullptr;
+  index_t k_stride = 0, v_stride = 0;  ///< elements between consecutive keys (within a page)
   index_t k_page_stride = 0, v_page_stride = 0;
   const std::int32_t* pages = nullptr;  ///< block-table row; null: contiguous
   index_t page_size = 0;
+  row_scales k_scales{}, v_scales{};
 
   /// How many of `want` keys starting at j share one stride (all, unless a page ends).
   index_t run(index_t j, index_t want) const noexcept {
     return pages ? std::min(want, page_size - j % page_size) : want;
   }
-  const S* k_row(index_t j) const noexcept {
+  const K* k_row(index_t j) const noexcept {
     return pages ? k + pages[j / page_size] * k_page_stride + (j % page_size) * k_stride
                  : k + j * k_stride;
   }
-  const S* v_row(index_t j) const noexcept {
+  const V* v_row(index_t j) const noexcept {
     return pages ? v + pages[j / page_size] * v_page_stride + (j % page_size) * v_stride
                  : v + j * v_stride;
+  }
+  float k_scale(index_t j) const noexcept { return scale(k_scales, j); }
+  float v_scale(index_t j) const noexcept { return scale(v_scales, j); }
+  /// Key rows of D values (value rows of Dv) follow each other with no gap.
+  bool k_packed(index_t D) const noexcept {
+    return !pages && k_stride * values_per_element<K>::value == D;
+  }
+  bool v_packed(index_t Dv) const noexcept {
+    return !pages && v_stride * values_per_element<V>::value == Dv;
+  }
+
+ private:
+  float scale(const row_scales& s, index_t j) const noexcept {
+    if (!s.at) return 1.0f;
+    return pages ? s.at[pages[j / page_size] * s.page + (j % page_size) * s.token]
+                 : s.at[j * s.token];
   }
 };
 
 /// The keys/values of a whole problem: (B, Hk, Sk, D) views, or paged caches viewed as
-/// (pages, Hk, page_size, D) with a block table (B, max_pages).
-template <class S>
+/// (pages, Hk, page_size, D) with a block table (B, max_pages); the scales of scaled
+/// caches as (B|pages|1, Hk|1, Sk|page_size|1) views (empty: 1).
+template <class K, class V = K>
 struct kv_layout {
-  tensor_view<const S, 4> k, v;
+  tensor_view<const K, 4> k;
+  tensor_view<const V, 4> v;
   tensor_view<const std::int32_t, 2> table{};  ///< empty: contiguous
+  tensor_view<const float, 3> k_scale{}, v_scale{};
 
-  kv_source<S> source(index_t b, index_t hk) const noexcept {
-    kv_source<S> s;
-    if (table.data() == nullptr) {
-      s.k = k.data() + b * k.stride(0) + hk * k.stride(1);
-      s.v = v.data() + b * v.stride(0) + hk * v.stride(1);
-    } else {
-      s.k = k.data() + hk * k.stride(1);
-      s.v = v.data() + hk * v.stride(1);
-      s.k_page_stride = k.stride(0);
-      s.v_page_stride = v.stride(0);
+  kv_source<K, V> source(index_t b, index_t hk) const noexcept {
+    constexpr index_t kb = values_per_element<K>::value, vb = values_per_element<V>::value;
+    kv_source<K, V> s;
+    const index_t row = table.data() == nullptr ? b : 0;
+    s.k = k.data() + (row * k.stride(0) + hk * k.stride(1)) / kb;
+    s.v = v.data() + (row * v.stride(0) + hk * v.stride(1)) / vb;
+    if (table.data() != nullptr) {
+      s.k_page_stride = k.stride(0) / kb;
+      s.v_page_stride = v.stride(0) / vb;
       s.pages = table.data() + b * table.stride(0);
       s.page_size = k.extent(2);
     }
-    s.k_stride = k.stride(2);
-    s.v_stride = v.stride(2);
+    s.k_stride = k.stride(2) / kb;
+    s.v_stride = v.stride(2) / vb;
+    s.k_scales = scales_of(k_scale, row, hk);
+    s.v_scales = scales_of(v_scale, row, hk);
     return s;
   }
   index_t heads() const noexcept { return k.extent(1); }
   index_t dim() const noexcept { return k.extent(3); }
   index_t value_dim() const noexcept { return v.extent(3); }
+
+ private:
+  /// Extent-1 dimensions broadcast.
+  static row_scales scales_of(const tensor_view<const float, 3>& s, index_t row, index_t hk) {
+    if (s.data() == nullptr) return {};
+    auto at = [&](std::size_t r, index_t i) { return s.extent(r) == 1 ? 0 : i * s.stride(r); };
+    return {s.data() + at(0, row) + at(1, hk), s.extent(2) == 1 ? 0 : s.stride(2),
+            s.extent(0) == 1 ? 0 : s.stride(0)};
+  }
 };
 
 /// Asks for the key rows [j, j + rows) to be brought into cache level KeyLevel and the
@@ -69,35 +107,36 @@ struct kv_layout {
 /// (Streams spread their requests instead: decode through its scoring loop,
 /// spread_prefetch below; prefill's next key tile between the micro-kernel calls,
 /// paced_prefetch.)
-template <int KeyLevel, int ValueLevel, class S>
-[[gnu::always_inline]] inline void prefetch_rows(const kv_source<S>& kv, index_t j, index_t rows,
+template <int KeyLevel, int ValueLevel, class K, class V>
+[[gnu::always_inline]] inline void prefetch_rows(const kv_source<K, V>& kv, index_t j, index_t rows,
                                                  index_t D, index_t Dv) noexcept {
-  constexpr index_t line = 64 / sizeof(S), size = sizeof(S);
-  if (!kv.pages && kv.k_stride == D && kv.v_stride == Dv) {  // rows back to back: two spans
-    if constexpr (KeyLevel > 0) prefetch_span<KeyLevel>(kv.k_row(j), rows * D * size);
-    if constexpr (ValueLevel > 0) prefetch_span<ValueLevel>(kv.v_row(j), rows * Dv * size);
+  const index_t k_bytes = storage_bytes<K>(D), v_bytes = storage_bytes<V>(Dv);
+  if (kv.k_packed(D) && kv.v_packed(Dv)) {  // rows back to back: two spans
+    if constexpr (KeyLevel > 0) prefetch_span<KeyLevel>(kv.k_row(j), rows * k_bytes);
+    if constexpr (ValueLevel > 0) prefetch_span<ValueLevel>(kv.v_row(j), rows * v_bytes);
     return;
   }
   for (index_t r = j; r < j + rows; ++r) {  // (as spans, strided rows were 25% slower)
     if constexpr (KeyLevel > 0)
-      for (index_t d = 0; d < D; d += line) prefetch_into<KeyLevel>(kv.k_row(r) + d);
+      for (index_t b = 0; b < k_bytes; b += 64)
+        prefetch_into<KeyLevel>(reinterpret_cast<const char*>(kv.k_row(r)) + b);
     if constexpr (ValueLevel > 0)
-      for (index_t d = 0; d < Dv; d += line) prefetch_into<ValueLevel>(kv.v_row(r) + d);
+      for (index_t b = 0; b < v_bytes; b += 64)
+        prefetch_into<ValueLevel>(reinterpret_cast<const char*>(kv.v_row(r)) + b);
   }
 }
 
-/// Adds the key rows (keys) or value rows [j, j + n) of `cols` elements each to `pace`,
+/// Adds the key rows (keys) or value rows [j, j + n) of `cols` values each to `pace`,
 /// one span per run of rows that share a stride (a page boundary splits them).
-template <class S>
-void pace_rows(paced_prefetch& pace, const kv_source<S>& kv, bool keys, index_t j, index_t n,
+template <class K, class V>
+void pace_rows(paced_prefetch& pace, const kv_source<K, V>& kv, bool keys, index_t j, index_t n,
                index_t cols, prefetch_kind kind) noexcept {
-  constexpr index_t size = sizeof(S);
   for (index_t run; n > 0; j += run, n -= run) {
     run = kv.run(j, n);
     if (keys)
-      pace.add(kv.k_row(j), cols * size, kv.k_stride * size, run, kind);
+      pace.add(kv.k_row(j), storage_bytes<K>(cols), kv.k_stride * index_t(sizeof(K)), run, kind);
     else
-      pace.add(kv.v_row(j), cols * size, kv.v_stride * size, run, kind);
+      pace.add(kv.v_row(j), storage_bytes<V>(cols), kv.v_stride * index_t(sizeof(V)), run, kind);
   }
 }
 
@@ -107,11 +146,11 @@ void pace_rows(paced_prefetch& pace, const kv_source<S>& kv, bool keys, index_t 
 /// as evenly as the loads; asked for a block's rows at once, bf16 decode (Sk = 32768,
 /// D = 128) was 15% slower, 16 keys' rows at once 35% slower, and the same lines asked
 /// for across the rows (line d of every row with part d) 15% slower too.
-template <class S, int MaxRows>
+template <class K, class V, int MaxRows>
 class spread_prefetch {
  public:
   /// Keys at or past `end` are not asked for; keys into L1 or L2, values into L2 or not.
-  spread_prefetch(const kv_source<S>& kv, index_t distance, index_t end, index_t D, index_t Dv,
+  spread_prefetch(const kv_source<K, V>& kv, index_t distance, index_t end, index_t D, index_t Dv,
                   bool keys_to_l1, bool values) noexcept
       : kv_(kv),
         distance_(distance),
@@ -120,7 +159,7 @@ class spread_prefetch {
         Dv_(Dv),
         keys_to_l1_(keys_to_l1),
         values_(values),
-        contiguous_(!kv.pages && kv.k_stride == D && kv.v_stride == Dv) {}
+        contiguous_(kv.k_packed(D) && kv.v_packed(Dv)) {}
 
   /// Keys [j, j + n) (n <= MaxRows) are about to be read in `steps` parts.
   void start(index_t j, index_t n, index_t steps) noexcept {
@@ -129,14 +168,14 @@ class spread_prefetch {
     const index_t span_rows = contiguous_ ? rows : 1;
     spans_ = int(spans);
     for (int r = 0; r < spans_; ++r) {
-      key_spans_[r] = span(kv_.k_row(first + r), span_rows * D_);
-      if (values_) value_spans_[r] = span(kv_.v_row(first + r), span_rows * Dv_);
+      key_spans_[r] = span(kv_.k_row(first + r), span_rows * storage_bytes<K>(D_));
+      if (values_) value_spans_[r] = span(kv_.v_row(first + r), span_rows * storage_bytes<V>(Dv_));
     }
     if (span_rows != shared_rows_ || steps != shared_steps_) {  // (two divisions)
       shared_rows_ = span_rows;
       shared_steps_ = steps;
-      key_share_ = share(span_rows * D_, steps);
-      value_share_ = share(span_rows * Dv_, steps);
+      key_share_ = share(span_rows * storage_bytes<K>(D_), steps);
+      value_share_ = share(span_rows * storage_bytes<V>(Dv_), steps);
     }
   }
   /// One part is being read: asks for the next share of each span.
@@ -155,13 +194,13 @@ class spread_prefetch {
   struct cursor {
     const char *at, *end;
   };
-  static cursor span(const S* p, index_t elements) noexcept {
-    const char* c = reinterpret_cast<const char*>(p);
-    return {c, c + elements * index_t(sizeof(S))};
+  static cursor span(const void* p, index_t bytes) noexcept {
+    const char* c = static_cast<const char*>(p);
+    return {c, c + bytes};
   }
   /// Bytes per part, whole lines.
-  static index_t share(index_t elements, index_t steps) noexcept {
-    const index_t lines = (elements * index_t(sizeof(S)) + 63) / 64;
+  static index_t share(index_t bytes, index_t steps) noexcept {
+    const index_t lines = (bytes + 63) / 64;
     return (lines + steps - 1) / steps * 64;
   }
   template <int Level>
@@ -172,7 +211,7 @@ class spread_prefetch {
     c.at = at;
   }
 
-  const kv_source<S>& kv_;
+  const kv_source<K, V>& kv_;
   index_t distance_, end_, D_, Dv_;
   bool keys_to_l1_, values_, contiguous_;
   cursor key_spans_[MaxRows], value_spans_[MaxRows];

@@ -7,21 +7,34 @@
 #include <algorithm>
 
 #include "../../core/tensor_view.hpp"
-#include "../../simd/convert.hpp"
+#include "../../simd/dequantize.hpp"
 #include "kv_source.hpp"
 
 namespace fovea::detail {
 
-/// dst[r][0, padded) = src row j + r, converted; zeros past `cols`.
-template <class S, class T>
-void stage_rows(const kv_source<S>& kv, bool keys, index_t j, index_t rows, index_t cols,
+/// Storage types a kernel that converts as it loads (load_as) reads in place; quantized
+/// rows are always staged (dequantized once per tile).
+template <class S>
+inline constexpr bool readable_in_place_v = !is_quantized_v<S>;
+
+/// Calls f(row(r), scale(r)) for r < rows: the key rows (keys) or value rows from j.
+template <class K, class V, class F>
+void for_rows(const kv_source<K, V>& kv, bool keys, index_t j, index_t rows, F&& f) noexcept {
+  if (keys)
+    for (index_t r = 0; r < rows; ++r) f(r, kv.k_row(j + r), kv.k_scale(j + r));
+  else
+    for (index_t r = 0; r < rows; ++r) f(r, kv.v_row(j + r), kv.v_scale(j + r));
+}
+
+/// dst[r][0, padded) = row j + r in T (converted or dequantized); zeros past `cols`.
+template <class K, class V, class T>
+void stage_rows(const kv_source<K, V>& kv, bool keys, index_t j, index_t rows, index_t cols,
                 index_t padded, T* dst) noexcept {
-  for (index_t r = 0; r < rows; ++r) {
-    const S* src = keys ? kv.k_row(j + r) : kv.v_row(j + r);
+  for_rows(kv, keys, j, rows, [&](index_t r, const auto* src, float scale) {
     T* out = dst + r * padded;
-    convert_row(src, out, cols);
+    load_row(src, scale, out, cols);
     std::fill(out + cols, out + padded, T(0));
-  }
+  });
 }
 
 /// A run of key (or value) rows the micro-kernels can read: pointer and row stride.
@@ -35,12 +48,14 @@ struct row_block {
 /// when `padded` > cols is asked for, never), else staged into `buffer`. A tile that spans
 /// pages is gathered, so a paged cache is read in the same tiles as a contiguous one and
 /// gives the same bits whatever the page size.
-template <class T, class S>
-row_block<T> rows_for_kernel(const kv_source<S>& kv, bool keys, index_t j, index_t rows,
+template <class T, class K, class V>
+row_block<T> rows_for_kernel(const kv_source<K, V>& kv, bool keys, index_t j, index_t rows,
                              index_t cols, index_t padded, T* buffer) noexcept {
-  if constexpr (std::is_same_v<S, T>) {
-    if (padded == cols && kv.run(j, rows) == rows)
-      return keys ? row_block<T>{kv.k_row(j), kv.k_stride} : row_block<T>{kv.v_row(j), kv.v_stride};
+  if (padded == cols && kv.run(j, rows) == rows) {
+    if constexpr (std::is_same_v<K, T>)
+      if (keys) return {kv.k_row(j), kv.k_stride};
+    if constexpr (std::is_same_v<V, T>)
+      if (!keys) return {kv.v_row(j), kv.v_stride};
   }
   stage_rows(kv, keys, j, rows, cols, padded, buffer);
   return {buffer, padded};
@@ -50,25 +65,31 @@ row_block<T> rows_for_kernel(const kv_source<S>& kv, bool keys, index_t j, index
 /// loads (load_as) can read them: in place, in the storage type, when rows are whole
 /// vectors (`padded` == cols) on one page; copied as they are (storage type, rows back to
 /// back) into `buffer` when they span pages, so the kernel and its bits are the same; else
-/// staged into `buffer` in the compute type. `buffer` holds rows x padded values of T.
-template <class T, class S, class F>
-void with_rows(const kv_source<S>& kv, bool keys, index_t j, index_t rows, index_t cols,
+/// (or for quantized rows) staged into `buffer` in the compute type. `buffer` holds
+/// rows x padded values of T.
+template <class T, class K, class V, class F>
+void with_rows(const kv_source<K, V>& kv, bool keys, index_t j, index_t rows, index_t cols,
                index_t padded, T* buffer, F&& f) noexcept {
-  if (padded == cols) {
-    if (kv.run(j, rows) == rows) {
-      if (keys)
-        f(kv.k_row(j), kv.k_stride);
-      else
-        f(kv.v_row(j), kv.v_stride);
-      return;
+  auto in_place = [&](const auto* first, index_t stride) {
+    using S = std::remove_cv_t<std::remove_pointer_t<decltype(first)>>;
+    if constexpr (readable_in_place_v<S>) {
+      if (padded != cols) return false;
+      if (kv.run(j, rows) == rows) {
+        f(first, stride);
+        return true;
+      }
+      static_assert(sizeof(S) <= sizeof(T), "gathered rows must fit the staging buffer");
+      S* gathered = reinterpret_cast<S*>(buffer);
+      for_rows(kv, keys, j, rows, [&](index_t r, const auto* src, float) {
+        if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(src)>>, S>)
+          std::copy_n(src, cols, gathered + r * cols);
+      });
+      f(static_cast<const S*>(gathered), cols);
+      return true;
     }
-    static_assert(sizeof(S) <= sizeof(T), "gathered rows must fit the staging buffer");
-    S* gathered = reinterpret_cast<S*>(buffer);
-    for (index_t r = 0; r < rows; ++r)
-      std::copy_n(keys ? kv.k_row(j + r) : kv.v_row(j + r), cols, gathered + r * cols);
-    f(static_cast<const S*>(gathered), cols);
-    return;
-  }
+    return false;
+  };
+  if (keys ? in_place(kv.k_row(j), kv.k_stride) : in_place(kv.v_row(j), kv.v_stride)) return;
   stage_rows(kv, keys, j, rows, cols, padded, buffer);
   f(static_cast<const T*>(buffer), padded);
 }

@@ -49,9 +49,9 @@ inline index_t append_piece(key_piece* pieces, index_t count, index_t first, ind
 }
 
 /// Attends `cols` over the pieces [pieces, pieces + count) of `kv`, clipped to the band.
-template <class Backend, class T, class S, class ScoreMod, class MaskMod>
+template <class Backend, class T, class K, class V, class ScoreMod, class MaskMod>
 void attend_pieces(const query_columns<T>& cols, const key_piece* pieces, index_t count,
-                   const kv_source<S>& kv, const key_band& band,
+                   const kv_source<K, V>& kv, const key_band& band,
                    const custom_variant<ScoreMod, MaskMod>& custom, index_t D, index_t Dv,
                    prefill_buffers<T, Backend>& buf) noexcept {
   constexpr index_t BK = prefill_buffers<T, Backend>::BK;
@@ -122,8 +122,8 @@ void attend_pieces(const query_columns<T>& cols, const key_piece* pieces, index_
 /// (h: query head, or key/value head when rows.per_query_head is false; returns the
 /// count, at most rows.max_pieces). Each output row is written by one task, so the result
 /// does not depend on the thread count.
-template <class Backend, class S, class ScoreMod, class MaskMod, class Select>
-void run_sparse(const dense_problem<S>& pr, const sparse_rows& rows, Select&& select,
+template <class Backend, class S, class K, class V, class ScoreMod, class MaskMod, class Select>
+void run_sparse(const dense_problem<S, K, V>& pr, const sparse_rows& rows, Select&& select,
                 const custom_variant<ScoreMod, MaskMod>& custom, int threads) {
   using T = accumulator_t<S>;
   using buffers_t = prefill_buffers<T, Backend>;

@@ -1,0 +1,217 @@
+// fovea::quantize / fovea::dequantize: rows of keys or values into a quantized cache
+// (block_q8_0, int8 with scales, e4m3 / e5m2) and back. Scalar, deterministic code (the
+// cache is written once per token; attention reads it many times): the same input gives
+// the same bytes on every machine and thread count.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "../core/cache_types.hpp"
+#include "../core/error.hpp"
+#include "../core/tensor_view.hpp"
+#include "../core/validate.hpp"
+#include "checks.hpp"
+
+namespace fovea {
+
+namespace detail {
+
+/// The value of a stored element as float (double narrows to float first).
+template <class S>
+float as_float(S x) noexcept {
+  return float(x);
+}
+
+/// Round to nearest, ties to even (the default rounding mode), as an int8 in [-127, 127].
+inline std::int8_t round_int8(float x) noexcept {
+  return std::int8_t(std::clamp(std::nearbyint(x), -127.0f, 127.0f));
+}
+
+/// Quantizes n values (n % 32 == 0) into n / 32 blocks as llama.cpp's
+/// quantize_row_q8_0_ref does (d = max |x| / 127 stored as fp16; q = x / d rounded with
+/// d in fp32), except that ties round to even. A block holding NaN or Inf gets d = NaN:
+/// its values dequantize to NaN, as they would read unquantized.
+template <class S>
+void quantize_row(const S* x, index_t n, block_q8_0* out) noexcept {
+  for (index_t b = 0; b < n / block_q8_0::size; ++b) {
+    const S* in = x + b * block_q8_0::size;
+    float amax = 0;
+    bool finite = true;
+    for (int i = 0; i < block_q8_0::size; ++i) {
+      const float v = as_float(in[i]);
+      finite = finite && std::isfinite(v);
+      amax = std::max(amax, std::fabs(v));
+    }
+    block_q8_0& blk = out[b];
+    if (!finite) {
+      blk.d = half(std::numeric_limits<float>::quiet_NaN());
+      std::fill(blk.qs, blk.qs + block_q8_0::size, std::int8_t(0));
+      continue;
+    }
+    const float d = amax / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
+    blk.d = half(d);
+    for (int i = 0; i < block_q8_0::size; ++i) blk.qs[i] = round_int8(as_float(in[i]) * id);
+  }
+}
+
+/// Quantizes one int8 row: scale = max |x| / 127, q = x / scale rounded (ties to even);
+/// a row holding NaN or Inf gets scale NaN (its values read as NaN).
+template <class S>
+float quantize_row(const S* x, index_t n, std::int8_t* out) noexcept {
+  float amax = 0;
+  bool finite = true;
+  for (index_t i = 0; i < n; ++i) {
+    const float v = as_float(x[i]);
+    finite = finite && std::isfinite(v);
+    amax = std::max(amax, std::fabs(v));
+  }
+  if (!finite) {
+    std::fill(out, out + n, std::int8_t(0));
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  const float scale = amax / 127.0f, inverse = scale != 0 ? 1.0f / scale : 0.0f;
+  for (index_t i = 0; i < n; ++i) out[i] = round_int8(as_float(x[i]) * inverse);
+  return scale;
+}
+
+/// Quantizes one fp8 row against a given scale: code = nearest(x / scale), saturating.
+template <class S, class F8>
+requires(std::is_same_v<F8, e4m3> || std::is_same_v<F8, e5m2>)
+void quantize_row(const S* x, index_t n, float scale, F8* out) noexcept {
+  for (index_t i = 0; i < n; ++i) {
+    const float v = as_float(x[i]) / scale;
+    if constexpr (std::is_same_v<F8, e4m3>)
+      out[i] = to_e4m3(v);
+    else
+      out[i] = to_e5m2(v);
+  }
+}
+
+/// dst[0, n) = the values of a quantized row (scale for int8 / fp8), converted to D.
+template <class C, class D>
+void dequantize_row(const C* row, float scale, index_t n, D* dst) noexcept {
+  if constexpr (std::is_same_v<C, block_q8_0>) {
+    for (index_t i = 0; i < n; ++i) {
+      const block_q8_0& blk = row[i / block_q8_0::size];
+      dst[i] = D(float(blk.d) * float(blk.qs[i % block_q8_0::size]));
+    }
+  } else if constexpr (std::is_same_v<C, std::int8_t>) {
+    for (index_t i = 0; i < n; ++i) dst[i] = D(float(row[i]) * scale);
+  } else {
+    for (index_t i = 0; i < n; ++i) dst[i] = D(to_float(row[i]) * scale);
+  }
+}
+
+/// The scale of (a, h, t) in a broadcast (A|1, H|1, T|1) view; 1 when there is none.
+inline float scale_at(const tensor_view<const float, 3>& s, index_t a, index_t h, index_t t) {
+  if (s.data() == nullptr) return 1.0f;
+  return s(s.extent(0) == 1 ? 0 : a, s.extent(1) == 1 ? 0 : h, s.extent(2) == 1 ? 0 : t);
+}
+
+/// src and cache of one shape; cache of whole blocks; writes never reach src.
+template <class S, class C>
+void check_quantize(const tensor_view<const S, 4>& src, const tensor_view<C, 4>& cache,
+                    const char* src_name, const char* cache_name) {
+  check_rows(src, src_name);
+  check_rows(tensor_view<const C, 4>(cache), cache_name);
+  check_blocks(cache, cache_name);
+  for (std::size_t r = 0; r < 4; ++r)
+    require(cache.extent(r) == src.extent(r), cache_name, ": extent ", r, " (", dim_name(r),
+            ") is ", cache.extent(r), ", expected ", src.extent(r), " as ", src_name);
+}
+
+}  // namespace detail
+
+/// Quantizes src (B, H, S, D) of float / double / bf16 / fp16 into a block_q8_0 cache of
+/// the same shape (D % 32 == 0; views of blocks count values: fovea::bhsd(blocks, B, H,
+/// S, D)), or into an e4m3 / e5m2 cache with scale 1. Rounds to nearest, ties to even;
+/// fp8 saturates at its largest finite value. Deterministic.
+/// Throws fovea::error (nothing written) when the shapes differ or D is not whole blocks.
+template <class SS, class C>
+requires(is_storage_type_v<SS> &&
+         (std::is_same_v<C, block_q8_0> || std::is_same_v<C, e4m3> || std::is_same_v<C, e5m2>))
+void quantize(tensor_view<SS, 4> src, tensor_view<C, 4> cache) {
+  using S = std::remove_const_t<SS>;
+  const tensor_view<const S, 4> x = src;
+  detail::check_quantize(x, cache, "src", "cache");
+  detail::check_no_alias(cache, "cache", x, "src");
+  for (index_t b = 0; b < x.extent(0); ++b)
+    for (index_t h = 0; h < x.extent(1); ++h)
+      for (index_t t = 0; t < x.extent(2); ++t) {
+        if constexpr (std::is_same_v<C, block_q8_0>)
+          detail::quantize_row(x.ptr(b, h, t, 0), x.extent(3), cache.ptr(b, h, t, 0));
+        else
+          detail::quantize_row(x.ptr(b, h, t, 0), x.extent(3), 1.0f, cache.ptr(b, h, t, 0));
+      }
+}
+
+/// Quantizes src into an fp8 cache against the given scales (value = code * scale;
+/// (B|1, H|1, S|1), e.g. one per head: fovea::view(s, {1, H, 1})), every scale finite
+/// and nonzero.
+template <class SS, class C>
+requires(is_storage_type_v<SS> && (std::is_same_v<C, e4m3> || std::is_same_v<C, e5m2>))
+void quantize(tensor_view<SS, 4> src, tensor_view<C, 4> cache, tensor_view<const float, 3> scales) {
+  using S = std::remove_const_t<SS>;
+  const tensor_view<const S, 4> x = src;
+  detail::check_quantize(x, cache, "src", "cache");
+  detail::check_no_alias(cache, "cache", x, "src");
+  detail::check_cache_scales<C>(scales, "scales", x.extent(0), x.extent(1), x.extent(2));
+  for (index_t b = 0; b < scales.extent(0); ++b)
+    for (index_t h = 0; h < scales.extent(1); ++h)
+      for (index_t t = 0; t < scales.extent(2); ++t)
+        detail::require(scales(b, h, t) != 0, "scales: scale (", b, ", ", h, ", ", t, ") is 0");
+  for (index_t b = 0; b < x.extent(0); ++b)
+    for (index_t h = 0; h < x.extent(1); ++h)
+      for (index_t t = 0; t < x.extent(2); ++t)
+        detail::quantize_row(x.ptr(b, h, t, 0), x.extent(3), detail::scale_at(scales, b, h, t),
+                             cache.ptr(b, h, t, 0));
+}
+
+/// Quantizes src into an int8 cache, one scale per row written to scales (B, H, S):
+/// scale = max |x| / 127, q = x / scale rounded to nearest (ties to even).
+template <class SS>
+requires is_storage_type_v<SS>
+void quantize(tensor_view<SS, 4> src, tensor_view<std::int8_t, 4> cache,
+              tensor_view<float, 3> scales) {
+  using S = std::remove_const_t<SS>;
+  const tensor_view<const S, 4> x = src;
+  detail::check_quantize(x, cache, "src", "cache");
+  detail::check_no_alias(cache, "cache", x, "src");
+  detail::check_data(scales, "scales");
+  for (std::size_t r = 0; r < 3; ++r)
+    detail::require(scales.extent(r) == x.extent(r), "scales: extent ", r, " is ", scales.extent(r),
+            ", expected ", x.extent(r), " (one scale per (batch, head, token) of src)");
+  detail::check_one_to_one(scales, "scales");
+  detail::check_no_alias(scales, "scales", x, "src");
+  detail::check_no_alias(scales, "scales", cache, "cache");
+  for (index_t b = 0; b < x.extent(0); ++b)
+    for (index_t h = 0; h < x.extent(1); ++h)
+      for (index_t t = 0; t < x.extent(2); ++t)
+        scales(b, h, t) = detail::quantize_row(x.ptr(b, h, t, 0), x.extent(3), cache.ptr(b, h, t, 0));
+}
+
+/// The values of a quantized cache (B, H, S, D) into dst of the same shape (float,
+/// double, bf16 or fp16): value = d * q (block_q8_0), q * scale (int8, fp8; scales as
+/// for softmax_options::k_scale, required for int8, default 1 for fp8). Exactly the
+/// values softmax_attention computes with.
+template <class CC, class D>
+requires(is_quantized_v<CC> && is_storage_type_v<D> && !std::is_const_v<D>)
+void dequantize(tensor_view<CC, 4> cache, tensor_view<D, 4> dst,
+                tensor_view<const float, 3> scales = {}) {
+  using C = std::remove_const_t<CC>;
+  const tensor_view<const C, 4> c = cache;
+  detail::check_quantize(tensor_view<const D, 4>(dst), c, "dst", "cache");
+  detail::check_one_to_one(dst, "dst");
+  detail::check_no_alias(dst, "dst", c, "cache");
+  detail::check_cache_scales<C>(scales, "scales", c.extent(0), c.extent(1), c.extent(2));
+  for (index_t b = 0; b < c.extent(0); ++b)
+    for (index_t h = 0; h < c.extent(1); ++h)
+      for (index_t t = 0; t < c.extent(2); ++t)
+        detail::dequantize_row(c.ptr(b, h, t, 0), detail::scale_at(scales, b, h, t), c.extent(3),
+                               dst.ptr(b, h, t, 0));
+}
+
+}  // namespace fovea

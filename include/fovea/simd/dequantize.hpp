@@ -1,0 +1,122 @@
+// Rows of a quantized cache (block_q8_0, int8, e4m3, e5m2) converted to float, with the
+// vector instructions the flags allow (AVX-512F, AVX2, F16C) and a portable loop beside
+// them that defines the result: both give the same bits (one rounding, value * scale).
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../core/cache_types.hpp"
+#include "../core/tensor_view.hpp"
+#include "convert.hpp"
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace fovea::detail {
+
+/// One value of a quantized row, as the vector paths compute it (the portable twin).
+inline float dequantized(std::int8_t q, float scale) noexcept { return float(q) * scale; }
+inline float dequantized(e4m3 x, float scale) noexcept { return to_float(x) * scale; }
+inline float dequantized(e5m2 x, float scale) noexcept { return to_float(x) * scale; }
+
+#if defined(__AVX2__) && defined(__F16C__)
+/// 8 fp8 codes as fp16 bit patterns: e5m2 is fp16's top byte; e4m3's exponent and
+/// mantissa shifted into fp16's give the value / 256 (normals and subnormals alike), its
+/// NaN code made an fp16 NaN.
+template <class F8>
+inline __m128i fp8_as_half(__m128i bytes16) noexcept {
+  if constexpr (std::is_same_v<F8, e5m2>) {
+    return _mm_slli_epi16(bytes16, 8);
+  } else {
+    const __m128i mag = _mm_and_si128(bytes16, _mm_set1_epi16(0x7F));
+    const __m128i sign = _mm_slli_epi16(_mm_and_si128(bytes16, _mm_set1_epi16(0x80)), 8);
+    const __m128i nan = _mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7F));
+    return _mm_or_si128(_mm_or_si128(sign, _mm_slli_epi16(mag, 7)),
+                        _mm_and_si128(nan, _mm_set1_epi16(0x7FFF)));
+  }
+}
+#endif
+
+/// dst[0, n) = the values of src (n values; for block_q8_0 n % 32 == 0), times `scale`
+/// for the scaled types (int8, fp8); block_q8_0 carries its own scales and ignores it.
+template <class S>
+void dequantize_row(const S* src, float scale, float* dst, index_t n) noexcept {
+  index_t i = 0;
+  if constexpr (std::is_same_v<S, block_q8_0>) {
+    for (index_t b = 0; b < n / block_q8_0::size; ++b) {
+      const block_q8_0& blk = src[b];
+      const float d = float(blk.d);
+      float* out = dst + b * block_q8_0::size;
+#if defined(__AVX512F__)
+      const __m512 vd = _mm512_set1_ps(d);
+      for (int k = 0; k < 32; k += 16) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.qs + k));
+        _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), vd));
+      }
+#elif defined(__AVX2__)
+      const __m256 vd = _mm256_set1_ps(d);
+      for (int k = 0; k < 32; k += 8) {
+        const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk.qs + k));
+        _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), vd));
+      }
+#else
+      for (int k = 0; k < 32; ++k) out[k] = float(blk.qs[k]) * d;
+#endif
+    }
+    return;
+  } else if constexpr (std::is_same_v<S, std::int8_t>) {
+#if defined(__AVX512F__)
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (; i + 16 <= n; i += 16) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), vs));
+    }
+#elif defined(__AVX2__)
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (; i + 8 <= n; i += 8) {
+      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i));
+      _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), vs));
+    }
+#endif
+  } else {
+    static_assert(std::is_same_v<S, e4m3> || std::is_same_v<S, e5m2>, "a quantized type");
+#if defined(__AVX2__) && defined(__F16C__)
+    // e4m3 through fp16 is the value / 256: the factor goes into the scale (exact).
+    const float factor = std::is_same_v<S, e4m3> ? scale * 256.0f : scale;
+#if defined(__AVX512F__)
+    const __m512 vs16 = _mm512_set1_ps(factor);
+    for (; i + 16 <= n; i += 16) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      const __m128i lo = fp8_as_half<S>(_mm_cvtepu8_epi16(raw));
+      const __m128i hi = fp8_as_half<S>(_mm_cvtepu8_epi16(_mm_srli_si128(raw, 8)));
+      const __m256i halves = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+      _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_cvtph_ps(halves), vs16));
+    }
+#endif
+    const __m256 vs = _mm256_set1_ps(factor);
+    for (; i + 8 <= n; i += 8) {
+      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i));
+      _mm256_storeu_ps(dst + i,
+                       _mm256_mul_ps(_mm256_cvtph_ps(fp8_as_half<S>(_mm_cvtepu8_epi16(raw))), vs));
+    }
+#endif
+  }
+  if constexpr (!std::is_same_v<S, block_q8_0>)
+    for (; i < n; ++i) dst[i] = dequantized(src[i], scale);
+}
+
+/// dst[0, n) = src[0, n) in T: converted (convert_row) or dequantized (times `scale` for
+/// the scaled types).
+template <class S, class T>
+void load_row(const S* src, float scale, T* dst, index_t n) noexcept {
+  if constexpr (is_quantized_v<S>) {
+    static_assert(std::is_same_v<T, float>, "quantized caches are read in float");
+    dequantize_row(src, scale, dst, n);
+  } else {
+    convert_row(src, dst, n);
+  }
+}
+
+}  // namespace fovea::detail

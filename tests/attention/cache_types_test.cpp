@@ -1,0 +1,581 @@
+// KV caches in other types than the activations: float q/out over bf16, fp16, block_q8_0,
+// int8 (with scales) and e4m3/e5m2 caches, K and V of different types. The codecs against
+// definitions written here (bitwise), each type's error bound, and attention against the
+// f64 oracle on the dequantized values under the tolerance rule, on every path (decode,
+// prefill, paged, varlen, contiguous cache), with NaN, threads and bad input.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <fovea/fovea.hpp>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../common/random.hpp"
+#include "../common/reference.hpp"
+#include "../common/tolerance.hpp"
+
+namespace fovea::test {
+namespace {
+
+constexpr float nan_f = std::numeric_limits<float>::quiet_NaN();
+
+// ---- codecs, from their definitions -----------------------------------------------------
+
+/// e4m3 / e5m2 values from the OCP definition (sign, exponent, mantissa, bias).
+double fp8_definition(std::uint8_t c, int E, int M) {
+  const int bias = (1 << (E - 1)) - 1, e = (c >> M) & ((1 << E) - 1), m = c & ((1 << M) - 1);
+  const double sign = (c & 0x80) ? -1 : 1;
+  if (E == 4 && e == 15 && m == 7) return nan_f;
+  if (E == 5 && e == 31) return m ? nan_f : sign * HUGE_VAL;
+  if (e == 0) return sign * std::ldexp(m, 1 - bias - M);
+  return sign * std::ldexp((1 << M) + m, e - bias - M);
+}
+
+TEST(CacheTypes, Fp8CodesMatchTheOcpDefinition) {
+  for (int c = 0; c < 256; ++c) {
+    const double want4 = fp8_definition(std::uint8_t(c), 4, 3),
+                 want5 = fp8_definition(std::uint8_t(c), 5, 2);
+    const float got4 = to_float(e4m3{std::uint8_t(c)}), got5 = to_float(e5m2{std::uint8_t(c)});
+    if (std::isnan(want4)) {
+      EXPECT_TRUE(std::isnan(got4)) << c;
+    } else {
+      EXPECT_EQ(double(got4), want4) << c;
+    }
+    if (std::isnan(want5)) {
+      EXPECT_TRUE(std::isnan(got5)) << c;
+    } else {
+      EXPECT_EQ(double(got5), want5) << c;
+    }
+    // every value encodes back to its code (both zeros keep their sign)
+    if (!std::isnan(want4)) {
+      EXPECT_EQ(to_e4m3(got4).bits, c) << c;
+    }
+    if (!std::isnan(want5) && !std::isinf(want5)) {
+      EXPECT_EQ(to_e5m2(got5).bits, c) << c;
+    }
+  }
+  EXPECT_EQ(to_float(e4m3{0x7E}), 448.0f);
+  EXPECT_EQ(to_float(e4m3{0x01}), std::ldexp(1.0f, -9));
+  EXPECT_EQ(to_float(e5m2{0x7B}), 57344.0f);
+}
+
+TEST(CacheTypes, Fp8RoundsToNearestEvenAndSaturates) {
+  // the midpoint of two neighbouring codes goes to the even one; just off it, the nearer
+  for (int c = 0; c < 0x7E; ++c) {
+    const float a = to_float(e4m3{std::uint8_t(c)}), b = to_float(e4m3{std::uint8_t(c + 1)});
+    const float mid = float((double(a) + double(b)) / 2);
+    EXPECT_EQ(to_e4m3(mid).bits, (c % 2 == 0) ? c : c + 1) << c;
+    EXPECT_EQ(to_e4m3(std::nextafter(mid, 0.0f)).bits, c) << c;
+    EXPECT_EQ(to_e4m3(std::nextafter(mid, 1e9f)).bits, c + 1) << c;
+  }
+  for (int c = 0; c < 0x7B; ++c) {
+    const float a = to_float(e5m2{std::uint8_t(c)}), b = to_float(e5m2{std::uint8_t(c + 1)});
+    const float mid = float((double(a) + double(b)) / 2);
+    EXPECT_EQ(to_e5m2(mid).bits, (c % 2 == 0) ? c : c + 1) << c;
+    EXPECT_EQ(to_e5m2(-mid).bits, ((c % 2 == 0) ? c : c + 1) | 0x80) << c;
+  }
+  EXPECT_EQ(to_e4m3(1e6f).bits, 0x7E);
+  EXPECT_EQ(to_e4m3(-HUGE_VALF).bits, 0xFE);
+  EXPECT_EQ(to_e5m2(HUGE_VALF).bits, 0x7B);
+  EXPECT_TRUE(std::isnan(to_float(to_e4m3(nan_f))));
+  EXPECT_TRUE(std::isnan(to_float(to_e5m2(nan_f))));
+}
+
+/// llama.cpp's quantize_row_q8_0_ref, with ties to even: d = amax / 127 (stored fp16),
+/// q = round(x / d) with d in fp32.
+block_q8_0 q8_0_definition(const float* x) {
+  float amax = 0;
+  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float d = amax / 127, id = d ? 1 / d : 0;
+  block_q8_0 b;
+  b.d = half(d);
+  for (int i = 0; i < 32; ++i) b.qs[i] = std::int8_t(std::nearbyint(x[i] * id));
+  return b;
+}
+
+TEST(CacheTypes, QuantizeMatchesTheDefinitionsBitwise) {
+  const index_t B = 2, H = 3, S = 17, D = 64;
+  auto x = normal<float>(B * H * S * D, 11, 2.0);
+  x[5] = 0;  // zero rows and blocks
+  std::fill(x.begin() + D * 3, x.begin() + D * 4, 0.0f);
+  const auto X = bhsd<const float>(x.data(), B, H, S, D);
+
+  std::vector<block_q8_0> q8(x.size() / 32);
+  quantize(X, bhsd(q8.data(), B, H, S, D));
+  for (std::size_t b = 0; b < q8.size(); ++b) {
+    const block_q8_0 want = q8_0_definition(x.data() + 32 * b);
+    ASSERT_EQ(0, std::memcmp(&want, &q8[b], sizeof(block_q8_0))) << "block " << b;
+  }
+
+  std::vector<std::int8_t> i8(x.size());
+  std::vector<float> scales(B * H * S);
+  quantize(X, bhsd(i8.data(), B, H, S, D), view(scales.data(), {B, H, S}));
+  for (index_t r = 0; r < B * H * S; ++r) {
+    float amax = 0;
+    for (index_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[r * D + d]));
+    ASSERT_EQ(scales[r], amax / 127) << r;
+    const float inv = amax ? 1 / (amax / 127) : 0;
+    for (index_t d = 0; d < D; ++d)
+      ASSERT_EQ(i8[r * D + d], std::int8_t(std::nearbyint(x[r * D + d] * inv))) << r << " " << d;
+  }
+
+  const std::vector<float> head_scales{0.01f, 0.02f, 0.5f};
+  std::vector<e4m3> f8(x.size());
+  quantize(X, bhsd(f8.data(), B, H, S, D), view<const float>(head_scales.data(), {1, H, 1}, {0, 1, 0}));
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < H; ++h)
+      for (index_t i = 0; i < S * D; ++i) {
+        const index_t at = (b * H + h) * S * D + i;
+        ASSERT_EQ(f8[at].bits, to_e4m3(x[at] / head_scales[h]).bits);
+      }
+}
+
+/// The quantization error of each type within its documented bound.
+TEST(CacheTypes, ErrorBounds) {
+  const index_t S = 64, D = 128;
+  const auto x = normal<float>(S * D, 12, 3.0);
+  const auto X = bhsd<const float>(x.data(), 1, 1, S, D);
+  std::vector<float> back(x.size());
+  const auto Back = bhsd(back.data(), 1, 1, S, D);
+
+  std::vector<block_q8_0> q8(x.size() / 32);
+  quantize(X, bhsd(q8.data(), 1, 1, S, D));
+  dequantize(bhsd<const block_q8_0>(q8.data(), 1, 1, S, D), Back);
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const float d = float(q8[i / 32].d);
+    ASSERT_LE(std::fabs(x[i] - back[i]), d / 2 + std::fabs(x[i]) * std::ldexp(1.0f, -11)) << i;
+  }
+
+  std::vector<std::int8_t> i8(x.size());
+  std::vector<float> scales(S);
+  quantize(X, bhsd(i8.data(), 1, 1, S, D), view(scales.data(), {1, 1, S}));
+  dequantize(bhsd<const std::int8_t>(i8.data(), 1, 1, S, D), Back,
+             view<const float>(scales.data(), {1, 1, S}));
+  for (std::size_t i = 0; i < x.size(); ++i)
+    ASSERT_LE(std::fabs(x[i] - back[i]), scales[i / D] / 2 * (1 + 1e-6f)) << i;
+
+  const float scale = 0.05f;  // |x| / scale up to ~300: inside e4m3's range
+  const auto s = view<const float>(&scale, {1, 1, 1});
+  std::vector<e4m3> f4(x.size());
+  std::vector<e5m2> f5(x.size());
+  quantize(X, bhsd(f4.data(), 1, 1, S, D), s);
+  dequantize(bhsd<const e4m3>(f4.data(), 1, 1, S, D), Back, s);
+  for (std::size_t i = 0; i < x.size(); ++i)
+    ASSERT_LE(std::fabs(x[i] - back[i]),
+              std::max(std::fabs(x[i]) * 0.0625f, scale * std::ldexp(1.0f, -10)) * 1.0001f) << i;
+  quantize(X, bhsd(f5.data(), 1, 1, S, D), s);
+  dequantize(bhsd<const e5m2>(f5.data(), 1, 1, S, D), Back, s);
+  for (std::size_t i = 0; i < x.size(); ++i)
+    ASSERT_LE(std::fabs(x[i] - back[i]),
+              std::max(std::fabs(x[i]) * 0.125f, scale * std::ldexp(1.0f, -17)) * 1.0001f) << i;
+}
+
+/// The vector dequantization gives the scalar twin's bits, NaN codes included, at every
+/// length (tails past the vector width).
+TEST(CacheTypes, VectorDequantizationEqualsTheScalarTwin) {
+  std::mt19937 gen(5);
+  std::vector<std::uint8_t> bytes(300);
+  for (auto& b : bytes) b = std::uint8_t(gen());
+  for (index_t n : {1, 7, 8, 15, 16, 17, 31, 64, 200}) {
+    std::vector<float> got(n), want(n);
+    for (const float scale : {1.0f, 0.37f, 3e-3f}) {
+      auto check = [&](const auto* src) {
+        detail::dequantize_row(src, scale, got.data(), n);
+        for (index_t i = 0; i < n; ++i) want[i] = detail::dequantized(src[i], scale);
+        for (index_t i = 0; i < n; ++i)
+          ASSERT_TRUE(std::memcmp(&got[i], &want[i], 4) == 0 ||
+                      (std::isnan(got[i]) && std::isnan(want[i])))
+              << "n " << n << " element " << i << ": " << got[i] << " vs " << want[i];
+      };
+      check(reinterpret_cast<const e4m3*>(bytes.data()));
+      check(reinterpret_cast<const e5m2*>(bytes.data()));
+      check(reinterpret_cast<const std::int8_t*>(bytes.data()));
+    }
+  }
+  std::vector<block_q8_0> blocks(4);
+  for (auto& b : blocks) {
+    b.d = half(std::ldexp(float(gen() % 1000) / 1000, -int(gen() % 10)));
+    for (auto& q : b.qs) q = std::int8_t(gen());
+  }
+  std::vector<float> got(128);
+  detail::dequantize_row(blocks.data(), 1.0f, got.data(), 128);
+  for (int i = 0; i < 128; ++i)
+    ASSERT_EQ(got[i], float(blocks[i / 32].d) * float(blocks[i / 32].qs[i % 32])) << i;
+}
+
+// ---- attention over the caches -------------------------------------------------------------
+
+/// A cache of type C holding x (B, Hk, S, D) quantized, the scales it needs, and the
+/// values attention must use (dequantized).
+template <class C>
+struct cache {
+  std::vector<C> data;
+  std::vector<float> scales;  ///< int8: (B, Hk, S); fp8: per head (Hk)
+  std::vector<float> values;  ///< dequantized, (B, Hk, S, D) bhsd
+  tensor_view<const float, 3> scale_view{};
+};
+
+template <class C>
+cache<C> make_cache(const std::vector<float>& x, index_t B, index_t Hk, index_t S, index_t D,
+                    bool bshd_layout) {
+  cache<C> c;
+  c.data.resize(x.size() / values_per_element<C>::value);
+  const auto X = bhsd<const float>(x.data(), B, Hk, S, D);
+  const auto view_of = [&](auto* p) {
+    return bshd_layout ? bshd(p, B, S, Hk, D) : bhsd(p, B, Hk, S, D);
+  };
+  const auto dst = view_of(c.data.data());
+  if constexpr (std::is_same_v<C, block_q8_0>) {
+    quantize(X, dst);
+  } else if constexpr (std::is_same_v<C, std::int8_t>) {
+    c.scales.resize(B * Hk * S);
+    const auto s = view(c.scales.data(), {B, Hk, S});
+    quantize(X, dst, s);
+    c.scale_view = s;
+  } else if constexpr (is_scaled_v<C>) {
+    for (index_t h = 0; h < Hk; ++h) c.scales.push_back(0.004f * float(h + 1));
+    c.scale_view = view<const float>(c.scales.data(), {1, Hk, 1}, {0, 1, 0});
+    quantize(X, dst, c.scale_view);
+  } else {
+    for (index_t b = 0; b < B; ++b)
+      for (index_t h = 0; h < Hk; ++h)
+        for (index_t s = 0; s < S; ++s)
+          for (index_t d = 0; d < D; ++d) dst(b, h, s, d) = C(X(b, h, s, d));
+  }
+  c.values.resize(x.size());
+  const auto V = bhsd(c.values.data(), B, Hk, S, D);
+  const tensor_view<const C, 4> stored = dst;
+  if constexpr (is_quantized_v<C>) {
+    dequantize(stored, V, c.scale_view);
+  } else {
+    for (index_t b = 0; b < B; ++b)
+      for (index_t h = 0; h < Hk; ++h)
+        for (index_t s = 0; s < S; ++s)
+          for (index_t d = 0; d < D; ++d) V(b, h, s, d) = float(stored(b, h, s, d));
+  }
+  return c;
+}
+
+template <class C>
+tensor_view<const C, 4> view_of(const cache<C>& c, index_t B, index_t Hk, index_t S, index_t D,
+                                bool bshd_layout) {
+  return bshd_layout ? bshd(c.data.data(), B, S, Hk, D) : bhsd(c.data.data(), B, Hk, S, D);
+}
+
+/// The scales of one sequence: batch row b, keys [k0, k0 + n) (unless broadcast).
+tensor_view<const float, 3> scales_of(const tensor_view<const float, 3>& s, index_t b, index_t k0,
+                                      index_t n) {
+  if (s.data() == nullptr) return s;
+  auto cut = detail::sequence_scales(s, b, k0);
+  return cut.extent(2) > 1 ? slice(cut, 2, 0, n) : cut;
+}
+
+template <class K, class V>
+struct pair_types {
+  using key = K;
+  using value = V;
+};
+using cache_pairs =
+    ::testing::Types<pair_types<block_q8_0, block_q8_0>, pair_types<block_q8_0, bfloat16>,
+                     pair_types<std::int8_t, std::int8_t>, pair_types<e4m3, e4m3>,
+                     pair_types<e5m2, e5m2>, pair_types<bfloat16, bfloat16>,
+                     pair_types<half, block_q8_0>, pair_types<float, e4m3>>;
+struct pair_names {
+  template <class P>
+  static std::string GetName(int) {
+    return std::string(detail::cache_type_name<typename P::key>()) + "_" +
+           detail::cache_type_name<typename P::value>();
+  }
+};
+template <class P>
+class CacheAttention : public ::testing::Test {};
+TYPED_TEST_SUITE(CacheAttention, cache_pairs, pair_names);
+
+struct shape_case {
+  index_t B, H, Hk, Sq, Sk, D, Dv;
+};
+
+/// Decode (Sq <= 16) and prefill shapes, GQA 1/4/8, Sk around the decode chunk, both
+/// layouts, causal or not: fovea against the f64 oracle on the dequantized values.
+TYPED_TEST(CacheAttention, MatchesTheOracleOnDequantizedValues) {
+  using K = typename TypeParam::key;
+  using V = typename TypeParam::value;
+  for (const auto s : {shape_case{1, 8, 8, 1, 1, 64, 64}, shape_case{2, 8, 2, 1, 511, 64, 32},
+                       shape_case{1, 8, 1, 3, 512, 128, 128}, shape_case{1, 16, 2, 1, 513, 32, 64},
+                       shape_case{1, 4, 1, 100, 150, 64, 64}, shape_case{2, 4, 4, 65, 65, 32, 96},
+                       shape_case{1, 8, 2, 1, 32768, 64, 64}})
+    for (const bool layout : {false, true})
+      for (const bool causal : {false, true}) {
+        if (s.Sk > 4096 && (layout || !causal)) continue;  // the long decode: once per pair
+        SCOPED_TRACE("H " + std::to_string(s.H) + " Hk " + std::to_string(s.Hk) + " Sq " +
+                     std::to_string(s.Sq) + " Sk " + std::to_string(s.Sk) + " D " +
+                     std::to_string(s.D) + (layout ? " bshd" : " bhsd") + (causal ? " causal" : ""));
+        const auto q = normal<float>(s.B * s.H * s.Sq * s.D, 1);
+        const auto kc = make_cache<K>(normal<float>(s.B * s.Hk * s.Sk * s.D, 2), s.B, s.Hk, s.Sk,
+                                      s.D, layout);
+        const auto vc = make_cache<V>(normal<float>(s.B * s.Hk * s.Sk * s.Dv, 3), s.B, s.Hk, s.Sk,
+                                      s.Dv, layout);
+        std::vector<float> out(s.B * s.H * s.Sq * s.Dv), serial;
+        softmax_options o{.causal = causal, .k_scale = kc.scale_view, .v_scale = vc.scale_view};
+        for (const int threads : {1, 2}) {
+          o.threads = threads;
+          softmax_attention(bhsd<const float>(q.data(), s.B, s.H, s.Sq, s.D),
+                            view_of(kc, s.B, s.Hk, s.Sk, s.D, layout),
+                            view_of(vc, s.B, s.Hk, s.Sk, s.Dv, layout),
+                            bhsd(out.data(), s.B, s.H, s.Sq, s.Dv), o);
+          if (threads == 1) serial = out;
+        }
+        EXPECT_EQ(0, std::memcmp(serial.data(), out.data(), 4 * out.size())) << "thread variant";
+        const softmax_options ref{.causal = causal};
+        const auto Q = bhsd<const float>(q.data(), s.B, s.H, s.Sq, s.D);
+        const auto Kd = bhsd<const float>(kc.values.data(), s.B, s.Hk, s.Sk, s.D);
+        const auto Vd = bhsd<const float>(vc.values.data(), s.B, s.Hk, s.Sk, s.Dv);
+        const auto want = reference_softmax<double>(Q, Kd, Vd, ref);
+        const auto naive = reference_softmax<float>(Q, Kd, Vd, ref);
+        EXPECT_TRUE(within_tolerance<float>(std::vector<double>(out.begin(), out.end()), want.out,
+                                            naive.out));
+      }
+}
+
+/// Paged caches with a scrambled table give the contiguous result bit for bit (both
+/// paths), the scales of int8 caches indexed (page, head, slot).
+TYPED_TEST(CacheAttention, PagedEqualsContiguous) {
+  using K = typename TypeParam::key;
+  using V = typename TypeParam::value;
+  const index_t H = 8, Hk = 2, D = 64, page = 16, pages = 48;
+  for (const index_t sq : {1, 40}) {
+    const index_t sk = 700;
+    const auto q = normal<float>(H * sq * D, 4);
+    const auto kx = normal<float>(Hk * sk * D, 5), vx = normal<float>(Hk * sk * D, 6);
+    const auto kc = make_cache<K>(kx, 1, Hk, sk, D, false), vc = make_cache<V>(vx, 1, Hk, sk, D, false);
+    std::vector<std::int32_t> table(pages);
+    for (index_t p = 0; p < pages; ++p) table[p] = std::int32_t((p * 7 + 3) % pages);
+    // the same rows, appended page by page through the table
+    std::vector<K> kp(pages * page * Hk * D / values_per_element<K>::value);
+    std::vector<V> vp(pages * page * Hk * D / values_per_element<V>::value);
+    std::vector<float> kps(pages * Hk * page), vps(pages * Hk * page);
+    const auto KP = paged_nhd(kp.data(), pages, page, Hk, D), VP = paged_nhd(vp.data(), pages, page, Hk, D);
+    const std::vector<std::int32_t> zero{0}, lens{std::int32_t(sk)};
+    kv_scales appended;
+    if constexpr (std::is_same_v<K, std::int8_t>) appended.k = view(kps.data(), {pages, Hk, page});
+    if constexpr (std::is_same_v<V, std::int8_t>) appended.v = view(vps.data(), {pages, Hk, page});
+    if constexpr (is_scaled_v<K> && !std::is_same_v<K, std::int8_t>)
+      appended.k = view(const_cast<float*>(kc.scales.data()), {1, Hk, 1}, {0, 1, 0});
+    if constexpr (is_scaled_v<V> && !std::is_same_v<V, std::int8_t>)
+      appended.v = view(const_cast<float*>(vc.scales.data()), {1, Hk, 1}, {0, 1, 0});
+    append_kv_paged(bhsd<const float>(kx.data(), 1, Hk, sk, D), bhsd<const float>(vx.data(), 1, Hk, sk, D),
+                    KP, VP, view<const std::int32_t>(table.data(), {1, pages}), zero, appended);
+    std::vector<float> contiguous(H * sq * D), paged(H * sq * D);
+    softmax_attention(bhsd<const float>(q.data(), 1, H, sq, D), view_of(kc, 1, Hk, sk, D, false),
+                      view_of(vc, 1, Hk, sk, D, false), bhsd(contiguous.data(), 1, H, sq, D),
+                      {.causal = true, .k_scale = kc.scale_view, .v_scale = vc.scale_view});
+    softmax_attention_paged(bhsd<const float>(q.data(), 1, H, sq, D), tensor_view<const K, 4>(KP),
+                            tensor_view<const V, 4>(VP),
+                            bhsd(paged.data(), 1, H, sq, D),
+                            view<const std::int32_t>(table.data(), {1, pages}), lens,
+                            {.causal = true, .k_scale = appended.k, .v_scale = appended.v});
+    EXPECT_EQ(0, std::memcmp(contiguous.data(), paged.data(), 4 * paged.size())) << "Sq " << sq;
+  }
+}
+
+/// Varlen with empty sequences and a contiguous cache with per-sequence lengths equal
+/// per-sequence calls, bit for bit, with per-token scales cut per sequence.
+TYPED_TEST(CacheAttention, VarlenAndCacheEqualPerSequenceCalls) {
+  using K = typename TypeParam::key;
+  using V = typename TypeParam::value;
+  const index_t H = 4, Hk = 2, D = 32;
+  const std::vector<std::int32_t> cu_q{0, 3, 3, 80, 81}, cu_k{0, 300, 300, 380, 381};
+  const index_t tq = cu_q.back(), tk = cu_k.back();
+  const auto q = normal<float>(H * tq * D, 7);
+  const auto kc = make_cache<K>(normal<float>(Hk * tk * D, 8), 1, Hk, tk, D, true);
+  const auto vc = make_cache<V>(normal<float>(Hk * tk * D, 9), 1, Hk, tk, D, true);
+  std::vector<float> out(H * tq * D, -1.f);
+  softmax_attention_varlen(bshd<const float>(q.data(), 1, tq, H, D), view_of(kc, 1, Hk, tk, D, true),
+                           view_of(vc, 1, Hk, tk, D, true), bshd(out.data(), 1, tq, H, D), cu_q, cu_k,
+                           {.causal = true, .k_scale = kc.scale_view, .v_scale = vc.scale_view});
+  for (std::size_t b = 0; b + 1 < cu_q.size(); ++b) {
+    const index_t q0 = cu_q[b], sq = cu_q[b + 1] - q0, k0 = cu_k[b], sk = cu_k[b + 1] - k0;
+    std::vector<float> alone(H * sq * D);
+    softmax_attention(slice(bshd<const float>(q.data(), 1, tq, H, D), 2, q0, sq),
+                      slice(view_of(kc, 1, Hk, tk, D, true), 2, k0, sk),
+                      slice(view_of(vc, 1, Hk, tk, D, true), 2, k0, sk),
+                      bhsd(alone.data(), 1, H, sq, D),
+                      {.causal = true, .k_scale = scales_of(kc.scale_view, 0, k0, sk),
+                       .v_scale = scales_of(vc.scale_view, 0, k0, sk)});
+    for (index_t h = 0; h < H; ++h)
+      for (index_t i = 0; i < sq; ++i)
+        ASSERT_EQ(0, std::memcmp(alone.data() + (h * sq + i) * D,
+                                 out.data() + ((q0 + i) * H + h) * D, 4 * D))
+            << "sequence " << b;
+  }
+  // a contiguous cache of capacity 400 holding 381, 0 and 120 keys
+  const index_t B = 3, capacity = 400, Sq = 2;
+  const std::vector<std::int32_t> lens{381, 0, 120};
+  const auto kb = make_cache<K>(normal<float>(B * Hk * capacity * D, 10), B, Hk, capacity, D, true);
+  const auto vb = make_cache<V>(normal<float>(B * Hk * capacity * D, 11), B, Hk, capacity, D, true);
+  const auto qb = normal<float>(B * H * Sq * D, 12);
+  std::vector<float> ob(B * H * Sq * D);
+  softmax_attention_kvcache(bhsd<const float>(qb.data(), B, H, Sq, D), view_of(kb, B, Hk, capacity, D, true),
+                            view_of(vb, B, Hk, capacity, D, true), bhsd(ob.data(), B, H, Sq, D), lens,
+                            {.causal = true, .k_scale = kb.scale_view, .v_scale = vb.scale_view});
+  for (index_t b = 0; b < B; ++b) {
+    std::vector<float> alone(H * Sq * D);
+    softmax_attention(slice(bhsd<const float>(qb.data(), B, H, Sq, D), 0, b, 1),
+                      slice(slice(view_of(kb, B, Hk, capacity, D, true), 0, b, 1), 2, 0, lens[b]),
+                      slice(slice(view_of(vb, B, Hk, capacity, D, true), 0, b, 1), 2, 0, lens[b]),
+                      bhsd(alone.data(), 1, H, Sq, D),
+                      {.causal = true, .k_scale = scales_of(kb.scale_view, b, 0, lens[b]),
+                       .v_scale = scales_of(vb.scale_view, b, 0, lens[b])});
+    EXPECT_EQ(0, std::memcmp(alone.data(), ob.data() + b * H * Sq * D, 4 * alone.size()))
+        << "cache sequence " << b;
+  }
+}
+
+/// bf16 and fp16 queries and outputs over a q8_0 cache: within the tolerance plus the
+/// rounding of the output.
+TEST(CacheAttention, LowPrecisionQueriesOverQ80) {
+  const index_t H = 4, Hk = 2, D = 64;
+  for (const index_t sq : {1, 70}) {
+    const index_t sk = 300;
+    const auto qf = normal<float>(H * sq * D, 13);
+    std::vector<bfloat16> q(qf.begin(), qf.end()), out(H * sq * D);
+    std::vector<float> qr(q.begin(), q.end());
+    const auto kc = make_cache<block_q8_0>(normal<float>(Hk * sk * D, 14), 1, Hk, sk, D, false);
+    const auto vc = make_cache<block_q8_0>(normal<float>(Hk * sk * D, 15), 1, Hk, sk, D, false);
+    softmax_attention(bhsd<const bfloat16>(q.data(), 1, H, sq, D), view_of(kc, 1, Hk, sk, D, false),
+                      view_of(vc, 1, Hk, sk, D, false), bhsd(out.data(), 1, H, sq, D), {.causal = true});
+    const auto Q = bhsd<const float>(qr.data(), 1, H, sq, D);
+    const auto Kd = bhsd<const float>(kc.values.data(), 1, Hk, sk, D);
+    const auto Vd = bhsd<const float>(vc.values.data(), 1, Hk, sk, D);
+    const auto want = reference_softmax<double>(Q, Kd, Vd, {.causal = true});
+    const auto naive = reference_softmax<float>(Q, Kd, Vd, {.causal = true});
+    EXPECT_TRUE(within_tolerance<float>(std::vector<double>(out.begin(), out.end()), want.out,
+                                        naive.out, 1.0 / 256));
+  }
+}
+
+/// A NaN block scale (q8_0) or row scale (int8) poisons the rows that see its key, on
+/// both paths; hidden by the causal band, it leaks nowhere.
+TEST(CacheAttention, NanScalesPoisonTheRowsThatSeeThem) {
+  const index_t H = 2, Hk = 1, D = 64, sk = 600;
+  for (const index_t sq : {1, 4, 80}) {
+    const auto q = normal<float>(H * sq * D, 16);
+    auto kc = make_cache<block_q8_0>(normal<float>(Hk * sk * D, 17), 1, Hk, sk, D, false);
+    auto vc = make_cache<std::int8_t>(normal<float>(Hk * sk * D, 18), 1, Hk, sk, D, false);
+    const index_t bad_key = sk - 2;  // seen by the last two queries only (causal)
+    kc.data[bad_key * D / 32 + 1].d = half(nan_f);
+    std::vector<float> out(H * sq * D);
+    softmax_attention(bhsd<const float>(q.data(), 1, H, sq, D), view_of(kc, 1, Hk, sk, D, false),
+                      view_of(vc, 1, Hk, sk, D, false), bhsd(out.data(), 1, H, sq, D),
+                      {.causal = true, .v_scale = vc.scale_view});
+    for (index_t h = 0; h < H; ++h)
+      for (index_t i = 0; i < sq; ++i)
+        for (index_t d = 0; d < D; ++d)
+          ASSERT_EQ(std::isnan(out[(h * sq + i) * D + d]), i >= sq - 2) << sq << " " << i;
+    vc.scales[sk - 1] = nan_f;  // the last key's value row: the last query only
+    kc = make_cache<block_q8_0>(normal<float>(Hk * sk * D, 17), 1, Hk, sk, D, false);
+    softmax_attention(bhsd<const float>(q.data(), 1, H, sq, D), view_of(kc, 1, Hk, sk, D, false),
+                      view_of(vc, 1, Hk, sk, D, false), bhsd(out.data(), 1, H, sq, D),
+                      {.causal = true, .v_scale = vc.scale_view});
+    for (index_t h = 0; h < H; ++h)
+      for (index_t i = 0; i < sq; ++i)
+        ASSERT_EQ(std::isnan(out[(h * sq + i) * D]), i == sq - 1) << sq << " " << i;
+  }
+}
+
+/// Appending to a q8_0 cache stores what quantize stores; an append to int8 writes the
+/// scales of the new rows.
+TEST(CacheAttention, AppendQuantizesLikeQuantize) {
+  const index_t B = 2, Hk = 2, D = 32, capacity = 10, n = 3;
+  const auto x = normal<float>(B * Hk * n * D, 19);
+  const auto X = bhsd<const float>(x.data(), B, Hk, n, D);
+  std::vector<block_q8_0> direct(B * Hk * n * D / 32), cache(B * capacity * Hk * D / 32);
+  quantize(X, bhsd(direct.data(), B, Hk, n, D));
+  const std::vector<std::int32_t> lens{4, 7};
+  const auto C = bshd(cache.data(), B, capacity, Hk, D);
+  append_kv(X, X, C, bshd(std::vector<block_q8_0>(cache.size()).data(), B, capacity, Hk, D), lens);
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < Hk; ++h)
+      for (index_t r = 0; r < n; ++r)
+        ASSERT_EQ(0, std::memcmp(C.ptr(b, h, lens[b] + r, 0),
+                                 direct.data() + ((b * Hk + h) * n + r), sizeof(block_q8_0)));
+  std::vector<std::int8_t> k8(B * Hk * capacity * D), v8(k8.size());
+  std::vector<float> ks(B * Hk * capacity, -1.f), vs(ks.size(), -1.f);
+  append_kv(X, X, bhsd(k8.data(), B, Hk, capacity, D), bhsd(v8.data(), B, Hk, capacity, D), lens,
+            {.k = view(ks.data(), {B, Hk, capacity}), .v = view(vs.data(), {B, Hk, capacity})});
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < Hk; ++h)
+      for (index_t t = 0; t < capacity; ++t) {
+        const bool written = t >= lens[b] && t < lens[b] + n;
+        EXPECT_EQ(ks[(b * Hk + h) * capacity + t] != -1.f, written);
+      }
+}
+
+TEST(CacheAttention, BadInputNamesTheArgumentAndWritesNothing) {
+  const index_t H = 2, Hk = 1, S = 8;
+  std::vector<float> q(H * S * 64), out(H * S * 64, 5.f);
+  std::vector<block_q8_0> kq(Hk * S * 64 / 32), vq(Hk * S * 64 / 32);
+  std::vector<std::int8_t> k8(Hk * S * 64);
+  std::vector<e4m3> k4(Hk * S * 64);
+  const std::vector<float> scales(Hk * S, 1.f);
+  const float inf = HUGE_VALF;
+  auto expect_error = [&](auto&& call, const std::string& name) {
+    try {
+      call();
+      ADD_FAILURE() << "no error for " << name;
+    } catch (const error& e) {
+      EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+    }
+    for (float x : out) ASSERT_EQ(x, 5.f);
+  };
+  const auto Q = bhsd<const float>(q.data(), 1, H, S, 64);
+  const auto O = bhsd(out.data(), 1, H, S, 64);
+  const auto Kq = bhsd<const block_q8_0>(kq.data(), 1, Hk, S, 64);
+  expect_error(  // D = 48: not whole blocks
+      [&] {
+        softmax_attention(bhsd<const float>(q.data(), 1, H, S, 48), bhsd<const block_q8_0>(kq.data(), 1, Hk, S, 48),
+                          bhsd<const block_q8_0>(vq.data(), 1, Hk, S, 48), bhsd(out.data(), 1, H, S, 48));
+      },
+      "k: extent 3");
+  expect_error(  // a stride of half a block
+      [&] {
+        softmax_attention(Q, view<const block_q8_0>(kq.data(), {1, Hk, S, 64}, {Hk * S * 64, S * 64, 48, 1}),
+                          Kq, O);
+      },
+      "k: stride 2");
+  expect_error([&] { softmax_attention(Q, bhsd<const std::int8_t>(k8.data(), 1, Hk, S, 64), Kq, O); },
+               "options.k_scale");
+  expect_error(
+      [&] {
+        softmax_attention(Q, bhsd<const e4m3>(k4.data(), 1, Hk, S, 64), Kq, O,
+                          {.k_scale = view<const float>(&inf, {1, 1, 1})});
+      },
+      "options.k_scale");
+  expect_error(
+      [&] {
+        softmax_attention(Q, bhsd<const std::int8_t>(k8.data(), 1, Hk, S, 64), Kq, O,
+                          {.k_scale = view<const float>(scales.data(), {1, Hk, S - 1})});
+      },
+      "options.k_scale: extent 2");
+  expect_error(
+      [&] {
+        softmax_attention(Q, Kq, Kq, O, {.v_scale = view<const float>(scales.data(), {1, Hk, S})});
+      },
+      "options.v_scale");
+  expect_error(
+      [&] {
+        quantize(bhsd<const float>(q.data(), 1, Hk, S, 64), bhsd(kq.data(), 1, Hk, S - 1, 64));
+      },
+      "cache: extent 2");
+  // q and out of different types do not compile
+  static_assert(!detail::mixed_attention_types<const float, const block_q8_0, const block_q8_0, bfloat16>);
+  static_assert(!detail::mixed_attention_types<const double, const block_q8_0, const block_q8_0, double>);
+  static_assert(detail::mixed_attention_types<const half, const e5m2, const std::int8_t, half>);
+}
+
+}  // namespace
+}  // namespace fovea::test
