@@ -5,7 +5,7 @@
 //
 //   llama2c MODEL.bin [-n STEPS] [-i "PROMPT TOKEN IDS"] [-z TOKENIZER.bin] [-t TEMPERATURE]
 //           [-s SEED] [--attention softmax|hip|dma|routing|agent|linear]
-//           [--kv f32|bf16|fp16] [--paged] [--threads N] [--quiet]
+//           [--kv f32|bf16|fp16|q8_0|int8|e4m3|e5m2] [--paged] [--threads N] [--quiet]
 //   llama2c --make-random OUT.bin      writes a random checkpoint shaped like stories15M
 //                                      (dim 288, 6 layers, 6 heads, vocab 32000, context 256)
 //
@@ -99,10 +99,7 @@ int run(const llama2c::checkpoint& ck, const llama2c::run_options& o, std::vecto
   const double share = 100 * m.attention_seconds() / std::max(prefill_s + decode_s, 1e-9);
   std::printf("attention %s, kv %s%s, %d thread(s): prefill %zu tokens %.1f tok/s, decode %d "
               "tokens %.1f tok/s, attention %.0f%% of the time%s\n",
-              llama2c::to_string(o.attention), llama2c::to_string(
-                  std::is_same_v<S, float> ? llama2c::kv_type::f32
-                  : std::is_same_v<S, fovea::bfloat16> ? llama2c::kv_type::bf16
-                                                       : llama2c::kv_type::fp16),
+              llama2c::to_string(o.attention), llama2c::to_string(llama2c::kv_type_of<S>()),
               o.paged ? " paged" : "", o.threads, prompt.size(), double(prompt.size()) / prefill_s,
               decoded, decoded / std::max(decode_s, 1e-9), share,
               o.attention == llama2c::family::softmax
@@ -115,7 +112,7 @@ int usage() {
   std::fprintf(stderr,
                "usage: llama2c MODEL.bin [-n STEPS] [-i \"PROMPT TOKEN IDS\"] [-z TOKENIZER.bin] "
                "[-t TEMPERATURE] [-s SEED]\n"
-               "       [--attention softmax|hip|dma|routing|agent|linear] [--kv f32|bf16|fp16] "
+               "       [--attention softmax|hip|dma|routing|agent|linear] [--kv f32|bf16|fp16|q8_0|int8|e4m3|e5m2] "
                "[--paged] [--threads N] [--quiet]\n"
                "       llama2c --make-random OUT.bin\n");
   return 2;
@@ -184,12 +181,12 @@ int main(int argc, char** argv) {
         o.attention = llama2c::family(at);
       } else if (a == "--kv") {
         const std::string t = value();
-        if (t == "f32") kv = llama2c::kv_type::f32;
-        else if (t == "bf16") kv = llama2c::kv_type::bf16;
-        else if (t == "fp16") kv = llama2c::kv_type::fp16;
-        else
+        bool known = false;
+        for (int i = 0; i <= int(llama2c::kv_type::e5m2); ++i)
+          if (t == llama2c::to_string(llama2c::kv_type(i))) kv = llama2c::kv_type(i), known = true;
+        if (!known)
           throw std::runtime_error("--kv: '" + t +
-                                   "' is not a cache type this build has (f32, bf16, fp16)");
+                                   "' is not a cache type (f32, bf16, fp16, q8_0, int8, e4m3, e5m2)");
       } else {
         std::fprintf(stderr, "unknown argument '%s'\n", a.c_str());
         return usage();
@@ -219,6 +216,14 @@ int main(int argc, char** argv) {
         return run<fovea::bfloat16>(ck, o, prompt, steps, temperature, seed, pieces, quiet);
       case llama2c::kv_type::fp16:
         return run<fovea::half>(ck, o, prompt, steps, temperature, seed, pieces, quiet);
+      case llama2c::kv_type::q8_0:
+        return run<fovea::block_q8_0>(ck, o, prompt, steps, temperature, seed, pieces, quiet);
+      case llama2c::kv_type::int8:
+        return run<std::int8_t>(ck, o, prompt, steps, temperature, seed, pieces, quiet);
+      case llama2c::kv_type::e4m3:
+        return run<fovea::e4m3>(ck, o, prompt, steps, temperature, seed, pieces, quiet);
+      case llama2c::kv_type::e5m2:
+        return run<fovea::e5m2>(ck, o, prompt, steps, temperature, seed, pieces, quiet);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "llama2c: %s\n", e.what());

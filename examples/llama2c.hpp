@@ -115,15 +115,27 @@ struct checkpoint {
 };
 
 enum class family { softmax, hip, dma, routing, agent, linear };
-enum class kv_type { f32, bf16, fp16 };
+enum class kv_type { f32, bf16, fp16, q8_0, int8, e4m3, e5m2 };
 
 inline const char* to_string(family f) {
   constexpr const char* names[] = {"softmax", "hip", "dma", "routing", "agent", "linear"};
   return names[int(f)];
 }
 inline const char* to_string(kv_type t) {
-  constexpr const char* names[] = {"f32", "bf16", "fp16"};
+  constexpr const char* names[] = {"f32", "bf16", "fp16", "q8_0", "int8", "e4m3", "e5m2"};
   return names[int(t)];
+}
+
+/// The kv_type of a cache storage type.
+template <class C>
+constexpr kv_type kv_type_of() {
+  if constexpr (std::is_same_v<C, float>) return kv_type::f32;
+  else if constexpr (std::is_same_v<C, fovea::bfloat16>) return kv_type::bf16;
+  else if constexpr (std::is_same_v<C, fovea::half>) return kv_type::fp16;
+  else if constexpr (std::is_same_v<C, fovea::block_q8_0>) return kv_type::q8_0;
+  else if constexpr (std::is_same_v<C, std::int8_t>) return kv_type::int8;
+  else if constexpr (std::is_same_v<C, fovea::e4m3>) return kv_type::e4m3;
+  else return kv_type::e5m2;
 }
 
 struct run_options {
@@ -165,21 +177,38 @@ inline matrix project(const matrix& x, const float* w, int out, int in) {
   return x * W.transpose();
 }
 
-/// A model with its KV cache in storage type S (float, fovea::bfloat16, fovea::half): q and
-/// the attention output are converted to S around each call, as fovea wants one type for
-/// q, k, v and out. prefill() runs a block of tokens, decode() one token; both append to
-/// the cache and return the logits of each token run.
+/// A model with its KV cache in storage type S: float, fovea::bfloat16 or fovea::half, or
+/// a quantized cache (fovea::block_q8_0, int8 with a scale per (token, head), e4m3 / e5m2
+/// with scale 1). Softmax attention reads the cache as it is under float q and out; the
+/// other families take q, k, v and out in one type (S, converted around the call), so
+/// they need an unquantized cache. New keys and values are appended (and quantized) by
+/// fovea::append_kv / append_kv_paged. prefill() runs a block of tokens, decode() one
+/// token; both return the logits of each token run.
 template <class S>
 class model {
  public:
   static constexpr int page_size = 16;
+  static constexpr bool quantized = fovea::is_quantized_v<S>;
+  static constexpr bool row_scales = std::is_same_v<S, std::int8_t>;
 
   model(const checkpoint& ck, const run_options& o) : ck_(ck), c_(ck.c), o_(o) {
     Eigen::setNbThreads(std::max(1, o.threads));  // Eigen's GEMMs on as many threads as fovea
     const int hs = c_.head_size();
+    constexpr int block = int(fovea::values_per_element<S>::value);
+    if (hs % block != 0)
+      throw std::runtime_error(std::string("--kv ") + to_string(kv_type_of<S>()) + ": head size " +
+                               std::to_string(hs) + " is not whole blocks of " +
+                               std::to_string(block) + " values");
+    if (quantized && o.attention != family::softmax)
+      throw std::runtime_error(std::string("--kv ") + to_string(kv_type_of<S>()) +
+                               ": only softmax attention reads a quantized cache here");
     const std::size_t per_layer = std::size_t(c_.n_kv_heads) * c_.seq_len * hs;
-    k_.assign(c_.n_layers * per_layer, S(0.f));
-    v_.assign(c_.n_layers * per_layer, S(0.f));
+    k_.resize(c_.n_layers * per_layer / block);
+    v_.resize(c_.n_layers * per_layer / block);
+    if constexpr (row_scales) {  // one per (layer, token slot, kv head)
+      k_scales_.assign(std::size_t(c_.n_layers) * c_.n_kv_heads * c_.seq_len, 0.f);
+      v_scales_.assign(k_scales_.size(), 0.f);
+    }
     const int pages = (c_.seq_len + page_size - 1) / page_size;
     table_.resize(pages);
     std::iota(table_.begin(), table_.end(), 0);
@@ -240,8 +269,6 @@ class model {
 
   // Cache row of (layer, kv head, position): contiguous [layer][kv head][seq_len][hs], or
   // paged [layer][page][slot][kv head][hs] (paged_nhd) through the block table.
-  S* k_row(int l, int hk, int t) { return k_.data() + slot(l, hk, t); }
-  S* v_row(int l, int hk, int t) { return v_.data() + slot(l, hk, t); }
   std::size_t slot(int l, int hk, int t) const {
     const std::size_t hs = c_.head_size(), per_layer = std::size_t(c_.n_kv_heads) * c_.seq_len * hs;
     if (!o_.paged) return l * per_layer + (std::size_t(hk) * c_.seq_len + t) * hs;
@@ -249,43 +276,79 @@ class model {
     return l * per_layer + ((page * page_size + s) * c_.n_kv_heads + hk) * hs;
   }
 
+  /// Layer l's cache of keys (or values) as (1, Hk, seq_len, hs) or, paged, as
+  /// (pages, Hk, page_size, hs); the scales of an int8 cache likewise, (1|pages, Hk, slots).
+  template <class C>
+  fovea::tensor_view<C, 4> cache_view(C* base, int l) const {
+    const int Hk = c_.n_kv_heads, hs = c_.head_size();
+    const std::size_t per_layer = std::size_t(Hk) * c_.seq_len * hs / fovea::values_per_element<S>::value;
+    if (o_.paged)
+      return fovea::paged_nhd(base + l * per_layer, int(table_.size()), page_size, Hk, hs);
+    return fovea::bhsd(base + l * per_layer, 1, Hk, c_.seq_len, hs);
+  }
+  fovea::tensor_view<float, 3> scale_view(std::vector<float>& s, int l) {
+    if (s.empty()) return {};
+    const int Hk = c_.n_kv_heads;
+    float* base = s.data() + std::size_t(l) * Hk * c_.seq_len;
+    if (o_.paged)  // memory [page][slot][kv head], like the paged cache's rows
+      return fovea::view(base, {int(table_.size()), Hk, page_size}, {page_size * Hk, 1, Hk});
+    return fovea::view(base, {1, Hk, c_.seq_len});
+  }
+
   void attend(int l, const matrix& q, const matrix& k, const matrix& v, matrix& out) {
     const int n = int(q.rows()), H = c_.n_heads, Hk = c_.n_kv_heads, hs = c_.head_size();
     const int total = pos_ + n;  // keys in the cache after this step
-    for (int t = 0; t < n; ++t)
-      for (int hk = 0; hk < Hk; ++hk)
-        for (int e = 0; e < hs; ++e) {
-          k_row(l, hk, pos_ + t)[e] = S(k(t, hk * hs + e));
-          v_row(l, hk, pos_ + t)[e] = S(v(t, hk * hs + e));
-        }
+    const std::int32_t len = pos_;
+    const auto table = fovea::view<const std::int32_t, 2>(table_.data(), {1, int(table_.size())});
+    const fovea::kv_scales scales{scale_view(k_scales_, l), scale_view(v_scales_, l)};
+    const auto k_new = fovea::bshd<const float>(k.data(), 1, n, Hk, hs);
+    const auto v_new = fovea::bshd<const float>(v.data(), 1, n, Hk, hs);
+    if (o_.paged)
+      fovea::append_kv_paged(k_new, v_new, cache_view(k_.data(), l), cache_view(v_.data(), l), table,
+                             std::span<const std::int32_t>(&len, 1), scales);
+    else
+      fovea::append_kv(k_new, v_new, cache_view(k_.data(), l), cache_view(v_.data(), l),
+                       std::span<const std::int32_t>(&len, 1), scales);
+    // The contiguous cache holds seq_len rows per head; the call sees the first `total`.
+    const auto K = fovea::slice(cache_view<const S>(k_.data(), l), 2, 0, total);
+    const auto V = fovea::slice(cache_view<const S>(v_.data(), l), 2, 0, total);
+    // (the contiguous cache's scales cut to the keys the call sees, as K and V)
+    auto seen = [&](fovea::tensor_view<const float, 3> s) {
+      return o_.paged || s.data() == nullptr ? s : fovea::slice(s, 2, 0, total);
+    };
+    const auto k_scale = seen(scales.k), v_scale = seen(scales.v);
+    const auto Qf = fovea::bshd<const float>(q.data(), 1, n, H, hs);
+    const auto Of = fovea::bshd(out.data(), 1, n, H, hs);
+    if (o_.attention == family::softmax) {  // float q and out over the cache as it is
+      const double t0 = now();
+      const fovea::softmax_options so{.causal = true, .k_scale = k_scale, .v_scale = v_scale,
+                                      .threads = o_.threads};
+      const std::int32_t keys = total;
+      if (o_.paged)
+        fovea::softmax_attention_paged(Qf, cache_view<const S>(k_.data(), l),
+                                       cache_view<const S>(v_.data(), l), Of, table,
+                                       std::span<const std::int32_t>(&keys, 1), so);
+      else
+        fovea::softmax_attention(Qf, K, V, Of, so);
+      attention_s_ += now() - t0;
+      return;
+    }
+    if constexpr (!quantized) attend_other(l, q, k, v, out, K, V, total);
+  }
+
+  /// The other families, q, k, v and out in S.
+  void attend_other(int l, const matrix& q, const matrix& k, const matrix& v, matrix& out,
+                    fovea::tensor_view<const S, 4> K, fovea::tensor_view<const S, 4> V, int total) {
+    const int n = int(q.rows()), H = c_.n_heads, Hk = c_.n_kv_heads, hs = c_.head_size();
     std::vector<S> qs(std::size_t(n) * H * hs), os(qs.size());
     std::transform(q.data(), q.data() + q.size(), qs.begin(), [](float x) { return S(x); });
     const auto Q = fovea::bshd<const S>(qs.data(), 1, n, H, hs);
     const auto O = fovea::bshd(os.data(), 1, n, H, hs);
-    const std::size_t per_layer = std::size_t(Hk) * c_.seq_len * hs;
-    const S* kl = k_.data() + l * per_layer;
-    const S* vl = v_.data() + l * per_layer;
-    // The contiguous cache holds seq_len rows per head; the call sees the first `total`.
-    const auto K = fovea::view<const S, 4>(kl, {1, Hk, total, hs},
-                                           {std::int64_t(per_layer), c_.seq_len * hs, hs, 1});
-    const auto V = fovea::view<const S, 4>(vl, {1, Hk, total, hs},
-                                           {std::int64_t(per_layer), c_.seq_len * hs, hs, 1});
     const int threads = o_.threads;
     const double t0 = now();
     switch (o_.attention) {
       case family::softmax:
-        if (o_.paged) {
-          const int pages = int(table_.size());
-          const std::int32_t len = total;
-          fovea::softmax_attention_paged(
-              Q, fovea::paged_nhd<const S>(kl, pages, page_size, Hk, hs),
-              fovea::paged_nhd<const S>(vl, pages, page_size, Hk, hs), O,
-              fovea::view<const std::int32_t, 2>(table_.data(), {1, pages}),
-              std::span<const std::int32_t>(&len, 1), {.causal = true, .threads = threads});
-        } else {
-          fovea::softmax_attention(Q, K, V, O, {.causal = true, .threads = threads});
-        }
-        break;
+        break;  // (attend)
       case family::hip:  // keys in blocks of 2, 64 kept per query block, sinks + window
         fovea::hip_attention(Q, K, V, O,
                              {.causal = true, .top_k = 64, .sliding_window = 32, .sink_tokens = 4,
@@ -367,6 +430,7 @@ class model {
   run_options o_;
   int pos_ = 0;
   std::vector<S> k_, v_;
+  std::vector<float> k_scales_, v_scales_;  ///< int8: (layer, kv head, slot) or paged (layer, page, slot, kv head)
   std::vector<std::int32_t> table_;
   std::vector<fovea::linear_state<float>> linear_;
   std::vector<std::unique_ptr<fovea::routing_centroids>> centroids_;

@@ -192,7 +192,7 @@ TEST_F(LlamaTwoC, PrefillLogitsEqualDecodeLogits) {
 
 TEST_F(LlamaTwoC, PagedCacheEqualsContiguous) {
   const auto ck = llama2c::checkpoint::load(path);
-  for (bool bf16 : {false, true}) {
+  for (int type : {0, 1, 2, 3}) {
     auto run = [&](bool paged) {
       std::vector<float> logits;
       auto go = [&](auto tag) {
@@ -207,16 +207,16 @@ TEST_F(LlamaTwoC, PagedCacheEqualsContiguous) {
           token = llama2c::argmax(l);
         }
       };
-      if (bf16)
-        go(fovea::bfloat16{});
-      else
-        go(0.f);
+      if (type == 0) go(0.f);
+      if (type == 1) go(fovea::bfloat16{});
+      if (type == 2) go(std::int8_t{});  // scales per (page, slot, head) through the table
+      if (type == 3) go(fovea::e4m3{});
       return logits;
     };
     const auto contiguous = run(false), paged = run(true);
     ASSERT_EQ(contiguous.size(), paged.size());
     for (std::size_t i = 0; i < paged.size(); ++i)
-      ASSERT_EQ(contiguous[i], paged[i]) << (bf16 ? "bf16" : "f32") << " logit " << i;
+      ASSERT_EQ(contiguous[i], paged[i]) << "type " << type << " logit " << i;
   }
 }
 
@@ -224,6 +224,18 @@ TEST_F(LlamaTwoC, LowPrecisionCachesFollowTheReference) {
   const auto ck = llama2c::checkpoint::load(path);
   expect_greedy_match<fovea::bfloat16>(ck, {}, 12, 3e-2);
   expect_greedy_match<fovea::half>(ck, {}, 12, 5e-3);
+  expect_greedy_match<std::int8_t>(ck, {}, 12, 3e-2);
+  expect_greedy_match<std::int8_t>(ck, {.paged = true}, 12, 3e-2);
+  expect_greedy_match<fovea::e4m3>(ck, {}, 3, 0.15);
+  // q8_0 blocks are 32 values: this model's head size of 8 cannot hold them
+  try {
+    llama2c::model<fovea::block_q8_0> m(ck, {});
+    ADD_FAILURE() << "no error";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("head size 8"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(llama2c::model<std::int8_t>(ck, {.attention = llama2c::family::hip}),
+               std::runtime_error);
 }
 
 TEST_F(LlamaTwoC, EveryFamilyRunsToTheEnd) {
@@ -285,6 +297,8 @@ TEST(LlamaTwoCRealModel, GreedyTokensMatchTheDoubleReference) {
   const auto ck = llama2c::checkpoint::load(FOVEA_LLAMA2C_MODEL);
   expect_greedy_match<float>(ck, {}, 256);
   expect_greedy_match<float>(ck, {.paged = true}, 256);
+  // int8 rows with a scale per (token, head): the first 32 tokens as the reference's
+  expect_greedy_match<std::int8_t>(ck, {}, 32, 5e-2);
 }
 #endif
 

@@ -1,0 +1,181 @@
+// softmax_attention with fp32 queries and outputs over KV caches of every type (fp32,
+// bf16, fp16, q8_0, int8, e4m3), in one binary so ratios come out of one run. Decode is
+// read-bound: its figure is GB/s of cache read against a read micro-benchmark, and its
+// speed-up over fp32. Prefill is compute-bound: each cache type against bf16 and fp32.
+//
+//   cache_bench [--quick] [google benchmark flags]
+#include <benchmark/benchmark.h>
+
+#include <cstdio>
+#include <cstring>
+#include <fovea/fovea.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "peak.hpp"
+#include "summary.hpp"
+
+namespace {
+
+using fovea::index_t;
+
+/// x (1, Hk, S, D) as a cache of type C; int8 with one scale per row, fp8 per head.
+template <class C>
+struct cache {
+  std::vector<C> data;
+  std::vector<float> scales;
+  fovea::tensor_view<const float, 3> scale_view{};
+  cache(index_t Hk, index_t S, index_t D, unsigned seed) {
+    std::mt19937 gen(seed);
+    std::normal_distribution<float> dist;
+    std::vector<float> x(Hk * S * D);
+    for (float& e : x) e = dist(gen);
+    const auto X = fovea::bhsd<const float>(x.data(), 1, Hk, S, D);
+    data.resize(x.size() / fovea::values_per_element<C>::value);
+    const auto dst = fovea::bhsd(data.data(), 1, Hk, S, D);
+    if constexpr (std::is_same_v<C, std::int8_t>) {
+      scales.resize(Hk * S);
+      const auto s = fovea::view(scales.data(), {1, Hk, S});
+      fovea::quantize(X, dst, s);
+      scale_view = s;
+    } else if constexpr (fovea::is_scaled_v<C>) {
+      scales.assign(Hk, 0.01f);
+      scale_view = fovea::view<const float>(scales.data(), {1, Hk, 1}, {0, 1, 0});
+      fovea::quantize(X, dst, scale_view);
+    } else if constexpr (fovea::is_quantized_v<C>) {
+      fovea::quantize(X, dst);
+    } else {
+      for (std::size_t i = 0; i < x.size(); ++i) data[i] = C(x[i]);
+    }
+  }
+  fovea::tensor_view<const C, 4> view(index_t Hk, index_t S, index_t D) const {
+    return fovea::bhsd(data.data(), 1, Hk, S, D);
+  }
+  /// Bytes of the cache plus its scales.
+  double bytes() const {
+    return double(data.size() * sizeof(C) + scales.size() * sizeof(float));
+  }
+};
+
+/// Decode: Sq queries of H = 32 heads against Sk keys of Hk = 8 heads, D = 128.
+template <class C>
+void BM_decode(benchmark::State& state, index_t sq, index_t sk, int threads) {
+  const index_t H = 32, Hk = 8, D = 128;
+  std::vector<float> q(H * sq * D), o(H * sq * D);
+  std::mt19937 gen(3);
+  std::normal_distribution<float> dist;
+  for (float& e : q) e = dist(gen);
+  const cache<C> k(Hk, sk, D, 1), v(Hk, sk, D, 2);
+  const auto Q = fovea::bhsd<const float>(q.data(), 1, H, sq, D);
+  const auto O = fovea::bhsd(o.data(), 1, H, sq, D);
+  const fovea::softmax_options opt{.causal = true, .k_scale = k.scale_view,
+                                   .v_scale = v.scale_view, .threads = threads};
+  for (auto _ : state) {
+    fovea::softmax_attention(Q, k.view(Hk, sk, D), v.view(Hk, sk, D), O, opt);
+    benchmark::DoNotOptimize(o.data());
+  }
+  state.counters["GB/s"] = benchmark::Counter(k.bytes() + v.bytes(),
+                                              benchmark::Counter::kIsIterationInvariantRate,
+                                              benchmark::Counter::kIs1000);
+}
+
+/// Prefill: N queries and keys of one head, D = 128, causal.
+template <class C>
+void BM_prefill(benchmark::State& state, index_t n, int threads) {
+  const index_t D = 128;
+  std::vector<float> q(n * D), o(n * D);
+  std::mt19937 gen(4);
+  std::normal_distribution<float> dist;
+  for (float& e : q) e = dist(gen);
+  const cache<C> k(1, n, D, 5), v(1, n, D, 6);
+  const auto Q = fovea::bhsd<const float>(q.data(), 1, 1, n, D);
+  const auto O = fovea::bhsd(o.data(), 1, 1, n, D);
+  const fovea::softmax_options opt{.causal = true, .k_scale = k.scale_view,
+                                   .v_scale = v.scale_view, .threads = threads};
+  for (auto _ : state) {
+    fovea::softmax_attention(Q, k.view(1, n, D), v.view(1, n, D), O, opt);
+    benchmark::DoNotOptimize(o.data());
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * double(n) * double(n) * D,
+                                                 benchmark::Counter::kIsIterationInvariantRate,
+                                                 benchmark::Counter::kIs1000);
+}
+
+template <class C>
+void add_type(const std::string& type, const std::vector<int>& thread_counts, index_t n) {
+  for (int threads : thread_counts)
+    fovea::bench::add("decode/" + type + "/Sq=1/Sk=32768/H=32/Hk=8/D=128/threads=" +
+                          std::to_string(threads),
+                      BM_decode<C>, index_t(1), index_t(32768), threads);
+  fovea::bench::add("prefill/" + type + "/N=" + std::to_string(n) + "/D=128/causal/threads=1",
+                    BM_prefill<C>, n, 1);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false;
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0)
+      quick = true;
+    else
+      args.push_back(argv[i]);
+  }
+  int n_args = int(args.size());
+  benchmark::Initialize(&n_args, args.data());
+
+  const int max_threads = fovea::detail::resolve_threads(0);
+  const double read_gbs = fovea::bench::measure_read_bandwidth_gbs();
+  std::vector<int> thread_counts{1};
+  if (max_threads > 1) thread_counts.push_back(max_threads);
+  const index_t n = quick ? 2048 : 4096;
+  const char* types[] = {"fp32", "bf16", "fp16", "q8_0", "int8", "e4m3"};
+  add_type<float>(types[0], thread_counts, n);
+  add_type<fovea::bfloat16>(types[1], thread_counts, n);
+  add_type<fovea::half>(types[2], thread_counts, n);
+  add_type<fovea::block_q8_0>(types[3], thread_counts, n);
+  add_type<std::int8_t>(types[4], thread_counts, n);
+  add_type<fovea::e4m3>(types[5], thread_counts, n);
+
+  fovea::bench::summary_reporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  benchmark::Shutdown();
+  const auto& all = reporter.results();
+  auto find = [&](const std::string& name) -> const fovea::bench::result* {
+    const auto it = all.find(name);
+    return it == all.end() ? nullptr : &it->second;
+  };
+
+  std::printf("\nOne-thread read bandwidth: %.1f GB/s\n\n", read_gbs);
+  std::printf(
+      "| decode, fp32 q, Sq=1, Sk=32768, H=32, Hk=8, D=128 | threads | ms | GB/s of cache | of "
+      "1-thread read | vs fp32 | vs bf16 | vs 1 thread |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
+  for (const char* type : types)
+    for (int threads : thread_counts) {
+      const std::string tail = "/Sq=1/Sk=32768/H=32/Hk=8/D=128/threads=" + std::to_string(threads);
+      const auto* r = find(std::string("decode/") + type + tail);
+      const auto* f = find("decode/fp32" + tail);
+      const auto* b = find("decode/bf16" + tail);
+      const auto* one = find(std::string("decode/") + type +
+                             "/Sq=1/Sk=32768/H=32/Hk=8/D=128/threads=1");
+      if (!r || !f || !b || !one) continue;
+      std::printf("| %s K/V | %d | %.2f | %.1f | %.0f%% | %.2fx | %.2fx | %.2fx |\n", type, threads,
+                  r->seconds * 1e3, r->counter("GB/s") / 1e9,
+                  100.0 * r->counter("GB/s") / 1e9 / read_gbs, f->seconds / r->seconds,
+                  b->seconds / r->seconds, one->seconds / r->seconds);
+    }
+  std::printf("\n| prefill, fp32 q, N=%ld, D=128, causal, 1 thread | ms | GFLOP/s | vs fp32 K/V | vs bf16 K/V |\n|---|---:|---:|---:|---:|\n",
+              long(n));
+  const std::string tail = "/N=" + std::to_string(n) + "/D=128/causal/threads=1";
+  for (const char* type : types) {
+    const auto* r = find(std::string("prefill/") + type + tail);
+    const auto* f = find("prefill/fp32" + tail);
+    const auto* b = find("prefill/bf16" + tail);
+    if (!r || !f || !b) continue;
+    std::printf("| %s K/V | %.2f | %.1f | %.2fx | %.2fx |\n", type, r->seconds * 1e3,
+                r->counter("GFLOP/s") / 1e9, f->seconds / r->seconds, b->seconds / r->seconds);
+  }
+  return 0;
+}
