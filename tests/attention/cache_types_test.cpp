@@ -435,6 +435,49 @@ TYPED_TEST(CacheAttention, VarlenAndCacheEqualPerSequenceCalls) {
   }
 }
 
+/// Each quantized cache gives the bits of the same call on its dequantized values (float
+/// K and V): dense prefill and decode, the block-sparse executor and dynamic-mask
+/// attention read dequantized rows in the same tiles.
+TEST(CacheAttention, EveryEngineEqualsItsCallOnDequantizedValues) {
+  const index_t H = 4, Hk = 2, D = 64;
+  for (const index_t sq : {1, 5, 130}) {
+    const index_t sk = 600;
+    SCOPED_TRACE("Sq " + std::to_string(sq));
+    const auto q = normal<float>(H * sq * D, 20);
+    const auto kc = make_cache<block_q8_0>(normal<float>(Hk * sk * D, 21), 1, Hk, sk, D, false);
+    const auto vc = make_cache<std::int8_t>(normal<float>(Hk * sk * D, 22), 1, Hk, sk, D, false);
+    const auto Q = bhsd<const float>(q.data(), 1, H, sq, D);
+    const auto K = view_of(kc, 1, Hk, sk, D, false);
+    const auto V = view_of(vc, 1, Hk, sk, D, false);
+    const auto Kd = bhsd<const float>(kc.values.data(), 1, Hk, sk, D);
+    const auto Vd = bhsd<const float>(vc.values.data(), 1, Hk, sk, D);
+    std::vector<float> got(H * sq * D), want(H * sq * D);
+    const auto O = bhsd(got.data(), 1, H, sq, D), W = bhsd(want.data(), 1, H, sq, D);
+    auto same = [&](const char* what) {
+      EXPECT_EQ(0, std::memcmp(got.data(), want.data(), 4 * got.size())) << what;
+    };
+    softmax_attention(Q, K, V, O, {.causal = true, .v_scale = vc.scale_view});
+    softmax_attention(Q, Kd, Vd, W, {.causal = true});
+    same("softmax_attention");
+    // every other key block of 64, per key/value head
+    const index_t blocks = (sk + 63) / 64, rows = Hk * ((sq + 63) / 64);
+    std::vector<std::int32_t> offsets{0}, indices;
+    for (index_t r = 0; r < rows; ++r) {
+      for (index_t b = r % 2; b < blocks; b += 2) indices.push_back(std::int32_t(b));
+      offsets.push_back(std::int32_t(indices.size()));
+    }
+    const block_sparse_layout layout{.heads = Hk, .offsets = offsets, .indices = indices};
+    block_sparse_attention(Q, K, V, O, layout, {.causal = true, .v_scale = vc.scale_view});
+    block_sparse_attention(Q, Kd, Vd, W, layout, {.causal = true});
+    same("block_sparse_attention");
+    const auto bias = normal<float>(Hk * sk, 23);
+    const auto Bias = view<const float>(bias.data(), {1, Hk, 1, sk});
+    dynamic_mask_attention(Q, K, V, O, Bias, {.causal = true, .keep = 100, .v_scale = vc.scale_view});
+    dynamic_mask_attention(Q, Kd, Vd, W, Bias, {.causal = true, .keep = 100});
+    same("dynamic_mask_attention");
+  }
+}
+
 /// bf16 and fp16 queries and outputs over a q8_0 cache: within the tolerance plus the
 /// rounding of the output.
 TEST(CacheAttention, LowPrecisionQueriesOverQ80) {

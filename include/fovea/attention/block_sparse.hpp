@@ -75,10 +75,11 @@ inline index_t check_layout(const block_sparse_layout& l, index_t B, index_t H, 
 /// lists for them; inside those blocks every softmax_options modifier (causal, window,
 /// bias, mask, ALiBi, soft-cap) and the variant apply as in softmax_attention, and sinks
 /// and lse likewise. Key blocks not listed are never loaded. A full layout gives exactly
-/// softmax_attention's result. Same shapes, types and guarantees as softmax_attention.
+/// softmax_attention's result. Same shapes, storage types (k and v of any cache type,
+/// options.k_scale / v_scale) and guarantees as softmax_attention.
 template <class Backend = default_backend, class TQ, class TK, class TV, class TO,
           class ScoreMod = identity_score_mod, class MaskMod = keep_all_mask_mod>
-requires detail::attention_types<TQ, TK, TV, TO>
+requires detail::mixed_attention_types<TQ, TK, TV, TO>
 void block_sparse_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v,
                             tensor_view<TO, 4> out, const block_sparse_layout& layout,
                             const softmax_options& options = {},

@@ -32,6 +32,7 @@ struct dynamic_mask_options {
   double softcap = 0;                         ///< 0: off
   tensor_view<const std::uint8_t, 4> mask{};  ///< padding mask, nonzero keeps; as bias
   tensor_view<float, 3> lse{};                ///< out, optional (B, H, Sq)
+  tensor_view<const float, 3> k_scale{}, v_scale{};  ///< int8 / fp8 caches, as softmax_options
   int threads = 0;                            ///< 0: all OpenMP offers; 1: serial
 };
 
@@ -113,8 +114,8 @@ struct dma_selection {
   std::vector<rank_bar> bars;  ///< (B, heads, Sq)
 };
 
-template <class S>
-dma_selection select_kept(const dense_problem<S>& pr, index_t keep, int threads) {
+template <class S, class K, class V>
+dma_selection select_kept(const dense_problem<S, K, V>& pr, index_t keep, int threads) {
   const index_t B = pr.batch(), H = pr.heads(), Sq = pr.queries(), Hk = pr.kv.heads();
   const index_t Sk = pr.keys, group = pr.terms.group;
   const auto& bias = pr.terms.bias;
@@ -222,7 +223,7 @@ dma_selection select_kept(const dense_problem<S>& pr, index_t keep, int threads)
 /// selection costs O(Sk log keep) per head and attention O(Sq * keep); otherwise each row
 /// ranks its keys (O(Sq * Sk) comparisons). Bitwise the same for every thread count.
 template <class Backend = default_backend, class TQ, class TK, class TV, class TO>
-requires detail::attention_types<TQ, TK, TV, TO>
+requires detail::mixed_attention_types<TQ, TK, TV, TO>
 void dynamic_mask_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v,
                             tensor_view<TO, 4> out, tensor_view<const float, 4> bias,
                             const dynamic_mask_options& options = {}) {
@@ -240,6 +241,8 @@ void dynamic_mask_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_v
   o.bias = bias;
   o.mask = options.mask;
   o.lse = options.lse;
+  o.k_scale = options.k_scale;
+  o.v_scale = options.v_scale;
   o.threads = options.threads;
   const auto pr = detail::make_softmax_problem<TO>(q, k, v, out, o);
   const int threads = detail::resolve_threads(options.threads);
