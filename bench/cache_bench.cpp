@@ -102,6 +102,31 @@ void BM_prefill(benchmark::State& state, index_t n, int threads) {
                                                  benchmark::Counter::kIs1000);
 }
 
+/// MLA-shaped decode (DeepSeek's latent attention with absorbed weights): H query heads
+/// over one key/value head whose rows hold 576 values (512 latent + 64 rotary); V is the
+/// first 512 columns of the same rows (one buffer, two views).
+template <class C>
+void BM_mla(benchmark::State& state, index_t H, index_t sk, int threads) {
+  const index_t Dqk = 576, Dv = 512;
+  std::vector<float> q(H * Dqk), o(H * Dv);
+  std::mt19937 gen(7);
+  std::normal_distribution<float> dist;
+  for (float& e : q) e = dist(gen);
+  std::vector<C> rows(sk * Dqk);
+  for (C& e : rows) e = C(dist(gen));
+  const auto K = fovea::bhsd<const C>(rows.data(), 1, 1, sk, Dqk);
+  const auto V = fovea::view<const C>(rows.data(), {1, 1, sk, Dv}, {sk * Dqk, sk * Dqk, Dqk, 1});
+  const auto Q = fovea::bhsd<const float>(q.data(), 1, H, 1, Dqk);
+  const auto O = fovea::bhsd(o.data(), 1, H, 1, Dv);
+  for (auto _ : state) {
+    fovea::softmax_attention(Q, K, V, O, {.causal = true, .threads = threads});
+    benchmark::DoNotOptimize(o.data());
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * double(H) * double(sk) * (Dqk + Dv),
+                                                 benchmark::Counter::kIsIterationInvariantRate,
+                                                 benchmark::Counter::kIs1000);
+}
+
 template <class C>
 void add_type(const std::string& type, const std::vector<int>& thread_counts, index_t n) {
   for (int threads : thread_counts)
@@ -128,6 +153,7 @@ int main(int argc, char** argv) {
 
   const int max_threads = fovea::detail::resolve_threads(0);
   const double read_gbs = fovea::bench::measure_read_bandwidth_gbs();
+  const double peak = fovea::bench::measure_fma_peak_gflops();
   std::vector<int> thread_counts{1};
   if (max_threads > 1) thread_counts.push_back(max_threads);
   const index_t n = quick ? 2048 : 4096;
@@ -138,6 +164,10 @@ int main(int argc, char** argv) {
   add_type<fovea::block_q8_0>(types[3], thread_counts, n);
   add_type<std::int8_t>(types[4], thread_counts, n);
   add_type<fovea::e4m3>(types[5], thread_counts, n);
+  const index_t mla_keys = quick ? 8192 : 32768;
+  const std::string mla = "/H=128/Sk=" + std::to_string(mla_keys) + "/threads=1";
+  fovea::bench::add("mla/fp32" + mla, BM_mla<float>, index_t(128), mla_keys, 1);
+  fovea::bench::add("mla/bf16" + mla, BM_mla<fovea::bfloat16>, index_t(128), mla_keys, 1);
 
   fovea::bench::summary_reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
@@ -176,6 +206,17 @@ int main(int argc, char** argv) {
     if (!r || !f || !b) continue;
     std::printf("| %s K/V | %.2f | %.1f | %.2fx | %.2fx |\n", type, r->seconds * 1e3,
                 r->counter("GFLOP/s") / 1e9, f->seconds / r->seconds, b->seconds / r->seconds);
+  }
+  std::printf("\nFMA peak (fp32, one core, %s): %.1f GFLOP/s\n", fovea::default_backend::name(),
+              peak);
+  std::printf("\n| MLA decode, fp32 q, D_qk=576, D_v=512, 1 thread | cache | ms | GFLOP/s | of peak |\n"
+              "|---|---|---:|---:|---:|\n");
+  for (const char* type : {"fp32", "bf16"}) {
+    const auto* r = find(std::string("mla/") + type + mla);
+    if (!r) continue;
+    std::printf("| %s | %s | %.2f | %.1f | %.0f%% |\n", mla.substr(1).c_str(), type,
+                r->seconds * 1e3, r->counter("GFLOP/s") / 1e9,
+                100.0 * r->counter("GFLOP/s") / 1e9 / peak);
   }
   return 0;
 }

@@ -478,6 +478,29 @@ TEST(CacheAttention, EveryEngineEqualsItsCallOnDequantizedValues) {
   }
 }
 
+/// MLA-shaped decode: H query heads over one key/value head whose rows hold 576 values;
+/// V is the first 512 columns of the same rows (two views of one buffer).
+TEST(CacheAttention, MlaRowsSharedByKeysAndValues) {
+  const index_t Dqk = 576, Dv = 512, sk = 700;
+  for (const index_t H : {16, 128}) {
+    const auto q = normal<float>(H * Dqk, 24), x = normal<float>(sk * Dqk, 25);
+    const std::vector<bfloat16> rows(x.begin(), x.end());
+    const std::vector<float> widened(rows.begin(), rows.end());
+    std::vector<float> out(H * Dv);
+    const auto Q = bhsd<const float>(q.data(), 1, H, 1, Dqk);
+    softmax_attention(Q, bhsd<const bfloat16>(rows.data(), 1, 1, sk, Dqk),
+                      view<const bfloat16>(rows.data(), {1, 1, sk, Dv}, {sk * Dqk, sk * Dqk, Dqk, 1}),
+                      bhsd(out.data(), 1, H, 1, Dv), {.causal = true, .threads = 2});
+    const auto Kd = bhsd<const float>(widened.data(), 1, 1, sk, Dqk);
+    const auto Vd = view<const float>(widened.data(), {1, 1, sk, Dv}, {sk * Dqk, sk * Dqk, Dqk, 1});
+    const auto want = reference_softmax<double>(Q, Kd, Vd, {.causal = true});
+    const auto naive = reference_softmax<float>(Q, Kd, Vd, {.causal = true});
+    EXPECT_TRUE(within_tolerance<float>(std::vector<double>(out.begin(), out.end()), want.out,
+                                        naive.out))
+        << "H " << H;
+  }
+}
+
 /// bf16 and fp16 queries and outputs over a q8_0 cache: within the tolerance plus the
 /// rounding of the output.
 TEST(CacheAttention, LowPrecisionQueriesOverQ80) {
