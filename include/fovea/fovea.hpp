@@ -22,6 +22,7 @@
 #include "attention/linear.hpp"
 #include "attention/linear_recurrence.hpp"
 #include "attention/softmax.hpp"
+#include "attention/softmax_backward.hpp"
 #include "attention/softmax_paged.hpp"
 #include "attention/softmax_varlen.hpp"
 #include "attention/kv_cache.hpp"

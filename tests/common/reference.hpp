@@ -17,21 +17,69 @@ struct attention_result {
   std::vector<double> lse;  ///< (B, H, Sq) dense
 };
 
-template <class Acc, class T, class ScoreMod = identity_score_mod,
-          class MaskMod = keep_all_mask_mod>
-attention_result reference_softmax(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
-                                   tensor_view<const T, 4> v, const softmax_options& o,
-                                   const custom_variant<ScoreMod, MaskMod>& custom = {}) {
+/// The logit of query (b, h, i) for key j from the definitions (scale, soft-cap, ALiBi,
+/// bias, score_mod, then the band, mask and mask_mod hide it): {logit, visible, q . k}.
+template <class Acc>
+struct reference_logit {
+  Acc x;
+  bool visible;
+  Acc dot;
+};
+
+template <class Acc, class T, class ScoreMod, class MaskMod>
+reference_logit<Acc> logit_of(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                              const softmax_options& o, const custom_variant<ScoreMod, MaskMod>& custom,
+                              index_t b, index_t h, index_t i, index_t j) {
   constexpr Acc inf = std::numeric_limits<Acc>::infinity();
-  const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2), D = q.extent(3);
-  const index_t Hk = k.extent(1), Sk = k.extent(2), Dv = v.extent(3);
-  const index_t group = Hk == 0 ? 1 : H / Hk;
+  const index_t H = q.extent(1), Sq = q.extent(2), D = q.extent(3);
+  const index_t Hk = k.extent(1), Sk = k.extent(2);
+  const index_t group = Hk == 0 ? 1 : H / Hk, hk = h / group;
   const Acc scale = o.scale ? Acc(*o.scale) : Acc(1) / std::sqrt(Acc(D));
   const index_t off = o.align == diagonal::bottom_right ? Sk - Sq : 0;
   auto pick = [](index_t extent, index_t idx) { return extent == 1 ? 0 : idx; };
   auto head_of = [&](index_t extent, index_t h) {
     return extent == 1 ? 0 : (extent == H ? h : h / group);
   };
+  bool visible = true;
+  if (o.causal && j > i + off) visible = false;
+  if (o.window_left >= 0 && j < i + off - o.window_left) visible = false;
+  if (o.window_right >= 0 && j > i + off + o.window_right) visible = false;
+  Acc dot = 0;
+  for (index_t d = 0; d < D; ++d) dot += Acc(q(b, h, i, d)) * Acc(k(b, hk, j, d));
+  Acc x = scale * dot;
+  if (o.softcap > 0) x = Acc(o.softcap) * std::tanh(x / Acc(o.softcap));
+  if (o.alibi_slopes.data())
+    x -= Acc(o.alibi_slopes(pick(o.alibi_slopes.extent(0), b), h)) *
+         Acc(std::abs(double(i + off - j)));
+  if (o.bias.data()) {
+    const auto& bv = o.bias;
+    const Acc bias = Acc(bv(pick(bv.extent(0), b), head_of(bv.extent(1), h),
+                            pick(bv.extent(2), i), pick(bv.extent(3), j)));
+    if (bias == -inf) visible = false;
+    x += bias;
+  }
+  if constexpr (!std::is_same_v<ScoreMod, identity_score_mod>)
+    x = Acc(custom.score_mod(x, b, h, i, j));
+  if (o.mask.data()) {
+    const auto& mv = o.mask;
+    if (!mv(pick(mv.extent(0), b), head_of(mv.extent(1), h), pick(mv.extent(2), i),
+            pick(mv.extent(3), j)))
+      visible = false;
+  }
+  if constexpr (!std::is_same_v<MaskMod, keep_all_mask_mod>)
+    if (!custom.mask_mod(b, h, i, j)) visible = false;
+  return {x, visible && x != -inf, dot};
+}
+
+template <class Acc, class T, class ScoreMod = identity_score_mod,
+          class MaskMod = keep_all_mask_mod>
+attention_result reference_softmax(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                                   tensor_view<const T, 4> v, const softmax_options& o,
+                                   const custom_variant<ScoreMod, MaskMod>& custom = {}) {
+  constexpr Acc inf = std::numeric_limits<Acc>::infinity();
+  const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2);
+  const index_t Hk = k.extent(1), Sk = k.extent(2), Dv = v.extent(3);
+  const index_t group = Hk == 0 ? 1 : H / Hk;
 
   attention_result r{std::vector<double>(B * H * Sq * Dv), std::vector<double>(B * H * Sq)};
   std::vector<Acc> s(Sk);
@@ -42,37 +90,10 @@ attention_result reference_softmax(tensor_view<const T, 4> q, tensor_view<const 
         const index_t hk = h / group;
         Acc m = -inf;
         for (index_t j = 0; j < Sk; ++j) {
-          bool visible = true;
-          if (o.causal && j > i + off) visible = false;
-          if (o.window_left >= 0 && j < i + off - o.window_left) visible = false;
-          if (o.window_right >= 0 && j > i + off + o.window_right) visible = false;
-          Acc dot = 0;
-          for (index_t d = 0; d < D; ++d) dot += Acc(q(b, h, i, d)) * Acc(k(b, hk, j, d));
-          Acc x = scale * dot;
-          if (o.softcap > 0) x = Acc(o.softcap) * std::tanh(x / Acc(o.softcap));
-          if (o.alibi_slopes.data())
-            x -= Acc(o.alibi_slopes(pick(o.alibi_slopes.extent(0), b), h)) *
-                 Acc(std::abs(double(i + off - j)));
-          if (o.bias.data()) {
-            const auto& bv = o.bias;
-            const Acc bias = Acc(bv(pick(bv.extent(0), b), head_of(bv.extent(1), h),
-                                    pick(bv.extent(2), i), pick(bv.extent(3), j)));
-            if (bias == -inf) visible = false;
-            x += bias;
-          }
-          if constexpr (!std::is_same_v<ScoreMod, identity_score_mod>)
-            x = Acc(custom.score_mod(x, b, h, i, j));
-          if (o.mask.data()) {
-            const auto& mv = o.mask;
-            if (!mv(pick(mv.extent(0), b), head_of(mv.extent(1), h), pick(mv.extent(2), i),
-                    pick(mv.extent(3), j)))
-              visible = false;
-          }
-          if constexpr (!std::is_same_v<MaskMod, keep_all_mask_mod>)
-            if (!custom.mask_mod(b, h, i, j)) visible = false;
-          keep[j] = visible && x != -inf;
-          s[j] = x;
-          if (keep[j] && x > m) m = x;  // a NaN logit poisons l below, not m
+          const auto z = logit_of<Acc>(q, k, o, custom, b, h, i, j);
+          keep[j] = z.visible;
+          s[j] = z.x;
+          if (keep[j] && z.x > m) m = z.x;  // a NaN logit poisons l below, not m
         }
         const bool sink = o.sinks.data() != nullptr;
         const Acc sink_logit = sink ? Acc(o.sinks(h)) : -inf;

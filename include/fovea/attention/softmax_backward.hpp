@@ -1,0 +1,115 @@
+// fovea::softmax_attention_backward: gradients of softmax attention with respect to q, k
+// and v (FlashAttention-2's algorithm, deterministic), for every softmax_options modifier.
+#pragma once
+
+#include <type_traits>
+
+#include "../engine/dense/backward.hpp"
+#include "softmax.hpp"
+
+namespace fovea {
+
+/// Gradients beyond dq, dk, dv that a call may also want.
+struct softmax_grads {
+  tensor_view<float, 1> dsinks{};  ///< (H): d loss / d options.sinks
+};
+
+namespace detail {
+
+template <class T, class G>
+void check_gradient(const tensor_view<T, 4>& g, const char* name, const tensor_view<G, 4>& like,
+                    const char* like_name) {
+  check_rows(tensor_view<const T, 4>(g), name);
+  for (std::size_t r = 0; r < 4; ++r)
+    require(g.extent(r) == like.extent(r), name, ": extent ", r, " (", dim_name(r), ") is ",
+            g.extent(r), ", expected ", like.extent(r), " as ", like_name);
+  check_one_to_one(g, name);
+}
+
+}  // namespace detail
+
+/// Gradients of softmax attention: given the forward's inputs, its output `out` and the
+/// log-sum-exp it returned (options.lse of the forward call), and dout = d loss / d out,
+/// writes dq, dk, dv = d loss / d q, k, v.
+///
+///   q: (B, H, Sq, D)   k: (B, Hk, Sk, D)   v: (B, Hk, Sk, Dv)   out, dout: (B, H, Sq, Dv)
+///   lse: (B, H, Sq)    dq like q, dk like k, dv like v (overwritten, not accumulated)
+///
+/// `options` are the forward's (causal and its alignment, window, scale, soft-cap through
+/// its chain rule, ALiBi, bias, mask, sinks, GQA: dk and dv summed over the query heads of
+/// each key/value head); options.lse is not read (lse is the argument). grads.dsinks, if
+/// given, receives d loss / d sinks = -sum_i p_sink,i * delta_i. A user mask_mod applies as
+/// in the forward; a user score_mod has no gradient here (a compile-time error).
+/// Storage: float or double (computed in that type) or bf16 / fp16 (computed in float);
+/// all in one type.
+///
+/// Algorithm: FlashAttention-2's (delta_i = rowsum(dO_i * O_i); P = exp(S - lse) recomputed
+/// through the forward's logit code; dV += P^T dO; dP = dO V^T; dS = P * (dP - delta);
+/// dQ += scale dS K; dK += scale dS^T Q) in 64 x 64 tiles, dK/dV over key blocks and dQ
+/// over query blocks: every row has one writer, so the result is bitwise the same for any
+/// thread count; extra memory is a few tiles per thread and delta (B, H, Sq). A row that
+/// saw no key (lse = -inf) gives zero gradients; keys hidden by the band, the mask or a
+/// -inf bias get none from it (NaN/Inf in them never leak); a NaN a row sees makes its
+/// gradients NaN, as in the forward. Bad arguments throw fovea::error before any write.
+template <class Backend = default_backend, class TQ, class TK, class TV, class TO, class TG,
+          class TL, class S, class ScoreMod = identity_score_mod,
+          class MaskMod = keep_all_mask_mod>
+requires detail::attention_types<TQ, TK, TV, S> && std::is_same_v<std::remove_const_t<TO>, S> &&
+         std::is_same_v<std::remove_const_t<TG>, S> && std::is_same_v<std::remove_const_t<TL>, float>
+void softmax_attention_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v,
+                                tensor_view<TO, 4> out, tensor_view<TG, 4> dout,
+                                tensor_view<TL, 3> lse, tensor_view<S, 4> dq, tensor_view<S, 4> dk,
+                                tensor_view<S, 4> dv, const softmax_options& options = {},
+                                const softmax_grads& grads = {},
+                                const custom_variant<ScoreMod, MaskMod>& custom = {}) {
+  static_assert(std::is_same_v<ScoreMod, identity_score_mod>,
+                "softmax_attention_backward: a user score_mod has no gradient here; "
+                "use the built-in options (bias, ALiBi, soft-cap) or mask_mod");
+  using namespace detail;
+  const tensor_view<const S, 4> cq = q, ck = k, cv = v, co = out, cg = dout;
+  const tensor_view<const float, 3> cl = lse;
+  // the forward's checks, out read as an input
+  softmax_options o = options;
+  o.lse = {};
+  const tensor_view<S, 4> out_shape(const_cast<S*>(co.data()), co.extents(), co.strides());
+  backward_problem<S> bp;
+  bp.forward = make_softmax_problem<S>(cq, ck, cv, out_shape, o);
+  const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2);
+  check_gradient(tensor_view<S, 4>(const_cast<S*>(cg.data()), cg.extents(), cg.strides()),
+                 "dout", co, "out");
+  check_data(cl, "lse");
+  require(cl.data() != nullptr || B * H * Sq == 0, "lse: is required (the forward's options.lse)");
+  const index_t want[3] = {B, H, Sq};
+  for (std::size_t r = 0; r < 3; ++r)
+    require(cl.extent(r) == want[r], "lse: extent ", r, " is ", cl.extent(r), ", expected ",
+            want[r], " (lse is (B, H, Sq))");
+  check_gradient(dq, "dq", cq, "q");
+  check_gradient(dk, "dk", ck, "k");
+  check_gradient(dv, "dv", cv, "v");
+  const char* inputs[] = {"q", "k", "v", "out", "dout"};
+  const tensor_view<const S, 4> in[] = {cq, ck, cv, co, cg};
+  const char* grad_names[] = {"dq", "dk", "dv"};
+  const tensor_view<S, 4> gs[] = {dq, dk, dv};
+  for (int g = 0; g < 3; ++g) {
+    for (int i = 0; i < 5; ++i) check_no_alias(gs[g], grad_names[g], in[i], inputs[i]);
+    check_no_alias(gs[g], grad_names[g], cl, "lse");
+    check_no_alias(gs[g], grad_names[g], options.bias, "options.bias");
+    for (int h = g + 1; h < 3; ++h) check_no_alias(gs[g], grad_names[g], gs[h], grad_names[h]);
+  }
+  if (grads.dsinks.data() != nullptr || !grads.dsinks.empty()) {
+    require(options.sinks.data() != nullptr, "grads.dsinks: given, but options.sinks is not");
+    require(grads.dsinks.extent(0) == H, "grads.dsinks: extent 0 is ", grads.dsinks.extent(0),
+            ", expected ", H, " (heads)");
+    check_no_alias(grads.dsinks, "grads.dsinks", options.sinks, "options.sinks");
+  }
+  bp.out = co;
+  bp.dout = cg;
+  bp.lse = cl;
+  bp.dq = dq;
+  bp.dk = dk;
+  bp.dv = dv;
+  bp.dsinks = grads.dsinks;
+  run_backward<Backend>(bp, custom, resolve_threads(options.threads));
+}
+
+}  // namespace fovea

@@ -1,0 +1,314 @@
+// The backward of the dense engine's softmax attention (FlashAttention-2's algorithm),
+// deterministic: delta_i = rowsum(dO_i * O_i); per tile of 64 keys x 64 queries the
+// logits are recomputed through the forward's own logit pipeline (apply_logits: every
+// modifier, the band and the masks give the same bits), P = exp(S - lse), dP = dO V^T,
+// dS = P * (dP - delta) * dS/dx. Two passes so that every gradient row has one writer:
+// tasks over key blocks (b, kv head, 64 keys) sum dV += P^T dO and dK += dS^T Q over the
+// query heads of their group and the query blocks that see them; tasks over query blocks
+// (b, head, 64 queries) sum dQ += dS K. Each pass recomputes P and dP (seven tile
+// products where the atomic-add version has five), and no task depends on the thread
+// count: the result is bitwise the same for any number of threads. Extra memory: a few
+// tiles per thread and delta (B, H, Sq).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <span>
+#include <vector>
+
+#include "../../core/parallel.hpp"
+#include "../../core/scratch.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../../simd/convert.hpp"
+#include "../../simd/row_math.hpp"
+#include "../../simd/vec.hpp"
+#include "../kv/stage.hpp"
+#include "../tile/gemm_tile.hpp"
+#include "dense.hpp"
+#include "logits.hpp"
+#include "query_columns.hpp"
+
+namespace fovea::detail {
+
+/// The gradients' views, (B, H, Sq, D) for dq, (B, Hk, Sk, D) / (B, Hk, Sk, Dv) for dk, dv,
+/// and the inputs only the backward reads.
+template <class S>
+struct backward_problem {
+  dense_problem<S> forward;        ///< q, k, v, the options (out unused)
+  tensor_view<const S, 4> out, dout;  ///< (B, H, Sq, Dv)
+  tensor_view<const float, 3> lse;    ///< (B, H, Sq)
+  tensor_view<S, 4> dq, dk, dv;
+  tensor_view<float, 1> dsinks{};  ///< (H) or empty
+};
+
+/// Per-thread buffers of one backward tile: BQ query columns, BK keys, rows padded to
+/// whole vectors (dp = padded D, dvp = padded Dv).
+template <class T, class Backend>
+struct backward_buffers {
+  static constexpr index_t BQ = query_columns<T>::capacity, BK = 64;
+  static constexpr int W = vec<T, Backend>::width;
+  static index_t padded(index_t n) noexcept { return (n + W - 1) / W * W; }
+  static index_t size(index_t D, index_t Dv) noexcept {
+    const index_t dp = padded(D), dvp = padded(Dv);
+    return round_to_line<T>(BQ * dp) * 3 + round_to_line<T>(BQ * dvp) * 2 +
+           round_to_line<T>(BK * dp) * 2 + round_to_line<T>(BK * dvp) * 2 + 4 * BK * BQ + 2 * BQ;
+  }
+  index_t dp, dvp;
+  T *q, *q_t, *dout, *dout_t, *k, *v, *s, *x, *p, *ds, *lse, *delta, *acc, *dk, *dv;
+  backward_buffers(T* w, index_t D, index_t Dv) noexcept : dp(padded(D)), dvp(padded(Dv)) {
+    auto take = [&w](index_t n) {
+      T* at = w;
+      w += round_to_line<T>(n);
+      return at;
+    };
+    q = take(BQ * dp);          // [BQ][dp] query rows
+    q_t = take(BQ * dp);        // [dp][BQ] transposed
+    dout = take(BQ * dvp);      // [BQ][dvp] rows of dO
+    dout_t = take(BQ * dvp);    // [dvp][BQ]
+    k = take(BK * dp);          // [BK][dp] key rows
+    v = take(BK * dvp);         // [BK][dvp]
+    s = take(BK * BQ);          // [BK][BQ] logits
+    x = take(BK * BQ);          // [BK][BQ] raw products (soft-cap's derivative)
+    p = take(BK * BQ);          // [BK][BQ] probabilities
+    ds = take(BK * BQ);         // [BK][BQ] dP, then dS (times dS/dx)
+    lse = take(BQ);
+    delta = take(BQ);
+    acc = take(BQ * dp);        // [BQ][dp] dQ of a query block
+    dk = take(BK * dp);         // [BK][dp] dK of a key block
+    dv = take(BK * dvp);        // [BK][dvp]
+  }
+};
+
+/// rows x cols of src (row r at rows(r)) into dst [rows][ld] (zero-padded to ld and to
+/// `total` rows) and, if dst_t, transposed into [ld][total].
+template <class T, class Row>
+void stage_block(Row&& rows, index_t n, index_t cols, index_t ld, index_t total, T* dst,
+                 T* dst_t) noexcept {
+  for (index_t r = 0; r < total; ++r) {
+    T* out = dst + r * ld;
+    if (r < n)
+      convert_row(rows(r), out, cols);
+    else
+      std::fill(out, out + cols, T(0));
+    std::fill(out + cols, out + ld, T(0));
+  }
+  if (dst_t)
+    for (index_t d = 0; d < ld; ++d)
+      for (index_t r = 0; r < total; ++r) dst_t[d * total + r] = dst[r * ld + d];
+}
+
+/// The query block [i0, i0 + n) of head h (batch b) staged: its rows, transposed rows,
+/// dO, lse and delta; returns its columns for the logit pipeline.
+template <class Backend, class S, class T = accumulator_t<S>>
+void stage_queries(const backward_problem<S>& bp, const std::vector<T>& delta, index_t b,
+                   index_t h, index_t i0, index_t n, backward_buffers<T, Backend>& buf,
+                   query_columns<T>& cols) noexcept {
+  constexpr index_t BQ = backward_buffers<T, Backend>::BQ;
+  const auto& pr = bp.forward;
+  const index_t D = pr.q.extent(3), Dv = bp.dout.extent(3), H = pr.heads(), Sq = pr.queries();
+  stage_block([&](index_t r) { return pr.q.ptr(b, h, i0 + r, 0); }, n, D, buf.dp, BQ, buf.q,
+              buf.q_t);
+  stage_block([&](index_t r) { return bp.dout.ptr(b, h, i0 + r, 0); }, n, Dv, buf.dvp, BQ,
+              buf.dout, buf.dout_t);
+  for (index_t c = 0; c < BQ; ++c) {
+    buf.lse[c] = c < n ? T(bp.lse(b, h, i0 + c)) : -std::numeric_limits<T>::infinity();
+    buf.delta[c] = c < n ? delta[(b * H + h) * Sq + i0 + c] : T(0);
+  }
+  start_columns(cols, pr.terms, b + pr.batch_base);
+  for (index_t c = 0; c < n; ++c) cols.add(pr.terms, H, h, i0 + c);
+  cols.pad_to(BQ);
+}
+
+/// One tile: keys [j0, j0 + keys) (rows in buf.k, buf.v) against the staged columns:
+/// leaves P in buf.p and dS * dS/dx in buf.ds, [key][column]. A masked (key, column) has
+/// P = 0 and dS = 0, whatever its values. Returns whether the tile masks any pair: then
+/// the products that follow must skip masked pairs when a row holds NaN or Inf
+/// (masked_products), as 0 * NaN would carry a hidden key's NaN into a gradient.
+template <class Backend, class T, class ScoreMod, class MaskMod>
+bool backward_tile(const query_columns<T>& cols, const key_band& band,
+                   const custom_variant<ScoreMod, MaskMod>& custom, index_t j0, index_t keys,
+                   index_t D, index_t Dv, backward_buffers<T, Backend>& buf) noexcept {
+  using V = vec<T, Backend>;
+  constexpr int W = V::width;
+  constexpr index_t BQ = backward_buffers<T, Backend>::BQ;
+  constexpr int RB = tile_traits<T, Backend>::row_block;
+  constexpr int QB = V::registers >= 32 ? 4 : 2;  // column vectors per micro-kernel call
+  gemm_wide<T, Backend, RB, QB, false>(keys, BQ / W, buf.k, buf.dp, 1, buf.q_t, BQ, buf.s, BQ, D);
+  const bool capped = cols.softcap > T(0);
+  if (capped) std::copy(buf.s, buf.s + keys * BQ, buf.x);
+  const tile_cuts cuts{!band.covers(cols.first_pos, cols.last_pos + 1, j0, j0 + keys)};
+  const bool masked = apply_logits<Backend>(cols, custom, band, cuts, buf.s, BQ,
+                                            [j0](index_t r) { return j0 + r; }, keys);
+  gemm_wide<T, Backend, RB, QB, false>(keys, BQ / W, buf.v, buf.dvp, 1, buf.dout_t, BQ, buf.ds, BQ,
+                                       Dv);
+  const auto minus_inf = V::broadcast(-std::numeric_limits<T>::infinity());
+  const auto zero = V::broadcast(T(0)), one = V::broadcast(T(1));
+  const auto scale = V::broadcast(cols.scale);
+  const auto inv_cap = V::broadcast(capped ? T(1) / cols.softcap : T(0));
+  for (index_t r = 0; r < keys; ++r)
+    for (index_t c = 0; c < BQ; c += W) {
+      const index_t at = r * BQ + c;
+      const auto s = V::load(buf.s + at), lse = V::load(buf.lse + c);
+      const auto seen = V::not_equal(s, minus_inf);
+      const auto p = V::select(seen & V::not_equal(lse, minus_inf), V::exp(V::sub(s, lse)), zero);
+      auto dx = scale;  // d logit / d (q . k)
+      if (capped) {
+        const auto t = V::tanh(V::mul(V::mul(V::load(buf.x + at), scale), inv_cap));
+        dx = V::mul(scale, V::sub(one, V::mul(t, t)));
+      }
+      const auto ds = V::mul(V::mul(p, V::sub(V::load(buf.ds + at), V::load(buf.delta + c))), dx);
+      V::store(buf.p + at, p);
+      V::store(buf.ds + at, V::select(seen, ds, zero));
+    }
+  return masked;
+}
+
+/// Whether a masked tile's products must skip its masked pairs: some row they read (keys,
+/// values, the columns' queries or dO) holds NaN or Inf.
+template <class Backend, class T>
+bool needs_skipping(const backward_buffers<T, Backend>& buf, index_t keys, index_t n, index_t D,
+                    index_t Dv) noexcept {
+  return !all_finite<T, Backend>(buf.k, buf.dp, keys, D) ||
+         !all_finite<T, Backend>(buf.v, buf.dvp, keys, Dv) ||
+         !all_finite<T, Backend>(buf.q, buf.dp, n, D) ||
+         !all_finite<T, Backend>(buf.dout, buf.dvp, n, Dv);
+}
+
+/// The tile's products, pair by pair, skipping masked (key, column) pairs: dV += P^T dO and
+/// dK += dS^T Q into buf.dv, buf.dk (keys), or dQ += dS K into buf.acc (queries).
+template <class Backend, class T>
+void masked_products(backward_buffers<T, Backend>& buf, bool keys_side, index_t keys, index_t n,
+                     index_t D, index_t Dv) noexcept {
+  constexpr index_t BQ = backward_buffers<T, Backend>::BQ;
+  constexpr T minus_inf = -std::numeric_limits<T>::infinity();
+  for (index_t j = 0; j < keys; ++j)
+    for (index_t c = 0; c < n; ++c) {
+      const index_t at = j * BQ + c;
+      if (buf.s[at] == minus_inf) continue;
+      if (keys_side) {
+        for (index_t e = 0; e < Dv; ++e) buf.dv[j * buf.dvp + e] += buf.p[at] * buf.dout[c * buf.dvp + e];
+        for (index_t d = 0; d < D; ++d) buf.dk[j * buf.dp + d] += buf.ds[at] * buf.q[c * buf.dp + d];
+      } else {
+        for (index_t d = 0; d < D; ++d) buf.acc[c * buf.dp + d] += buf.ds[at] * buf.k[j * buf.dp + d];
+      }
+    }
+}
+
+/// The key block [j0, j0 + keys) of (b, hk) into buf.k, buf.v.
+template <class Backend, class S, class T>
+void stage_keys(const dense_problem<S>& pr, index_t b, index_t hk, index_t j0, index_t keys,
+                backward_buffers<T, Backend>& buf) noexcept {
+  constexpr index_t BK = backward_buffers<T, Backend>::BK;
+  const auto kv = pr.kv.source(b, hk);
+  const index_t D = pr.q.extent(3), Dv = pr.kv.value_dim();
+  stage_rows(kv, true, j0, keys, D, buf.dp, buf.k);
+  stage_rows(kv, false, j0, keys, Dv, buf.dvp, buf.v);
+  std::fill(buf.k + keys * buf.dp, buf.k + BK * buf.dp, T(0));
+  std::fill(buf.v + keys * buf.dvp, buf.v + BK * buf.dvp, T(0));
+}
+
+/// Runs the backward on up to `threads` threads.
+template <class Backend, class S, class ScoreMod, class MaskMod>
+void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, MaskMod>& custom,
+                  int threads) {
+  using T = accumulator_t<S>;
+  using buffers_t = backward_buffers<T, Backend>;
+  constexpr index_t BQ = buffers_t::BQ, BK = buffers_t::BK;
+  constexpr int W = vec<T, Backend>::width, RB = tile_traits<T, Backend>::row_block;
+  constexpr int QB = vec<T, Backend>::registers >= 32 ? 4 : 2;
+  const auto& pr = bp.forward;
+  const index_t B = pr.batch(), H = pr.heads(), Sq = pr.queries(), Hk = pr.kv.heads();
+  const index_t Sk = pr.keys, D = pr.q.extent(3), Dv = bp.dout.extent(3), group = pr.terms.group;
+  const index_t key_blocks = (Sk + BK - 1) / BK, query_blocks = (Sq + BQ - 1) / BQ;
+  const int used = threads_for_work(std::max(threads, 1),
+                                    7.0 * double(B * H * Sq) * double(Sk) * double(D + Dv),
+                                    B * std::min(Hk * key_blocks, H * query_blocks));
+  // delta_i = rowsum(dO_i * O_i), in the compute type
+  std::vector<T> delta(B * H * Sq);
+  parallel_for(B * H, used, [&](index_t bh, int) {
+    const index_t b = bh / H, h = bh % H;
+    for (index_t i = 0; i < Sq; ++i) {
+      const S *o = bp.out.ptr(b, h, i, 0), *g = bp.dout.ptr(b, h, i, 0);
+      T sum = 0;
+      for (index_t e = 0; e < Dv; ++e) sum += T(o[e]) * T(g[e]);
+      delta[bh * Sq + i] = sum;
+    }
+  });
+  const scratch_slices<T> scratch(used, buffers_t::size(D, Dv));
+
+  // dK, dV: one task per (b, kv head, key block)
+  parallel_for(B * Hk * key_blocks, used, [&](index_t task, int thread) {
+    const index_t b = task / (Hk * key_blocks), hk = task / key_blocks % Hk;
+    const index_t j0 = task % key_blocks * BK, keys = std::min(BK, Sk - j0);
+    buffers_t buf(scratch.slice(thread), D, Dv);
+    stage_keys(pr, b, hk, j0, keys, buf);
+    std::fill(buf.dk, buf.dk + BK * buf.dp, T(0));
+    std::fill(buf.dv, buf.dv + BK * buf.dvp, T(0));
+    for (index_t h = hk * group; h < (hk + 1) * group; ++h)
+      for (index_t qb = 0; qb < query_blocks; ++qb) {
+        const index_t i0 = qb * BQ, n = std::min(BQ, Sq - i0);
+        const auto [first, last] = pr.band.keys_for(i0, i0 + n);
+        if (last <= j0 || first >= j0 + keys) continue;
+        query_columns<T> cols;
+        stage_queries(bp, delta, b, h, i0, n, buf, cols);
+        if (backward_tile(cols, pr.band, custom, j0, keys, D, Dv, buf) &&
+            needs_skipping(buf, keys, n, D, Dv)) {
+          masked_products(buf, true, keys, n, D, Dv);
+          continue;
+        }
+        gemm_wide<T, Backend, RB, QB, true>(keys, buf.dvp / W, buf.p, BQ, 1, buf.dout, buf.dvp,
+                                            buf.dv, buf.dvp, n);
+        gemm_wide<T, Backend, RB, QB, true>(keys, buf.dp / W, buf.ds, BQ, 1, buf.q, buf.dp, buf.dk,
+                                            buf.dp, n);
+      }
+    for (index_t r = 0; r < keys; ++r) {
+      S* dk = bp.dk.ptr(b, hk, j0 + r, 0);
+      S* dv = bp.dv.ptr(b, hk, j0 + r, 0);
+      for (index_t d = 0; d < D; ++d) dk[d] = S(buf.dk[r * buf.dp + d]);
+      for (index_t e = 0; e < Dv; ++e) dv[e] = S(buf.dv[r * buf.dvp + e]);
+    }
+  });
+
+  // dQ: one task per (b, head, query block)
+  parallel_for(B * H * query_blocks, used, [&](index_t task, int thread) {
+    const index_t b = task / (H * query_blocks), h = task / query_blocks % H;
+    const index_t i0 = task % query_blocks * BQ, n = std::min(BQ, Sq - i0);
+    buffers_t buf(scratch.slice(thread), D, Dv);
+    query_columns<T> cols;
+    stage_queries(bp, delta, b, h, i0, n, buf, cols);
+    std::fill(buf.acc, buf.acc + BQ * buf.dp, T(0));
+    const auto [first, last] = pr.band.keys_for(i0, i0 + n);
+    for (index_t j0 = first / BK * BK; j0 < last; j0 += BK) {
+      const index_t keys = std::min(BK, Sk - j0);
+      stage_keys(pr, b, h / group, j0, keys, buf);
+      if (backward_tile(cols, pr.band, custom, j0, keys, D, Dv, buf) &&
+          needs_skipping(buf, keys, n, D, Dv)) {
+        masked_products(buf, false, keys, n, D, Dv);
+        continue;
+      }
+      gemm_wide<T, Backend, RB, QB, true>(n, buf.dp / W, buf.ds, 1, BQ, buf.k, buf.dp, buf.acc,
+                                          buf.dp, keys);
+    }
+    for (index_t c = 0; c < n; ++c) {
+      S* dq = bp.dq.ptr(b, h, i0 + c, 0);
+      for (index_t d = 0; d < D; ++d) dq[d] = S(buf.acc[c * buf.dp + d]);
+    }
+  });
+
+  // d sinks_h = -sum over (b, i) of p_sink(b, h, i) * delta(b, h, i), in a fixed order
+  if (bp.dsinks.data())
+    for (index_t h = 0; h < H; ++h) {
+      double sum = 0;
+      const double sink = pr.terms.sinks(h);
+      for (index_t b = 0; b < B; ++b)
+        for (index_t i = 0; i < Sq; ++i) {
+          const double lse = bp.lse(b, h, i);
+          if (lse == -std::numeric_limits<double>::infinity()) continue;
+          sum -= std::exp(sink - lse) * double(delta[(b * H + h) * Sq + i]);
+        }
+      bp.dsinks(h) = float(sum);
+    }
+}
+
+}  // namespace fovea::detail

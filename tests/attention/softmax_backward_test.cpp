@@ -1,0 +1,339 @@
+// softmax_attention_backward against f64 gradients written from the definitions (the
+// tolerance rule: at most 2x the error of the same definitions in fp32, plus the floor),
+// every option alone and in pairs over awkward shapes; the reference itself against
+// central finite differences; thread invariance; masked rows and keys; bad input.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <fovea/fovea.hpp>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "../common/random.hpp"
+#include "../common/reference.hpp"
+#include "../common/reference_backward.hpp"
+#include "../common/tolerance.hpp"
+
+namespace fovea::test {
+namespace {
+
+struct shape_case {
+  index_t B, H, Hk, Sq, Sk, D, Dv;
+};
+
+enum feature : unsigned {
+  causal = 1,
+  top_left = 2,
+  window = 4,
+  softcap = 8,
+  alibi = 16,
+  bias = 32,
+  mask = 64,
+  sinks = 128,
+  scale = 256,
+  bshd_layout = 512,
+};
+constexpr unsigned feature_count = 10;
+
+/// One problem's inputs and fovea's forward (out, lse), as a training step has them.
+struct problem {
+  shape_case s;
+  std::vector<float> q, k, v, out, dout, lse, bias_data, slopes, sink_logits;
+  std::vector<std::uint8_t> mask_data;
+  softmax_options o;
+  bool bshd = false;
+
+  tensor_view<float, 4> view4(std::vector<float>& x, index_t b, index_t h, index_t n, index_t d) {
+    return bshd ? fovea::bshd(x.data(), b, n, h, d) : bhsd(x.data(), b, h, n, d);
+  }
+  problem(const shape_case& sc, unsigned f, int threads) : s(sc) {
+    bshd = f & bshd_layout;
+    q = normal<float>(s.B * s.H * s.Sq * s.D, 1);
+    k = normal<float>(s.B * s.Hk * s.Sk * s.D, 2);
+    v = normal<float>(s.B * s.Hk * s.Sk * s.Dv, 3);
+    dout = normal<float>(s.B * s.H * s.Sq * s.Dv, 4);
+    out.resize(dout.size());
+    lse.resize(s.B * s.H * s.Sq);
+    o.causal = f & causal;
+    if (f & top_left) o.align = diagonal::top_left;
+    if (f & window) o.window_left = 5, o.window_right = o.causal ? 0 : 7;
+    if (f & softcap) o.softcap = 2.5;
+    if (f & scale) o.scale = 0.3;
+    if (f & alibi) {
+      slopes = uniform<float>(s.H, 5, 0.01, 0.3);
+      o.alibi_slopes = view<const float>(slopes.data(), {1, s.H});
+    }
+    if (f & bias) {
+      bias_data = normal<float>(s.B * s.Sq * s.Sk, 6);
+      if (!bias_data.empty()) bias_data[0] = -HUGE_VALF;  // a hidden key
+      o.bias = view<const float>(bias_data.data(), {s.B, 1, s.Sq, s.Sk});
+    }
+    if (f & mask) {
+      mask_data = bernoulli(s.H * s.Sk, 7, 0.7);
+      o.mask = view<const std::uint8_t>(mask_data.data(), {1, s.H, 1, s.Sk});
+    }
+    if (f & sinks) {
+      sink_logits = normal<float>(s.H, 8);
+      o.sinks = view<const float>(sink_logits.data(), {s.H});
+    }
+    o.threads = threads;
+    softmax_options fwd = o;
+    fwd.lse = view(lse.data(), {s.B, s.H, s.Sq});
+    softmax_attention(Q(), K(), V(), view4(out, s.B, s.H, s.Sq, s.Dv), fwd);
+  }
+  tensor_view<const float, 4> Q() { return view4(q, s.B, s.H, s.Sq, s.D); }
+  tensor_view<const float, 4> K() { return view4(k, s.B, s.Hk, s.Sk, s.D); }
+  tensor_view<const float, 4> V() { return view4(v, s.B, s.Hk, s.Sk, s.Dv); }
+  tensor_view<const float, 4> dO() { return view4(dout, s.B, s.H, s.Sq, s.Dv); }
+
+  /// fovea's gradients, dense bhsd.
+  gradients run(int threads, std::vector<float>* raw = nullptr) {
+    std::vector<float> dq(q.size(), 9.f), dk(k.size(), 9.f), dv(v.size(), 9.f), ds(s.H, 9.f);
+    softmax_options bo = o;
+    bo.threads = threads;
+    softmax_grads grads;
+    if (o.sinks.data()) grads.dsinks = view(ds.data(), {s.H});
+    softmax_attention_backward(Q(), K(), V(), view4(out, s.B, s.H, s.Sq, s.Dv), dO(),
+                               view<const float>(lse.data(), {s.B, s.H, s.Sq}),
+                               view4(dq, s.B, s.H, s.Sq, s.D), view4(dk, s.B, s.Hk, s.Sk, s.D),
+                               view4(dv, s.B, s.Hk, s.Sk, s.Dv), bo, grads);
+    if (raw) {
+      raw->clear();
+      for (auto* x : {&dq, &dk, &dv}) raw->insert(raw->end(), x->begin(), x->end());
+    }
+    gradients g;
+    g.dq = dense(dq, s.B, s.H, s.Sq, s.D);
+    g.dk = dense(dk, s.B, s.Hk, s.Sk, s.D);
+    g.dv = dense(dv, s.B, s.Hk, s.Sk, s.Dv);
+    if (o.sinks.data()) g.dsinks.assign(ds.begin(), ds.end());
+    return g;
+  }
+  std::vector<double> dense(std::vector<float>& x, index_t b, index_t h, index_t n, index_t d) {
+    const auto X = view4(x, b, h, n, d);
+    std::vector<double> r;
+    for (index_t i0 = 0; i0 < b; ++i0)
+      for (index_t i1 = 0; i1 < h; ++i1)
+        for (index_t i2 = 0; i2 < n; ++i2)
+          for (index_t i3 = 0; i3 < d; ++i3) r.push_back(X(i0, i1, i2, i3));
+    return r;
+  }
+};
+
+std::string name_of(const shape_case& s, unsigned f) {
+  static const char* names[] = {"causal", "top_left", "window", "softcap", "alibi",
+                                "bias",   "mask",     "sinks",  "scale",   "bshd"};
+  std::string n = "B" + std::to_string(s.B) + " H" + std::to_string(s.H) + " Hk" +
+                  std::to_string(s.Hk) + " Sq" + std::to_string(s.Sq) + " Sk" +
+                  std::to_string(s.Sk) + " D" + std::to_string(s.D) + " Dv" + std::to_string(s.Dv);
+  for (unsigned b = 0; b < feature_count; ++b)
+    if (f & (1u << b)) n += std::string(" ") + names[b];
+  return n;
+}
+
+void expect_gradients_match(const shape_case& s, unsigned f) {
+  SCOPED_TRACE(name_of(s, f));
+  problem pb(s, f, 1);
+  const gradients got = pb.run(2);
+  const auto want = reference_softmax_backward<double>(pb.Q(), pb.K(), pb.V(), pb.dO(), pb.o);
+  const auto naive = reference_softmax_backward<float>(pb.Q(), pb.K(), pb.V(), pb.dO(), pb.o);
+  EXPECT_TRUE(within_tolerance<float>(got.dq, want.dq, naive.dq, 1e-5)) << "dq";
+  EXPECT_TRUE(within_tolerance<float>(got.dk, want.dk, naive.dk, 1e-5)) << "dk";
+  EXPECT_TRUE(within_tolerance<float>(got.dv, want.dv, naive.dv, 1e-5)) << "dv";
+  if (f & sinks)
+    EXPECT_TRUE(within_tolerance<float>(got.dsinks, want.dsinks, naive.dsinks, 1e-5)) << "dsinks";
+}
+
+TEST(SoftmaxBackward, EveryOptionAloneOverAwkwardShapes) {
+  for (const auto s : {shape_case{1, 1, 1, 1, 1, 1, 1}, shape_case{1, 2, 1, 1, 70, 8, 8},
+                       shape_case{2, 4, 2, 70, 70, 33, 17}, shape_case{1, 2, 2, 130, 65, 64, 64},
+                       shape_case{1, 3, 1, 17, 200, 24, 40}, shape_case{1, 1, 1, 0, 5, 8, 8},
+                       shape_case{1, 2, 1, 5, 0, 8, 8}})
+    for (unsigned f = 0; f <= feature_count; ++f) expect_gradients_match(s, f == 0 ? 0 : 1u << (f - 1));
+}
+
+TEST(SoftmaxBackward, OptionsInPairs) {
+  const shape_case s{1, 4, 2, 67, 131, 20, 12};
+  for (unsigned a = 0; a < feature_count; ++a)
+    for (unsigned b = a + 1; b < feature_count; ++b) {
+      const unsigned f = (1u << a) | (1u << b);
+      if ((f & top_left) && !(f & (causal | window))) continue;  // alignment alone: no effect
+      expect_gradients_match(s, f);
+    }
+}
+
+/// The f64 reference against central differences of the f64 forward, loss = sum(out * G).
+TEST(SoftmaxBackward, ReferenceMatchesFiniteDifferences) {
+  const index_t B = 1, H = 2, Hk = 1, Sq = 3, Sk = 5, D = 4, Dv = 3;
+  for (const unsigned f : {0u, unsigned(causal | softcap), unsigned(alibi | sinks | bias)}) {
+    SCOPED_TRACE(f);
+    auto q = normal<double>(B * H * Sq * D, 11), k = normal<double>(B * Hk * Sk * D, 12),
+         v = normal<double>(B * Hk * Sk * Dv, 13);
+    const auto G = normal<double>(B * H * Sq * Dv, 14);
+    const std::vector<float> slopes{0.2f, 0.1f}, sink_logits{0.5f, -1.0f};
+    const auto bias_data = normal<float>(Sq * Sk, 15);
+    softmax_options o{.causal = bool(f & causal), .softcap = (f & softcap) ? 1.5 : 0.0};
+    if (f & alibi) o.alibi_slopes = view<const float>(slopes.data(), {1, H});
+    if (f & sinks) o.sinks = view<const float>(sink_logits.data(), {H});
+    if (f & bias) o.bias = view<const float>(bias_data.data(), {1, 1, Sq, Sk});
+    auto loss = [&] {
+      const auto r = reference_softmax<double>(bhsd<const double>(q.data(), B, H, Sq, D),
+                                               bhsd<const double>(k.data(), B, Hk, Sk, D),
+                                               bhsd<const double>(v.data(), B, Hk, Sk, Dv), o);
+      double l = 0;
+      for (std::size_t i = 0; i < G.size(); ++i) l += r.out[i] * G[i];
+      return l;
+    };
+    const auto g = reference_softmax_backward<double>(
+        bhsd<const double>(q.data(), B, H, Sq, D), bhsd<const double>(k.data(), B, Hk, Sk, D),
+        bhsd<const double>(v.data(), B, Hk, Sk, Dv), bhsd<const double>(G.data(), B, H, Sq, Dv), o);
+    auto check = [&](std::vector<double>& x, const std::vector<double>& dx, const char* what) {
+      for (std::size_t i = 0; i < x.size(); ++i) {
+        const double keep = x[i], h = 1e-6;
+        x[i] = keep + h;
+        const double up = loss();
+        x[i] = keep - h;
+        const double down = loss();
+        x[i] = keep;
+        EXPECT_NEAR(dx[i], (up - down) / (2 * h), 1e-7) << what << " " << i;
+      }
+    };
+    check(q, g.dq, "dq");
+    check(k, g.dk, "dk");
+    check(v, g.dv, "dv");
+  }
+}
+
+TEST(SoftmaxBackward, BitwiseTheSameForEveryThreadCount) {
+  for (const unsigned f : {0u, unsigned(causal | bias), unsigned(window | alibi | bshd_layout)}) {
+    problem pb({2, 4, 2, 150, 300, 64, 48}, f, 2);
+    std::vector<float> one, two;
+    pb.run(1, &one);
+    pb.run(2, &two);
+    ASSERT_EQ(one.size(), two.size());
+    EXPECT_EQ(0, std::memcmp(one.data(), two.data(), 4 * one.size())) << f;
+  }
+}
+
+/// A row that sees no key has zero gradients and gives none; NaN in a masked key leaks
+/// nowhere; NaN in a key a row sees makes that row's dq NaN.
+TEST(SoftmaxBackward, MaskedRowsAndKeys) {
+  const shape_case s{1, 2, 1, 70, 90, 16, 16};
+  problem edited(s, bias, 1);
+  // rows 3 and 40 see nothing; key 80 is hidden from every row and holds NaN
+  for (index_t j = 0; j < s.Sk; ++j)
+    edited.bias_data[3 * s.Sk + j] = edited.bias_data[40 * s.Sk + j] = -HUGE_VALF;
+  for (index_t i = 0; i < s.Sq; ++i) edited.bias_data[i * s.Sk + 80] = -HUGE_VALF;
+  for (index_t d = 0; d < s.D; ++d) edited.k[80 * s.D + d] = NAN;
+  for (index_t e = 0; e < s.Dv; ++e) edited.v[80 * s.Dv + e] = NAN;
+  softmax_options fwd = edited.o;
+  fwd.lse = view(edited.lse.data(), {s.B, s.H, s.Sq});
+  softmax_attention(edited.Q(), edited.K(), edited.V(),
+                    edited.view4(edited.out, s.B, s.H, s.Sq, s.Dv), fwd);
+  const gradients g = edited.run(2);
+  for (double x : g.dq) ASSERT_FALSE(std::isnan(x));
+  for (double x : g.dk) ASSERT_FALSE(std::isnan(x)) << "NaN key leaked into dk";
+  for (double x : g.dv) ASSERT_FALSE(std::isnan(x)) << "NaN value leaked into dv";
+  for (index_t h = 0; h < s.H; ++h)
+    for (const index_t i : {3, 40})
+      for (index_t d = 0; d < s.D; ++d) EXPECT_EQ(g.dq[((h * s.Sq) + i) * s.D + d], 0.0);
+  // unhide key 80 from row 10: its dq turns NaN, other rows' stay finite
+  edited.bias_data[10 * s.Sk + 80] = 0;
+  softmax_attention(edited.Q(), edited.K(), edited.V(),
+                    edited.view4(edited.out, s.B, s.H, s.Sq, s.Dv), fwd);
+  const gradients n = edited.run(1);
+  for (index_t h = 0; h < s.H; ++h) {
+    EXPECT_TRUE(std::isnan(n.dq[(h * s.Sq + 10) * s.D]));
+    EXPECT_FALSE(std::isnan(n.dq[(h * s.Sq + 11) * s.D]));
+  }
+}
+
+/// bf16 storage (computed in float) and the scalar backend: the same tolerance rule, with
+/// the rounding of bf16 gradients added.
+TEST(SoftmaxBackward, Bf16StorageAndTheScalarBackend) {
+  const index_t H = 2, Hk = 1, Sq = 40, Sk = 90, D = 24;
+  const auto qf = normal<float>(H * Sq * D, 31), kf = normal<float>(Hk * Sk * D, 32),
+             vf = normal<float>(Hk * Sk * D, 33), gf = normal<float>(H * Sq * D, 34);
+  const std::vector<bfloat16> q(qf.begin(), qf.end()), k(kf.begin(), kf.end()),
+      v(vf.begin(), vf.end()), g(gf.begin(), gf.end());
+  std::vector<bfloat16> o(H * Sq * D), dq(q.size()), dk(k.size()), dv(v.size());
+  std::vector<float> lse(H * Sq);
+  const auto Q = bhsd<const bfloat16>(q.data(), 1, H, Sq, D), K = bhsd<const bfloat16>(k.data(), 1, Hk, Sk, D),
+             V = bhsd<const bfloat16>(v.data(), 1, Hk, Sk, D), G = bhsd<const bfloat16>(g.data(), 1, H, Sq, D);
+  const softmax_options opt{.causal = true, .softcap = 3.0};
+  softmax_options fwd = opt;
+  fwd.lse = view(lse.data(), {1, H, Sq});
+  softmax_attention(Q, K, V, bhsd(o.data(), 1, H, Sq, D), fwd);
+  softmax_attention_backward(Q, K, V, bhsd<const bfloat16>(o.data(), 1, H, Sq, D), G,
+                             view<const float>(lse.data(), {1, H, Sq}), bhsd(dq.data(), 1, H, Sq, D),
+                             bhsd(dk.data(), 1, Hk, Sk, D), bhsd(dv.data(), 1, Hk, Sk, D), opt);
+  // the reference on the same (bf16-exact) inputs, in float
+  const std::vector<float> qr(q.begin(), q.end()), kr(k.begin(), k.end()), vr(v.begin(), v.end()),
+      gr(g.begin(), g.end());
+  const auto Qr = bhsd<const float>(qr.data(), 1, H, Sq, D), Kr = bhsd<const float>(kr.data(), 1, Hk, Sk, D),
+             Vr = bhsd<const float>(vr.data(), 1, Hk, Sk, D), Gr = bhsd<const float>(gr.data(), 1, H, Sq, D);
+  const auto want = reference_softmax_backward<double>(Qr, Kr, Vr, Gr, opt);
+  const auto naive = reference_softmax_backward<float>(Qr, Kr, Vr, Gr, opt);
+  // (out is bf16-rounded: delta differs by ~2^-9 of |dO . O|, hence the larger floor)
+  EXPECT_TRUE(within_tolerance<float>(std::vector<double>(dq.begin(), dq.end()), want.dq, naive.dq, 1.0 / 64));
+  EXPECT_TRUE(within_tolerance<float>(std::vector<double>(dk.begin(), dk.end()), want.dk, naive.dk, 1.0 / 64));
+  EXPECT_TRUE(within_tolerance<float>(std::vector<double>(dv.begin(), dv.end()), want.dv, naive.dv, 1.0 / 128));
+  // the scalar backend over the float copies
+  std::vector<float> out(H * Sq * D), sq(qr.size()), sk(kr.size()), sv(vr.size());
+  softmax_attention<scalar>(Qr, Kr, Vr, bhsd(out.data(), 1, H, Sq, D), fwd);
+  softmax_attention_backward<scalar>(Qr, Kr, Vr, bhsd<const float>(out.data(), 1, H, Sq, D), Gr,
+                                     view<const float>(lse.data(), {1, H, Sq}),
+                                     bhsd(sq.data(), 1, H, Sq, D), bhsd(sk.data(), 1, Hk, Sk, D),
+                                     bhsd(sv.data(), 1, Hk, Sk, D), opt);
+  EXPECT_TRUE(within_tolerance<float>(std::vector<double>(sq.begin(), sq.end()), want.dq, naive.dq, 1e-5));
+  EXPECT_TRUE(within_tolerance<float>(std::vector<double>(sk.begin(), sk.end()), want.dk, naive.dk, 1e-5));
+  EXPECT_TRUE(within_tolerance<float>(std::vector<double>(sv.begin(), sv.end()), want.dv, naive.dv, 1e-5));
+}
+
+TEST(SoftmaxBackward, BadInputNamesTheArgumentAndWritesNothing) {
+  const index_t H = 2, S = 8, D = 16;
+  std::vector<float> q(H * S * D), k(q), v(q), o(q), g(q), lse(H * S), dq(q.size(), 5.f),
+      dk(dq), dv(dq);
+  const auto Q = bhsd<const float>(q.data(), 1, H, S, D), K = bhsd<const float>(k.data(), 1, H, S, D),
+             V = bhsd<const float>(v.data(), 1, H, S, D), O = bhsd<const float>(o.data(), 1, H, S, D),
+             G = bhsd<const float>(g.data(), 1, H, S, D);
+  const auto L = view<const float>(lse.data(), {1, H, S});
+  auto expect_error = [&](auto&& call, const std::string& name) {
+    try {
+      call();
+      ADD_FAILURE() << "no error for " << name;
+    } catch (const error& e) {
+      EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+    }
+    for (auto* x : {&dq, &dk, &dv})
+      for (float e : *x) ASSERT_EQ(e, 5.f);
+  };
+  expect_error([&] {
+    softmax_attention_backward(Q, K, V, O, G, view<const float>(lse.data(), {1, H, S - 1}),
+                               bhsd(dq.data(), 1, H, S, D), bhsd(dk.data(), 1, H, S, D),
+                               bhsd(dv.data(), 1, H, S, D));
+  }, "lse: extent 2");
+  expect_error([&] {
+    softmax_attention_backward(Q, K, V, O, G, L, bhsd(dq.data(), 1, H, S - 1, D),
+                               bhsd(dk.data(), 1, H, S, D), bhsd(dv.data(), 1, H, S, D));
+  }, "dq: extent 2");
+  expect_error([&] {
+    softmax_attention_backward(Q, K, V, O, G, L, bhsd(dq.data(), 1, H, S, D),
+                               bhsd(dq.data(), 1, H, S, D), bhsd(dv.data(), 1, H, S, D));
+  }, "dq: memory overlaps dk");
+  expect_error([&] {
+    softmax_attention_backward(Q, K, V, O, bhsd<const float>(g.data(), 1, H, S, D / 2), L,
+                               bhsd(dq.data(), 1, H, S, D), bhsd(dk.data(), 1, H, S, D),
+                               bhsd(dv.data(), 1, H, S, D));
+  }, "dout: extent 3");
+  expect_error([&] {
+    softmax_attention_backward(Q, K, V, O, G, L, bhsd(dq.data(), 1, H, S, D),
+                               bhsd(dk.data(), 1, H, S, D), bhsd(dv.data(), 1, H, S, D),
+                               {.scale = -1.0});
+  }, "options.scale");
+}
+
+}  // namespace
+}  // namespace fovea::test
