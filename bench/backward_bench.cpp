@@ -1,0 +1,126 @@
+// softmax_attention_backward against its forward in the same binary: fraction of the FMA
+// peak counting 10 * Sq * Sk * D flops (halved when causal), the ratio to the forward's
+// time, causal against full, and threads.
+//
+//   backward_bench [--quick] [google benchmark flags]
+#include <benchmark/benchmark.h>
+
+#include <cstdio>
+#include <cstring>
+#include <fovea/fovea.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "peak.hpp"
+#include "summary.hpp"
+
+namespace {
+
+using fovea::index_t;
+
+struct inputs {
+  std::vector<float> q, k, v, o, g, lse, dq, dk, dv;
+  inputs(index_t n, index_t d)
+      : q(n * d), k(n * d), v(n * d), o(n * d), g(n * d), lse(n), dq(n * d), dk(n * d), dv(n * d) {
+    std::mt19937 gen(5);
+    std::normal_distribution<float> dist;
+    for (auto* x : {&q, &k, &v, &g})
+      for (float& e : *x) e = dist(gen);
+  }
+};
+
+void BM_forward(benchmark::State& state, index_t n, index_t d, bool causal, int threads) {
+  inputs in(n, d);
+  for (auto _ : state) {
+    fovea::softmax_attention(fovea::bhsd<const float>(in.q.data(), 1, 1, n, d),
+                             fovea::bhsd<const float>(in.k.data(), 1, 1, n, d),
+                             fovea::bhsd<const float>(in.v.data(), 1, 1, n, d),
+                             fovea::bhsd(in.o.data(), 1, 1, n, d),
+                             {.causal = causal, .lse = fovea::view(in.lse.data(), {1, 1, n}),
+                              .threads = threads});
+    benchmark::DoNotOptimize(in.o.data());
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(
+      4.0 * double(n) * double(n) * double(d) * (causal ? 0.5 : 1.0),
+      benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+}
+
+void BM_backward(benchmark::State& state, index_t n, index_t d, bool causal, int threads) {
+  inputs in(n, d);
+  const auto Q = fovea::bhsd<const float>(in.q.data(), 1, 1, n, d);
+  const auto K = fovea::bhsd<const float>(in.k.data(), 1, 1, n, d);
+  const auto V = fovea::bhsd<const float>(in.v.data(), 1, 1, n, d);
+  fovea::softmax_attention(Q, K, V, fovea::bhsd(in.o.data(), 1, 1, n, d),
+                           {.causal = causal, .lse = fovea::view(in.lse.data(), {1, 1, n})});
+  for (auto _ : state) {
+    fovea::softmax_attention_backward(
+        Q, K, V, fovea::bhsd<const float>(in.o.data(), 1, 1, n, d),
+        fovea::bhsd<const float>(in.g.data(), 1, 1, n, d),
+        fovea::view<const float>(in.lse.data(), {1, 1, n}), fovea::bhsd(in.dq.data(), 1, 1, n, d),
+        fovea::bhsd(in.dk.data(), 1, 1, n, d), fovea::bhsd(in.dv.data(), 1, 1, n, d),
+        {.causal = causal, .threads = threads});
+    benchmark::DoNotOptimize(in.dq.data());
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(
+      10.0 * double(n) * double(n) * double(d) * (causal ? 0.5 : 1.0),
+      benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false;
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0)
+      quick = true;
+    else
+      args.push_back(argv[i]);
+  }
+  int n_args = int(args.size());
+  benchmark::Initialize(&n_args, args.data());
+  const double peak = fovea::bench::measure_fma_peak_gflops();
+  const int max_threads = fovea::detail::resolve_threads(0);
+  std::vector<int> thread_counts{1};
+  if (max_threads > 1) thread_counts.push_back(max_threads);
+  const index_t n = quick ? 2048 : 4096, d = 128;
+  std::vector<std::string> shapes;
+  for (bool causal : {false, true})
+    for (int threads : thread_counts) {
+      const std::string shape = "/N=" + std::to_string(n) + "/D=" + std::to_string(d) +
+                                (causal ? "/causal" : "/full") + "/threads=" + std::to_string(threads);
+      shapes.push_back(shape);
+      fovea::bench::add("backward" + shape, BM_backward, n, d, causal, threads);
+      fovea::bench::add("forward" + shape, BM_forward, n, d, causal, threads);
+    }
+  fovea::bench::summary_reporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  benchmark::Shutdown();
+  const auto& all = reporter.results();
+  std::printf("\nFMA peak (fp32, one core, %s): %.1f GFLOP/s\n", fovea::default_backend::name(), peak);
+  std::printf("\n| backward, fp32, one head | ms | GFLOP/s (10 N^2 D) | of peak | vs forward time |\n"
+              "|---|---:|---:|---:|---:|\n");
+  for (const auto& shape : shapes) {
+    const auto b = all.find("backward" + shape), f = all.find("forward" + shape);
+    if (b == all.end() || f == all.end()) continue;
+    const int threads = std::stoi(shape.substr(shape.rfind('=') + 1));
+    const double gflops = b->second.counter("GFLOP/s") / 1e9;
+    std::printf("| %s | %.1f | %.1f | %.0f%% | %.2fx |\n", shape.substr(1).c_str(),
+                b->second.seconds * 1e3, gflops, 100 * gflops / (peak * threads),
+                b->second.seconds / f->second.seconds);
+  }
+  const std::string full = "/N=" + std::to_string(n) + "/D=128/full/threads=1";
+  const std::string causal = "/N=" + std::to_string(n) + "/D=128/causal/threads=1";
+  const auto bf = all.find("backward" + full), bc = all.find("backward" + causal);
+  if (bf != all.end() && bc != all.end())
+    std::printf("\ncausal backward %.2fx faster than full\n", bf->second.seconds / bc->second.seconds);
+  if (max_threads > 1) {
+    const auto b2 = all.find("backward/N=" + std::to_string(n) + "/D=128/full/threads=" +
+                             std::to_string(max_threads));
+    if (bf != all.end() && b2 != all.end())
+      std::printf("%d threads %.2fx faster than 1 (full)\n", max_threads,
+                  bf->second.seconds / b2->second.seconds);
+  }
+  return 0;
+}
