@@ -9,6 +9,7 @@
 //    NaN wherever the f64 and naive f32 references both have NaN, and
 //    every kernel's output must be finite when every input value is.
 // Build and run: scripts/fuzz [seconds] (clang's -fsanitize=fuzzer,address,undefined).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "common/reference.hpp"
+#include "common/reference_backward.hpp"
 #include "common/reference_linear.hpp"
 
 namespace {
@@ -58,7 +60,7 @@ struct bytes {
 /// output of 2.6e9 one float ulp is 256, and a naive sum that happens to land within a
 /// quarter ulp must not make a kernel's 0.75 ulp a failure (fuzzing found that case).
 void check_tolerance(const std::vector<float>& got, const std::vector<double>& want,
-                     const std::vector<double>& naive) {
+                     const std::vector<double>& naive, double floor = 0) {
   double err = 0, naive_err = 0, magnitude = 0;
   for (std::size_t i = 0; i < want.size(); ++i) {
     // NaN from the inputs (both references agree on it) must reach the output.
@@ -70,15 +72,18 @@ void check_tolerance(const std::vector<float>& got, const std::vector<double>& w
     naive_err = std::max(naive_err, std::abs(naive[i] - want[i]));
     magnitude = std::max(magnitude, std::abs(want[i]));
   }
-  if (err > 2 * naive_err + std::max(1e-5, 2e-6 * magnitude))
+  if (err > 2 * naive_err + std::max({1e-5, 2e-6 * magnitude, floor})) {
+    std::fprintf(stderr, "error %g, naive error %g, largest |reference| %g\n", err, naive_err,
+                 magnitude);
     fail("output off the f64 reference by more than the tolerance");
+  }
 }
 
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   bytes in{data, size};
-  const int kernel = in.u8() % 15;
+  const int kernel = in.u8() % 17;
   const index_t B = in.u8() % 3, H = in.u8() % 5, Sq = in.u8() % 41, Sk = in.u8() % 41;
   const index_t D = in.u8() % 10, Dv = in.u8() % 10;
   const std::uint8_t hk_pick = in.u8(), layout = in.u8() % 8, flags = in.u8();
@@ -124,6 +129,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const index_t knob = index_t(in.u8()) - 2;  // -2 .. 253: windows, keep, top_k, ...
 
   const std::vector<float> q_before = q;
+  std::vector<float> quantized_k, quantized_v, scale_store, dout, grad_q, grad_k, grad_v;
+  fovea::softmax_options softmax_options_used;
+  bool backward_ran = false;
   bool threw = false;
   try {
     switch (kernel) {
@@ -283,6 +291,86 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         moderate = moderate && rule == fovea::update_rule::linear && !(flags & 128);
         break;
       }
+      case 14: {  // quantized caches: K and V as q8_0 (D % 32: else an error), int8 (scales
+                  // maybe misshapen or missing: an error) or fp8; checked below against the
+                  // reference on the dequantized values
+        const int kt = flags % 4, vt = (flags / 4) % 4;
+        quantized_k.assign(k.size(), 0.f);
+        quantized_v.assign(v.size(), 0.f);
+        fovea::softmax_options o{.causal = causal, .scale = scale, .threads = 1 + (flags & 1)};
+        auto quantized = [&](int type, const fovea::tensor_view<const float, 4>& x,
+                             std::vector<float>& values, fovea::tensor_view<const float, 3>& scale_view,
+                             auto&& attend) {
+          const index_t n = x.extent(0) * x.extent(1) * x.extent(2) * x.extent(3);
+          const auto dst = fovea::bhsd(values.data(), x.extent(0), x.extent(1), x.extent(2), x.extent(3));
+          auto run = [&](auto tag, fovea::tensor_view<const float, 3> sv) {
+            using C = decltype(tag);
+            std::vector<C> cache(std::max<index_t>(n, 32) / fovea::values_per_element<C>::value + 1);
+            const auto view = fovea::bhsd(cache.data(), x.extent(0), x.extent(1), x.extent(2), x.extent(3));
+            if constexpr (std::is_same_v<C, std::int8_t>)
+              fovea::quantize(x, view, fovea::view(scale_store.data(), {x.extent(0), x.extent(1), x.extent(2)}));
+            else if constexpr (std::is_same_v<C, fovea::block_q8_0>)
+              fovea::quantize(x, view);
+            else
+              fovea::quantize(x, view, sv);
+            fovea::dequantize(fovea::tensor_view<const C, 4>(view), dst, sv);
+            scale_view = sv;
+            attend(fovea::tensor_view<const C, 4>(view));
+          };
+          scale_store.assign(x.extent(0) * x.extent(1) * std::max<index_t>(x.extent(2), 1) + 1, 1.f);
+          const auto row_scales = fovea::view<const float>(scale_store.data(), {x.extent(0), x.extent(1), x.extent(2)});
+          const float head_scale = 0.5f + float(knob & 7);
+          scale_store.back() = head_scale;
+          const auto one_scale = fovea::view<const float>(&scale_store.back(), {1, 1, 1});
+          if (type == 0) run(fovea::block_q8_0{}, {});
+          else if (type == 1) run(std::int8_t{}, row_scales);
+          else if (type == 2) run(fovea::e4m3{}, one_scale);
+          else run(fovea::e5m2{}, one_scale);
+        };
+        std::vector<float> k_scales, v_scales;
+        quantized(kt, K, quantized_k, o.k_scale, [&](auto Kq) {
+          k_scales = scale_store;
+          if (o.k_scale.data() && kt == 1) o.k_scale = fovea::view<const float>(k_scales.data(), {K.extent(0), K.extent(1), K.extent(2)});
+          else if (o.k_scale.data()) o.k_scale = fovea::view<const float>(&k_scales.back(), {1, 1, 1});
+          quantized(vt, V, quantized_v, o.v_scale, [&](auto Vq) {
+            v_scales = scale_store;
+            if (o.v_scale.data() && vt == 1) o.v_scale = fovea::view<const float>(v_scales.data(), {V.extent(0), V.extent(1), V.extent(2)});
+            else if (o.v_scale.data()) o.v_scale = fovea::view<const float>(&v_scales.back(), {1, 1, 1});
+            if ((flags & 128) && kt == 1) o.k_scale = {};  // int8 without scales: an error
+            fovea::softmax_attention(Q, Kq, Vq, O, o);
+          });
+        });
+        break;
+      }
+      case 15: {  // the backward, after fovea's forward; checked below against the f64 gradients
+        std::vector<float> lse(B * H * Sq + 1);
+        fovea::softmax_options o{.causal = causal, .scale = scale};
+        if (flags & 4) o.window_left = knob;
+        if (flags & 8) o.softcap = double(in.u8()) / 16;
+        softmax_options_used = o;
+        fovea::softmax_options forward = o;
+        forward.lse = fovea::view(lse.data(), {B, H, Sq});
+        fovea::softmax_attention(Q, K, V, O, forward);
+        dout.resize(B * H * Sq * Dv + 1);
+        for (float& e : dout) e = in.value();
+        grad_q.assign(B * H * Sq * D + 1, -7.f);
+        grad_k.assign(B * Hk * Sk * D + 1, -7.f);
+        grad_v.assign(B * Hk * Sk * Dv + 1, -7.f);
+        try {
+          fovea::softmax_attention_backward(
+              Q, K, V, fovea::tensor_view<const float, 4>(O),
+              fovea::bhsd<const float>(dout.data(), B, H, Sq, Dv),
+              fovea::view<const float>(lse.data(), {B, H, Sq}), fovea::bhsd(grad_q.data(), B, H, Sq, D),
+              fovea::bhsd(grad_k.data(), B, Hk, Sk, D), fovea::bhsd(grad_v.data(), B, Hk, Sk, Dv), o);
+        } catch (const fovea::error&) {
+          for (auto* g : {&grad_q, &grad_k, &grad_v})
+            for (float x : *g)
+              if (x != -7.f) fail("a gradient written before fovea::error");
+          throw;
+        }
+        backward_ran = true;
+        break;
+      }
       default: {  // routing's strictly causal decode over a cache of K
         fovea::routing_centroids mu(std::max<index_t>(H, 1), 1 + in.u8() % 4,
                                     std::max<index_t>(D, 1));
@@ -321,6 +409,38 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     // only inputs whose products and sums stay far from it.
     if (!other_options && tame && (!scale || *scale < 1e6))
       check_tolerance(got, want.out, naive.out);
+  } else if (kernel == 14 && tame && (!scale || *scale < 1e6)) {  // on the dequantized values
+    const fovea::softmax_options o{.causal = causal, .scale = scale};
+    const auto Kd = fovea::bhsd<const float>(quantized_k.data(), B, Hk, Sk, D);
+    const auto Vd = fovea::bhsd<const float>(quantized_v.data(), B, Hk, Sk, Dv);
+    const auto want = fovea::test::reference_softmax<double>(Q, Kd, Vd, o);
+    const auto naive = fovea::test::reference_softmax<float>(Q, Kd, Vd, o);
+    check_tolerance(got, want.out, naive.out);
+  } else if (kernel == 15 && backward_ran && moderate && (!scale || *scale < 1e3)) {
+    const auto dO = fovea::bhsd<const float>(dout.data(), B, H, Sq, Dv);
+    bool small = true;  // gradients of moderate inputs may still overflow with large dO
+    for (float e : dout) small = small && std::abs(e) < 1e3f;
+    if (small) {
+      const auto want = fovea::test::reference_softmax_backward<double>(Q, K, V, dO, softmax_options_used);
+      const auto naive = fovea::test::reference_softmax_backward<float>(Q, K, V, dO, softmax_options_used);
+      auto dense = [&](const std::vector<float>& g, index_t b, index_t h, index_t n, index_t d) {
+        return std::vector<float>(g.begin(), g.begin() + b * h * n * d);
+      };
+      // delta = dO . O carries O's rounding (a few ulp of |dO| |V|) into every dS: where the
+      // exact gradient cancels to ~0 that is the error's scale, not the gradient's
+      auto largest = [](const std::vector<float>& x) {
+        double m = 0;
+        for (float e : x) m = std::max(m, double(std::abs(e)));
+        return m;
+      };
+      const double logit_scale = scale ? *scale : 1.0 / std::sqrt(double(std::max<index_t>(D, 1)));
+      const double terms = largest(dout) * largest(v) * double(std::max<index_t>(Sk, 1)) *
+                           std::max({1.0, largest(q), largest(k)}) * std::max(1.0, logit_scale);
+      const double floor = 1e-6 * terms;
+      check_tolerance(dense(grad_q, B, H, Sq, D), want.dq, naive.dq, floor);
+      check_tolerance(dense(grad_k, B, Hk, Sk, D), want.dk, naive.dk, floor);
+      check_tolerance(dense(grad_v, B, Hk, Sk, Dv), want.dv, naive.dv, floor);
+    }
   } else if (kernel == 5 && moderate) {  // (kernel-specific overflow order otherwise)
     const fovea::linear_options o{.causal = causal};
     check_tolerance(got, fovea::test::reference_linear<double>(Q, K, V, o),

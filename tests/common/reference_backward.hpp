@@ -24,7 +24,8 @@ gradients reference_softmax_backward(tensor_view<const T, 4> q, tensor_view<cons
                                      const custom_variant<ScoreMod, MaskMod>& custom = {}) {
   constexpr Acc inf = std::numeric_limits<Acc>::infinity();
   const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2), D = q.extent(3);
-  const index_t Hk = k.extent(1), Sk = k.extent(2), Dv = v.extent(3), group = H / Hk;
+  const index_t Hk = k.extent(1), Sk = k.extent(2), Dv = v.extent(3);
+  const index_t group = Hk == 0 ? 1 : H / Hk;
   const Acc scale = o.scale ? Acc(*o.scale) : Acc(1) / std::sqrt(Acc(D));
   gradients g{std::vector<double>(B * H * Sq * D), std::vector<double>(B * Hk * Sk * D),
               std::vector<double>(B * Hk * Sk * Dv), std::vector<double>(H)};
@@ -50,13 +51,19 @@ gradients reference_softmax_backward(tensor_view<const T, 4> q, tensor_view<cons
         for (index_t j = 0; j < Sk; ++j) l += keep[j] ? std::exp(p[j] - m_all) : Acc(0);
         std::fill(dq.begin(), dq.end(), Acc(0));
         if (l == 0) continue;  // saw no key: no gradient
-        Acc delta = 0;
+        // delta = dO . O (FlashAttention's D_i; equal to sum_j p_j dp_j), O in Acc
         for (index_t j = 0; j < Sk; ++j) {
           p[j] = keep[j] ? std::exp(p[j] - m_all) / l : Acc(0);
           dp[j] = 0;
           if (!keep[j]) continue;
           for (index_t e = 0; e < Dv; ++e) dp[j] += Acc(dout(b, h, i, e)) * Acc(v(b, hk, j, e));
-          delta += p[j] * dp[j];
+        }
+        Acc delta = 0;
+        for (index_t e = 0; e < Dv; ++e) {
+          Acc out = 0;
+          for (index_t j = 0; j < Sk; ++j)
+            if (keep[j]) out += p[j] * Acc(v(b, hk, j, e));
+          delta += Acc(dout(b, h, i, e)) * out;
         }
         if (sink) dsinks[h] -= std::exp(sink_logit - m_all) / l * delta;
         for (index_t j = 0; j < Sk; ++j) {

@@ -220,6 +220,17 @@ void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, 
   const auto& pr = bp.forward;
   const index_t B = pr.batch(), H = pr.heads(), Sq = pr.queries(), Hk = pr.kv.heads();
   const index_t Sk = pr.keys, D = pr.q.extent(3), Dv = bp.dout.extent(3), group = pr.terms.group;
+  if (B * H * Sq == 0) {  // no query: no gradient reaches a key or value
+    for (index_t b = 0; b < B; ++b)
+      for (index_t hk = 0; hk < Hk; ++hk)
+        for (index_t j = 0; j < Sk; ++j) {
+          std::fill_n(bp.dk.ptr(b, hk, j, 0), D, S(0));
+          std::fill_n(bp.dv.ptr(b, hk, j, 0), Dv, S(0));
+        }
+    if (bp.dsinks.data())
+      for (index_t h = 0; h < H; ++h) bp.dsinks(h) = 0;
+    return;
+  }
   const index_t key_blocks = (Sk + BK - 1) / BK, query_blocks = (Sq + BQ - 1) / BQ;
   const int used = threads_for_work(std::max(threads, 1),
                                     7.0 * double(B * H * Sq) * double(Sk) * double(D + Dv),
