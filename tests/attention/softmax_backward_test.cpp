@@ -292,6 +292,77 @@ TEST(SoftmaxBackward, Bf16StorageAndTheScalarBackend) {
   EXPECT_TRUE(within_tolerance<float>(std::vector<double>(sv.begin(), sv.end()), want.dv, naive.dv, 1e-5));
 }
 
+/// d bias: a bias per (query, key) and a bias per key (dynamic-mask attention's form, per
+/// query head or per key/value head), against the reference's d logit summed over what
+/// the bias broadcasts; the reference's d logit against finite differences of the loss.
+TEST(SoftmaxBackward, BiasGradients) {
+  const index_t B = 2, H = 4, Hk = 2, Sq = 70, Sk = 90, D = 16;
+  for (const int form : {0, 1, 2}) {  // (B, H, Sq, Sk), (B, H, 1, Sk), (B, Hk, 1, Sk)
+    SCOPED_TRACE("form " + std::to_string(form));
+    const index_t bh = form == 2 ? Hk : H, bq = form == 0 ? Sq : 1;
+    const auto q = normal<float>(B * H * Sq * D, 41), k = normal<float>(B * Hk * Sk * D, 42),
+               v = normal<float>(B * Hk * Sk * D, 43), g = normal<float>(B * H * Sq * D, 44);
+    auto bias = normal<float>(B * bh * bq * Sk, 45);
+    bias[3] = -HUGE_VALF;  // a hidden key
+    std::vector<float> o(q.size()), lse(B * H * Sq), dq(q.size()), dk(k.size()), dv(v.size());
+    std::vector<float> dbias(bias.size(), 7.f), serial;
+    const auto Q = bhsd<const float>(q.data(), B, H, Sq, D), K = bhsd<const float>(k.data(), B, Hk, Sk, D),
+               V = bhsd<const float>(v.data(), B, Hk, Sk, D), G = bhsd<const float>(g.data(), B, H, Sq, D);
+    softmax_options opt{.causal = true, .softcap = 4.0,
+                        .bias = view<const float>(bias.data(), {B, bh, bq, Sk})};
+    softmax_options fwd = opt;
+    fwd.lse = view(lse.data(), {B, H, Sq});
+    softmax_attention(Q, K, V, bhsd(o.data(), B, H, Sq, D), fwd);
+    for (const int threads : {1, 2}) {
+      opt.threads = threads;
+      softmax_attention_backward(Q, K, V, bhsd<const float>(o.data(), B, H, Sq, D), G,
+                                 view<const float>(lse.data(), {B, H, Sq}), bhsd(dq.data(), B, H, Sq, D),
+                                 bhsd(dk.data(), B, Hk, Sk, D), bhsd(dv.data(), B, Hk, Sk, D), opt,
+                                 {.dbias = view(dbias.data(), {B, bh, bq, Sk})});
+      if (threads == 1) serial = dbias;
+    }
+    EXPECT_EQ(0, std::memcmp(serial.data(), dbias.data(), 4 * dbias.size())) << "threads";
+    const auto want = reference_softmax_backward<double>(Q, K, V, G, opt);
+    const auto naive = reference_softmax_backward<float>(Q, K, V, G, opt);
+    auto reduce = [&](const std::vector<double>& dz) {  // onto the bias's shape
+      std::vector<double> r(bias.size());
+      for (index_t b = 0; b < B; ++b)
+        for (index_t h = 0; h < H; ++h)
+          for (index_t i = 0; i < Sq; ++i)
+            for (index_t j = 0; j < Sk; ++j)
+              r[((b * bh + (form == 2 ? h / (H / Hk) : h)) * bq + (form == 0 ? i : 0)) * Sk + j] +=
+                  dz[((b * H + h) * Sq + i) * Sk + j];
+      return r;
+    };
+    EXPECT_TRUE(within_tolerance<float>(std::vector<double>(dbias.begin(), dbias.end()),
+                                        reduce(want.dz), reduce(naive.dz), 1e-5));
+    EXPECT_EQ(dbias[3], 0.f);  // hidden
+  }
+  // the reference's d logit is d loss / d bias: central differences in f64
+  const index_t b1 = 1, h1 = 2, s1 = 3, k1 = 5, d1 = 4;
+  auto q = normal<double>(h1 * s1 * d1, 51), k = normal<double>(k1 * d1, 52), v = normal<double>(k1 * d1, 53);
+  const auto G = normal<double>(h1 * s1 * d1, 54);
+  auto bias = normal<float>(h1 * s1 * k1, 55);
+  const softmax_options o{.causal = true, .softcap = 2.0, .bias = view<const float>(bias.data(), {b1, h1, s1, k1})};
+  const auto Q = bhsd<const double>(q.data(), b1, h1, s1, d1), K = bhsd<const double>(k.data(), b1, 1, k1, d1),
+             V = bhsd<const double>(v.data(), b1, 1, k1, d1);
+  const auto grad = reference_softmax_backward<double>(Q, K, V, bhsd<const double>(G.data(), b1, h1, s1, d1), o);
+  for (std::size_t e = 0; e < bias.size(); ++e) {
+    const float keep = bias[e];
+    auto loss = [&](float x) {
+      bias[e] = x;
+      const auto r = reference_softmax<double>(Q, K, V, o);
+      double l = 0;
+      for (std::size_t i = 0; i < G.size(); ++i) l += r.out[i] * G[i];
+      return l;
+    };
+    const float h = 1.0f / 1024;  // exact in float
+    const double fd = (loss(keep + h) - loss(keep - h)) / (2.0 * double(h));
+    bias[e] = keep;
+    EXPECT_NEAR(grad.dz[e], fd, 1e-5) << e;
+  }
+}
+
 TEST(SoftmaxBackward, BadInputNamesTheArgumentAndWritesNothing) {
   const index_t H = 2, S = 8, D = 16;
   std::vector<float> q(H * S * D), k(q), v(q), o(q), g(q), lse(H * S), dq(q.size(), 5.f),
@@ -333,6 +404,18 @@ TEST(SoftmaxBackward, BadInputNamesTheArgumentAndWritesNothing) {
                                bhsd(dk.data(), 1, H, S, D), bhsd(dv.data(), 1, H, S, D),
                                {.scale = -1.0});
   }, "options.scale");
+  std::vector<float> bias(S * S), dbias(S * S);
+  expect_error([&] {  // a bias shared by every head and batch row: no gradient here
+    softmax_attention_backward(Q, K, V, O, G, L, bhsd(dq.data(), 1, H, S, D),
+                               bhsd(dk.data(), 1, H, S, D), bhsd(dv.data(), 1, H, S, D),
+                               {.bias = view<const float>(bias.data(), {1, 1, S, S})},
+                               {.dbias = view(dbias.data(), {1, 1, S, S})});
+  }, "grads.dbias");
+  expect_error([&] {
+    softmax_attention_backward(Q, K, V, O, G, L, bhsd(dq.data(), 1, H, S, D),
+                               bhsd(dk.data(), 1, H, S, D), bhsd(dv.data(), 1, H, S, D), {},
+                               {.dbias = view(dbias.data(), {1, H, 1, S})});
+  }, "grads.dbias: given, but options.bias is not");
 }
 
 }  // namespace

@@ -14,6 +14,7 @@ namespace fovea::test {
 struct gradients {
   std::vector<double> dq, dk, dv;  ///< dense (B, H, Sq, D), (B, Hk, Sk, D), (B, Hk, Sk, Dv)
   std::vector<double> dsinks;      ///< (H)
+  std::vector<double> dz;          ///< (B, H, Sq, Sk): d loss / d logit (d bias before broadcast)
 };
 
 /// d loss / d (q, k, v, sinks) for d loss / d out = dout.
@@ -28,7 +29,8 @@ gradients reference_softmax_backward(tensor_view<const T, 4> q, tensor_view<cons
   const index_t group = Hk == 0 ? 1 : H / Hk;
   const Acc scale = o.scale ? Acc(*o.scale) : Acc(1) / std::sqrt(Acc(D));
   gradients g{std::vector<double>(B * H * Sq * D), std::vector<double>(B * Hk * Sk * D),
-              std::vector<double>(B * Hk * Sk * Dv), std::vector<double>(H)};
+              std::vector<double>(B * Hk * Sk * Dv), std::vector<double>(H),
+              std::vector<double>(B * H * Sq * Sk)};
   std::vector<Acc> dq(D), p(Sk), dp(Sk), raw(Sk);
   std::vector<bool> keep(Sk);
   std::vector<Acc> dk(B * Hk * Sk * D), dv(B * Hk * Sk * Dv), dsinks(H);
@@ -68,6 +70,7 @@ gradients reference_softmax_backward(tensor_view<const T, 4> q, tensor_view<cons
         if (sink) dsinks[h] -= std::exp(sink_logit - m_all) / l * delta;
         for (index_t j = 0; j < Sk; ++j) {
           if (!keep[j]) continue;
+          g.dz[((b * H + h) * Sq + i) * Sk + j] = double(p[j] * (dp[j] - delta));
           Acc dx = p[j] * (dp[j] - delta) * scale;
           if (o.softcap > 0) {
             const Acc t = std::tanh(scale * raw[j] / Acc(o.softcap));

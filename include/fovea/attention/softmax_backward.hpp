@@ -12,6 +12,10 @@ namespace fovea {
 /// Gradients beyond dq, dk, dv that a call may also want.
 struct softmax_grads {
   tensor_view<float, 1> dsinks{};  ///< (H): d loss / d options.sinks
+  /// d loss / d options.bias, the bias's shape: (B, H, Sq, Sk) (a bias per query and key),
+  /// or (B, H|Hk, 1, Sk) (a bias per key, as dynamic-mask attention's: summed over the
+  /// queries and, for Hk heads, over each group's query heads). Overwritten.
+  tensor_view<float, 4> dbias{};
 };
 
 namespace detail {
@@ -38,7 +42,9 @@ void check_gradient(const tensor_view<T, 4>& g, const char* name, const tensor_v
 /// `options` are the forward's (causal and its alignment, window, scale, soft-cap through
 /// its chain rule, ALiBi, bias, mask, sinks, GQA: dk and dv summed over the query heads of
 /// each key/value head); options.lse is not read (lse is the argument). grads.dsinks, if
-/// given, receives d loss / d sinks = -sum_i p_sink,i * delta_i. A user mask_mod applies as
+/// given, receives d loss / d sinks = -sum_i p_sink,i * delta_i; grads.dbias d loss / d
+/// bias (= dS before the soft-cap's factor; 0 where the key is hidden), summed
+/// deterministically over what the bias broadcasts. A user mask_mod applies as
 /// in the forward; a user score_mod has no gradient here (a compile-time error).
 /// Storage: float or double (computed in that type) or bf16 / fp16 (computed in float);
 /// all in one type.
@@ -101,6 +107,28 @@ void softmax_attention_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tens
     require(grads.dsinks.extent(0) == H, "grads.dsinks: extent 0 is ", grads.dsinks.extent(0),
             ", expected ", H, " (heads)");
     check_no_alias(grads.dsinks, "grads.dsinks", options.sinks, "options.sinks");
+  }
+  if (grads.dbias.data() != nullptr || !grads.dbias.empty()) {
+    const auto& bias = options.bias;
+    require(bias.data() != nullptr, "grads.dbias: given, but options.bias is not");
+    check_data(grads.dbias, "grads.dbias");
+    for (std::size_t r = 0; r < 4; ++r)
+      require(grads.dbias.extent(r) == bias.extent(r), "grads.dbias: extent ", r, " is ",
+              grads.dbias.extent(r), ", expected ", bias.extent(r), " as options.bias");
+    const index_t Hk = k.extent(1), Sk = k.extent(2);
+    const bool per_row = bias.extent(0) == B && bias.extent(1) == H && bias.extent(2) == Sq &&
+                         bias.extent(3) == Sk;
+    const bool per_key = bias.extent(0) == B && (bias.extent(1) == H || bias.extent(1) == Hk) &&
+                         bias.extent(2) == 1 && bias.extent(3) == Sk && H / std::max<index_t>(Hk, 1) <= 64;
+    require(per_row || per_key, "grads.dbias: a bias of extents (", bias.extent(0), ", ",
+            bias.extent(1), ", ", bias.extent(2), ", ", bias.extent(3),
+            ") has no gradient here; expected (B, H, Sq, Sk) or (B, H|Hk, 1, Sk)");
+    check_one_to_one(grads.dbias, "grads.dbias");
+    for (int i = 0; i < 5; ++i) check_no_alias(grads.dbias, "grads.dbias", in[i], inputs[i]);
+    for (int g = 0; g < 3; ++g) check_no_alias(grads.dbias, "grads.dbias", gs[g], grad_names[g]);
+    check_no_alias(grads.dbias, "grads.dbias", options.bias, "options.bias");
+    bp.dbias = grads.dbias;
+    bp.dbias_per_key = per_key;
   }
   bp.out = co;
   bp.dout = cg;

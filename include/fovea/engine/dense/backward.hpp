@@ -40,6 +40,10 @@ struct backward_problem {
   tensor_view<const float, 3> lse;    ///< (B, H, Sq)
   tensor_view<S, 4> dq, dk, dv;
   tensor_view<float, 1> dsinks{};  ///< (H) or empty
+  /// d loss / d bias, the bias's shape: (B, H, Sq, Sk) written by the query-block pass, or
+  /// (B, H|Hk, 1, Sk) summed over the queries by the key-block pass; or empty.
+  tensor_view<float, 4> dbias{};
+  bool dbias_per_key = false;
 };
 
 /// Per-thread buffers of one backward tile: BQ query columns, BK keys, rows padded to
@@ -52,10 +56,11 @@ struct backward_buffers {
   static index_t size(index_t D, index_t Dv) noexcept {
     const index_t dp = padded(D), dvp = padded(Dv);
     return round_to_line<T>(BQ * dp) * 3 + round_to_line<T>(BQ * dvp) * 2 +
-           round_to_line<T>(BK * dp) * 2 + round_to_line<T>(BK * dvp) * 2 + 4 * BK * BQ + 2 * BQ;
+           round_to_line<T>(BK * dp) * 2 + round_to_line<T>(BK * dvp) * 2 + 5 * BK * BQ + 2 * BQ +
+           round_to_line<T>(query_columns<T>::capacity * BK);
   }
   index_t dp, dvp;
-  T *q, *q_t, *dout, *dout_t, *k, *v, *s, *x, *p, *ds, *lse, *delta, *acc, *dk, *dv;
+  T *q, *q_t, *dout, *dout_t, *k, *v, *s, *x, *p, *ds, *dz, *lse, *delta, *acc, *dk, *dv, *dbias;
   backward_buffers(T* w, index_t D, index_t Dv) noexcept : dp(padded(D)), dvp(padded(Dv)) {
     auto take = [&w](index_t n) {
       T* at = w;
@@ -72,11 +77,13 @@ struct backward_buffers {
     x = take(BK * BQ);          // [BK][BQ] raw products (soft-cap's derivative)
     p = take(BK * BQ);          // [BK][BQ] probabilities
     ds = take(BK * BQ);         // [BK][BQ] dP, then dS (times dS/dx)
+    dz = take(BK * BQ);         // [BK][BQ] d loss / d logit (d bias), when asked for
     lse = take(BQ);
     delta = take(BQ);
     acc = take(BQ * dp);        // [BQ][dp] dQ of a query block
     dk = take(BK * dp);         // [BK][dp] dK of a key block
     dv = take(BK * dvp);        // [BK][dvp]
+    dbias = take(query_columns<T>::capacity * BK);  // [heads of a group][BK] keys-only d bias
   }
 };
 
@@ -128,7 +135,8 @@ void stage_queries(const backward_problem<S>& bp, const std::vector<T>& delta, i
 template <class Backend, class T, class ScoreMod, class MaskMod>
 bool backward_tile(const query_columns<T>& cols, const key_band& band,
                    const custom_variant<ScoreMod, MaskMod>& custom, index_t j0, index_t keys,
-                   index_t D, index_t Dv, backward_buffers<T, Backend>& buf) noexcept {
+                   index_t D, index_t Dv, backward_buffers<T, Backend>& buf,
+                   bool with_dz = false) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width;
   constexpr index_t BQ = backward_buffers<T, Backend>::BQ;
@@ -157,9 +165,10 @@ bool backward_tile(const query_columns<T>& cols, const key_band& band,
         const auto t = V::tanh(V::mul(V::mul(V::load(buf.x + at), scale), inv_cap));
         dx = V::mul(scale, V::sub(one, V::mul(t, t)));
       }
-      const auto ds = V::mul(V::mul(p, V::sub(V::load(buf.ds + at), V::load(buf.delta + c))), dx);
+      const auto dz = V::select(seen, V::mul(p, V::sub(V::load(buf.ds + at), V::load(buf.delta + c))), zero);
+      if (with_dz) V::store(buf.dz + at, dz);
       V::store(buf.p + at, p);
-      V::store(buf.ds + at, V::select(seen, ds, zero));
+      V::store(buf.ds + at, V::mul(dz, dx));
     }
   return masked;
 }
@@ -220,6 +229,11 @@ void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, 
   const auto& pr = bp.forward;
   const index_t B = pr.batch(), H = pr.heads(), Sq = pr.queries(), Hk = pr.kv.heads();
   const index_t Sk = pr.keys, D = pr.q.extent(3), Dv = bp.dout.extent(3), group = pr.terms.group;
+  if (bp.dbias.data())  // pairs no tile visits (outside the band) get 0
+    for (index_t a = 0; a < bp.dbias.extent(0); ++a)
+      for (index_t h = 0; h < bp.dbias.extent(1); ++h)
+        for (index_t i = 0; i < bp.dbias.extent(2); ++i)
+          for (index_t j = 0; j < bp.dbias.extent(3); ++j) bp.dbias(a, h, i, j) = 0;
   if (B * H * Sq == 0) {  // no query: no gradient reaches a key or value
     for (index_t b = 0; b < B; ++b)
       for (index_t hk = 0; hk < Hk; ++hk)
@@ -256,6 +270,8 @@ void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, 
     stage_keys(pr, b, hk, j0, keys, buf);
     std::fill(buf.dk, buf.dk + BK * buf.dp, T(0));
     std::fill(buf.dv, buf.dv + BK * buf.dvp, T(0));
+    const bool key_bias = bp.dbias_per_key;
+    if (key_bias) std::fill(buf.dbias, buf.dbias + group * BK, T(0));
     for (index_t h = hk * group; h < (hk + 1) * group; ++h)
       for (index_t qb = 0; qb < query_blocks; ++qb) {
         const index_t i0 = qb * BQ, n = std::min(BQ, Sq - i0);
@@ -263,8 +279,14 @@ void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, 
         if (last <= j0 || first >= j0 + keys) continue;
         query_columns<T> cols;
         stage_queries(bp, delta, b, h, i0, n, buf, cols);
-        if (backward_tile(cols, pr.band, custom, j0, keys, D, Dv, buf) &&
-            needs_skipping(buf, keys, n, D, Dv)) {
+        const bool masked = backward_tile(cols, pr.band, custom, j0, keys, D, Dv, buf, key_bias);
+        if (key_bias)  // summed over the block's queries, in order
+          for (index_t j = 0; j < keys; ++j) {
+            T sum = 0;
+            for (index_t c = 0; c < n; ++c) sum += buf.dz[j * BQ + c];
+            buf.dbias[(h - hk * group) * BK + j] += sum;
+          }
+        if (masked && needs_skipping(buf, keys, n, D, Dv)) {
           masked_products(buf, true, keys, n, D, Dv);
           continue;
         }
@@ -273,6 +295,14 @@ void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, 
         gemm_wide<T, Backend, RB, QB, true>(keys, buf.dp / W, buf.ds, BQ, 1, buf.q, buf.dp, buf.dk,
                                             buf.dp, n);
       }
+    if (key_bias) {  // (B, H|Hk, 1, Sk): per query head, or summed over the group
+      const bool per_head = bp.dbias.extent(1) != Hk || group == 1;
+      for (index_t g = 0; g < group; ++g)
+        for (index_t j = 0; j < keys; ++j) {
+          float& out = bp.dbias(b, per_head ? hk * group + g : hk, 0, j0 + j);
+          out = per_head || g == 0 ? float(buf.dbias[g * BK + j]) : out + float(buf.dbias[g * BK + j]);
+        }
+    }
     for (index_t r = 0; r < keys; ++r) {
       S* dk = bp.dk.ptr(b, hk, j0 + r, 0);
       S* dv = bp.dv.ptr(b, hk, j0 + r, 0);
@@ -293,8 +323,12 @@ void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, 
     for (index_t j0 = first / BK * BK; j0 < last; j0 += BK) {
       const index_t keys = std::min(BK, Sk - j0);
       stage_keys(pr, b, h / group, j0, keys, buf);
-      if (backward_tile(cols, pr.band, custom, j0, keys, D, Dv, buf) &&
-          needs_skipping(buf, keys, n, D, Dv)) {
+      const bool row_bias = bp.dbias.data() && !bp.dbias_per_key;
+      const bool masked = backward_tile(cols, pr.band, custom, j0, keys, D, Dv, buf, row_bias);
+      if (row_bias)  // (B, H, Sq, Sk): this task's rows alone
+        for (index_t c = 0; c < n; ++c)
+          for (index_t j = 0; j < keys; ++j) bp.dbias(b, h, i0 + c, j0 + j) = float(buf.dz[j * BQ + c]);
+      if (masked && needs_skipping(buf, keys, n, D, Dv)) {
         masked_products(buf, false, keys, n, D, Dv);
         continue;
       }
