@@ -351,14 +351,16 @@ TYPED_TEST(CacheAttention, PagedEqualsContiguous) {
     const index_t sk = 700;
     const auto q = normal<float>(H * sq * D, 4);
     const auto kx = normal<float>(Hk * sk * D, 5), vx = normal<float>(Hk * sk * D, 6);
-    const auto kc = make_cache<K>(kx, 1, Hk, sk, D, false), vc = make_cache<V>(vx, 1, Hk, sk, D, false);
+    const auto kc = make_cache<K>(kx, 1, Hk, sk, D, false);
+    const auto vc = make_cache<V>(vx, 1, Hk, sk, D, false);
     std::vector<std::int32_t> table(pages);
     for (index_t p = 0; p < pages; ++p) table[p] = std::int32_t((p * 7 + 3) % pages);
     // the same rows, appended page by page through the table
     std::vector<K> kp(pages * page * Hk * D / values_per_element<K>::value);
     std::vector<V> vp(pages * page * Hk * D / values_per_element<V>::value);
     std::vector<float> kps(pages * Hk * page), vps(pages * Hk * page);
-    const auto KP = paged_nhd(kp.data(), pages, page, Hk, D), VP = paged_nhd(vp.data(), pages, page, Hk, D);
+    const auto KP = paged_nhd(kp.data(), pages, page, Hk, D);
+    const auto VP = paged_nhd(vp.data(), pages, page, Hk, D);
     const std::vector<std::int32_t> zero{0}, lens{std::int32_t(sk)};
     kv_scales appended;
     if constexpr (std::is_same_v<K, std::int8_t>) appended.k = view(kps.data(), {pages, Hk, page});

@@ -15,15 +15,17 @@ if(MODE STREQUAL "find_package")
   run(${CMAKE_COMMAND} --install ${BINARY} --prefix ${WORK}/prefix)
   run(${CMAKE_COMMAND} -S ${SOURCE}/examples -B ${WORK}/build -DCMAKE_BUILD_TYPE=Release
       -DCMAKE_PREFIX_PATH=${WORK}/prefix -DCMAKE_CXX_COMPILER=${CXX})
-  run(${CMAKE_COMMAND} --build ${WORK}/build)
+  run(${CMAKE_COMMAND} --build ${WORK}/build --parallel 2)
   foreach(example basic_attention kv_cache_decode long_context_sparse custom_variant
                   tiny_transformer)
     run(${WORK}/build/${example})
   endforeach()
+  run(${WORK}/build/train_tiny --steps 400)  # exits 1 below 95% held-out accuracy
   set(model ${SOURCE}/../shared/models/stories260K.bin)  # the real checkpoint, when laid out
   if(EXISTS ${model})
     run(${WORK}/build/llama2c ${model} -n 64)
     run(${WORK}/build/llama2c ${model} -n 64 --kv bf16 --paged)
+    run(${WORK}/build/llama2c ${model} -n 64 --kv int8 --paged)
   endif()
 elseif(MODE STREQUAL "add_subdirectory")
   run(${CMAKE_COMMAND} -S ${SOURCE}/tests/consumers/add_subdirectory -B ${WORK}/build
