@@ -70,16 +70,7 @@ void BM_backward(benchmark::State& state, index_t n, index_t d, bool causal, int
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false;
-  std::vector<char*> args;
-  for (int i = 0; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--quick") == 0)
-      quick = true;
-    else
-      args.push_back(argv[i]);
-  }
-  int n_args = int(args.size());
-  benchmark::Initialize(&n_args, args.data());
+  const bool quick = fovea::bench::initialize(argc, argv);
   const double peak = fovea::bench::measure_fma_peak_gflops();
   const int max_threads = fovea::detail::resolve_threads(0);
   std::vector<int> thread_counts{1};

@@ -140,16 +140,7 @@ void add_type(const std::string& type, const std::vector<int>& thread_counts, in
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false;
-  std::vector<char*> args;
-  for (int i = 0; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--quick") == 0)
-      quick = true;
-    else
-      args.push_back(argv[i]);
-  }
-  int n_args = int(args.size());
-  benchmark::Initialize(&n_args, args.data());
+  const bool quick = fovea::bench::initialize(argc, argv);
 
   const int max_threads = fovea::detail::resolve_threads(0);
   const double read_gbs = fovea::bench::measure_read_bandwidth_gbs();

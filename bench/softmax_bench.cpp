@@ -160,16 +160,7 @@ long extra_memory_kib(index_t n, index_t d, int threads) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false;
-  std::vector<char*> args;
-  for (int i = 0; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--quick") == 0)
-      quick = true;
-    else
-      args.push_back(argv[i]);
-  }
-  int n_args = int(args.size());
-  benchmark::Initialize(&n_args, args.data());
+  const bool quick = fovea::bench::initialize(argc, argv);
 
   const int max_threads = fovea::detail::resolve_threads(0);
   const index_t n_mem = quick ? 8192 : 16384;

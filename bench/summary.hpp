@@ -13,6 +13,22 @@
 
 namespace fovea::bench {
 
+/// Google Benchmark's Initialize with fovea's own flag taken out first: returns whether
+/// `--quick` (fewer, shorter shapes) was given.
+inline bool initialize(int argc, char** argv) {
+  bool quick = false;
+  static std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    if (std::string(argv[i]) == "--quick")
+      quick = true;
+    else
+      args.push_back(argv[i]);
+  }
+  int n_args = int(args.size());
+  benchmark::Initialize(&n_args, args.data());
+  return quick;
+}
+
 /// Every benchmark added through add(), in the order added: the summary tables list their
 /// rows in this order even when the repetitions ran interleaved at random.
 inline std::vector<std::string>& added_names() {

@@ -142,8 +142,9 @@ void expect_gradients_match(const shape_case& s, unsigned f) {
   EXPECT_TRUE(within_tolerance<float>(got.dq, want.dq, naive.dq, 1e-5)) << "dq";
   EXPECT_TRUE(within_tolerance<float>(got.dk, want.dk, naive.dk, 1e-5)) << "dk";
   EXPECT_TRUE(within_tolerance<float>(got.dv, want.dv, naive.dv, 1e-5)) << "dv";
-  if (f & sinks)
+  if (f & sinks) {
     EXPECT_TRUE(within_tolerance<float>(got.dsinks, want.dsinks, naive.dsinks, 1e-5)) << "dsinks";
+  }
 }
 
 TEST(SoftmaxBackward, EveryOptionAloneOverAwkwardShapes) {

@@ -71,6 +71,44 @@ reference_logit<Acc> logit_of(tensor_view<const T, 4> q, tensor_view<const T, 4>
   return {x, visible && x != -inf, dot};
 }
 
+/// One row's softmax weights: e[j] = exp(logit_j - m) for the keys it sees (0 for the
+/// others), sink_e the sink's term, l = their sum (0: the row sees nothing), dot[j] = q . k.
+template <class Acc>
+struct reference_row {
+  std::vector<Acc> e, dot;
+  std::vector<bool> keep;
+  Acc sink_e = 0, l = 0, m = 0;  ///< m: the largest logit (sink included) e is relative to
+};
+
+template <class Acc, class T, class ScoreMod, class MaskMod>
+void row_weights(tensor_view<const T, 4> q, tensor_view<const T, 4> k, const softmax_options& o,
+                 const custom_variant<ScoreMod, MaskMod>& custom, index_t b, index_t h, index_t i,
+                 reference_row<Acc>& row) {
+  constexpr Acc inf = std::numeric_limits<Acc>::infinity();
+  const index_t Sk = k.extent(2);
+  row.e.resize(Sk);
+  row.dot.resize(Sk);
+  row.keep.resize(Sk);
+  Acc m = -inf;
+  for (index_t j = 0; j < Sk; ++j) {
+    const auto z = logit_of<Acc>(q, k, o, custom, b, h, i, j);
+    row.keep[j] = z.visible;
+    row.e[j] = z.x;
+    row.dot[j] = z.dot;
+    if (z.visible && z.x > m) m = z.x;  // a NaN logit poisons l below, not m
+  }
+  const bool sink = o.sinks.data() != nullptr;
+  const Acc sink_logit = sink ? Acc(o.sinks(h)) : -inf;
+  const Acc m_all = sink && sink_logit > m ? sink_logit : m;
+  row.m = m_all;
+  row.sink_e = sink ? std::exp(sink_logit - m_all) : Acc(0);
+  row.l = row.sink_e;
+  for (index_t j = 0; j < Sk; ++j) {
+    row.e[j] = row.keep[j] ? std::exp(row.e[j] - m_all) : Acc(0);
+    row.l += row.e[j];
+  }
+}
+
 template <class Acc, class T, class ScoreMod = identity_score_mod,
           class MaskMod = keep_all_mask_mod>
 attention_result reference_softmax(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
@@ -82,25 +120,15 @@ attention_result reference_softmax(tensor_view<const T, 4> q, tensor_view<const 
   const index_t group = Hk == 0 ? 1 : H / Hk;
 
   attention_result r{std::vector<double>(B * H * Sq * Dv), std::vector<double>(B * H * Sq)};
-  std::vector<Acc> s(Sk);
-  std::vector<bool> keep(Sk);
+  reference_row<Acc> row;
   for (index_t b = 0; b < B; ++b)
     for (index_t h = 0; h < H; ++h)
       for (index_t i = 0; i < Sq; ++i) {
         const index_t hk = h / group;
-        Acc m = -inf;
-        for (index_t j = 0; j < Sk; ++j) {
-          const auto z = logit_of<Acc>(q, k, o, custom, b, h, i, j);
-          keep[j] = z.visible;
-          s[j] = z.x;
-          if (keep[j] && z.x > m) m = z.x;  // a NaN logit poisons l below, not m
-        }
-        const bool sink = o.sinks.data() != nullptr;
-        const Acc sink_logit = sink ? Acc(o.sinks(h)) : -inf;
-        const Acc m_all = sink && sink_logit > m ? sink_logit : m;
-        Acc l = sink ? std::exp(sink_logit - m_all) : Acc(0);
-        for (index_t j = 0; j < Sk; ++j)
-          if (keep[j]) l += (s[j] = std::exp(s[j] - m_all));
+        row_weights<Acc>(q, k, o, custom, b, h, i, row);
+        const auto& s = row.e;
+        const auto& keep = row.keep;
+        const Acc l = row.l;
         double* out = r.out.data() + ((b * H + h) * Sq + i) * Dv;  // Dv may be 0
         for (index_t d = 0; d < Dv; ++d) {
           Acc acc = 0;
@@ -108,7 +136,7 @@ attention_result reference_softmax(tensor_view<const T, 4> q, tensor_view<const 
             if (keep[j]) acc += s[j] * Acc(v(b, hk, j, d));
           out[d] = l == 0 ? 0.0 : double(acc / l);
         }
-        r.lse[(b * H + h) * Sq + i] = l == 0 ? -double(inf) : double(m_all + std::log(l));
+        r.lse[(b * H + h) * Sq + i] = l == 0 ? -double(inf) : double(row.m + std::log(l));
       }
   return r;
 }

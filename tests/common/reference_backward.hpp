@@ -23,7 +23,6 @@ gradients reference_softmax_backward(tensor_view<const T, 4> q, tensor_view<cons
                                      tensor_view<const T, 4> v, tensor_view<const T, 4> dout,
                                      const softmax_options& o,
                                      const custom_variant<ScoreMod, MaskMod>& custom = {}) {
-  constexpr Acc inf = std::numeric_limits<Acc>::infinity();
   const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2), D = q.extent(3);
   const index_t Hk = k.extent(1), Sk = k.extent(2), Dv = v.extent(3);
   const index_t group = Hk == 0 ? 1 : H / Hk;
@@ -31,31 +30,22 @@ gradients reference_softmax_backward(tensor_view<const T, 4> q, tensor_view<cons
   gradients g{std::vector<double>(B * H * Sq * D), std::vector<double>(B * Hk * Sk * D),
               std::vector<double>(B * Hk * Sk * Dv), std::vector<double>(H),
               std::vector<double>(B * H * Sq * Sk)};
-  std::vector<Acc> dq(D), p(Sk), dp(Sk), raw(Sk);
-  std::vector<bool> keep(Sk);
+  std::vector<Acc> dq(D), p(Sk), dp(Sk);
   std::vector<Acc> dk(B * Hk * Sk * D), dv(B * Hk * Sk * Dv), dsinks(H);
+  reference_row<Acc> row;
   for (index_t b = 0; b < B; ++b)
     for (index_t h = 0; h < H; ++h)
       for (index_t i = 0; i < Sq; ++i) {
         const index_t hk = h / group;
-        Acc m = -inf;
-        for (index_t j = 0; j < Sk; ++j) {
-          const auto z = logit_of<Acc>(q, k, o, custom, b, h, i, j);
-          keep[j] = z.visible;
-          p[j] = z.x;
-          raw[j] = z.dot;
-          if (keep[j] && z.x > m) m = z.x;
-        }
-        const bool sink = o.sinks.data() != nullptr;
-        const Acc sink_logit = sink ? Acc(o.sinks(h)) : -inf;
-        const Acc m_all = sink && sink_logit > m ? sink_logit : m;
-        Acc l = sink ? std::exp(sink_logit - m_all) : Acc(0);
-        for (index_t j = 0; j < Sk; ++j) l += keep[j] ? std::exp(p[j] - m_all) : Acc(0);
+        row_weights<Acc>(q, k, o, custom, b, h, i, row);
+        const auto& keep = row.keep;
+        const auto& raw = row.dot;
+        const Acc l = row.l;
         std::fill(dq.begin(), dq.end(), Acc(0));
         if (l == 0) continue;  // saw no key: no gradient
         // delta = dO . O (FlashAttention's D_i; equal to sum_j p_j dp_j), O in Acc
         for (index_t j = 0; j < Sk; ++j) {
-          p[j] = keep[j] ? std::exp(p[j] - m_all) / l : Acc(0);
+          p[j] = row.e[j] / l;
           dp[j] = 0;
           if (!keep[j]) continue;
           for (index_t e = 0; e < Dv; ++e) dp[j] += Acc(dout(b, h, i, e)) * Acc(v(b, hk, j, e));
@@ -67,7 +57,7 @@ gradients reference_softmax_backward(tensor_view<const T, 4> q, tensor_view<cons
             if (keep[j]) out += p[j] * Acc(v(b, hk, j, e));
           delta += Acc(dout(b, h, i, e)) * out;
         }
-        if (sink) dsinks[h] -= std::exp(sink_logit - m_all) / l * delta;
+        if (o.sinks.data()) dsinks[h] -= row.sink_e / l * delta;
         for (index_t j = 0; j < Sk; ++j) {
           if (!keep[j]) continue;
           g.dz[((b * H + h) * Sq + i) * Sk + j] = double(p[j] * (dp[j] - delta));
