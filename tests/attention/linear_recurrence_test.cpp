@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <fovea/fovea.hpp>
 #include <string>
 #include <vector>
@@ -278,6 +279,35 @@ TYPED_TEST(LinearRecurrence, SteppingEqualsTheBatch) {
       EXPECT_LT(err, 1e-4) << "final state, steps of " << step;
     }
   }
+}
+
+// A NaN key or an Inf value at token t (lane, chunk and mid-chunk positions) reaches the
+// outputs of tokens t.. of its group only: a later token's NaN must not leak into earlier
+// outputs of its chunk through the zeros above the diagonal of T or of the masked Q K^T.
+TYPED_TEST(LinearRecurrence, NonFiniteInputsReachLaterTokensOnly) {
+  using T = typename TestFixture::T;
+  for (auto rule : {update_rule::linear, update_rule::gated_delta, update_rule::delta})
+    for (index_t t : {0, 7, 15, 16, 17, 40})
+      for (bool in_key : {true, false}) {
+        recurrence_case c;
+        c.H = 4, c.Hk = 2, c.S = 48, c.rule = rule;
+        recurrence_inputs<T> in(c, 31 + t);
+        if (in_key)
+          in.k[(1 * c.S + t) * c.Dk + 3] = std::numeric_limits<T>::quiet_NaN();
+        else
+          in.v[(1 * c.S + t) * c.Dv + 5] = std::numeric_limits<T>::infinity();
+        SCOPED_TRACE(describe(c) + " token " + std::to_string(t) + (in_key ? " NaN key" : " Inf value"));
+        std::vector<T> out(c.B * c.H * c.S * c.Dv);
+        linear_recurrence<typename TestFixture::Backend>(
+            bhsd<const T>(in.q.data(), c.B, c.H, c.S, c.Dk), bhsd<const T>(in.k.data(), c.B, c.Hk, c.S, c.Dk),
+            bhsd<const T>(in.v.data(), c.B, c.Hk, c.S, c.Dv), bhsd(out.data(), c.B, c.H, c.S, c.Dv),
+            in.options());
+        const auto want = reference(in).first;
+        for (std::size_t i = 0; i < out.size(); ++i) {
+          ASSERT_EQ(std::isfinite(double(out[i])), std::isfinite(want[i])) << "element " << i;
+          if (in_key) ASSERT_EQ(std::isnan(double(out[i])), std::isnan(want[i])) << "element " << i;
+        }
+      }
 }
 
 TEST(LinearRecurrenceBadInput, NamesTheArgumentAndWritesNothing) {

@@ -2,7 +2,9 @@
 #pragma once
 
 #include <cmath>
+#include <array>
 #include <cstdint>
+#include <string>
 #include <string_view>
 #include <type_traits>
 
@@ -128,6 +130,63 @@ index_t check_qkvo(const tensor_view<const T, 4>& q, const tensor_view<const K, 
   check_extent(v, 2, Sk, "v", "keys of k");
   check_output(out, q, k, "k", v, "v");
   return Hk == 0 || H == 0 ? 1 : H / Hk;  // >= 1: callers divide by it
+}
+
+/// Whether an optional view was given (a default view has neither data nor extents).
+template <class T, std::size_t Rank>
+bool is_given(const tensor_view<T, Rank>& x) noexcept {
+  return x.data() != nullptr || x.extents() != std::array<index_t, Rank>{};
+}
+
+/// A recurrence's (B, heads|1, S, 1|width) per-token input (decay, beta, gates): shape and
+/// finite values in [lo, hi].
+inline void check_side_input(const tensor_view<const float, 4>& x, const char* name, index_t B,
+                             index_t Hk, bool shared_heads, index_t S, index_t width,
+                             index_t Dk, double lo = -INFINITY, double hi = INFINITY) {
+  check_data(x, name);
+  require(x.data() != nullptr || x.empty(), name, ": data is null");
+  require(x.extent(0) == B, name, ": extent 0 (batch) is ", x.extent(0), ", expected ", B);
+  require(x.extent(1) == Hk || (shared_heads && x.extent(1) == 1), name, ": extent 1 (heads) is ",
+          x.extent(1), ", expected ", Hk, " (key/value heads)", shared_heads ? " or 1" : "");
+  require(x.extent(2) == S, name, ": extent 2 (tokens) is ", x.extent(2), ", expected ", S);
+  require(x.extent(3) == 1 || x.extent(3) == width, name, ": extent 3 is ", x.extent(3),
+          ", expected 1", width != 1 ? " or " + std::to_string(Dk) + " (key dim)" : "");
+  const bool bounded = lo != -INFINITY || hi != INFINITY;
+  for (index_t b = 0; b < x.extent(0); ++b)
+    for (index_t h = 0; h < x.extent(1); ++h)
+      for (index_t t = 0; t < x.extent(2); ++t)
+        for (index_t e = 0; e < x.extent(3); ++e) {
+          const float y = x(b, h, t, e);
+          require(std::isfinite(y) && y >= lo && y <= hi, name, ": element (", b, ", ", h, ", ", t,
+                  ", ", e, ") is ", y, ", expected a finite value",
+                  bounded ? " in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]" : "");
+        }
+}
+
+/// A recurrence's (B, Hk, Dk, Dv) fp32 state, when given.
+template <class T>
+void check_state(const tensor_view<T, 4>& state, const char* name, index_t B, index_t Hk,
+                 index_t Dk, index_t Dv) {
+  if (!is_given(state)) return;
+  check_data(state, name);
+  require(state.data() != nullptr, name, ": data is null");
+  const index_t want[4] = {B, Hk, Dk, Dv};
+  const char* what[4] = {"batch", "key/value heads", "key dim", "value dim"};
+  for (std::size_t r = 0; r < 4; ++r)
+    require(state.extent(r) == want[r], name, ": extent ", r, " (", what[r], ") is ",
+            state.extent(r), ", expected ", want[r]);
+}
+
+/// A state written by the call: one-to-one, overlapping none of q, k, v, out.
+template <class TQ, class TK, class TV, class TO>
+void check_state_out(const tensor_view<float, 4>& state, const char* name,
+                     const tensor_view<TQ, 4>& q, const tensor_view<TK, 4>& k,
+                     const tensor_view<TV, 4>& v, const tensor_view<TO, 4>& out) {
+  check_one_to_one(state, name);
+  check_no_alias(state, name, out, "out");
+  check_no_alias(state, name, q, "q");
+  check_no_alias(state, name, k, "k");
+  check_no_alias(state, name, v, "v");
 }
 
 }  // namespace fovea::detail

@@ -44,24 +44,19 @@ struct linear_recurrence_options {
 
 namespace detail {
 
-/// A (B, heads|1, S, width) side input: shape and finite values.
-inline void check_side_input(const tensor_view<const float, 4>& x, const char* name, index_t B,
-                             index_t Hk, bool shared_heads, index_t S, index_t width,
-                             index_t Dk) {
-  check_data(x, name);
-  require(x.data() != nullptr || x.empty(), name, ": data is null");
-  require(x.extent(0) == B, name, ": extent 0 (batch) is ", x.extent(0), ", expected ", B);
-  require(x.extent(1) == Hk || (shared_heads && x.extent(1) == 1), name, ": extent 1 (heads) is ",
-          x.extent(1), ", expected ", Hk, " (key/value heads)", shared_heads ? " or 1" : "");
-  require(x.extent(2) == S, name, ": extent 2 (tokens) is ", x.extent(2), ", expected ", S);
-  require(x.extent(3) == 1 || x.extent(3) == width, name, ": extent 3 is ", x.extent(3),
-          ", expected 1", width != 1 ? " or " + std::to_string(Dk) + " (key dim)" : "");
-  for (index_t b = 0; b < x.extent(0); ++b)
-    for (index_t h = 0; h < x.extent(1); ++h)
-      for (index_t t = 0; t < x.extent(2); ++t)
-        for (index_t e = 0; e < x.extent(3); ++e)
-          require(std::isfinite(x(b, h, t, e)), name, ": element (", b, ", ", h, ", ", t, ", ", e,
-                  ") is ", x(b, h, t, e), ", expected a finite value");
+/// The checks every recurrence front-end shares (q, k, v, out over one token count,
+/// threads, scale); returns the scale, `default_scale` when none is given.
+template <class T>
+double check_recurrence_call(const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
+                             const tensor_view<const T, 4>& v, const tensor_view<T, 4>& out,
+                             int threads, std::optional<double> scale, double default_scale) {
+  check_qkvo(q, k, v, out);
+  require(k.extent(2) == q.extent(2), "k: extent 2 (seq) is ", k.extent(2), ", expected the ",
+          q.extent(2), " tokens of q (a recurrence reads each token once)");
+  require(threads >= 0, "options.threads: is ", threads, ", expected >= 0");
+  const double s = scale ? *scale : default_scale;
+  require(std::isfinite(s) && s > 0, "options.scale: is ", s, ", expected finite and > 0");
+  return s;
 }
 
 template <class T>
@@ -70,44 +65,22 @@ recurrence_problem<T> make_recurrence_problem(const tensor_view<const T, 4>& q,
                                               const tensor_view<const T, 4>& v,
                                               const tensor_view<T, 4>& out,
                                               const linear_recurrence_options& o) {
-  check_qkvo(q, k, v, out);
   const index_t B = q.extent(0), S = q.extent(2), Dk = q.extent(3), Hk = k.extent(1);
   const index_t Dv = v.extent(3);
-  require(k.extent(2) == S, "k: extent 2 (seq) is ", k.extent(2), ", expected the ", S,
-          " tokens of q (a recurrence reads each token once)");
-  require(o.threads >= 0, "options.threads: is ", o.threads, ", expected >= 0");
-  const double scale = o.scale ? *o.scale : 1.0 / std::sqrt(double(Dk));
-  require(std::isfinite(scale) && scale > 0, "options.scale: is ", scale,
-          ", expected finite and > 0");
+  const double scale =
+      check_recurrence_call(q, k, v, out, o.threads, o.scale, 1.0 / std::sqrt(double(Dk)));
   const bool gated = o.rule == update_rule::gated || o.rule == update_rule::gated_delta;
   const bool delta = o.rule == update_rule::delta || o.rule == update_rule::gated_delta;
-  auto given = [](const tensor_view<const float, 4>& x) {  // a default view has no extents
-    return x.data() != nullptr || x.extents() != std::array<index_t, 4>{};
-  };
-  const bool has_decay = given(o.decay), has_beta = given(o.beta);
+  const bool has_decay = is_given(o.decay), has_beta = is_given(o.beta);
   require(gated == has_decay, "options.decay: the ", to_string(o.rule), " rule ",
           gated ? "needs a decay" : "takes no decay");
   require(delta == has_beta, "options.beta: the ", to_string(o.rule), " rule ",
           delta ? "needs beta" : "takes no beta");
   if (gated) check_side_input(o.decay, "options.decay", B, Hk, false, S, Dk, Dk);
   if (delta) check_side_input(o.beta, "options.beta", B, Hk, true, S, 1, Dk);
-  for (const auto& [state, name] :
-       {std::pair{tensor_view<const float, 4>(o.state_in), "options.state_in"},
-        std::pair{tensor_view<const float, 4>(o.state_out), "options.state_out"}}) {
-    if (!given(state)) continue;
-    check_data(state, name);
-    require(state.data() != nullptr, name, ": data is null");
-    const index_t want[4] = {B, Hk, Dk, Dv};
-    const char* what[4] = {"batch", "key/value heads", "key dim", "value dim"};
-    for (std::size_t r = 0; r < 4; ++r)
-      require(state.extent(r) == want[r], name, ": extent ", r, " (", what[r], ") is ",
-              state.extent(r), ", expected ", want[r]);
-  }
-  check_one_to_one(o.state_out, "options.state_out");
-  check_no_alias(o.state_out, "options.state_out", out, "out");
-  check_no_alias(o.state_out, "options.state_out", q, "q");
-  check_no_alias(o.state_out, "options.state_out", k, "k");
-  check_no_alias(o.state_out, "options.state_out", v, "v");
+  check_state(o.state_in, "options.state_in", B, Hk, Dk, Dv);
+  check_state(o.state_out, "options.state_out", B, Hk, Dk, Dv);
+  check_state_out(o.state_out, "options.state_out", q, k, v, out);
   check_no_alias(out, "out", o.decay, "options.decay");
   check_no_alias(out, "out", o.beta, "options.beta");
   check_no_alias(out, "out", o.state_in, "options.state_in");

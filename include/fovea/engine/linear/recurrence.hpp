@@ -27,6 +27,7 @@
 #include "../../core/scratch.hpp"
 #include "../../core/tensor_view.hpp"
 #include "../../simd/convert.hpp"
+#include "../../simd/row_math.hpp"
 #include "../../simd/vec.hpp"
 #include "../tile/gemm_tile.hpp"
 #include "../tile/tile_traits.hpp"
@@ -106,6 +107,22 @@ void load_rows(const tensor_view<const S, 4>& x, index_t b, index_t h, index_t t
   }
 }
 
+/// o_t += sum_{s <= t} p_ts x_s for the n rows of a chunk: the causal product taken row by
+/// row, for chunks whose x rows hold NaN or Inf (a block GEMM would multiply the zeros
+/// above the diagonal by them and leak a later token's NaN into earlier outputs).
+template <class A, class Backend>
+void causal_product(index_t n, const A* p, index_t ldp, const A* x, index_t ldx, A* o,
+                    index_t ldo, index_t width) noexcept {
+  using V = vec<A, Backend>;
+  constexpr int W = V::width;
+  for (index_t t = 0; t < n; ++t)
+    for (index_t s = 0; s <= t; ++s) {
+      const auto f = V::broadcast(p[t * ldp + s]);
+      for (index_t e = 0; e < width; e += W)
+        V::store(o + t * ldo + e, V::fma(f, V::load(x + s * ldx + e), V::load(o + t * ldo + e)));
+    }
+}
+
 /// One chunk of n tokens for key/value head (b, hk) with scalar decays: advances buf.s and
 /// writes the outputs of the group's query heads.
 template <class Backend, class T>
@@ -133,6 +150,18 @@ void recurrence_chunk_step(const recurrence_problem<T>& pr, index_t b, index_t h
     buf.gamma[r] = g;
   }
   const A gamma_n = n > 0 ? buf.gamma[n - 1] : A(0);
+  // Products with the lower-triangular T and P: block GEMMs, or row by row when a key or
+  // value of the chunk is not finite (it must reach only its own and later tokens).
+  const bool finite = all_finite<A, Backend>(buf.k, dkp, n, Dk) &&
+                      all_finite<A, Backend>(buf.v, dvp, n, Dv);
+  auto lower = [&]<bool Accumulate>(const A* p, const A* x, index_t ldx, A* o, index_t ldo) {
+    if (finite) {
+      gemm_wide<A, Backend, RB, VB, Accumulate>(n, ldx / W, p, C, 1, x, ldx, o, ldo, n);
+    } else {
+      if constexpr (!Accumulate) std::fill(o, o + n * ldo, A(0));
+      causal_product<A, Backend>(n, p, C, x, ldx, o, ldo, ldx);
+    }
+  };
   for (index_t e = 0; e < Dk; ++e)
     for (index_t r = 0; r < C; ++r) buf.kt[e * C + r] = buf.k[r * dkp + e];
   for (index_t e = Dk; e < dkp; ++e) std::fill(buf.kt + e * C, buf.kt + (e + 1) * C, A(0));
@@ -167,8 +196,8 @@ void recurrence_chunk_step(const recurrence_problem<T>& pr, index_t b, index_t h
       for (index_t e = 0; e < dvp; e += W)
         V::store(buf.v + r * dvp + e, V::mul(bv, V::load(buf.v + r * dvp + e)));
     }
-    gemm_wide<A, Backend, RB, VB, false>(n, dkp / W, buf.t, C, 1, buf.kd, dkp, buf.w, dkp, n);
-    gemm_wide<A, Backend, RB, VB, false>(n, dvp / W, buf.t, C, 1, buf.v, dvp, buf.u, dvp, n);
+    lower.template operator()<false>(buf.t, buf.kd, dkp, buf.w, dkp);
+    lower.template operator()<false>(buf.t, buf.v, dvp, buf.u, dvp);
     // U' = U - W S0 (W is stored negated).
     gemm_wide<A, Backend, RB, VB, true>(n, dvp / W, buf.w, dkp, 1, buf.s, dvp, buf.u, dvp, Dk);
     values = buf.u;
@@ -189,7 +218,7 @@ void recurrence_chunk_step(const recurrence_problem<T>& pr, index_t b, index_t h
         V::store(buf.q + r * dkp + e, V::mul(gr, V::load(buf.q + r * dkp + e)));
     }
     gemm_wide<A, Backend, RB, VB, false>(n, dvp / W, buf.q, dkp, 1, buf.s, dvp, buf.o, dvp, Dk);
-    gemm_wide<A, Backend, RB, VB, true>(n, dvp / W, buf.p, C, 1, values, dvp, buf.o, dvp, n);
+    lower.template operator()<true>(buf.p, values, dvp, buf.o, dvp);
     for (index_t r = 0; r < n; ++r) {
       T* row = pr.out.ptr(b, h, t0 + r, 0);
       for (index_t e = 0; e < Dv; ++e) row[e] = T(buf.o[r * dvp + e] * scale);
