@@ -21,6 +21,7 @@
 #include "attention/routing.hpp"
 #include "attention/linear.hpp"
 #include "attention/linear_recurrence.hpp"
+#include "attention/titans_memory.hpp"
 #include "attention/softmax.hpp"
 #include "attention/softmax_backward.hpp"
 #include "attention/softmax_paged.hpp"

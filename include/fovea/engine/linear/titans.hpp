@@ -1,0 +1,235 @@
+// The Titans memory engine: a linear memory updated at test time by gradient descent with
+// momentum and forgetting (Behrouz, Zhong, Mirrokni 2024, "Titans: Learning to Memorize at
+// Test Time", eqs. 8-14 with a linear memory), chunk by chunk on the register-blocked
+// micro-kernels. Its own engine beside the delta-rule one: two states (memory and
+// momentum) and a gradient taken at the chunk's start memory.
+//
+// Per (batch, key/value head): memory M (Dk x Dv, the transpose of the paper's matrix: it
+// predicts M^T k) and momentum U (Dk x Dv). In a chunk of n tokens with start states M0,
+// U0 (the paper's parallel form: every gradient in the chunk is taken at M0):
+//   G_s = 2 theta_s (M0^T k_s - v_s)           (row s; the gradient is k_s G_s^T)
+//   U_t = eta_t U_{t-1} - k_t G_t^T,   M_t = (1 - alpha_t) M_{t-1} + U_t
+// so with products running inside the chunk (every factor in [0, 1], nothing divided):
+//   h_ts = eta_{s+1} ... eta_t,  w_ts = sum_{j=s..t} (1 - alpha_{j+1}) ... (1 - alpha_t) h_js
+//   a_t = (1 - alpha_1) ... (1 - alpha_t),  m_t = eta_1 ... eta_t,  c_t = sum_j (...) m_j
+//   M_t = a_t M0 + c_t U0 - sum_{s<=t} w_ts k_s G_s^T,  U_t = m_t U0 - sum_{s<=t} h_ts k_s G_s^T
+//   o_t = scale M_t^T q_t = scale (a_t M0^T q_t + c_t U0^T q_t - sum_{s<=t} w_ts (q_t . k_s) G_s)
+// With chunks of one token this is the paper's token recurrence itself.
+#pragma once
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../../core/parallel.hpp"
+#include "../../core/scratch.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../../simd/convert.hpp"
+#include "../../simd/vec.hpp"
+#include "../tile/gemm_tile.hpp"
+#include "../tile/tile_traits.hpp"
+#include "recurrence.hpp"
+
+namespace fovea::detail {
+
+/// One call, validated by the front-end. eta, theta, alpha: (B, Hk or 1, S, 1), absent
+/// eta or alpha meaning 0; the four states (B, Hk, Dk, Dv), each optional.
+template <class T>
+struct titans_problem {
+  tensor_view<const T, 4> q, k, v;
+  tensor_view<T, 4> out;
+  tensor_view<const float, 4> eta, theta, alpha;
+  tensor_view<const float, 4> memory_in, momentum_in;
+  tensor_view<float, 4> memory_out, momentum_out;
+  index_t chunk = 16;
+  double scale = 1;
+};
+
+/// Per-task buffers for chunks of C tokens, widths padded to whole vectors.
+template <class A, class Backend>
+struct titans_buffers {
+  static index_t padded(index_t n) noexcept { return recurrence_buffers<A, Backend>::padded(n); }
+  static index_t size(index_t C, index_t Dk, index_t Dv) noexcept {
+    const index_t dkp = padded(Dk), dvp = padded(Dv), cp = padded(C);
+    return 3 * C * dkp + dkp * cp + 3 * C * cp + 3 * C * dvp + 2 * Dk * dvp + 6 * C + 64;
+  }
+  index_t C, dkp, dvp, cp;
+  A *k, *q, *kd, *kt, *p, *w, *h, *g, *vo, *o, *memory, *momentum, *a, *c, *m, *eta, *theta, *keep;
+  titans_buffers(A* work, index_t C_, index_t Dk, index_t Dv)
+      : C(C_), dkp(padded(Dk)), dvp(padded(Dv)), cp(padded(C_)) {
+    k = work;                      // [C][dkp] keys
+    q = k + C * dkp;               // [C][dkp] queries, scaled per row
+    kd = q + C * dkp;              // [C][dkp] keys scaled per row (state updates)
+    kt = kd + C * dkp;             // [dkp][cp] keys transposed
+    p = kt + dkp * cp;             // [C][cp] weighted Q K^T
+    w = p + C * cp;                // [C][cp] w_ts
+    h = w + C * cp;                // [C][cp] h_ts
+    g = h + C * cp;                // [C][dvp] G
+    vo = g + C * dvp;              // [C][dvp] values, then the (C x Dv) outputs
+    o = vo;
+    memory = vo + C * dvp;         // [Dk][dvp] M
+    momentum = memory + Dk * dvp;  // [Dk][dvp] U
+    a = momentum + Dk * dvp;       // [C] a_t
+    c = a + C;                     // [C] c_t
+    m = c + C;                     // [C] m_t
+    eta = m + C;                   // [C]
+    theta = eta + C;               // [C]
+    keep = theta + C;              // [C] 1 - alpha_t
+  }
+};
+
+/// A (B, Hk or 1, S, 1) gate at token t of head hk, or `absent` when the view is empty.
+template <class A>
+inline A gate(const tensor_view<const float, 4>& x, index_t b, index_t hk, index_t t,
+              A absent) noexcept {
+  return x.data() ? A(x(b, x.extent(1) == 1 ? 0 : hk, t, 0)) : absent;
+}
+
+/// One chunk of n <= C tokens for key/value head (b, hk): writes the group's outputs and
+/// advances buf.memory and buf.momentum.
+template <class Backend, class T>
+void titans_chunk_step(const titans_problem<T>& pr, index_t b, index_t hk, index_t t0, index_t n,
+                       titans_buffers<accumulator_t<T>, Backend>& buf) noexcept {
+  using A = accumulator_t<T>;
+  using V = vec<A, Backend>;
+  constexpr int W = V::width;
+  constexpr int RB = tile_traits<A, Backend>::row_block;
+  constexpr int VB = V::registers >= 32 ? 4 : 2;
+  const index_t Dk = pr.k.extent(3), Dv = pr.v.extent(3), dkp = buf.dkp, dvp = buf.dvp;
+  const index_t cp = buf.cp, group = pr.q.extent(1) / pr.k.extent(1);
+  load_rows(pr.k, b, hk, t0, n, dkp, buf.k);
+  for (index_t e = 0; e < Dk; ++e) {
+    for (index_t s = 0; s < n; ++s) buf.kt[e * cp + s] = buf.k[s * dkp + e];
+    std::fill(buf.kt + e * cp + n, buf.kt + (e + 1) * cp, A(0));
+  }
+  // The gates and the products they make inside the chunk.
+  for (index_t t = 0; t < n; ++t) {
+    buf.eta[t] = gate<A>(pr.eta, b, hk, t0 + t, A(0));
+    buf.theta[t] = gate<A>(pr.theta, b, hk, t0 + t, A(0));
+    buf.keep[t] = A(1) - gate<A>(pr.alpha, b, hk, t0 + t, A(0));
+  }
+  A a = 1, m = 1, c = 0;
+  for (index_t t = 0; t < n; ++t) {
+    a *= buf.keep[t], m *= buf.eta[t], c = buf.keep[t] * c + m;
+    buf.a[t] = a, buf.m[t] = m, buf.c[t] = c;
+  }
+  for (index_t s = 0; s < n; ++s) {
+    A hs = 1, ws = 1;
+    buf.h[s * cp + s] = hs, buf.w[s * cp + s] = ws;
+    for (index_t t = s + 1; t < n; ++t) {
+      hs *= buf.eta[t], ws = buf.keep[t] * ws + hs;
+      buf.h[t * cp + s] = hs, buf.w[t * cp + s] = ws;
+    }
+  }
+  // G = diag(2 theta) (K M0 - V).
+  load_rows(pr.v, b, hk, t0, n, dvp, buf.vo);
+  gemm_wide<A, Backend, RB, VB, false>(n, dvp / W, buf.k, dkp, 1, buf.memory, dvp, buf.g, dvp, Dk);
+  for (index_t s = 0; s < n; ++s) {
+    const auto f = V::broadcast(2 * buf.theta[s]);
+    for (index_t e = 0; e < dvp; e += W)
+      V::store(buf.g + s * dvp + e,
+               V::mul(f, V::sub(V::load(buf.g + s * dvp + e), V::load(buf.vo + s * dvp + e))));
+  }
+
+  const bool finite = all_finite<A, Backend>(buf.g, dvp, n, Dv);
+
+  // Outputs of each query head of the group: (diag(a) Q) M0 + (diag(c) Q) U0 + P G, with
+  // P = -(w o (Q K^T)) lower triangular.
+  const A scale = A(pr.scale);
+  for (index_t gq = 0; gq < group; ++gq) {
+    const index_t head = hk * group + gq;
+    load_rows(pr.q, b, head, t0, n, dkp, buf.q);
+    gemm_wide<A, Backend, RB, VB, false>(n, cp / W, buf.q, dkp, 1, buf.kt, cp, buf.p, cp, Dk);
+    for (index_t t = 0; t < n; ++t) {
+      A* row = buf.p + t * cp;
+      for (index_t s = 0; s <= t; ++s) row[s] *= -buf.w[t * cp + s];
+      std::fill(row + t + 1, row + cp, A(0));
+    }
+    for (index_t t = 0; t < n; ++t) {  // q rows scaled by a_t (kd) and c_t (q)
+      const auto ft = V::broadcast(buf.a[t]), ct = V::broadcast(buf.c[t]);
+      for (index_t e = 0; e < dkp; e += W) {
+        const auto x = V::load(buf.q + t * dkp + e);
+        V::store(buf.kd + t * dkp + e, V::mul(ft, x));
+        V::store(buf.q + t * dkp + e, V::mul(ct, x));
+      }
+    }
+    gemm_wide<A, Backend, RB, VB, false>(n, dvp / W, buf.kd, dkp, 1, buf.memory, dvp, buf.o, dvp, Dk);
+    gemm_wide<A, Backend, RB, VB, true>(n, dvp / W, buf.q, dkp, 1, buf.momentum, dvp, buf.o, dvp, Dk);
+    if (finite)
+      gemm_wide<A, Backend, RB, VB, true>(n, dvp / W, buf.p, cp, 1, buf.g, dvp, buf.o, dvp, n);
+    else  // a NaN or Inf in G_s must reach tokens s.. only, not 0 * NaN above the diagonal
+      causal_product<A, Backend>(n, buf.p, cp, buf.g, dvp, buf.o, dvp, dvp);
+    for (index_t t = 0; t < n; ++t) {
+      T* row = pr.out.ptr(b, head, t0 + t, 0);
+      for (index_t e = 0; e < Dv; ++e) row[e] = T(buf.o[t * dvp + e] * scale);
+    }
+  }
+
+  // M = a_n M0 + c_n U0 - sum_s w_ns k_s G_s^T, then U = m_n U0 - sum_s h_ns k_s G_s^T.
+  const index_t last = n - 1;
+  const auto an = V::broadcast(buf.a[last]), cn = V::broadcast(buf.c[last]);
+  const auto mn = V::broadcast(buf.m[last]);
+  for (index_t i = 0; i < Dk * dvp; i += W)
+    V::store(buf.memory + i,
+             V::fma(cn, V::load(buf.momentum + i), V::mul(an, V::load(buf.memory + i))));
+  for (index_t s = 0; s < n; ++s) {
+    const auto f = V::broadcast(-buf.w[last * cp + s]);
+    for (index_t e = 0; e < dkp; e += W)
+      V::store(buf.kd + s * dkp + e, V::mul(f, V::load(buf.k + s * dkp + e)));
+  }
+  gemm_wide<A, Backend, RB, VB, true>(Dk, dvp / W, buf.kd, 1, dkp, buf.g, dvp, buf.memory, dvp, n);
+  for (index_t i = 0; i < Dk * dvp; i += W)
+    V::store(buf.momentum + i, V::mul(mn, V::load(buf.momentum + i)));
+  for (index_t s = 0; s < n; ++s) {
+    const auto f = V::broadcast(-buf.h[last * cp + s]);
+    for (index_t e = 0; e < dkp; e += W)
+      V::store(buf.kd + s * dkp + e, V::mul(f, V::load(buf.k + s * dkp + e)));
+  }
+  gemm_wide<A, Backend, RB, VB, true>(Dk, dvp / W, buf.kd, 1, dkp, buf.g, dvp, buf.momentum, dvp, n);
+}
+
+/// (B, Hk, Dk, Dv) fp32 state `in` (or zeros) into a task's Dk x dvp buffer.
+template <class A>
+void load_state(const tensor_view<const float, 4>& in, index_t b, index_t hk, index_t Dk,
+                index_t Dv, index_t dvp, A* s) noexcept {
+  std::fill(s, s + Dk * dvp, A(0));
+  if (in.data())
+    for (index_t e = 0; e < Dk; ++e)
+      for (index_t c = 0; c < Dv; ++c) s[e * dvp + c] = A(in(b, hk, e, c));
+}
+
+template <class A>
+void store_state(const A* s, index_t b, index_t hk, index_t Dk, index_t Dv, index_t dvp,
+                 const tensor_view<float, 4>& out) noexcept {
+  if (out.data())
+    for (index_t e = 0; e < Dk; ++e)
+      for (index_t c = 0; c < Dv; ++c) out(b, hk, e, c) = float(s[e * dvp + c]);
+}
+
+/// Runs the problem: one serial task per (batch, key/value head), so the bits do not
+/// depend on the thread count. A task reads its states in before it writes them out, so
+/// memory_out may be memory_in (and momentum_out momentum_in): decoding in place.
+template <class Backend, class T>
+void run_titans(const titans_problem<T>& pr, int threads) {
+  using A = accumulator_t<T>;
+  using buffers = titans_buffers<A, Backend>;
+  const index_t B = pr.k.extent(0), Hk = pr.k.extent(1), S = pr.k.extent(2);
+  const index_t Dk = pr.k.extent(3), Dv = pr.v.extent(3), tasks = B * Hk;
+  if (tasks == 0) return;
+  const index_t group = pr.q.extent(1) / Hk, C = std::max<index_t>(1, std::min(pr.chunk, S));
+  const double flops = 2.0 * double(tasks) * double(S) * double(Dk) * double(Dv) * double(3 + 2 * group);
+  const int used = threads_for_work(std::max(threads, 1), flops, tasks);
+  const scratch_slices<A> scratch(used, buffers::size(C, Dk, Dv));
+  parallel_for(tasks, used, [&](index_t task, int thread) {
+    const index_t b = task / Hk, hk = task % Hk;
+    buffers buf(scratch.slice(thread), C, Dk, Dv);
+    load_state(pr.memory_in, b, hk, Dk, Dv, buf.dvp, buf.memory);
+    load_state(pr.momentum_in, b, hk, Dk, Dv, buf.dvp, buf.momentum);
+    for (index_t t0 = 0; t0 < S; t0 += C)
+      titans_chunk_step<Backend>(pr, b, hk, t0, std::min(C, S - t0), buf);
+    store_state(buf.memory, b, hk, Dk, Dv, buf.dvp, pr.memory_out);
+    store_state(buf.momentum, b, hk, Dk, Dv, buf.dvp, pr.momentum_out);
+  });
+}
+
+}  // namespace fovea::detail
