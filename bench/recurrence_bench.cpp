@@ -1,7 +1,8 @@
 // linear_recurrence (gated DeltaNet's rule, Qwen3-Next's shape: 16 heads of 128 x 128
 // states, L2-normalised keys) against the token-by-token recurrence a C++ user would
 // write (the loop llama.cpp's gated_delta_net runs), in one binary; how time grows with
-// N; and the decode step against reading and writing every state once.
+// N; the decode step against reading and writing every state once; and titans_memory
+// (momentum and forgetting, chunks of 16) against the same update written token by token.
 #include <benchmark/benchmark.h>
 
 #include <cmath>
@@ -103,6 +104,84 @@ void BM_recurrence(benchmark::State& state, index_t n) {
   }
 }
 
+/// Titans' gates for `in`: momentum eta in [0.5, 1], step theta in [0, 0.1], forgetting
+/// alpha in [0, 0.05], per head and token.
+struct titans_gates {
+  std::vector<float> eta, theta, alpha;
+  explicit titans_gates(const inputs& in) : eta(in.g.size()), theta(eta.size()), alpha(eta.size()) {
+    for (std::size_t i = 0; i < eta.size(); ++i) {
+      eta[i] = 0.5f + 0.5f * in.beta[i];
+      theta[i] = 0.1f * in.beta[(i * 7) % eta.size()];
+      alpha[i] = -0.5f * in.g[i];
+    }
+  }
+  fovea::titans_memory_options options(index_t n, index_t heads, index_t chunk) const {
+    return {.eta = fovea::bhsd<const float>(eta.data(), 1, heads, n, 1),
+            .theta = fovea::bhsd<const float>(theta.data(), 1, heads, n, 1),
+            .alpha = fovea::bhsd<const float>(alpha.data(), 1, heads, n, 1),
+            .chunk = chunk,
+            .threads = 1};
+  }
+};
+
+/// Flops of titans_memory's chunked form per token and head: K M0, (a Q) M0, (c Q) U0, the
+/// two state updates (10 Dk Dv) and the chunk's Q K^T and P G (4 C D).
+double titans_flops(index_t n, index_t heads, index_t chunk) {
+  return double(n) * double(heads) * (10.0 * D * D + 4.0 * double(chunk) * D);
+}
+
+void BM_titans(benchmark::State& state, index_t n, index_t chunk) {
+  inputs in(n, H);
+  const titans_gates gates(in);
+  const auto o = gates.options(n, H, chunk);
+  for (auto _ : state) {
+    fovea::titans_memory(fovea::bhsd<const float>(in.q.data(), 1, H, n, D),
+                         fovea::bhsd<const float>(in.k.data(), 1, H, n, D),
+                         fovea::bhsd<const float>(in.v.data(), 1, H, n, D),
+                         fovea::bhsd(in.o.data(), 1, H, n, D), o);
+    benchmark::DoNotOptimize(in.o.data());
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(titans_flops(n, H, chunk),
+                                                 benchmark::Counter::kIsIterationInvariantRate,
+                                                 benchmark::Counter::kIs1000);
+}
+
+/// The same update token by token, as written by hand: the error of M0 (the memory at the
+/// chunk's start) on k, the momentum's rank-1 step, forgetting, the read.
+void BM_titans_recurrence(benchmark::State& state, index_t n, index_t chunk) {
+  inputs in(n, H);
+  const titans_gates gates(in);
+  std::vector<float> M(D * D), U(D * D), M0(D * D), err(D);
+  for (auto _ : state) {
+    for (index_t h = 0; h < H; ++h) {
+      std::fill(M.begin(), M.end(), 0.f);
+      std::fill(U.begin(), U.end(), 0.f);
+      for (index_t t = 0; t < n; ++t) {
+        if (t % chunk == 0) M0 = M;
+        const float* k = &in.k[(h * n + t) * D];
+        const float* v = &in.v[(h * n + t) * D];
+        const float* q = &in.q[(h * n + t) * D];
+        const index_t i = h * n + t;
+        const float eta = gates.eta[i], step = 2 * gates.theta[i], keep = 1 - gates.alpha[i];
+        for (index_t c = 0; c < D; ++c) err[c] = -v[c];
+        for (index_t e = 0; e < D; ++e)
+          for (index_t c = 0; c < D; ++c) err[c] += k[e] * M0[e * D + c];
+        for (index_t e = 0; e < D; ++e)
+          for (index_t c = 0; c < D; ++c) {
+            float& u = U[e * D + c];
+            u = eta * u - step * k[e] * err[c];
+            M[e * D + c] = keep * M[e * D + c] + u;
+          }
+        float* o = &in.o[(h * n + t) * D];
+        std::fill(o, o + D, 0.f);
+        for (index_t e = 0; e < D; ++e)
+          for (index_t c = 0; c < D; ++c) o[c] += q[e] * M[e * D + c];
+      }
+    }
+    benchmark::DoNotOptimize(in.o.data());
+  }
+}
+
 constexpr index_t decode_heads = 32;
 
 /// One decode token for 32 heads of 128 x 128 fp32 states (the state object's fused step).
@@ -138,6 +217,11 @@ int main(int argc, char** argv) {
   for (index_t n : {4096, 8192, 32768})
     fovea::bench::add("chunked/gated_delta/N=" + std::to_string(n) + tail, BM_chunked, n);
   fovea::bench::add("recurrence/gated_delta/N=8192" + tail, BM_recurrence, index_t(8192));
+  for (index_t n : {4096, 8192, 32768})
+    fovea::bench::add("titans/chunk=16/N=" + std::to_string(n) + tail, BM_titans, n, index_t(16));
+  fovea::bench::add("titans/chunk=1/N=8192" + tail, BM_titans, index_t(8192), index_t(1));
+  fovea::bench::add("titans_recurrence/chunk=16/N=8192" + tail, BM_titans_recurrence,
+                    index_t(8192), index_t(16));
   fovea::bench::add("decode_step/gated_delta/H=32/D=128", BM_decode_step)
       ->Unit(benchmark::kMicrosecond);
   fovea::bench::add("state_copy/H=32/D=128", BM_state_copy)->Unit(benchmark::kMicrosecond);
@@ -170,5 +254,19 @@ int main(int argc, char** argv) {
     std::printf("decode step, 32 heads of 128 x 128: %.1f us per token = %.2fx reading and writing "
                 "the states once (%.1f us)\n",
                 step.seconds * 1e6, step.seconds / copy.seconds, copy.seconds * 1e6);
+  std::printf("\n| titans_memory, 16 heads, D=128, 1 thread | ms | GFLOP/s (chunked form) | of peak |\n");
+  std::printf("|---|---:|---:|---:|\n");
+  for (index_t n : {4096, 8192, 32768}) {
+    const auto r = at("titans/chunk=16/N=" + std::to_string(n) + tail);
+    const double g = r.counter("GFLOP/s") / 1e9;
+    std::printf("| chunk=16 N=%ld | %.1f | %.1f | %.0f%% |\n", long(n), r.seconds * 1e3, g, 100 * g / peak);
+  }
+  const auto t1 = at("titans/chunk=1/N=8192" + tail), t16 = at("titans/chunk=16/N=8192" + tail);
+  const auto trec = at("titans_recurrence/chunk=16/N=8192" + tail);
+  std::printf("| chunk=1 (the exact recurrence) N=8192 | %.1f | %.1f | %.0f%% |\n", t1.seconds * 1e3,
+              t1.counter("GFLOP/s") / 1e9, 100 * t1.counter("GFLOP/s") / 1e9 / peak);
+  if (t16.seconds > 0 && trec.seconds > 0)
+    std::printf("\ntitans chunk=16 vs the same update token by token at N=8192: %.1fx (loop %.0f ms)\n",
+                trec.seconds / t16.seconds, trec.seconds * 1e3);
   return 0;
 }

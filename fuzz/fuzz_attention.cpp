@@ -83,7 +83,7 @@ void check_tolerance(const std::vector<float>& got, const std::vector<double>& w
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   bytes in{data, size};
-  const int kernel = in.u8() % 17;
+  const int kernel = in.u8() % 18;
   const index_t B = in.u8() % 3, H = in.u8() % 5, Sq = in.u8() % 41, Sk = in.u8() % 41;
   const index_t D = in.u8() % 10, Dv = in.u8() % 10;
   const std::uint8_t hk_pick = in.u8(), layout = in.u8() % 8, flags = in.u8();
@@ -369,6 +369,27 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           throw;
         }
         backward_ran = true;
+        break;
+      }
+      case 16: {  // titans_memory: gates from the bytes (outside [0, 1], negative or
+                  // non-finite: an error), chunk from the knob (0: an error), optional
+                  // states in, out and in place
+        std::vector<float> eta(B * Hk * Sq + 1), theta(B * Hk * Sq + 1), alpha(B * Hk * Sq + 1),
+            memory(B * Hk * D * Dv + 1), momentum(B * Hk * D * Dv + 1);
+        for (auto* x : {&eta, &theta, &alpha, &memory, &momentum}) for (float& e : *x) e = in.value();
+        const index_t gate_heads = flags & 4 ? 1 : Hk;
+        fovea::titans_memory_options o{.chunk = knob, .scale = scale};
+        if (!(flags & 8)) o.theta = fovea::bhsd<const float>(theta.data(), B, gate_heads, Sq, 1);
+        if (flags & 16) o.eta = fovea::bhsd<const float>(eta.data(), B, gate_heads, Sq, 1);
+        if (flags & 32) o.alpha = fovea::bhsd<const float>(alpha.data(), B, gate_heads, Sq, 1);
+        if (flags & 64) o.memory_in = fovea::bhsd<const float>(memory.data(), B, Hk, D, Dv);
+        if (flags & 128) {
+          o.memory_out = fovea::bhsd(memory.data(), B, Hk, D, Dv);  // in place when given
+          o.momentum_in = fovea::bhsd<const float>(momentum.data(), B, Hk, D, Dv);
+          o.momentum_out = fovea::bhsd(momentum.data(), B, Hk, D, Dv);
+        }
+        fovea::titans_memory(Q, K, V, O, o);
+        moderate = false;  // gradient steps on any keys may grow without bound
         break;
       }
       default: {  // routing's strictly causal decode over a cache of K

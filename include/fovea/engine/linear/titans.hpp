@@ -45,29 +45,31 @@ struct titans_problem {
   double scale = 1;
 };
 
-/// Per-task buffers for chunks of C tokens, widths padded to whole vectors.
+/// Per-task buffers for chunks of C tokens (C = 1: the token step, which holds the
+/// group's query rows and outputs instead), widths padded to whole vectors.
 template <class A, class Backend>
 struct titans_buffers {
   static index_t padded(index_t n) noexcept { return recurrence_buffers<A, Backend>::padded(n); }
-  static index_t size(index_t C, index_t Dk, index_t Dv) noexcept {
-    const index_t dkp = padded(Dk), dvp = padded(Dv), cp = padded(C);
-    return 3 * C * dkp + dkp * cp + 3 * C * cp + 3 * C * dvp + 2 * Dk * dvp + 6 * C + 64;
+  static index_t size(index_t C, index_t group, index_t Dk, index_t Dv) noexcept {
+    const index_t dkp = padded(Dk), dvp = padded(Dv), cp = padded(C), rows = std::max(C, group);
+    return 2 * C * dkp + rows * dkp + dkp * cp + 3 * C * cp + C * dvp + rows * dvp +
+           2 * Dk * dvp + 6 * C + 64;
   }
   index_t C, dkp, dvp, cp;
-  A *k, *q, *kd, *kt, *p, *w, *h, *g, *vo, *o, *memory, *momentum, *a, *c, *m, *eta, *theta, *keep;
-  titans_buffers(A* work, index_t C_, index_t Dk, index_t Dv)
+  A *k, *q, *kd, *kt, *p, *w, *h, *g, *o, *memory, *momentum, *a, *c, *m, *eta, *theta, *keep;
+  titans_buffers(A* work, index_t C_, index_t group, index_t Dk, index_t Dv)
       : C(C_), dkp(padded(Dk)), dvp(padded(Dv)), cp(padded(C_)) {
+    const index_t rows = std::max(C, group);
     k = work;                      // [C][dkp] keys
-    q = k + C * dkp;               // [C][dkp] queries, scaled per row
-    kd = q + C * dkp;              // [C][dkp] keys scaled per row (state updates)
+    q = k + C * dkp;               // [rows][dkp] queries, scaled per row
+    kd = q + rows * dkp;           // [C][dkp] keys scaled per row (state updates)
     kt = kd + C * dkp;             // [dkp][cp] keys transposed
     p = kt + dkp * cp;             // [C][cp] weighted Q K^T
     w = p + C * cp;                // [C][cp] w_ts
     h = w + C * cp;                // [C][cp] h_ts
     g = h + C * cp;                // [C][dvp] G
-    vo = g + C * dvp;              // [C][dvp] values, then the (C x Dv) outputs
-    o = vo;
-    memory = vo + C * dvp;         // [Dk][dvp] M
+    o = g + C * dvp;               // [rows][dvp] values, then outputs
+    memory = o + rows * dvp;       // [Dk][dvp] M
     momentum = memory + Dk * dvp;  // [Dk][dvp] U
     a = momentum + Dk * dvp;       // [C] a_t
     c = a + C;                     // [C] c_t
@@ -122,13 +124,13 @@ void titans_chunk_step(const titans_problem<T>& pr, index_t b, index_t hk, index
     }
   }
   // G = diag(2 theta) (K M0 - V).
-  load_rows(pr.v, b, hk, t0, n, dvp, buf.vo);
+  load_rows(pr.v, b, hk, t0, n, dvp, buf.o);
   gemm_wide<A, Backend, RB, VB, false>(n, dvp / W, buf.k, dkp, 1, buf.memory, dvp, buf.g, dvp, Dk);
   for (index_t s = 0; s < n; ++s) {
     const auto f = V::broadcast(2 * buf.theta[s]);
     for (index_t e = 0; e < dvp; e += W)
       V::store(buf.g + s * dvp + e,
-               V::mul(f, V::sub(V::load(buf.g + s * dvp + e), V::load(buf.vo + s * dvp + e))));
+               V::mul(f, V::sub(V::load(buf.g + s * dvp + e), V::load(buf.o + s * dvp + e))));
   }
 
   const bool finite = all_finite<A, Backend>(buf.g, dvp, n, Dv);
@@ -188,6 +190,98 @@ void titans_chunk_step(const titans_problem<T>& pr, index_t b, index_t hk, index
   gemm_wide<A, Backend, RB, VB, true>(Dk, dvp / W, buf.kd, 1, dkp, buf.g, dvp, buf.momentum, dvp, n);
 }
 
+/// Columns [c0, c0 + N vectors) of the token step, the block's sums held in registers
+/// across the Dk rows: the error M^T k - v in one walk, then the momentum and memory
+/// updates with the first one or two query heads' reads in a second; further heads read
+/// the updated block again (from L1).
+template <int N, class Backend, class A>
+inline void titans_token_columns(A* memory, A* momentum, index_t dvp, index_t Dk, index_t c0,
+                                 const A* k, const A* v, const A* q, index_t group, A eta,
+                                 A step, A keep, A* o) noexcept {
+  using V = vec<A, Backend>;
+  using R = typename V::type;
+  constexpr int W = V::width;
+  R err[N];
+#pragma GCC unroll 4
+  for (int x = 0; x < N; ++x) err[x] = V::sub(V::broadcast(A(0)), V::load(v + c0 + x * W));
+  for (index_t e = 0; e < Dk; ++e) {
+    const R ke = V::broadcast(k[e]);
+#pragma GCC unroll 4
+    for (int x = 0; x < N; ++x) err[x] = V::fma(ke, V::load(memory + e * dvp + c0 + x * W), err[x]);
+  }
+  const R e_v = V::broadcast(eta), k_v = V::broadcast(keep);
+  auto walk = [&]<bool Two>(index_t g0, bool update) {
+    R o0[N], o1[N];
+#pragma GCC unroll 4
+    for (int x = 0; x < N; ++x) o0[x] = o1[x] = V::broadcast(A(0));
+    for (index_t e = 0; e < Dk; ++e) {
+      A* m_row = memory + e * dvp + c0;
+      A* u_row = momentum + e * dvp + c0;
+      const R sk = V::broadcast(-step * k[e]);
+      const R q0 = V::broadcast(q[g0 * Dk + e]);
+      const R q1 = V::broadcast(Two ? q[(g0 + 1) * Dk + e] : A(0));
+#pragma GCC unroll 4
+      for (int x = 0; x < N; ++x) {
+        R m = V::load(m_row + x * W);
+        if (update) {
+          const R u = V::fma(sk, err[x], V::mul(e_v, V::load(u_row + x * W)));
+          V::store(u_row + x * W, u);
+          m = V::fma(k_v, m, u);
+          V::store(m_row + x * W, m);
+        }
+        o0[x] = V::fma(q0, m, o0[x]);
+        if constexpr (Two) o1[x] = V::fma(q1, m, o1[x]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int x = 0; x < N; ++x) {
+      V::store(o + g0 * dvp + c0 + x * W, o0[x]);
+      if constexpr (Two) V::store(o + (g0 + 1) * dvp + c0 + x * W, o1[x]);
+    }
+  };
+  for (index_t g0 = 0; g0 < group; g0 += 2) {
+    if (g0 + 1 < group)
+      walk.template operator()<true>(g0, g0 == 0);
+    else
+      walk.template operator()<false>(g0, g0 == 0);
+  }
+}
+
+/// One token t for key/value head (b, hk) by the fused recurrence (chunks of one token):
+/// two passes over the memory, one over the momentum.
+template <class Backend, class T>
+void titans_token_step(const titans_problem<T>& pr, index_t b, index_t hk, index_t t,
+                       titans_buffers<accumulator_t<T>, Backend>& buf) noexcept {
+  using A = accumulator_t<T>;
+  constexpr int W = vec<A, Backend>::width, X = 4;
+  const index_t Dk = pr.k.extent(3), Dv = pr.v.extent(3), dvp = buf.dvp;
+  const index_t group = pr.q.extent(1) / pr.k.extent(1);
+  convert_row(pr.k.ptr(b, hk, t, 0), buf.k, Dk);
+  convert_row(pr.v.ptr(b, hk, t, 0), buf.g, Dv);
+  std::fill(buf.g + Dv, buf.g + dvp, A(0));
+  for (index_t g = 0; g < group; ++g)
+    convert_row(pr.q.ptr(b, hk * group + g, t, 0), buf.q + g * Dk, Dk);
+  const A eta = gate<A>(pr.eta, b, hk, t, A(0)), step = 2 * gate<A>(pr.theta, b, hk, t, A(0));
+  const A keep = A(1) - gate<A>(pr.alpha, b, hk, t, A(0));
+  auto columns = [&]<int N>(index_t c0) {
+    titans_token_columns<N, Backend>(buf.memory, buf.momentum, dvp, Dk, c0, buf.k, buf.g, buf.q,
+                                     group, eta, step, keep, buf.o);
+  };
+  index_t c0 = 0;
+  for (; c0 + X * W <= dvp; c0 += X * W) columns.template operator()<X>(c0);
+  switch ((dvp - c0) / W) {
+    case 3: columns.template operator()<3>(c0); break;
+    case 2: columns.template operator()<2>(c0); break;
+    case 1: columns.template operator()<1>(c0); break;
+    default: break;
+  }
+  const A scale = A(pr.scale);
+  for (index_t g = 0; g < group; ++g) {
+    T* row = pr.out.ptr(b, hk * group + g, t, 0);
+    for (index_t c = 0; c < Dv; ++c) row[c] = T(buf.o[g * dvp + c] * scale);
+  }
+}
+
 /// (B, Hk, Dk, Dv) fp32 state `in` (or zeros) into a task's Dk x dvp buffer.
 template <class A>
 void load_state(const tensor_view<const float, 4>& in, index_t b, index_t hk, index_t Dk,
@@ -219,14 +313,18 @@ void run_titans(const titans_problem<T>& pr, int threads) {
   const index_t group = pr.q.extent(1) / Hk, C = std::max<index_t>(1, std::min(pr.chunk, S));
   const double flops = 2.0 * double(tasks) * double(S) * double(Dk) * double(Dv) * double(3 + 2 * group);
   const int used = threads_for_work(std::max(threads, 1), flops, tasks);
-  const scratch_slices<A> scratch(used, buffers::size(C, Dk, Dv));
+  const scratch_slices<A> scratch(used, buffers::size(C, group, Dk, Dv));
   parallel_for(tasks, used, [&](index_t task, int thread) {
     const index_t b = task / Hk, hk = task % Hk;
-    buffers buf(scratch.slice(thread), C, Dk, Dv);
+    buffers buf(scratch.slice(thread), C, group, Dk, Dv);
     load_state(pr.memory_in, b, hk, Dk, Dv, buf.dvp, buf.memory);
     load_state(pr.momentum_in, b, hk, Dk, Dv, buf.dvp, buf.momentum);
-    for (index_t t0 = 0; t0 < S; t0 += C)
-      titans_chunk_step<Backend>(pr, b, hk, t0, std::min(C, S - t0), buf);
+    for (index_t t0 = 0; t0 < S; t0 += C) {
+      if (C == 1)
+        titans_token_step<Backend>(pr, b, hk, t0, buf);
+      else
+        titans_chunk_step<Backend>(pr, b, hk, t0, std::min(C, S - t0), buf);
+    }
     store_state(buf.memory, b, hk, Dk, Dv, buf.dvp, pr.memory_out);
     store_state(buf.momentum, b, hk, Dk, Dv, buf.dvp, pr.momentum_out);
   });
