@@ -22,6 +22,7 @@ inline fovea::tensor_view<const float, 4> Q, K, V, A, q_t, k_t, v_t, W, K_cache,
 inline fovea::tensor_view<float, 4> O, o_t, O_new, bias_out;
 inline fovea::tensor_view<const float, 2> b, W_dt;
 inline fovea::tensor_view<const float, 1> A_dt;
-inline fovea::tensor_view<const float, 4> G, Beta, g_t, b_t;
+inline fovea::tensor_view<const float, 4> G, Beta, g_t, b_t, Eta, Theta, Alpha, theta_t;
+inline fovea::tensor_view<float, 4> M, U;
 
 }  // namespace readme
