@@ -265,7 +265,7 @@ inline void token_columns(A* s, index_t dvp, index_t Dk, index_t c0, const A* al
     for (int x = 0; x < N; ++x) vn[x] = V::mul(bv, V::sub(vn[x], ks[x]));
   }
   // One or two query heads' outputs per walk; the first walk also updates the state.
-  auto walk = [&]<bool Two>(index_t g0, bool update) {
+  auto walk = [&]<bool Two>(index_t g0, bool update) FOVEA_ALWAYS_INLINE {
     R o0[N], o1[N];
 #pragma GCC unroll 4
     for (int x = 0; x < N; ++x) o0[x] = o1[x] = V::broadcast(A(0));

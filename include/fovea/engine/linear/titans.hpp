@@ -210,7 +210,7 @@ inline void titans_token_columns(A* memory, A* momentum, index_t dvp, index_t Dk
     for (int x = 0; x < N; ++x) err[x] = V::fma(ke, V::load(memory + e * dvp + c0 + x * W), err[x]);
   }
   const R e_v = V::broadcast(eta), k_v = V::broadcast(keep);
-  auto walk = [&]<bool Two>(index_t g0, bool update) {
+  auto walk = [&]<bool Two>(index_t g0, bool update) FOVEA_ALWAYS_INLINE {
     R o0[N], o1[N];
 #pragma GCC unroll 4
     for (int x = 0; x < N; ++x) o0[x] = o1[x] = V::broadcast(A(0));
