@@ -10,6 +10,7 @@
 //    every kernel's output must be finite when every input value is.
 // Build and run: scripts/fuzz [seconds] (clang's -fsanitize=fuzzer,address,undefined).
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -128,6 +129,49 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const bool causal = flags & 2;
   const index_t knob = index_t(in.u8()) - 2;  // -2 .. 253: windows, keep, top_k, ...
 
+  // A bias (fp32 or fp16) and a mask for the per-sequence calls: (1|B, H|Hk|1|other,
+  // rows|1, cols|1) from the bytes (a wrong extent: an error), values from the bytes.
+  std::vector<float> bias_store;
+  std::vector<fovea::half> bias_half;
+  std::vector<std::uint8_t> mask_store;
+  auto sequence_terms = [&](fovea::softmax_options o, index_t batch, index_t rows, index_t cols) {
+    const std::uint8_t pick = in.u8();
+    if (!(pick & 3)) return o;
+    auto extent = [&](std::uint8_t bits, index_t full) -> index_t {
+      return bits % 4 == 0 ? 1 : bits % 4 == 3 ? full + 1 : full;
+    };
+    const std::array<index_t, 4> shape{extent(pick >> 2, batch),
+                                       (pick & 16) ? Hk : extent(pick >> 3, H),
+                                       extent(pick >> 4, rows), extent(pick >> 5, cols)};
+    const index_t n = shape[0] * shape[1] * shape[2] * shape[3];
+    if (pick & 1) {
+      bias_store.resize(n + 1);
+      for (float& e : bias_store) {
+        e = in.value();
+        moderate = std::abs(e) < 1e3f && moderate;
+      }
+      if (pick & 64) {
+        bias_half.resize(bias_store.size());
+        for (std::size_t i = 0; i < bias_store.size(); ++i) bias_half[i] = fovea::half(bias_store[i]);
+        o.bias = fovea::view<const fovea::half, 4>(bias_half.data(), shape,
+                                                   {shape[1] * shape[2] * shape[3],
+                                                    shape[2] * shape[3], shape[3], 1});
+      } else {
+        o.bias = fovea::view<const float, 4>(bias_store.data(), shape,
+                                             {shape[1] * shape[2] * shape[3], shape[2] * shape[3],
+                                              shape[3], 1});
+      }
+    }
+    if (pick & 2) {
+      mask_store.resize(n + 1);
+      for (auto& e : mask_store) e = in.u8() & 1;
+      o.mask = fovea::view<const std::uint8_t, 4>(mask_store.data(), shape,
+                                                  {shape[1] * shape[2] * shape[3],
+                                                   shape[2] * shape[3], shape[3], 1});
+    }
+    return o;
+  };
+
   const std::vector<float> q_before = q;
   std::vector<float> quantized_k, quantized_v, scale_store, dout, grad_q, grad_k, grad_v;
   fovea::softmax_options softmax_options_used;
@@ -191,7 +235,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           cq.push_back(cq.back() + in.u8() % 12 - (flags & 16 ? 2 : 0));
           ck.push_back(ck.back() + in.u8() % 12);
         }
-        fovea::softmax_attention_varlen(Q, K, V, O, cq, ck, {.causal = causal, .scale = scale});
+        fovea::softmax_attention_varlen(
+            Q, K, V, O, cq, ck,
+            sequence_terms({.causal = causal, .scale = scale}, 1, Q.extent(2), K.extent(2)));
         break;
       }
       case 8: {  // paged: K/V as (pages, Hk, page, D) with a block table from the bytes
@@ -206,7 +252,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           std::vector<std::int32_t> cu(B + 1, 0);
           for (index_t b = 1; b <= B; ++b) cu[b] = cu[b - 1] + std::int32_t(in.u8() % 4);
           if (flags & 64) cu[B] = std::int32_t(Sq);
-          fovea::softmax_attention_paged(Q, Kp, Vp, O, T, lens, cu, {.causal = causal, .scale = scale});
+          fovea::softmax_attention_paged(
+              Q, Kp, Vp, O, T, lens, cu,
+              sequence_terms({.causal = causal, .scale = scale}, 1, Sq, pages * page));
         } else if (flags & 128) {  // appends into the cache (its own buffers), then attend
           std::vector<float> kc(pages * page * Hk * D + 1, 0.f), vc(pages * page * Hk * Dv + 1, 0.f);
           const auto Kw = fovea::paged_hnd(kc.data(), pages, page, Hk, D);
@@ -216,7 +264,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                                          fovea::tensor_view<const float, 4>(Vw), O, T, lens,
                                          {.causal = causal, .scale = scale});
         } else {
-          fovea::softmax_attention_paged(Q, Kp, Vp, O, T, lens, {.causal = causal, .scale = scale});
+          fovea::softmax_attention_paged(
+              Q, Kp, Vp, O, T, lens,
+              sequence_terms({.causal = causal, .scale = scale}, B, Sq, pages * page));
         }
         break;
       }
@@ -234,7 +284,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                                            fovea::tensor_view<const float, 4>(Vw), O, lens,
                                            {.causal = causal, .scale = scale});
         } else {
-          fovea::softmax_attention_kvcache(Q, K, V, O, lens, {.causal = causal, .scale = scale});
+          fovea::softmax_attention_kvcache(
+              Q, K, V, O, lens, sequence_terms({.causal = causal, .scale = scale}, B, Sq, Sk));
         }
         break;
       }

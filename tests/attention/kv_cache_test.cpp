@@ -339,5 +339,75 @@ TEST(KvCache, VarlenBiasAndMaskAreBlockDiagonal) {
   }
 }
 
+// A bias and ALiBi slopes in fp16 or bf16 (llama.cpp's KQ mask is fp16, with -inf for
+// masked keys) give the bits of the same call with their values in fp32: dense prefill
+// and decode, a strided per-head bias and a broadcast mask-like one, varlen's packed bias.
+template <class L>
+void lowp_bias_case() {
+  SCOPED_TRACE((std::is_same_v<L, half> ? "fp16" : "bf16"));
+  for (auto [sq, sk] : {std::pair<index_t, index_t>{70, 130}, {3, 600}, {1, 1}}) {
+    SCOPED_TRACE("Sq " + std::to_string(sq) + " Sk " + std::to_string(sk));
+    const auto q = normal<float>(2 * H * sq * D, 1), k = normal<float>(2 * Hk * sk * D, 2),
+               v = normal<float>(2 * Hk * sk * Dv, 3);
+    // Per (batch, head) in a (B, Sq, H, Sk) buffer (strided), and a (1, 1, Sq, Sk) mask.
+    std::vector<L> per_head(2 * sq * H * sk), mask(sq * sk);
+    const auto values = normal<float>(per_head.size(), 4, 0.7);
+    for (std::size_t i = 0; i < per_head.size(); ++i) per_head[i] = L(values[i]);
+    for (index_t i = 0; i < sq; ++i)
+      for (index_t j = 0; j < sk; ++j)
+        mask[i * sk + j] = (i * 7 + j * 3) % 5 == 0 && j > 0 ? L(-INFINITY) : L(float(j % 3) * 0.25f);
+    std::vector<float> per_head_f(per_head.begin(), per_head.end()), mask_f(mask.begin(), mask.end());
+    const std::vector<L> slopes{L(0.5f), L(0.25f), L(0.125f), L(0.0625f)};
+    const std::vector<float> slopes_f(slopes.begin(), slopes.end());
+    auto strided = [&](auto* p) {
+      return view(p, {2, H, sq, sk}, {sq * H * sk, sk, H * sk, 1});
+    };
+    auto run = [&](softmax_options o) {
+      std::vector<float> out(2 * H * sq * Dv);
+      softmax_attention(bhsd<const float>(q.data(), 2, H, sq, D), bhsd<const float>(k.data(), 2, Hk, sk, D),
+                        bhsd<const float>(v.data(), 2, Hk, sk, Dv), bhsd(out.data(), 2, H, sq, Dv), o);
+      return out;
+    };
+    EXPECT_EQ(run({.causal = true, .bias = tensor_view<const L, 4>(strided(per_head.data()))}),
+              run({.causal = true, .bias = tensor_view<const float, 4>(strided(per_head_f.data()))}));
+    EXPECT_EQ(run({.bias = view<const L>(mask.data(), {1, 1, sq, sk}),
+                   .alibi_slopes = view<const L>(slopes.data(), {1, H})}),
+              run({.bias = view<const float>(mask_f.data(), {1, 1, sq, sk}),
+                   .alibi_slopes = view<const float>(slopes_f.data(), {1, H})}));
+  }
+  // varlen: a packed (1, 1, total_q, total_k) bias, each sequence its block.
+  const std::vector<std::int32_t> cu_q{0, 3, 3, 43, 44}, cu_k{0, 10, 15, 215, 216};
+  const index_t tq = cu_q.back(), tk = cu_k.back();
+  const auto q = normal<float>(H * tq * D, 5), k = normal<float>(Hk * tk * D, 6),
+             v = normal<float>(Hk * tk * Dv, 7), values = normal<float>(tq * tk, 8);
+  std::vector<L> bias(values.begin(), values.end());
+  const std::vector<float> bias_f(bias.begin(), bias.end());
+  auto varlen = [&](any_float_view<4> b) {
+    std::vector<float> out(H * tq * Dv);
+    softmax_attention_varlen(bhsd<const float>(q.data(), 1, H, tq, D), bhsd<const float>(k.data(), 1, Hk, tk, D),
+                             bhsd<const float>(v.data(), 1, Hk, tk, Dv), bhsd(out.data(), 1, H, tq, Dv),
+                             cu_q, cu_k, {.causal = true, .bias = b});
+    return out;
+  };
+  EXPECT_EQ(varlen(view<const L>(bias.data(), {1, 1, tq, tk})),
+            varlen(view<const float>(bias_f.data(), {1, 1, tq, tk})));
+}
+
+TEST(KvCache, BiasAndSlopesInHalfAndBf16) {
+  lowp_bias_case<half>();
+  lowp_bias_case<bfloat16>();
+  // Wrong shapes are reported as for fp32.
+  std::vector<half> b(8);
+  std::vector<float> x(H * 2 * D), out(H * 2 * Dv);
+  try {
+    softmax_attention(bhsd<const float>(x.data(), 1, H, 2, D), bhsd<const float>(x.data(), 1, Hk, 2, D),
+                      bhsd<const float>(x.data(), 1, Hk, 2, Dv), bhsd(out.data(), 1, H, 2, Dv),
+                      {.bias = view<const half>(b.data(), {1, 1, 2, 4})});
+    ADD_FAILURE() << "no error";
+  } catch (const fovea::error& e) {
+    EXPECT_NE(std::string(e.what()).find("options.bias: extent 3 (keys) is 4"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace fovea::test

@@ -21,7 +21,27 @@ void every_family() {
   fovea::routing_attention(Q, K, V, O, {.num_clusters = 4, .window = 16});
   std::vector<T> a(B * H * 8 * D);
   fovea::agent_attention(Q, K, V, O, fovea::bhsd<const T>(a.data(), B, H, 8, D), {.causal = true});
-  if constexpr (std::is_same_v<T, float>) fovea::linear_attention(Q, K, V, O, {.causal = true});
+  std::vector<fovea::half> mask(S * S);
+  fovea::softmax_attention(Q, K, V, O,
+                           {.bias = fovea::view<const fovea::half>(mask.data(), {1, 1, S, S})});
+  if constexpr (std::is_same_v<T, float>) {
+    fovea::linear_attention(Q, K, V, O, {.causal = true});
+    std::vector<float> g(B * Hk * S, -0.1f), beta(B * Hk * S, 0.5f);
+    const auto G = fovea::bhsd<const float>(g.data(), B, Hk, S, 1);
+    const auto Beta = fovea::bhsd<const float>(beta.data(), B, Hk, S, 1);
+    fovea::linear_recurrence(Q, K, V, O, {.rule = fovea::update_rule::gated_delta, .decay = G,
+                                          .beta = Beta});
+    fovea::titans_memory(Q, K, V, O, {.eta = Beta, .theta = Beta, .alpha = Beta});
+    std::vector<float> lse(B * H * S), dq(q.size()), dk(k.size()), dv(v.size());
+    const auto L = fovea::view(lse.data(), {B, H, S});
+    fovea::softmax_attention(Q, K, V, O, {.causal = true, .lse = L});
+    fovea::softmax_attention_backward(Q, K, V, fovea::tensor_view<const float, 4>(O),
+                                      fovea::tensor_view<const float, 4>(O),
+                                      fovea::tensor_view<const float, 3>(L),
+                                      fovea::bhsd(dq.data(), B, H, S, D),
+                                      fovea::bhsd(dk.data(), B, Hk, S, D),
+                                      fovea::bhsd(dv.data(), B, Hk, S, D), {.causal = true});
+  }
 }
 
 int main() {

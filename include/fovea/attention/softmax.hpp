@@ -37,9 +37,11 @@ struct softmax_options {
   index_t window_left = -1;            ///< keys before the diagonal a query sees; -1: all
   index_t window_right = -1;           ///< keys after the diagonal a query sees; -1: all
   double softcap = 0;                  ///< logits become softcap * tanh(s / softcap); 0: off
-  tensor_view<const float, 4> bias{};  ///< added to logits; (B|1, H|Hk|1, Sq|1, Sk|1)
+  /// Added to logits; (B|1, H|Hk|1, Sq|1, Sk|1); fp32, fp16 or bf16 (widened to fp32 once
+  /// per call: extra memory of the view's elements in fp32 when not fp32).
+  any_float_view<4> bias{};
   tensor_view<const std::uint8_t, 4> mask{};   ///< nonzero keeps a key; same shapes as bias
-  tensor_view<const float, 2> alibi_slopes{};  ///< (B|1, H): adds -slope * |i + off - j|
+  any_float_view<2> alibi_slopes{};  ///< (B|1, H): adds -slope * |i + off - j|; fp32/fp16/bf16
   tensor_view<const float, 1> sinks{};         ///< (H): a sink logit per head, denominator only
   tensor_view<float, 3> lse{};                 ///< out, optional (B, H, Sq): log-sum-exp
   /// Scales of int8 and fp8 key / value caches (value = stored value * scale), indexed like
@@ -117,9 +119,9 @@ void apply_options(dense_problem<S, K, V>& pr, const softmax_options& o, double 
       o.causal ? (o.window_right < 0 ? 0 : std::min<index_t>(o.window_right, 0)) : o.window_right;
   pr.terms.scale = T(scale);
   pr.terms.softcap = T(o.softcap);
-  pr.terms.bias = o.bias;
+  pr.terms.bias = widen(o.bias, pr.terms.widened_bias);
   pr.terms.mask = o.mask;
-  pr.terms.alibi = o.alibi_slopes;
+  pr.terms.alibi = widen(o.alibi_slopes, pr.terms.widened_alibi);
   pr.terms.sinks = o.sinks;
   pr.terms.group = group;
 }

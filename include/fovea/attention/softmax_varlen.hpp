@@ -41,6 +41,11 @@ tensor_view<const E, 4> sequence_part(const tensor_view<const E, 4>& x, std::siz
   return slice(x, d, first, n);
 }
 
+inline any_float_view<4> sequence_part(const any_float_view<4>& x, std::size_t d, index_t first,
+                                       index_t n) {
+  return x.visit([&](const auto& v) { return any_float_view<4>(sequence_part(v, d, first, n)); });
+}
+
 /// The options of one sequence's problem: bias and mask cut to its batch row `b` (-1:
 /// packed, batch extent 1), query rows [q0, q0 + sq) and key columns [k0, k0 + sk).
 inline softmax_options sequence_options(const softmax_options& o, index_t b, index_t q0, index_t sq,

@@ -5,6 +5,7 @@
 #include <string_view>
 #include <type_traits>
 
+#include "any_float_view.hpp"
 #include "error.hpp"
 #include "tensor_view.hpp"
 
@@ -16,6 +17,11 @@ void check_data(const tensor_view<T, Rank>& v, std::string_view name) {
           " elements");
   for (std::size_t r = 0; r < Rank; ++r)
     require(v.extent(r) >= 0, name, ": extent ", r, " is negative (", v.extent(r), ")");
+}
+
+template <std::size_t Rank>
+void check_data(const any_float_view<Rank>& v, std::string_view name) {
+  v.visit([&](const auto& typed) { check_data(typed, name); });
 }
 
 /// q/k/v/out: innermost stride 1 (unless the last extent is 0 or 1).
@@ -45,6 +51,12 @@ void check_no_alias(const tensor_view<O, RO>& out, std::string_view out_name,
   require(!overlaps(out, in), out_name, ": memory overlaps ", in_name);
 }
 
+template <class O, std::size_t RO, std::size_t RI>
+void check_no_alias(const tensor_view<O, RO>& out, std::string_view out_name,
+                    const any_float_view<RI>& in, std::string_view in_name) {
+  in.visit([&](const auto& typed) { check_no_alias(out, out_name, typed, in_name); });
+}
+
 template <class T, std::size_t Rank>
 void check_one_to_one(const tensor_view<T, Rank>& out, std::string_view name) {
   require(is_one_to_one(out), name, ": strides make distinct elements share memory");
@@ -72,6 +84,11 @@ void check_broadcast(const tensor_view<const E, 4>& v, std::string_view name, in
               full[r]);
     }
   }
+}
+
+inline void check_broadcast(const any_float_view<4>& v, std::string_view name, index_t B,
+                            index_t H, index_t Hk, index_t Sq, index_t Sk) {
+  v.visit([&](const auto& typed) { check_broadcast(typed, name, B, H, Hk, Sq, Sk); });
 }
 
 }  // namespace fovea::detail

@@ -6,6 +6,9 @@
 // bias) is skipped, never multiplied by zero.
 #pragma once
 
+#include <memory>
+#include <vector>
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -54,6 +57,8 @@ struct logit_terms {
   tensor_view<const float, 2> alibi;        ///< (B|1, H) slopes; empty: none
   tensor_view<const float, 1> sinks;        ///< (H) sink logits; empty: none
   index_t group = 1;                        ///< query heads per key/value head
+  /// fp32 copies of a bias / slopes given in fp16 or bf16 (what bias / alibi view).
+  std::shared_ptr<const std::vector<float>> widened_bias, widened_alibi;
 };
 
 /// A broadcastable (B, H, Sq, Sk) view bound to one (batch, head): base + (i, j) strides.
