@@ -1,6 +1,7 @@
 // softmax_attention_backward against its forward in the same binary: fraction of the FMA
 // peak counting 10 * Sq * Sk * D flops (halved when causal), the ratio to the forward's
-// time, causal against full, and threads.
+// time, causal against full, and threads; linear_attention_backward (causal, N = 8192,
+// D = 64) against its forward, counting the chunked form's flops.
 //
 //   backward_bench [--quick] [google benchmark flags]
 #include <benchmark/benchmark.h>
@@ -67,6 +68,39 @@ void BM_backward(benchmark::State& state, index_t n, index_t d, bool causal, int
       benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
 }
 
+/// Flops of the causal linear backward's chunked form per token (C = 64 keys a chunk, E
+/// features = D, M = D): the chunk's pair products and their masked uses, 8E + 6M per
+/// (query, key) pair in a chunk, and the state products, 12 E M.
+double linear_backward_flops(index_t n, index_t d) {
+  const double C = double(fovea::detail::linear_chunk), E = double(d), M = double(d);
+  return double(n) * (C * (8 * E + 6 * M) + 12 * E * M);
+}
+
+void BM_linear(benchmark::State& state, index_t n, index_t d, bool backward) {
+  inputs in(n, d);
+  const auto Q = fovea::bhsd<const float>(in.q.data(), 1, 1, n, d);
+  const auto K = fovea::bhsd<const float>(in.k.data(), 1, 1, n, d);
+  const auto V = fovea::bhsd<const float>(in.v.data(), 1, 1, n, d);
+  const fovea::linear_options o{.causal = true, .threads = 1};
+  fovea::linear_attention(Q, K, V, fovea::bhsd(in.o.data(), 1, 1, n, d), o);
+  for (auto _ : state) {
+    if (backward)
+      fovea::linear_attention_backward(Q, K, V, fovea::bhsd<const float>(in.o.data(), 1, 1, n, d),
+                                       fovea::bhsd<const float>(in.g.data(), 1, 1, n, d),
+                                       fovea::bhsd(in.dq.data(), 1, 1, n, d),
+                                       fovea::bhsd(in.dk.data(), 1, 1, n, d),
+                                       fovea::bhsd(in.dv.data(), 1, 1, n, d), o);
+    else
+      fovea::linear_attention(Q, K, V, fovea::bhsd(in.o.data(), 1, 1, n, d), o);
+    benchmark::DoNotOptimize(in.dq.data());
+    benchmark::DoNotOptimize(in.o.data());
+  }
+  if (backward)
+    state.counters["GFLOP/s"] = benchmark::Counter(linear_backward_flops(n, d),
+                                                   benchmark::Counter::kIsIterationInvariantRate,
+                                                   benchmark::Counter::kIs1000);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -85,6 +119,10 @@ int main(int argc, char** argv) {
       fovea::bench::add("backward" + shape, BM_backward, n, d, causal, threads);
       fovea::bench::add("forward" + shape, BM_forward, n, d, causal, threads);
     }
+  const index_t linear_n = quick ? 2048 : 8192;
+  const std::string linear_shape = "/causal/elu/N=" + std::to_string(linear_n) + "/D=64/threads=1";
+  fovea::bench::add("linear_backward" + linear_shape, BM_linear, linear_n, index_t(64), true);
+  fovea::bench::add("linear_forward" + linear_shape, BM_linear, linear_n, index_t(64), false);
   fovea::bench::summary_reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
@@ -112,6 +150,14 @@ int main(int argc, char** argv) {
     if (bf != all.end() && b2 != all.end())
       std::printf("%d threads %.2fx faster than 1 (full)\n", max_threads,
                   bf->second.seconds / b2->second.seconds);
+  }
+  const auto lb = all.find("linear_backward" + linear_shape), lf = all.find("linear_forward" + linear_shape);
+  if (lb != all.end() && lf != all.end()) {
+    const double gflops = lb->second.counter("GFLOP/s") / 1e9;
+    std::printf("\n| linear backward, causal, elu+1, one head | ms | GFLOP/s (chunked form) | of peak | "
+                "vs forward time |\n|---|---:|---:|---:|---:|\n| N=%ld D=64 | %.2f | %.1f | %.0f%% | %.2fx |\n",
+                long(linear_n), lb->second.seconds * 1e3, gflops, 100 * gflops / peak,
+                lb->second.seconds / lf->second.seconds);
   }
   return 0;
 }

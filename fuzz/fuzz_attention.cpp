@@ -84,7 +84,7 @@ void check_tolerance(const std::vector<float>& got, const std::vector<double>& w
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   bytes in{data, size};
-  const int kernel = in.u8() % 18;
+  const int kernel = in.u8() % 19;
   const index_t B = in.u8() % 3, H = in.u8() % 5, Sq = in.u8() % 41, Sk = in.u8() % 41;
   const index_t D = in.u8() % 10, Dv = in.u8() % 10;
   const std::uint8_t hk_pick = in.u8(), layout = in.u8() % 8, flags = in.u8();
@@ -441,6 +441,40 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         }
         fovea::titans_memory(Q, K, V, O, o);
         moderate = false;  // gradient steps on any keys may grow without bound
+        break;
+      }
+      case 17: {  // linear_attention_backward after its forward (elu+1 or relu, causal or
+                  // not); gradients untouched on an error, finite for moderate inputs
+        const fovea::linear_options o{.causal = causal,
+                                      .map = flags & 4 ? fovea::feature_map::relu
+                                                       : fovea::feature_map::elu_plus_one,
+                                      .eps = flags & 8 ? 0.0 : 1e-6};
+        fovea::linear_attention(Q, K, V, O, o);
+        dout.resize(B * H * Sq * Dv + 1);
+        for (float& e : dout) e = in.value();
+        grad_q.assign(B * H * Sq * D + 1, -7.f);
+        grad_k.assign(B * Hk * Sk * D + 1, -7.f);
+        grad_v.assign(B * Hk * Sk * Dv + 1, -7.f);
+        try {
+          fovea::linear_attention_backward(
+              Q, K, V, fovea::tensor_view<const float, 4>(O),
+              fovea::bhsd<const float>(dout.data(), B, H, Sq, Dv), fovea::bhsd(grad_q.data(), B, H, Sq, D),
+              fovea::bhsd(grad_k.data(), B, Hk, Sk, D), fovea::bhsd(grad_v.data(), B, Hk, Sk, Dv), o);
+        } catch (const fovea::error&) {
+          for (auto* g : {&grad_q, &grad_k, &grad_v})
+            for (float x : *g)
+              if (x != -7.f) fail("a gradient written before fovea::error");
+          throw;
+        }
+        bool small = moderate && !(flags & 8);  // eps = 0 may divide by a vanishing den
+        for (float e : dout) small = small && std::abs(e) < 1e3f;
+        for (float e : q) small = small && std::abs(e) < 8.f;  // phi(q).phi(k) stays far from 0
+        for (float e : k) small = small && std::abs(e) < 8.f;
+        if (small && !(flags & 4))
+          for (const auto* g : {&grad_q, &grad_k, &grad_v})
+            for (std::size_t i = 0; i + 1 < g->size(); ++i)
+              if (!std::isfinite((*g)[i]) && (*g)[i] != -7.f)
+                fail("a non-finite linear gradient from moderate inputs");
         break;
       }
       default: {  // routing's strictly causal decode over a cache of K

@@ -14,6 +14,7 @@
 
 #include "../common/configs.hpp"
 #include "../common/random.hpp"
+#include "../common/tolerance.hpp"
 
 namespace fovea::test {
 namespace {
@@ -129,18 +130,6 @@ titans_result reference(const titans_inputs<T>& in) {
       std::copy(U.begin(), U.end(), r.momentum.begin() + (b * c.Hk + hk) * DD);
     }
   return r;
-}
-
-/// Largest error relative to the largest magnitude of the reference; NaN patterns equal.
-double relative_error(const std::vector<double>& got, const std::vector<double>& want) {
-  double err = 0, mag = 1e-30;
-  for (std::size_t i = 0; i < want.size(); ++i) {
-    if (std::isnan(want[i]) != std::isnan(got[i])) return INFINITY;
-    if (std::isnan(want[i])) continue;
-    err = std::max(err, std::abs(got[i] - want[i]));
-    mag = std::max(mag, std::abs(want[i]));
-  }
-  return err / mag;
 }
 
 template <class C>
@@ -333,15 +322,9 @@ TYPED_TEST(TitansMemory, NonFiniteInputsReachLaterTokensOnly) {
       const auto want = reference(in);
       // Finite exactly where the reference is (an Inf value gives Inf or NaN by the order
       // of the sums: sum_e q_e k_e Inf_e in the recurrence, (q . k) Inf in the chunk).
-      double err = 0, mag = 1e-30;
-      for (std::size_t i = 0; i < out.size(); ++i) {
-        ASSERT_EQ(std::isfinite(double(out[i])), std::isfinite(want.out[i])) << "element " << i;
-        if (in_key) ASSERT_EQ(std::isnan(double(out[i])), std::isnan(want.out[i])) << "element " << i;
-        if (!std::isfinite(want.out[i])) continue;
-        err = std::max(err, std::abs(double(out[i]) - want.out[i]));
-        mag = std::max(mag, std::abs(want.out[i]));
-      }
-      EXPECT_LT(err / mag, TestFixture::tolerance());
+      const std::vector<double> got(out.begin(), out.end());
+      EXPECT_TRUE(same_finite_pattern(got, want.out, in_key));
+      EXPECT_LT(relative_error(got, want.out, in_key), TestFixture::tolerance());
     }
 }
 

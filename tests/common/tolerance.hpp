@@ -35,6 +35,38 @@ inline double max_abs(const std::vector<double>& x) {
   return m;
 }
 
+/// The recurrences' measure (their chunked forms and a token loop round differently by
+/// design, so there is no naive counterpart): the largest error over the finite elements
+/// of the reference, relative to its largest finite magnitude; infinity when `got` is not
+/// finite where `want` is, or (with `nan_pattern`) the NaN patterns differ.
+inline double relative_error(const std::vector<double>& got, const std::vector<double>& want,
+                             bool nan_pattern = true) {
+  double err = 0, mag = 1e-30;
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    if (nan_pattern && std::isnan(want[i]) != std::isnan(got[i])) return INFINITY;
+    if (!std::isfinite(want[i])) continue;
+    if (!std::isfinite(got[i])) return INFINITY;
+    err = std::max(err, std::abs(got[i] - want[i]));
+    mag = std::max(mag, std::abs(want[i]));
+  }
+  return err / mag;
+}
+
+/// `got` is finite exactly where `want` is (and NaN where it is NaN, with `nan_too`).
+inline ::testing::AssertionResult same_finite_pattern(const std::vector<double>& got,
+                                                      const std::vector<double>& want,
+                                                      bool nan_too) {
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    if (std::isfinite(got[i]) != std::isfinite(want[i]))
+      return ::testing::AssertionFailure() << "element " << i << ": " << got[i] << ", reference "
+                                           << want[i];
+    if (nan_too && std::isnan(got[i]) != std::isnan(want[i]))
+      return ::testing::AssertionFailure() << "element " << i << ": " << got[i] << ", reference "
+                                           << want[i];
+  }
+  return ::testing::AssertionSuccess();
+}
+
 /// Checks `got` against the oracle `want`, allowing 2x the naive error + floor * scale.
 template <class T>
 ::testing::AssertionResult within_tolerance(const std::vector<double>& got,

@@ -189,4 +189,15 @@ void check_state_out(const tensor_view<float, 4>& state, const char* name,
   check_no_alias(state, name, v, "v");
 }
 
+/// A gradient output: rows like check_rows, the extents of `like`, one-to-one.
+template <class T, class G>
+void check_gradient(const tensor_view<T, 4>& g, const char* name, const tensor_view<G, 4>& like,
+                    const char* like_name) {
+  check_rows(tensor_view<const T, 4>(g), name);
+  for (std::size_t r = 0; r < 4; ++r)
+    require(g.extent(r) == like.extent(r), name, ": extent ", r, " (", dim_name(r), ") is ",
+            g.extent(r), ", expected ", like.extent(r), " as ", like_name);
+  check_one_to_one(g, name);
+}
+
 }  // namespace fovea::detail

@@ -14,6 +14,7 @@
 #include "../core/parallel.hpp"
 #include "../core/tensor_view.hpp"
 #include "../engine/linear/linear.hpp"
+#include "../engine/linear/linear_backward.hpp"
 #include "../simd/backend.hpp"
 #include "checks.hpp"
 
@@ -62,6 +63,21 @@ struct elu_plus_one {
     }
     for (; i < n; ++i) y[i] = x[i] > T(0) ? x[i] + T(1) : std::exp(x[i]);
   }
+  /// dx = dy * phi'(x): 1 for x > 0, exp(x) otherwise.
+  template <class T>
+  void vjp(const T* x, const T* dy, T* dx, index_t n) const noexcept {
+    using V = detail::vec<T, Backend>;
+    constexpr int W = V::width;
+    const auto zero = V::broadcast(T(0)), one = V::broadcast(T(1));
+    index_t i = 0;
+    for (; i + W <= n; i += W) {
+      const auto v = V::load(x + i);
+      const auto positive = V::not_equal(V::max(v, zero), zero);
+      V::store(dx + i, V::mul(V::load(dy + i),
+                              V::select(positive, one, V::exp(V::sub(v, V::max(v, zero))))));
+    }
+    for (; i < n; ++i) dx[i] = dy[i] * (x[i] > T(0) ? T(1) : std::exp(x[i]));
+  }
 };
 template <class Backend = default_backend>
 struct relu {
@@ -69,12 +85,21 @@ struct relu {
   void operator()(const T* x, T* y, index_t n) const noexcept {
     for (index_t i = 0; i < n; ++i) y[i] = x[i] > T(0) ? x[i] : T(0);
   }
+  /// dx = dy for x > 0, else 0 (the subgradient 0 at x = 0, as PyTorch's).
+  template <class T>
+  void vjp(const T* x, const T* dy, T* dx, index_t n) const noexcept {
+    for (index_t i = 0; i < n; ++i) dx[i] = x[i] > T(0) ? dy[i] : T(0);
+  }
 };
 template <class Backend = default_backend>
 struct identity {
   template <class T>
   void operator()(const T* x, T* y, index_t n) const noexcept {
     for (index_t i = 0; i < n; ++i) y[i] = x[i];
+  }
+  template <class T>
+  void vjp(const T*, const T* dy, T* dx, index_t n) const noexcept {
+    for (index_t i = 0; i < n; ++i) dx[i] = dy[i];
   }
 };
 
@@ -145,6 +170,29 @@ class favor {
       y[f] = T(std::exp(dot * c + base));
       y[half_ + f] = T(std::exp(-dot * c + base));
     }
+  }
+  /// dx = J^T dy with dy_f over the m features: for y+_f = exp(c w_f.x + base) and
+  /// y-_f = exp(-c w_f.x + base), base = -c^2 |x|^2 / 2 - log(m) / 2, c = n^(-1/4):
+  /// dx = c sum_f w_f (dy+_f y+_f - dy-_f y-_f) - c^2 x sum_f (dy_f y_f), in double.
+  template <class T>
+  void vjp(const T* x, const T* dy, T* dx, index_t n) const noexcept {
+    const double c = std::pow(double(n), -0.25), log_m = 0.5 * std::log(double(2 * half_));
+    double sq = 0;
+    for (index_t e = 0; e < n; ++e) sq += double(x[e]) * double(x[e]);
+    const double base = -0.5 * sq * c * c - log_m;
+    double total = 0;
+    for (index_t e = 0; e < n; ++e) dx[e] = T(0);
+    std::vector<double> acc(std::size_t(n), 0.0);
+    for (index_t f = 0; f < half_; ++f) {
+      double dot = 0;
+      const double* w = w_.data() + f * dim_;
+      for (index_t e = 0; e < n; ++e) dot += w[e] * double(x[e]);
+      const double plus = double(dy[f]) * std::exp(dot * c + base);
+      const double minus = double(dy[half_ + f]) * std::exp(-dot * c + base);
+      total += plus + minus;
+      for (index_t e = 0; e < n; ++e) acc[e] += w[e] * (plus - minus);
+    }
+    for (index_t e = 0; e < n; ++e) dx[e] = T(c * acc[e] - c * c * double(x[e]) * total);
   }
 
  private:
@@ -226,6 +274,73 @@ requires(detail::attention_types<TQ, TK, TV, TO>&&
       cq, ck, cv, out, options.causal, k.extent(2) - q.extent(2), T(options.eps)};
   pr.features = detail::feature_count(phi, q.extent(3));
   detail::run_linear<Backend>(pr, phi, detail::resolve_threads(options.threads));
+}
+
+/// Gradients of linear_attention: given the forward's inputs, its output `out` and dout =
+/// d loss / d out, writes dq, dk, dv = d loss / d q, k, v (overwritten).
+///
+///   q: (B, H, Sq, D)   k: (B, Hk, Sk, D)   v: (B, Hk, Sk, Dv)   out, dout: (B, H, Sq, Dv)
+///   dq like q, dk like k, dv like v
+///
+/// `options` are the forward's (causal bottom-right, map, eps, favor's features and seed).
+/// With a_ij = phi(q_i).phi(k_j) over the visible pairs, den_i = sum_j a_ij + eps,
+/// g_i = dO_i / den_i and c_i = -(dO_i . out_i) / den_i: d phi(q_i) = sum_j (v_j . g_i + c_i)
+/// phi(k_j), d phi(k_j) = sum_i (v_j . g_i + c_i) phi(q_i), dv_j = sum_i a_ij g_i, and dq, dk
+/// through the map's derivative (elu+1: 1 or exp(x); relu: 1 for x > 0, else 0; FAVOR+:
+/// its exponentials' chain rule; a user map supplies `vjp(x, dy, dx, n)`: dx = J(x)^T dy).
+/// Non-causal: through the states S, z and P = sum phi(q) g^T, y = sum c phi(q). Causal: in
+/// chunks of 64 keys, a forward pass for dq and a reverse scan of P, y for dk, dv, at GEMM
+/// speed. GQA: dk, dv summed over each group's query heads, in order. Each (batch,
+/// key/value head) is one serial task: bitwise the same for every thread count. A row
+/// whose normaliser is 0 (it output 0) gives zero gradients; hidden keys get nothing from
+/// a causal query (NaN/Inf in them never reach it). float or double; extra memory: a few
+/// chunks per thread plus one value per causal query. Bad arguments throw fovea::error
+/// before any write.
+template <class Backend = default_backend, class T, class FeatureMap>
+requires detail::is_linear_type_v<T>
+void linear_attention_backward(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                               tensor_view<const T, 4> v, tensor_view<const T, 4> out,
+                               tensor_view<const T, 4> dout, tensor_view<T, 4> dq,
+                               tensor_view<T, 4> dk, tensor_view<T, 4> dv,
+                               const linear_options& options, const FeatureMap& phi) {
+  static_assert(requires(const T* x, T* y) { phi.vjp(x, x, y, index_t(0)); },
+                "linear_attention_backward: the feature map needs a vjp(x, dy, dx, n) member "
+                "(dx = J(x)^T dy) to be differentiated");
+  using namespace detail;
+  const tensor_view<T, 4> out_shape(const_cast<T*>(out.data()), out.extents(), out.strides());
+  check_qkvo(q, k, v, out_shape);
+  check_linear_options(options);
+  check_gradient(tensor_view<T, 4>(const_cast<T*>(dout.data()), dout.extents(), dout.strides()),
+                 "dout", out, "out");
+  check_gradient(dq, "dq", q, "q");
+  check_gradient(dk, "dk", k, "k");
+  check_gradient(dv, "dv", v, "v");
+  const char* inputs[] = {"q", "k", "v", "out", "dout"};
+  const tensor_view<const T, 4> in[] = {q, k, v, out, dout};
+  const char* grad_names[] = {"dq", "dk", "dv"};
+  const tensor_view<T, 4> gs[] = {dq, dk, dv};
+  for (int g = 0; g < 3; ++g) {
+    for (int i = 0; i < 5; ++i) check_no_alias(gs[g], grad_names[g], in[i], inputs[i]);
+    for (int h = g + 1; h < 3; ++h) check_no_alias(gs[g], grad_names[g], gs[h], grad_names[h]);
+  }
+  linear_backward_problem<T> bp{
+      {q, k, v, out_shape, options.causal, k.extent(2) - q.extent(2), T(options.eps)},
+      out, dout, dq, dk, dv};
+  bp.forward.features = feature_count(phi, q.extent(3));
+  run_linear_backward<Backend>(bp, phi, resolve_threads(options.threads));
+}
+
+template <class Backend = default_backend, class T>
+requires detail::is_linear_type_v<T>
+void linear_attention_backward(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                               tensor_view<const T, 4> v, tensor_view<const T, 4> out,
+                               tensor_view<const T, 4> dout, tensor_view<T, 4> dq,
+                               tensor_view<T, 4> dk, tensor_view<T, 4> dv,
+                               const linear_options& options = {}) {
+  detail::check_linear_options(options);
+  detail::with_feature_map<Backend, T>(options, q.extent(3), [&](const auto& phi) {
+    linear_attention_backward<Backend>(q, k, v, out, dout, dq, dk, dv, options, phi);
+  });
 }
 
 /// The recurrent state of causal linear attention for decoding: S (D x Dv) and z (D) per

@@ -18,20 +18,6 @@ struct softmax_grads {
   tensor_view<float, 4> dbias{};
 };
 
-namespace detail {
-
-template <class T, class G>
-void check_gradient(const tensor_view<T, 4>& g, const char* name, const tensor_view<G, 4>& like,
-                    const char* like_name) {
-  check_rows(tensor_view<const T, 4>(g), name);
-  for (std::size_t r = 0; r < 4; ++r)
-    require(g.extent(r) == like.extent(r), name, ": extent ", r, " (", dim_name(r), ") is ",
-            g.extent(r), ", expected ", like.extent(r), " as ", like_name);
-  check_one_to_one(g, name);
-}
-
-}  // namespace detail
-
 /// Gradients of softmax attention: given the forward's inputs, its output `out` and the
 /// log-sum-exp it returned (options.lse of the forward call), and dout = d loss / d out,
 /// writes dq, dk, dv = d loss / d q, k, v.

@@ -123,6 +123,46 @@ void causal_product(index_t n, const A* p, index_t ldp, const A* x, index_t ldx,
     }
 }
 
+/// out(b, h, t0 + r, :) = scale * o[r][:] for the n rows of a chunk (rows `ldo` apart).
+template <class T, class A>
+void store_outputs(const tensor_view<T, 4>& out, index_t b, index_t h, index_t t0, index_t n,
+                   const A* o, index_t ldo, A scale) noexcept {
+  const index_t Dv = out.extent(3);
+  for (index_t r = 0; r < n; ++r) {
+    T* row = out.ptr(b, h, t0 + r, 0);
+    for (index_t e = 0; e < Dv; ++e) row[e] = T(o[r * ldo + e] * scale);
+  }
+}
+
+/// The token steps' walk over a state's dvp columns: f.template operator()<N>(c0) for
+/// blocks of four vectors, then one block of the remaining 1-3 (N a compile-time count,
+/// so a block's sums stay in registers across the state's rows).
+template <int W, class F>
+inline void for_column_blocks(index_t dvp, F&& f) {
+  constexpr int X = 4;
+  index_t c0 = 0;
+  for (; c0 + X * W <= dvp; c0 += X * W) f.template operator()<X>(c0);
+  switch ((dvp - c0) / W) {
+    case 3: f.template operator()<3>(c0); break;
+    case 2: f.template operator()<2>(c0); break;
+    case 1: f.template operator()<1>(c0); break;
+    default: break;
+  }
+}
+
+/// walk.template operator()<Two>(g0, first) over a group's query heads two at a time
+/// (Two false for a last one alone); `first` is true for the first walk, which also
+/// updates the state.
+template <class F>
+inline void for_head_pairs(index_t group, F&& walk) {
+  for (index_t g0 = 0; g0 < group; g0 += 2) {
+    if (g0 + 1 < group)
+      walk.template operator()<true>(g0, g0 == 0);
+    else
+      walk.template operator()<false>(g0, g0 == 0);
+  }
+}
+
 /// One chunk of n tokens for key/value head (b, hk) with scalar decays: advances buf.s and
 /// writes the outputs of the group's query heads.
 template <class Backend, class T>
@@ -219,10 +259,7 @@ void recurrence_chunk_step(const recurrence_problem<T>& pr, index_t b, index_t h
     }
     gemm_wide<A, Backend, RB, VB, false>(n, dvp / W, buf.q, dkp, 1, buf.s, dvp, buf.o, dvp, Dk);
     lower.template operator()<true>(buf.p, values, dvp, buf.o, dvp);
-    for (index_t r = 0; r < n; ++r) {
-      T* row = pr.out.ptr(b, h, t0 + r, 0);
-      for (index_t e = 0; e < Dv; ++e) row[e] = T(buf.o[r * dvp + e] * scale);
-    }
+    store_outputs(pr.out, b, h, t0, n, buf.o, dvp, scale);
   }
 
   // S = Gamma_n S0 + (diag(exp(gamma_n - gamma)) K)^T U'.
@@ -291,12 +328,7 @@ inline void token_columns(A* s, index_t dvp, index_t Dk, index_t c0, const A* al
       if constexpr (Two) V::store(o + (g0 + 1) * dvp + c0 + x * W, o1[x]);
     }
   };
-  for (index_t g0 = 0; g0 < group; g0 += 2) {
-    if (g0 + 1 < group)
-      walk.template operator()<true>(g0, g0 == 0);
-    else
-      walk.template operator()<false>(g0, g0 == 0);
-  }
+  for_head_pairs(group, walk);
 }
 
 /// One token t for key/value head (b, hk), any decay shape: the fused recurrence. The
@@ -307,7 +339,7 @@ template <class Backend, class T>
 void recurrence_token_step(const recurrence_problem<T>& pr, index_t b, index_t hk, index_t t,
                            recurrence_buffers<accumulator_t<T>, Backend>& buf) noexcept {
   using A = accumulator_t<T>;
-  constexpr int W = vec<A, Backend>::width, X = 4;
+  constexpr int W = vec<A, Backend>::width;
   const index_t Dk = pr.k.extent(3), Dv = pr.v.extent(3), dvp = buf.dvp;
   const index_t H = pr.q.extent(1), group = H / pr.k.extent(1);
   const bool per_dim = pr.decay.data() && pr.decay.extent(3) > 1;
@@ -329,20 +361,11 @@ void recurrence_token_step(const recurrence_problem<T>& pr, index_t b, index_t h
   for (index_t g = 0; g < group; ++g) convert_row(pr.q.ptr(b, hk * group + g, t, 0), q + g * Dk, Dk);
   const A beta = pr.delta ? A(pr.beta(b, pr.beta.extent(1) == 1 ? 0 : hk, t, 0)) : A(1);
   A* o = buf.o;  // [group][dvp]
-  index_t c0 = 0;
-  for (; c0 + X * W <= dvp; c0 += X * W)
-    token_columns<X, Backend>(buf.s, dvp, Dk, c0, alpha, k, ak, v, q, group, pr.delta, beta, o);
-  switch ((dvp - c0) / W) {
-    case 3: token_columns<3, Backend>(buf.s, dvp, Dk, c0, alpha, k, ak, v, q, group, pr.delta, beta, o); break;
-    case 2: token_columns<2, Backend>(buf.s, dvp, Dk, c0, alpha, k, ak, v, q, group, pr.delta, beta, o); break;
-    case 1: token_columns<1, Backend>(buf.s, dvp, Dk, c0, alpha, k, ak, v, q, group, pr.delta, beta, o); break;
-    default: break;
-  }
-  const A scale = A(pr.scale);
-  for (index_t g = 0; g < group; ++g) {
-    T* row = pr.out.ptr(b, hk * group + g, t, 0);
-    for (index_t c = 0; c < Dv; ++c) row[c] = T(o[g * dvp + c] * scale);
-  }
+  for_column_blocks<W>(dvp, [&]<int N>(index_t c0) {
+    token_columns<N, Backend>(buf.s, dvp, Dk, c0, alpha, k, ak, v, q, group, pr.delta, beta, o);
+  });
+  for (index_t g = 0; g < group; ++g)
+    store_outputs(pr.out, b, hk * group + g, t, 1, o + g * dvp, dvp, A(pr.scale));
 }
 
 /// Runs the problem: one task per (batch, key/value head), each serial over its tokens

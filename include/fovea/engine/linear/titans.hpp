@@ -161,10 +161,7 @@ void titans_chunk_step(const titans_problem<T>& pr, index_t b, index_t hk, index
       gemm_wide<A, Backend, RB, VB, true>(n, dvp / W, buf.p, cp, 1, buf.g, dvp, buf.o, dvp, n);
     else  // a NaN or Inf in G_s must reach tokens s.. only, not 0 * NaN above the diagonal
       causal_product<A, Backend>(n, buf.p, cp, buf.g, dvp, buf.o, dvp, dvp);
-    for (index_t t = 0; t < n; ++t) {
-      T* row = pr.out.ptr(b, head, t0 + t, 0);
-      for (index_t e = 0; e < Dv; ++e) row[e] = T(buf.o[t * dvp + e] * scale);
-    }
+    store_outputs(pr.out, b, head, t0, n, buf.o, dvp, scale);
   }
 
   // M = a_n M0 + c_n U0 - sum_s w_ns k_s G_s^T, then U = m_n U0 - sum_s h_ns k_s G_s^T.
@@ -239,12 +236,7 @@ inline void titans_token_columns(A* memory, A* momentum, index_t dvp, index_t Dk
       if constexpr (Two) V::store(o + (g0 + 1) * dvp + c0 + x * W, o1[x]);
     }
   };
-  for (index_t g0 = 0; g0 < group; g0 += 2) {
-    if (g0 + 1 < group)
-      walk.template operator()<true>(g0, g0 == 0);
-    else
-      walk.template operator()<false>(g0, g0 == 0);
-  }
+  for_head_pairs(group, walk);
 }
 
 /// One token t for key/value head (b, hk) by the fused recurrence (chunks of one token):
@@ -253,7 +245,7 @@ template <class Backend, class T>
 void titans_token_step(const titans_problem<T>& pr, index_t b, index_t hk, index_t t,
                        titans_buffers<accumulator_t<T>, Backend>& buf) noexcept {
   using A = accumulator_t<T>;
-  constexpr int W = vec<A, Backend>::width, X = 4;
+  constexpr int W = vec<A, Backend>::width;
   const index_t Dk = pr.k.extent(3), Dv = pr.v.extent(3), dvp = buf.dvp;
   const index_t group = pr.q.extent(1) / pr.k.extent(1);
   convert_row(pr.k.ptr(b, hk, t, 0), buf.k, Dk);
@@ -263,23 +255,12 @@ void titans_token_step(const titans_problem<T>& pr, index_t b, index_t hk, index
     convert_row(pr.q.ptr(b, hk * group + g, t, 0), buf.q + g * Dk, Dk);
   const A eta = gate<A>(pr.eta, b, hk, t, A(0)), step = 2 * gate<A>(pr.theta, b, hk, t, A(0));
   const A keep = A(1) - gate<A>(pr.alpha, b, hk, t, A(0));
-  auto columns = [&]<int N>(index_t c0) {
+  for_column_blocks<W>(dvp, [&]<int N>(index_t c0) {
     titans_token_columns<N, Backend>(buf.memory, buf.momentum, dvp, Dk, c0, buf.k, buf.g, buf.q,
                                      group, eta, step, keep, buf.o);
-  };
-  index_t c0 = 0;
-  for (; c0 + X * W <= dvp; c0 += X * W) columns.template operator()<X>(c0);
-  switch ((dvp - c0) / W) {
-    case 3: columns.template operator()<3>(c0); break;
-    case 2: columns.template operator()<2>(c0); break;
-    case 1: columns.template operator()<1>(c0); break;
-    default: break;
-  }
-  const A scale = A(pr.scale);
-  for (index_t g = 0; g < group; ++g) {
-    T* row = pr.out.ptr(b, hk * group + g, t, 0);
-    for (index_t c = 0; c < Dv; ++c) row[c] = T(buf.o[g * dvp + c] * scale);
-  }
+  });
+  for (index_t g = 0; g < group; ++g)
+    store_outputs(pr.out, b, hk * group + g, t, 1, buf.o + g * dvp, dvp, A(pr.scale));
 }
 
 /// (B, Hk, Dk, Dv) fp32 state `in` (or zeros) into a task's Dk x dvp buffer.
