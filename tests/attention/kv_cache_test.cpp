@@ -345,7 +345,8 @@ TEST(KvCache, VarlenBiasAndMaskAreBlockDiagonal) {
 template <class L>
 void lowp_bias_case() {
   SCOPED_TRACE((std::is_same_v<L, half> ? "fp16" : "bf16"));
-  for (auto [sq, sk] : {std::pair<index_t, index_t>{70, 130}, {3, 600}, {1, 1}}) {
+  for (const auto& shape : {std::pair<index_t, index_t>{70, 130}, {3, 600}, {1, 1}}) {
+    const index_t sq = shape.first, sk = shape.second;  // (clang 14: no lambda captures of bindings)
     SCOPED_TRACE("Sq " + std::to_string(sq) + " Sk " + std::to_string(sk));
     const auto q = normal<float>(2 * H * sq * D, 1), k = normal<float>(2 * Hk * sk * D, 2),
                v = normal<float>(2 * Hk * sk * Dv, 3);

@@ -22,6 +22,7 @@ if(MODE STREQUAL "find_package")
     run(${WORK}/build/${example})
   endforeach()
   run(${WORK}/build/train_tiny --steps 400)  # exits 1 below 95% held-out accuracy
+  run(${WORK}/build/train_tiny --attention linear)  # through linear_attention_backward
   set(model ${SOURCE}/../shared/models/stories260K.bin)  # the real checkpoint, when laid out
   if(EXISTS ${model})
     run(${WORK}/build/llama2c ${model} -n 64)
@@ -34,12 +35,9 @@ elseif(MODE STREQUAL "add_subdirectory")
   run(${CMAKE_COMMAND} --build ${WORK}/build)
   run(${WORK}/build/consumer)
 elseif(MODE STREQUAL "include_flags")
-  # Exactly the flags the README documents for plain -I use.
-  run(${CXX} -std=c++20 -O2 -march=native -fopenmp -I${SOURCE}/include -I/usr/include/eigen3
-      ${SOURCE}/examples/basic_attention.cpp -o ${WORK}/basic_attention)
-  run(${WORK}/basic_attention)
-  # Warning-clean under -Wall -Wextra -Werror: every family, natively (and run), and for
-  # AVX-512 with BF16 and VNNI (compiled only: this machine need not run it).
+  # The flags the README documents for plain -I use, plus -Wall -Wextra -Werror: every
+  # family warning-clean, natively (and run), and for AVX-512 with BF16 and VNNI (compiled
+  # only: this machine need not run it).
   foreach(arch native sapphirerapids)
     run(${CXX} -std=c++20 -O2 -march=${arch} -fopenmp -Wall -Wextra -Werror -I${SOURCE}/include
         -isystem /usr/include/eigen3 ${SOURCE}/tests/consumers/every_family.cpp
