@@ -364,6 +364,95 @@ TEST(SoftmaxBackward, BiasGradients) {
   }
 }
 
+// varlen: each packed sequence's gradients equal softmax_attention_backward on that
+// sequence alone, bit for bit, with empty sequences (no queries: zero dk, dv; no keys:
+// zero dq), a packed block-diagonal bias, ALiBi slopes per sequence, GQA, causal.
+TEST(SoftmaxBackward, VarlenEqualsPerSequenceCalls) {
+  const index_t H = 4, Hk = 2, D = 24, Dv = 16;
+  const std::vector<std::int32_t> cu_q{0, 3, 3, 73, 74, 74}, cu_k{0, 10, 15, 215, 216, 216};
+  const index_t tq = cu_q.back(), tk = cu_k.back(), seqs = index_t(cu_q.size()) - 1;
+  const auto q = normal<float>(H * tq * D, 1), k = normal<float>(Hk * tk * D, 2),
+             v = normal<float>(Hk * tk * Dv, 3), dout = normal<float>(H * tq * Dv, 4),
+             bias = normal<float>(tq * tk, 5, 0.5), slopes = uniform<float>(seqs * H, 6, 0.0, 0.3);
+  for (bool with_terms : {false, true}) {
+    SCOPED_TRACE(with_terms ? "bias and ALiBi" : "plain");
+    softmax_options o{.causal = true, .threads = 2};
+    if (with_terms) {
+      o.bias = view<const float>(bias.data(), {1, 1, tq, tk});
+      o.alibi_slopes = view<const float>(slopes.data(), {seqs, H});
+    }
+    std::vector<float> out(H * tq * Dv), lse(H * tq), dq(H * tq * D, -7.f), dk(Hk * tk * D, -7.f),
+        dv(Hk * tk * Dv, -7.f);
+    auto fwd = o;
+    fwd.lse = view(lse.data(), {1, H, tq});
+    const auto Q = bhsd<const float>(q.data(), 1, H, tq, D);
+    const auto K = bhsd<const float>(k.data(), 1, Hk, tk, D);
+    const auto V = bhsd<const float>(v.data(), 1, Hk, tk, Dv);
+    softmax_attention_varlen(Q, K, V, bhsd(out.data(), 1, H, tq, Dv), cu_q, cu_k, fwd);
+    softmax_attention_varlen_backward(Q, K, V, bhsd<const float>(out.data(), 1, H, tq, Dv),
+                                      bhsd<const float>(dout.data(), 1, H, tq, Dv),
+                                      view<const float>(lse.data(), {1, H, tq}),
+                                      bhsd(dq.data(), 1, H, tq, D), bhsd(dk.data(), 1, Hk, tk, D),
+                                      bhsd(dv.data(), 1, Hk, tk, Dv), cu_q, cu_k, o);
+    for (index_t b = 0; b < seqs; ++b) {
+      const index_t q0 = cu_q[b], sq = cu_q[b + 1] - q0, k0 = cu_k[b], sk = cu_k[b + 1] - k0;
+      std::vector<float> bq(H * sq * D), bk(Hk * sk * D), bv(Hk * sk * Dv), bo(H * sq * Dv),
+          bg(H * sq * Dv), bl(H * sq), bdq(bq.size()), bdk(bk.size()), bdv(bv.size()), bb(sq * sk);
+      for (index_t h = 0; h < H; ++h) {
+        std::copy_n(&q[(h * tq + q0) * D], sq * D, &bq[h * sq * D]);
+        std::copy_n(&dout[(h * tq + q0) * Dv], sq * Dv, &bg[h * sq * Dv]);
+      }
+      for (index_t h = 0; h < Hk; ++h) {
+        std::copy_n(&k[(h * tk + k0) * D], sk * D, &bk[h * sk * D]);
+        std::copy_n(&v[(h * tk + k0) * Dv], sk * Dv, &bv[h * sk * Dv]);
+      }
+      for (index_t i = 0; i < sq; ++i) std::copy_n(&bias[(q0 + i) * tk + k0], sk, &bb[i * sk]);
+      softmax_options so{.causal = true, .threads = 1};
+      if (with_terms) {
+        so.bias = view<const float>(bb.data(), {1, 1, sq, sk});
+        so.alibi_slopes = view<const float>(&slopes[b * H], {1, H});
+      }
+      auto sf = so;
+      sf.lse = view(bl.data(), {1, H, sq});
+      const auto SQ = bhsd<const float>(bq.data(), 1, H, sq, D);
+      const auto SK = bhsd<const float>(bk.data(), 1, Hk, sk, D);
+      const auto SV = bhsd<const float>(bv.data(), 1, Hk, sk, Dv);
+      softmax_attention(SQ, SK, SV, bhsd(bo.data(), 1, H, sq, Dv), sf);
+      softmax_attention_backward(SQ, SK, SV, bhsd<const float>(bo.data(), 1, H, sq, Dv),
+                                 bhsd<const float>(bg.data(), 1, H, sq, Dv),
+                                 view<const float>(bl.data(), {1, H, sq}), bhsd(bdq.data(), 1, H, sq, D),
+                                 bhsd(bdk.data(), 1, Hk, sk, D), bhsd(bdv.data(), 1, Hk, sk, Dv), so);
+      if (sq == 0) std::fill(bdk.begin(), bdk.end(), 0.f), std::fill(bdv.begin(), bdv.end(), 0.f);
+      for (index_t h = 0; h < H; ++h)
+        for (index_t x = 0; x < sq * D; ++x)
+          ASSERT_EQ(dq[(h * tq + q0) * D + x], bdq[h * sq * D + x]) << "dq, sequence " << b;
+      for (index_t h = 0; h < Hk; ++h) {
+        for (index_t x = 0; x < sk * D; ++x)
+          ASSERT_EQ(dk[(h * tk + k0) * D + x], bdk[h * sk * D + x]) << "dk, sequence " << b;
+        for (index_t x = 0; x < sk * Dv; ++x)
+          ASSERT_EQ(dv[(h * tk + k0) * Dv + x], bdv[h * sk * Dv + x]) << "dv, sequence " << b;
+      }
+    }
+  }
+  // Bad input is caught before any write.
+  std::vector<float> o(H * tq * Dv), l(H * tq), gq(H * tq * D, -7.f), gk(Hk * tk * D, -7.f),
+      gv(Hk * tk * Dv, -7.f);
+  const std::vector<std::int32_t> bad{0, 3, 3, 73, 74, 75};
+  try {
+    softmax_attention_varlen_backward(
+        bhsd<const float>(q.data(), 1, H, tq, D), bhsd<const float>(k.data(), 1, Hk, tk, D),
+        bhsd<const float>(v.data(), 1, Hk, tk, Dv), bhsd<const float>(o.data(), 1, H, tq, Dv),
+        bhsd<const float>(dout.data(), 1, H, tq, Dv), view<const float>(l.data(), {1, H, tq}),
+        bhsd(gq.data(), 1, H, tq, D), bhsd(gk.data(), 1, Hk, tk, D), bhsd(gv.data(), 1, Hk, tk, Dv),
+        bad, cu_k);
+    ADD_FAILURE() << "no error";
+  } catch (const fovea::error& e) {
+    EXPECT_NE(std::string(e.what()).find("cu_seqlens_q"), std::string::npos) << e.what();
+  }
+  for (const auto* g : {&gq, &gk, &gv})
+    for (float x : *g) ASSERT_EQ(x, -7.f);
+}
+
 TEST(SoftmaxBackward, BadInputNamesTheArgumentAndWritesNothing) {
   const index_t H = 2, S = 8, D = 16;
   std::vector<float> q(H * S * D), k(q), v(q), o(q), g(q), lse(H * S), dq(q.size(), 5.f),

@@ -2,10 +2,14 @@
 // and v (FlashAttention-2's algorithm, deterministic), for every softmax_options modifier.
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
+#include <span>
 #include <type_traits>
 
 #include "../engine/dense/backward.hpp"
 #include "softmax.hpp"
+#include "softmax_varlen.hpp"
 
 namespace fovea {
 
@@ -17,6 +21,44 @@ struct softmax_grads {
   /// queries and, for Hk heads, over each group's query heads). Overwritten.
   tensor_view<float, 4> dbias{};
 };
+
+namespace detail {
+
+/// The backward's tensors against the forward's (q, k, v, out), checked before any write:
+/// dout like out, lse (B, H, Sq), dq, dk, dv like q, k, v, no gradient overlapping an
+/// input, the bias or another gradient.
+template <class S>
+void check_backward_tensors(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>& k,
+                            const tensor_view<const S, 4>& v, const tensor_view<const S, 4>& out,
+                            const tensor_view<const S, 4>& dout,
+                            const tensor_view<const float, 3>& lse, const tensor_view<S, 4>& dq,
+                            const tensor_view<S, 4>& dk, const tensor_view<S, 4>& dv,
+                            const softmax_options& options) {
+  const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2);
+  check_gradient(tensor_view<S, 4>(const_cast<S*>(dout.data()), dout.extents(), dout.strides()),
+                 "dout", out, "out");
+  check_data(lse, "lse");
+  require(lse.data() != nullptr || B * H * Sq == 0, "lse: is required (the forward's options.lse)");
+  const index_t want[3] = {B, H, Sq};
+  for (std::size_t r = 0; r < 3; ++r)
+    require(lse.extent(r) == want[r], "lse: extent ", r, " is ", lse.extent(r), ", expected ",
+            want[r], " (lse is (B, H, Sq))");
+  check_gradient(dq, "dq", q, "q");
+  check_gradient(dk, "dk", k, "k");
+  check_gradient(dv, "dv", v, "v");
+  const char* inputs[] = {"q", "k", "v", "out", "dout"};
+  const tensor_view<const S, 4> in[] = {q, k, v, out, dout};
+  const char* grad_names[] = {"dq", "dk", "dv"};
+  const tensor_view<S, 4> gs[] = {dq, dk, dv};
+  for (int g = 0; g < 3; ++g) {
+    for (int i = 0; i < 5; ++i) check_no_alias(gs[g], grad_names[g], in[i], inputs[i]);
+    check_no_alias(gs[g], grad_names[g], lse, "lse");
+    check_no_alias(gs[g], grad_names[g], options.bias, "options.bias");
+    for (int h = g + 1; h < 3; ++h) check_no_alias(gs[g], grad_names[g], gs[h], grad_names[h]);
+  }
+}
+
+}  // namespace detail
 
 /// Gradients of softmax attention: given the forward's inputs, its output `out` and the
 /// log-sum-exp it returned (options.lse of the forward call), and dout = d loss / d out,
@@ -67,27 +109,11 @@ void softmax_attention_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tens
   backward_problem<S> bp;
   bp.forward = make_softmax_problem<S>(cq, ck, cv, out_shape, o);
   const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2);
-  check_gradient(tensor_view<S, 4>(const_cast<S*>(cg.data()), cg.extents(), cg.strides()),
-                 "dout", co, "out");
-  check_data(cl, "lse");
-  require(cl.data() != nullptr || B * H * Sq == 0, "lse: is required (the forward's options.lse)");
-  const index_t want[3] = {B, H, Sq};
-  for (std::size_t r = 0; r < 3; ++r)
-    require(cl.extent(r) == want[r], "lse: extent ", r, " is ", cl.extent(r), ", expected ",
-            want[r], " (lse is (B, H, Sq))");
-  check_gradient(dq, "dq", cq, "q");
-  check_gradient(dk, "dk", ck, "k");
-  check_gradient(dv, "dv", cv, "v");
+  check_backward_tensors(cq, ck, cv, co, cg, cl, dq, dk, dv, options);
   const char* inputs[] = {"q", "k", "v", "out", "dout"};
   const tensor_view<const S, 4> in[] = {cq, ck, cv, co, cg};
   const char* grad_names[] = {"dq", "dk", "dv"};
   const tensor_view<S, 4> gs[] = {dq, dk, dv};
-  for (int g = 0; g < 3; ++g) {
-    for (int i = 0; i < 5; ++i) check_no_alias(gs[g], grad_names[g], in[i], inputs[i]);
-    check_no_alias(gs[g], grad_names[g], cl, "lse");
-    check_no_alias(gs[g], grad_names[g], options.bias, "options.bias");
-    for (int h = g + 1; h < 3; ++h) check_no_alias(gs[g], grad_names[g], gs[h], grad_names[h]);
-  }
   if (grads.dsinks.data() != nullptr || !grads.dsinks.empty()) {
     require(options.sinks.data() != nullptr, "grads.dsinks: given, but options.sinks is not");
     require(grads.dsinks.extent(0) == H, "grads.dsinks: extent 0 is ", grads.dsinks.extent(0),
@@ -124,6 +150,77 @@ void softmax_attention_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tens
   bp.dv = dv;
   bp.dsinks = grads.dsinks;
   run_backward<Backend>(bp, custom, resolve_threads(options.threads));
+}
+
+/// Gradients of softmax_attention_varlen: the packed forward's inputs, out, dout and lse
+/// (its options.lse, (1, H, total_q)), the same offsets and options; writes the packed
+/// dq, dk, dv. Each sequence's gradients are softmax_attention_backward's on that
+/// sequence alone (the block-diagonal bias and mask cut as the forward cuts them, ALiBi
+/// slopes (sequences|1, H), score_mod / mask_mod positions within the sequence), run one
+/// sequence after another, each over the threads: bitwise the same for any thread count.
+/// Keys of a sequence without queries get zero gradients. No sinks or bias gradients here
+/// (softmax_grads): a call per sequence gives them. Bad arguments throw fovea::error
+/// before any write.
+template <class Backend = default_backend, class TQ, class TK, class TV, class TO, class TG,
+          class TL, class S, class ScoreMod = identity_score_mod,
+          class MaskMod = keep_all_mask_mod>
+requires detail::attention_types<TQ, TK, TV, S> && std::is_same_v<std::remove_const_t<TO>, S> &&
+         std::is_same_v<std::remove_const_t<TG>, S> && std::is_same_v<std::remove_const_t<TL>, float>
+void softmax_attention_varlen_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> k,
+                                       tensor_view<TV, 4> v, tensor_view<TO, 4> out,
+                                       tensor_view<TG, 4> dout, tensor_view<TL, 3> lse,
+                                       tensor_view<S, 4> dq, tensor_view<S, 4> dk,
+                                       tensor_view<S, 4> dv,
+                                       std::span<const std::int32_t> cu_seqlens_q,
+                                       std::span<const std::int32_t> cu_seqlens_k,
+                                       const softmax_options& options = {},
+                                       const custom_variant<ScoreMod, MaskMod>& custom = {}) {
+  static_assert(std::is_same_v<ScoreMod, identity_score_mod>,
+                "softmax_attention_varlen_backward: a user score_mod has no gradient here; "
+                "use the built-in options (bias, ALiBi, soft-cap) or mask_mod");
+  using namespace detail;
+  const tensor_view<const S, 4> cq = q, ck = k, cv = v, co = out, cg = dout;
+  const tensor_view<const float, 3> cl = lse;
+  const tensor_view<S, 4> out_shape(const_cast<S*>(co.data()), co.extents(), co.strides());
+  const index_t group = check_qkvo(cq, ck, cv, out_shape);
+  require(q.extent(0) == 1, "q: extent 0 (batch) is ", q.extent(0),
+          ", expected 1 (sequences are packed along seq)");
+  const index_t H = q.extent(1);
+  check_offsets(cu_seqlens_q, q.extent(2), "cu_seqlens_q");
+  check_offsets(cu_seqlens_k, k.extent(2), "cu_seqlens_k");
+  require(cu_seqlens_k.size() == cu_seqlens_q.size(), "cu_seqlens_k: has ", cu_seqlens_k.size(),
+          " offsets, expected ", cu_seqlens_q.size(), " like cu_seqlens_q");
+  const index_t sequences = index_t(cu_seqlens_q.size()) - 1;
+  const double scale = check_scalar_options(options, q.extent(3));
+  check_sequence_terms(options, 1, H, k.extent(1), q.extent(2), k.extent(2), out_shape);
+  check_head_options(options, sequences, H);
+  check_backward_tensors(cq, ck, cv, co, cg, cl, dq, dk, dv, options);
+  const int threads = resolve_threads(options.threads);
+  for (index_t b = 0; b < sequences; ++b) {
+    const index_t q0 = cu_seqlens_q[b], sq = cu_seqlens_q[b + 1] - q0;
+    const index_t k0 = cu_seqlens_k[b], sk = cu_seqlens_k[b + 1] - k0;
+    backward_problem<S> bp;
+    dense_problem<S>& pr = bp.forward;
+    pr.q = slice(cq, 2, q0, sq);
+    pr.out = slice(out_shape, 2, q0, sq);
+    pr.kv.k = slice(ck, 2, k0, sk);
+    pr.kv.v = slice(cv, 2, k0, sk);
+    pr.batch_base = b;
+    apply_options(pr, sequence_options(options, -1, q0, sq, k0, sk), scale, group, sq, sk);
+    bp.out = slice(co, 2, q0, sq);
+    bp.dout = slice(cg, 2, q0, sq);
+    bp.lse = slice(cl, 2, q0, sq);
+    bp.dq = slice(dq, 2, q0, sq);
+    bp.dk = slice(dk, 2, k0, sk);
+    bp.dv = slice(dv, 2, k0, sk);
+    if (sq == 0) {  // keys no query reads
+      for (const auto& g : {bp.dk, bp.dv})
+        for (index_t h = 0; h < g.extent(1); ++h)
+          for (index_t j = 0; j < sk; ++j) std::fill_n(g.ptr(0, h, j, 0), g.extent(3), S(0));
+      continue;
+    }
+    run_backward<Backend>(bp, custom, threads);
+  }
 }
 
 }  // namespace fovea
