@@ -174,6 +174,24 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
   const std::vector<float> q_before = q;
   std::vector<float> quantized_k, quantized_v, scale_store, dout, grad_q, grad_k, grad_v;
+  // A backward call after its forward: dout from the bytes, gradients with a sentinel
+  // that must survive an error untouched.
+  auto checked_backward = [&](auto&& call) {
+    dout.resize(B * H * Sq * Dv + 1);
+    for (float& e : dout) e = in.value();
+    grad_q.assign(B * H * Sq * D + 1, -7.f);
+    grad_k.assign(B * Hk * Sk * D + 1, -7.f);
+    grad_v.assign(B * Hk * Sk * Dv + 1, -7.f);
+    try {
+      call(fovea::bhsd<const float>(dout.data(), B, H, Sq, Dv), fovea::bhsd(grad_q.data(), B, H, Sq, D),
+           fovea::bhsd(grad_k.data(), B, Hk, Sk, D), fovea::bhsd(grad_v.data(), B, Hk, Sk, Dv));
+    } catch (const fovea::error&) {
+      for (auto* g : {&grad_q, &grad_k, &grad_v})
+        for (float x : *g)
+          if (x != -7.f) fail("a gradient written before fovea::error");
+      throw;
+    }
+  };
   fovea::softmax_options softmax_options_used;
   bool backward_ran = false;
   bool threw = false;
@@ -402,23 +420,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         fovea::softmax_options forward = o;
         forward.lse = fovea::view(lse.data(), {B, H, Sq});
         fovea::softmax_attention(Q, K, V, O, forward);
-        dout.resize(B * H * Sq * Dv + 1);
-        for (float& e : dout) e = in.value();
-        grad_q.assign(B * H * Sq * D + 1, -7.f);
-        grad_k.assign(B * Hk * Sk * D + 1, -7.f);
-        grad_v.assign(B * Hk * Sk * Dv + 1, -7.f);
-        try {
-          fovea::softmax_attention_backward(
-              Q, K, V, fovea::tensor_view<const float, 4>(O),
-              fovea::bhsd<const float>(dout.data(), B, H, Sq, Dv),
-              fovea::view<const float>(lse.data(), {B, H, Sq}), fovea::bhsd(grad_q.data(), B, H, Sq, D),
-              fovea::bhsd(grad_k.data(), B, Hk, Sk, D), fovea::bhsd(grad_v.data(), B, Hk, Sk, Dv), o);
-        } catch (const fovea::error&) {
-          for (auto* g : {&grad_q, &grad_k, &grad_v})
-            for (float x : *g)
-              if (x != -7.f) fail("a gradient written before fovea::error");
-          throw;
-        }
+        checked_backward([&](auto dO, auto dQ, auto dK, auto dV) {
+          fovea::softmax_attention_backward(Q, K, V, fovea::tensor_view<const float, 4>(O), dO,
+                                            fovea::view<const float>(lse.data(), {B, H, Sq}), dQ,
+                                            dK, dV, o);
+        });
         backward_ran = true;
         break;
       }
@@ -450,22 +456,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                                                        : fovea::feature_map::elu_plus_one,
                                       .eps = flags & 8 ? 0.0 : 1e-6};
         fovea::linear_attention(Q, K, V, O, o);
-        dout.resize(B * H * Sq * Dv + 1);
-        for (float& e : dout) e = in.value();
-        grad_q.assign(B * H * Sq * D + 1, -7.f);
-        grad_k.assign(B * Hk * Sk * D + 1, -7.f);
-        grad_v.assign(B * Hk * Sk * Dv + 1, -7.f);
-        try {
-          fovea::linear_attention_backward(
-              Q, K, V, fovea::tensor_view<const float, 4>(O),
-              fovea::bhsd<const float>(dout.data(), B, H, Sq, Dv), fovea::bhsd(grad_q.data(), B, H, Sq, D),
-              fovea::bhsd(grad_k.data(), B, Hk, Sk, D), fovea::bhsd(grad_v.data(), B, Hk, Sk, Dv), o);
-        } catch (const fovea::error&) {
-          for (auto* g : {&grad_q, &grad_k, &grad_v})
-            for (float x : *g)
-              if (x != -7.f) fail("a gradient written before fovea::error");
-          throw;
-        }
+        checked_backward([&](auto dO, auto dQ, auto dK, auto dV) {
+          fovea::linear_attention_backward(Q, K, V, fovea::tensor_view<const float, 4>(O), dO, dQ,
+                                           dK, dV, o);
+        });
         bool small = moderate && !(flags & 8);  // eps = 0 may divide by a vanishing den
         for (float e : dout) small = small && std::abs(e) < 1e3f;
         for (float e : q) small = small && std::abs(e) < 8.f;  // phi(q).phi(k) stays far from 0

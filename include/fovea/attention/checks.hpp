@@ -200,4 +200,26 @@ void check_gradient(const tensor_view<T, 4>& g, const char* name, const tensor_v
   check_one_to_one(g, name);
 }
 
+/// A backward's dq, dk, dv: shaped like q, k, v, dout like out, no gradient overlapping an
+/// input or another gradient.
+template <class S>
+void check_gradients(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>& k,
+                     const tensor_view<const S, 4>& v, const tensor_view<const S, 4>& out,
+                     const tensor_view<const S, 4>& dout, const tensor_view<S, 4>& dq,
+                     const tensor_view<S, 4>& dk, const tensor_view<S, 4>& dv) {
+  check_gradient(tensor_view<S, 4>(const_cast<S*>(dout.data()), dout.extents(), dout.strides()),
+                 "dout", out, "out");
+  check_gradient(dq, "dq", q, "q");
+  check_gradient(dk, "dk", k, "k");
+  check_gradient(dv, "dv", v, "v");
+  const char* inputs[] = {"q", "k", "v", "out", "dout"};
+  const tensor_view<const S, 4> in[] = {q, k, v, out, dout};
+  const char* grad_names[] = {"dq", "dk", "dv"};
+  const tensor_view<S, 4> gs[] = {dq, dk, dv};
+  for (int g = 0; g < 3; ++g) {
+    for (int i = 0; i < 5; ++i) check_no_alias(gs[g], grad_names[g], in[i], inputs[i]);
+    for (int h = g + 1; h < 3; ++h) check_no_alias(gs[g], grad_names[g], gs[h], grad_names[h]);
+  }
+}
+
 }  // namespace fovea::detail

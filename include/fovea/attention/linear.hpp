@@ -310,19 +310,7 @@ void linear_attention_backward(tensor_view<const T, 4> q, tensor_view<const T, 4
   const tensor_view<T, 4> out_shape(const_cast<T*>(out.data()), out.extents(), out.strides());
   check_qkvo(q, k, v, out_shape);
   check_linear_options(options);
-  check_gradient(tensor_view<T, 4>(const_cast<T*>(dout.data()), dout.extents(), dout.strides()),
-                 "dout", out, "out");
-  check_gradient(dq, "dq", q, "q");
-  check_gradient(dk, "dk", k, "k");
-  check_gradient(dv, "dv", v, "v");
-  const char* inputs[] = {"q", "k", "v", "out", "dout"};
-  const tensor_view<const T, 4> in[] = {q, k, v, out, dout};
-  const char* grad_names[] = {"dq", "dk", "dv"};
-  const tensor_view<T, 4> gs[] = {dq, dk, dv};
-  for (int g = 0; g < 3; ++g) {
-    for (int i = 0; i < 5; ++i) check_no_alias(gs[g], grad_names[g], in[i], inputs[i]);
-    for (int h = g + 1; h < 3; ++h) check_no_alias(gs[g], grad_names[g], gs[h], grad_names[h]);
-  }
+  check_gradients(q, k, v, out, dout, dq, dk, dv);
   linear_backward_problem<T> bp{
       {q, k, v, out_shape, options.causal, k.extent(2) - q.extent(2), T(options.eps)},
       out, dout, dq, dk, dv};

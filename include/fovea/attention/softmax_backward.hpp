@@ -35,26 +35,16 @@ void check_backward_tensors(const tensor_view<const S, 4>& q, const tensor_view<
                             const tensor_view<S, 4>& dk, const tensor_view<S, 4>& dv,
                             const softmax_options& options) {
   const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2);
-  check_gradient(tensor_view<S, 4>(const_cast<S*>(dout.data()), dout.extents(), dout.strides()),
-                 "dout", out, "out");
   check_data(lse, "lse");
   require(lse.data() != nullptr || B * H * Sq == 0, "lse: is required (the forward's options.lse)");
   const index_t want[3] = {B, H, Sq};
   for (std::size_t r = 0; r < 3; ++r)
     require(lse.extent(r) == want[r], "lse: extent ", r, " is ", lse.extent(r), ", expected ",
             want[r], " (lse is (B, H, Sq))");
-  check_gradient(dq, "dq", q, "q");
-  check_gradient(dk, "dk", k, "k");
-  check_gradient(dv, "dv", v, "v");
-  const char* inputs[] = {"q", "k", "v", "out", "dout"};
-  const tensor_view<const S, 4> in[] = {q, k, v, out, dout};
-  const char* grad_names[] = {"dq", "dk", "dv"};
-  const tensor_view<S, 4> gs[] = {dq, dk, dv};
-  for (int g = 0; g < 3; ++g) {
-    for (int i = 0; i < 5; ++i) check_no_alias(gs[g], grad_names[g], in[i], inputs[i]);
-    check_no_alias(gs[g], grad_names[g], lse, "lse");
-    check_no_alias(gs[g], grad_names[g], options.bias, "options.bias");
-    for (int h = g + 1; h < 3; ++h) check_no_alias(gs[g], grad_names[g], gs[h], grad_names[h]);
+  check_gradients(q, k, v, out, dout, dq, dk, dv);
+  for (const auto& [g, name] : {std::pair{dq, "dq"}, {dk, "dk"}, {dv, "dv"}}) {
+    check_no_alias(g, name, lse, "lse");
+    check_no_alias(g, name, options.bias, "options.bias");
   }
 }
 
@@ -182,18 +172,9 @@ void softmax_attention_varlen_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> 
   const tensor_view<const S, 4> cq = q, ck = k, cv = v, co = out, cg = dout;
   const tensor_view<const float, 3> cl = lse;
   const tensor_view<S, 4> out_shape(const_cast<S*>(co.data()), co.extents(), co.strides());
-  const index_t group = check_qkvo(cq, ck, cv, out_shape);
-  require(q.extent(0) == 1, "q: extent 0 (batch) is ", q.extent(0),
-          ", expected 1 (sequences are packed along seq)");
-  const index_t H = q.extent(1);
-  check_offsets(cu_seqlens_q, q.extent(2), "cu_seqlens_q");
-  check_offsets(cu_seqlens_k, k.extent(2), "cu_seqlens_k");
-  require(cu_seqlens_k.size() == cu_seqlens_q.size(), "cu_seqlens_k: has ", cu_seqlens_k.size(),
-          " offsets, expected ", cu_seqlens_q.size(), " like cu_seqlens_q");
-  const index_t sequences = index_t(cu_seqlens_q.size()) - 1;
-  const double scale = check_scalar_options(options, q.extent(3));
-  check_sequence_terms(options, 1, H, k.extent(1), q.extent(2), k.extent(2), out_shape);
-  check_head_options(options, sequences, H);
+  const auto call = check_varlen_call(cq, ck, cv, out_shape, cu_seqlens_q, cu_seqlens_k, options);
+  const index_t group = call.group, sequences = call.sequences;
+  const double scale = call.scale;
   check_backward_tensors(cq, ck, cv, co, cg, cl, dq, dk, dv, options);
   const int threads = resolve_threads(options.threads);
   for (index_t b = 0; b < sequences; ++b) {

@@ -46,6 +46,34 @@ inline any_float_view<4> sequence_part(const any_float_view<4>& x, std::size_t d
   return x.visit([&](const auto& v) { return any_float_view<4>(sequence_part(v, d, first, n)); });
 }
 
+/// What a checked varlen call knows: the GQA group, the sequences, the scale.
+struct varlen_call {
+  index_t group, sequences;
+  double scale;
+};
+
+/// The checks a packed varlen call (forward or backward) makes before any write: q, k, v,
+/// out packed along seq (batch 1), the offsets, the options as one call of `sequences`
+/// batch rows would take them.
+template <class T, class K, class V>
+varlen_call check_varlen_call(const tensor_view<const T, 4>& q, const tensor_view<const K, 4>& k,
+                              const tensor_view<const V, 4>& v, const tensor_view<T, 4>& out,
+                              std::span<const std::int32_t> cu_seqlens_q,
+                              std::span<const std::int32_t> cu_seqlens_k, const softmax_options& o) {
+  const index_t group = check_qkvo(q, k, v, out);
+  require(q.extent(0) == 1, "q: extent 0 (batch) is ", q.extent(0),
+          ", expected 1 (sequences are packed along seq)");
+  check_offsets(cu_seqlens_q, q.extent(2), "cu_seqlens_q");
+  check_offsets(cu_seqlens_k, k.extent(2), "cu_seqlens_k");
+  require(cu_seqlens_k.size() == cu_seqlens_q.size(), "cu_seqlens_k: has ", cu_seqlens_k.size(),
+          " offsets, expected ", cu_seqlens_q.size(), " like cu_seqlens_q");
+  const index_t sequences = index_t(cu_seqlens_q.size()) - 1;
+  const double scale = check_scalar_options(o, q.extent(3));
+  check_sequence_terms(o, 1, q.extent(1), k.extent(1), q.extent(2), k.extent(2), out);
+  check_head_options(o, sequences, q.extent(1));
+  return {group, sequences, scale};
+}
+
 /// The options of one sequence's problem: bias and mask cut to its batch row `b` (-1:
 /// packed, batch extent 1), query rows [q0, q0 + sq) and key columns [k0, k0 + sk).
 inline softmax_options sequence_options(const softmax_options& o, index_t b, index_t q0, index_t sq,
@@ -91,19 +119,9 @@ void softmax_attention_varlen(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor
   const tensor_view<const T, 4> cq = q;
   const tensor_view<const K, 4> ck = k;
   const tensor_view<const V, 4> cv = v;
-  const index_t group = check_qkvo(cq, ck, cv, out);
-  require(q.extent(0) == 1, "q: extent 0 (batch) is ", q.extent(0),
-          ", expected 1 (sequences are packed along seq)");
-  const index_t H = q.extent(1);
-  check_offsets(cu_seqlens_q, q.extent(2), "cu_seqlens_q");
-  check_offsets(cu_seqlens_k, k.extent(2), "cu_seqlens_k");
-  require(cu_seqlens_k.size() == cu_seqlens_q.size(), "cu_seqlens_k: has ", cu_seqlens_k.size(),
-          " offsets, expected ", cu_seqlens_q.size(), " like cu_seqlens_q");
-  const index_t sequences = index_t(cu_seqlens_q.size()) - 1;
-  const double scale = check_scalar_options(options, q.extent(3));
-  check_sequence_terms(options, 1, H, k.extent(1), q.extent(2), k.extent(2), out);
-  check_head_options(options, sequences, H);
-  check_lse(options, 1, H, q.extent(2), cq, ck, cv, out);
+  const auto [group, sequences, scale] =
+      check_varlen_call(cq, ck, cv, out, cu_seqlens_q, cu_seqlens_k, options);
+  check_lse(options, 1, q.extent(1), q.extent(2), cq, ck, cv, out);
   check_scales<K, V>(options, 1, k.extent(1), k.extent(2));
 
   std::vector<dense_problem<T, K, V>> problems(sequences);
