@@ -364,6 +364,52 @@ TEST(SoftmaxBackward, BiasGradients) {
   }
 }
 
+// d ALiBi slopes: sum over (i, j) of dz_ij * -|i + offset - j|, per batch row (B, H) or
+// summed over the batch (1, H); causal (bottom-right, Sq != Sk) or not, a soft-cap, GQA;
+// bitwise the same for 1 and 2 threads.
+TEST(SoftmaxBackward, AlibiSlopeGradients) {
+  const index_t B = 2, H = 4, Hk = 2, Sq = 70, Sk = 90, D = 16;
+  const auto q = normal<float>(B * H * Sq * D, 61), k = normal<float>(B * Hk * Sk * D, 62),
+             v = normal<float>(B * Hk * Sk * D, 63), g = normal<float>(B * H * Sq * D, 64);
+  const auto Q = bhsd<const float>(q.data(), B, H, Sq, D), K = bhsd<const float>(k.data(), B, Hk, Sk, D),
+             V = bhsd<const float>(v.data(), B, Hk, Sk, D), G = bhsd<const float>(g.data(), B, H, Sq, D);
+  for (const index_t rows : {B, index_t(1)})
+    for (const bool causal : {true, false}) {  // (not causal: keys on both sides of i)
+    SCOPED_TRACE("slopes (" + std::to_string(rows) + ", H)" + (causal ? " causal" : ""));
+    const auto slopes = uniform<float>(rows * H, 65, 0.01, 0.2);
+    softmax_options opt{.causal = causal, .softcap = 5.0,
+                        .alibi_slopes = view<const float>(slopes.data(), {rows, H})};
+    std::vector<float> o(q.size()), lse(B * H * Sq), dq(q.size()), dk(k.size()), dv(v.size());
+    softmax_options fwd = opt;
+    fwd.lse = view(lse.data(), {B, H, Sq});
+    softmax_attention(Q, K, V, bhsd(o.data(), B, H, Sq, D), fwd);
+    std::vector<float> dslopes(rows * H, 7.f), serial;
+    for (const int threads : {1, 2}) {
+      opt.threads = threads;
+      softmax_attention_backward(Q, K, V, bhsd<const float>(o.data(), B, H, Sq, D), G,
+                                 view<const float>(lse.data(), {B, H, Sq}), bhsd(dq.data(), B, H, Sq, D),
+                                 bhsd(dk.data(), B, Hk, Sk, D), bhsd(dv.data(), B, Hk, Sk, D), opt,
+                                 {.dalibi_slopes = view(dslopes.data(), {rows, H})});
+      if (threads == 1) serial = dslopes;
+    }
+    EXPECT_EQ(serial, dslopes) << "threads";
+    const auto want = reference_softmax_backward<double>(Q, K, V, G, opt);
+    const auto naive = reference_softmax_backward<float>(Q, K, V, G, opt);
+    auto reduce = [&](const std::vector<double>& dz) {
+      std::vector<double> r(rows * H, 0.0);
+      for (index_t b = 0; b < B; ++b)
+        for (index_t h = 0; h < H; ++h)
+          for (index_t i = 0; i < Sq; ++i)
+            for (index_t j = 0; j < Sk; ++j)
+              r[(rows == 1 ? 0 : b) * H + h] -=
+                  dz[((b * H + h) * Sq + i) * Sk + j] * double(std::abs(i + Sk - Sq - j));
+      return r;
+    };
+    EXPECT_TRUE(within_tolerance<float>(std::vector<double>(dslopes.begin(), dslopes.end()),
+                                        reduce(want.dz), reduce(naive.dz), 1e-4));
+  }
+}
+
 // varlen: each packed sequence's gradients equal softmax_attention_backward on that
 // sequence alone, bit for bit, with empty sequences (no queries: zero dk, dv; no keys:
 // zero dq), a packed block-diagonal bias, ALiBi slopes per sequence, GQA, causal.

@@ -20,6 +20,9 @@ struct softmax_grads {
   /// or (B, H|Hk, 1, Sk) (a bias per key, as dynamic-mask attention's: summed over the
   /// queries and, for Hk heads, over each group's query heads). Overwritten.
   tensor_view<float, 4> dbias{};
+  /// d loss / d options.alibi_slopes, the slopes' shape (B|1, H) (summed over the batch
+  /// when the slopes are shared). Overwritten.
+  tensor_view<float, 2> dalibi_slopes{};
 };
 
 namespace detail {
@@ -59,7 +62,9 @@ void check_backward_tensors(const tensor_view<const S, 4>& q, const tensor_view<
 ///
 /// `options` are the forward's (causal and its alignment, window, scale, soft-cap through
 /// its chain rule, ALiBi, bias, mask, sinks, GQA: dk and dv summed over the query heads of
-/// each key/value head); options.lse is not read (lse is the argument). grads.dsinks, if
+/// each key/value head); options.lse is not read (lse is the argument). grads.dalibi_slopes,
+/// if given, receives d loss / d slopes = sum over (i, j) of dz_ij * -|i + offset - j|
+/// (per batch row or summed over the batch, as the slopes are given). grads.dsinks, if
 /// given, receives d loss / d sinks = -sum_i p_sink,i * delta_i; grads.dbias d loss / d
 /// bias (= dS before the soft-cap's factor; 0 where the key is hidden), summed
 /// deterministically over what the bias broadcasts. A user mask_mod applies as
@@ -131,6 +136,22 @@ void softmax_attention_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tens
     check_no_alias(grads.dbias, "grads.dbias", options.bias, "options.bias");
     bp.dbias = grads.dbias;
     bp.dbias_per_key = per_key;
+  }
+  if (grads.dalibi_slopes.data() != nullptr || !grads.dalibi_slopes.empty()) {
+    const auto& slopes = options.alibi_slopes;
+    require(slopes.data() != nullptr, "grads.dalibi_slopes: given, but options.alibi_slopes is not");
+    check_data(grads.dalibi_slopes, "grads.dalibi_slopes");
+    for (std::size_t r = 0; r < 2; ++r)
+      require(grads.dalibi_slopes.extent(r) == slopes.extent(r), "grads.dalibi_slopes: extent ", r,
+              " is ", grads.dalibi_slopes.extent(r), ", expected ", slopes.extent(r),
+              " as options.alibi_slopes");
+    check_one_to_one(grads.dalibi_slopes, "grads.dalibi_slopes");
+    for (int i = 0; i < 5; ++i) check_no_alias(grads.dalibi_slopes, "grads.dalibi_slopes", in[i], inputs[i]);
+    for (int g = 0; g < 3; ++g)
+      check_no_alias(grads.dalibi_slopes, "grads.dalibi_slopes", gs[g], grad_names[g]);
+    check_no_alias(grads.dalibi_slopes, "grads.dalibi_slopes", slopes, "options.alibi_slopes");
+    check_no_alias(grads.dalibi_slopes, "grads.dalibi_slopes", grads.dbias, "grads.dbias");
+    bp.dalibi = grads.dalibi_slopes;
   }
   bp.out = co;
   bp.dout = cg;

@@ -44,6 +44,9 @@ struct backward_problem {
   /// (B, H|Hk, 1, Sk) summed over the queries by the key-block pass; or empty.
   tensor_view<float, 4> dbias{};
   bool dbias_per_key = false;
+  /// d loss / d alibi slopes, (B|1, H) like the slopes: sum over (i, j) of
+  /// dz_ij * -|i + offset - j|, summed over the batch when the slopes are shared; or empty.
+  tensor_view<float, 2> dalibi{};
 };
 
 /// Per-thread buffers of one backward tile: BQ query columns, BK keys, rows padded to
@@ -243,6 +246,8 @@ void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, 
         }
     if (bp.dsinks.data())
       for (index_t h = 0; h < H; ++h) bp.dsinks(h) = 0;
+    for (index_t a = 0; a < bp.dalibi.extent(0); ++a)
+      for (index_t h = 0; h < bp.dalibi.extent(1); ++h) bp.dalibi(a, h) = 0;
     return;
   }
   const index_t key_blocks = (Sk + BK - 1) / BK, query_blocks = (Sq + BQ - 1) / BQ;
@@ -311,7 +316,9 @@ void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, 
     }
   });
 
-  // dQ: one task per (b, head, query block)
+  // dQ: one task per (b, head, query block); with d slopes, each task's share of them
+  const bool want_alibi = bp.dalibi.data() != nullptr;
+  std::vector<T> alibi_parts(want_alibi ? B * H * query_blocks : 0);
   parallel_for(B * H * query_blocks, used, [&](index_t task, int thread) {
     const index_t b = task / (H * query_blocks), h = task / query_blocks % H;
     const index_t i0 = task % query_blocks * BQ, n = std::min(BQ, Sq - i0);
@@ -324,7 +331,17 @@ void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, 
       const index_t keys = std::min(BK, Sk - j0);
       stage_keys(pr, b, h / group, j0, keys, buf);
       const bool row_bias = bp.dbias.data() && !bp.dbias_per_key;
-      const bool masked = backward_tile(cols, pr.band, custom, j0, keys, D, Dv, buf, row_bias);
+      const bool masked =
+          backward_tile(cols, pr.band, custom, j0, keys, D, Dv, buf, row_bias || want_alibi);
+      if (want_alibi) {  // d slope += dz * -|i + offset - j| (hidden pairs have dz = 0)
+        T part = 0;
+        for (index_t c = 0; c < n; ++c)
+          for (index_t j = 0; j < keys; ++j) {
+            const index_t distance = i0 + c + pr.band.offset - (j0 + j);
+            part -= buf.dz[j * BQ + c] * T(distance < 0 ? -distance : distance);
+          }
+        alibi_parts[task] += part;
+      }
       if (row_bias)  // (B, H, Sq, Sk): this task's rows alone
         for (index_t c = 0; c < n; ++c)
           for (index_t j = 0; j < keys; ++j) bp.dbias(b, h, i0 + c, j0 + j) = float(buf.dz[j * BQ + c]);
@@ -340,6 +357,18 @@ void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, 
       for (index_t d = 0; d < D; ++d) dq[d] = S(buf.acc[c * buf.dp + d]);
     }
   });
+
+  // d slopes: the tasks' shares summed in a fixed order (per batch row, or over the batch)
+  if (want_alibi) {
+    const bool per_batch = bp.dalibi.extent(0) == B;
+    for (index_t a = 0; a < bp.dalibi.extent(0); ++a)
+      for (index_t h = 0; h < H; ++h) {
+        T sum = 0;
+        for (index_t b = per_batch ? a : 0; b < (per_batch ? a + 1 : B); ++b)
+          for (index_t qb = 0; qb < query_blocks; ++qb) sum += alibi_parts[(b * H + h) * query_blocks + qb];
+        bp.dalibi(a, h) = float(sum);
+      }
+  }
 
   // d sinks_h = -sum over (b, i) of p_sink(b, h, i) * delta(b, h, i), in a fixed order
   if (bp.dsinks.data())
