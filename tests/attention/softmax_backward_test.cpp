@@ -552,6 +552,18 @@ TEST(SoftmaxBackward, BadInputNamesTheArgumentAndWritesNothing) {
                                bhsd(dk.data(), 1, H, S, D), bhsd(dv.data(), 1, H, S, D), {},
                                {.dbias = view(dbias.data(), {1, H, 1, S})});
   }, "grads.dbias: given, but options.bias is not");
+  std::vector<float> slopes(H, 0.1f), dslopes(2 * H);
+  expect_error([&] {
+    softmax_attention_backward(Q, K, V, O, G, L, bhsd(dq.data(), 1, H, S, D),
+                               bhsd(dk.data(), 1, H, S, D), bhsd(dv.data(), 1, H, S, D), {},
+                               {.dalibi_slopes = view(dslopes.data(), {1, H})});
+  }, "grads.dalibi_slopes: given, but options.alibi_slopes is not");
+  expect_error([&] {
+    softmax_attention_backward(Q, K, V, O, G, L, bhsd(dq.data(), 1, H, S, D),
+                               bhsd(dk.data(), 1, H, S, D), bhsd(dv.data(), 1, H, S, D),
+                               {.alibi_slopes = view<const float>(slopes.data(), {1, H})},
+                               {.dalibi_slopes = view(dslopes.data(), {2, H})});
+  }, "grads.dalibi_slopes: extent 0 is 2, expected 1");
 }
 
 }  // namespace
