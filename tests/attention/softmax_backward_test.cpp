@@ -445,18 +445,18 @@ TEST(SoftmaxBackward, VarlenEqualsPerSequenceCalls) {
       std::vector<float> bq(H * sq * D), bk(Hk * sk * D), bv(Hk * sk * Dv), bo(H * sq * Dv),
           bg(H * sq * Dv), bl(H * sq), bdq(bq.size()), bdk(bk.size()), bdv(bv.size()), bb(sq * sk);
       for (index_t h = 0; h < H; ++h) {
-        std::copy_n(&q[(h * tq + q0) * D], sq * D, &bq[h * sq * D]);
-        std::copy_n(&dout[(h * tq + q0) * Dv], sq * Dv, &bg[h * sq * Dv]);
+        std::copy_n(q.data() + ((h * tq + q0) * D), sq * D, bq.data() + (h * sq * D));
+        std::copy_n(dout.data() + ((h * tq + q0) * Dv), sq * Dv, bg.data() + (h * sq * Dv));
       }
       for (index_t h = 0; h < Hk; ++h) {
-        std::copy_n(&k[(h * tk + k0) * D], sk * D, &bk[h * sk * D]);
-        std::copy_n(&v[(h * tk + k0) * Dv], sk * Dv, &bv[h * sk * Dv]);
+        std::copy_n(k.data() + ((h * tk + k0) * D), sk * D, bk.data() + (h * sk * D));
+        std::copy_n(v.data() + ((h * tk + k0) * Dv), sk * Dv, bv.data() + (h * sk * Dv));
       }
-      for (index_t i = 0; i < sq; ++i) std::copy_n(&bias[(q0 + i) * tk + k0], sk, &bb[i * sk]);
+      for (index_t i = 0; i < sq; ++i) std::copy_n(bias.data() + ((q0 + i) * tk + k0), sk, bb.data() + (i * sk));
       softmax_options so{.causal = true, .threads = 1};
       if (with_terms) {
         so.bias = view<const float>(bb.data(), {1, 1, sq, sk});
-        so.alibi_slopes = view<const float>(&slopes[b * H], {1, H});
+        so.alibi_slopes = view<const float>(slopes.data() + (b * H), {1, H});
       }
       auto sf = so;
       sf.lse = view(bl.data(), {1, H, sq});
