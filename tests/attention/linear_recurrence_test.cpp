@@ -227,7 +227,7 @@ TYPED_TEST(LinearRecurrence, SteppingEqualsTheBatch) {
   using Backend = typename TestFixture::Backend;
   for (auto rule : {update_rule::gated_delta, update_rule::linear}) {
     recurrence_case c;
-    c.B = 1, c.H = 4, c.Hk = 2, c.S = 192, c.rule = rule;
+    c.B = 1, c.H = 4, c.Hk = 2, c.S = 193, c.rule = rule;  // (a one-token tail)
     SCOPED_TRACE(describe(c));
     const recurrence_inputs<T> in(c, 77);
     std::vector<T> batch(c.B * c.H * c.S * c.Dv);

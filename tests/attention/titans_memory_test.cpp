@@ -262,9 +262,9 @@ tensor_view<T, 4> tokens(T* p, index_t B, index_t heads, index_t S, index_t dim,
 TYPED_TEST(TitansMemory, SteppingInPlaceEqualsTheBatch) {
   using T = typename TestFixture::T;
   using Backend = typename TestFixture::Backend;
-  for (index_t chunk : {16, 1}) {
+  for (index_t chunk : {16, 1, 3}) {  // (chunk 3: S = 97 leaves a one-token tail)
     titans_case c;
-    c.H = 4, c.Hk = 2, c.S = 96, c.chunk = chunk, c.shared_gates = true;
+    c.H = 4, c.Hk = 2, c.S = chunk == 3 ? 97 : 96, c.chunk = chunk, c.shared_gates = true;
     SCOPED_TRACE(describe(c));
     const titans_inputs<T> in(c, 77);
     const index_t DD = c.B * c.Hk * c.Dk * c.Dv;
@@ -274,7 +274,7 @@ TYPED_TEST(TitansMemory, SteppingInPlaceEqualsTheBatch) {
     o.memory_out = bhsd(batch_memory.data(), c.B, c.Hk, c.Dk, c.Dv);
     o.momentum_out = bhsd(batch_momentum.data(), c.B, c.Hk, c.Dk, c.Dv);
     titans_memory<Backend>(in.Q(), in.K(), in.V(), bhsd(batch.data(), c.B, c.H, c.S, c.Dv), o);
-    const index_t step = chunk == 1 ? 1 : 32;
+    const index_t step = chunk == 1 ? 1 : chunk == 3 ? 6 : 32;
     for (index_t t0 = 0; t0 < c.S; t0 += step) {
       const index_t n = std::min(step, c.S - t0);
       titans_memory_options so;

@@ -407,8 +407,13 @@ void run_recurrence(const recurrence_problem<T>& pr, int threads) {
     if (token_steps) {
       for (index_t t = 0; t < S; ++t) recurrence_token_step<Backend>(pr, b, hk, t, buf);
     } else {
-      for (index_t t0 = 0; t0 < S; t0 += recurrence_chunk)
-        recurrence_chunk_step<Backend>(pr, b, hk, t0, std::min(recurrence_chunk, S - t0), buf);
+      for (index_t t0 = 0; t0 < S; t0 += recurrence_chunk) {
+        const index_t n = std::min(recurrence_chunk, S - t0);
+        if (n == 1)  // a one-token tail: the same arithmetic as a one-token step
+          recurrence_token_step<Backend>(pr, b, hk, t0, buf);
+        else
+          recurrence_chunk_step<Backend>(pr, b, hk, t0, n, buf);
+      }
     }
     if (!in_place && pr.state_out.data())
       for (index_t e = 0; e < Dk; ++e)

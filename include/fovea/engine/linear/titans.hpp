@@ -301,10 +301,11 @@ void run_titans(const titans_problem<T>& pr, int threads) {
     load_state(pr.memory_in, b, hk, Dk, Dv, buf.dvp, buf.memory);
     load_state(pr.momentum_in, b, hk, Dk, Dv, buf.dvp, buf.momentum);
     for (index_t t0 = 0; t0 < S; t0 += C) {
-      if (C == 1)
+      const index_t n = std::min(C, S - t0);
+      if (n == 1)  // any one-token chunk (a tail too): the same arithmetic as a decode step
         titans_token_step<Backend>(pr, b, hk, t0, buf);
       else
-        titans_chunk_step<Backend>(pr, b, hk, t0, std::min(C, S - t0), buf);
+        titans_chunk_step<Backend>(pr, b, hk, t0, n, buf);
     }
     store_state(buf.memory, b, hk, Dk, Dv, buf.dvp, pr.memory_out);
     store_state(buf.momentum, b, hk, Dk, Dv, buf.dvp, pr.momentum_out);
