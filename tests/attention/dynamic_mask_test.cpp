@@ -12,6 +12,7 @@
 
 #include "../common/attention_case.hpp"
 #include "../common/configs.hpp"
+#include "../common/reference_dma.hpp"
 
 namespace fovea::test {
 namespace {
@@ -19,46 +20,6 @@ namespace {
 template <class C>
 class DynamicMask : public ::testing::Test {};
 TYPED_TEST_SUITE(DynamicMask, configs, config_names);
-
-/// Which keys each (b, h, i) keeps: its `keep` allowed keys of largest bias.
-struct kept_sets {
-  index_t H, Sq, Sk;
-  std::vector<std::uint8_t> in;  ///< (B, H, Sq, Sk)
-
-  bool operator()(index_t b, index_t h, index_t i, index_t j) const {
-    return in[((b * H + h) * Sq + i) * Sk + j] != 0;
-  }
-};
-
-template <class E>
-E at(const tensor_view<const E, 4>& x, index_t b, index_t h, index_t i, index_t j, index_t H,
-     index_t group) {
-  return x(x.extent(0) == 1 ? 0 : b, x.extent(1) == 1 ? 0 : (x.extent(1) == H ? h : h / group),
-           x.extent(2) == 1 ? 0 : i, x.extent(3) == 1 ? 0 : j);
-}
-
-kept_sets select_top(index_t B, index_t H, index_t Hk, index_t Sq, index_t Sk, index_t keep,
-                     bool causal, tensor_view<const float, 4> bias,
-                     tensor_view<const std::uint8_t, 4> mask) {
-  kept_sets s{H, Sq, Sk, std::vector<std::uint8_t>(B * H * Sq * Sk, 0)};
-  const index_t group = H / Hk;
-  for (index_t b = 0; b < B; ++b)
-    for (index_t h = 0; h < H; ++h)
-      for (index_t i = 0; i < Sq; ++i) {
-        std::vector<index_t> allowed;
-        for (index_t j = 0; j < Sk; ++j) {
-          if (causal && j > i + Sk - Sq) continue;
-          if (mask.data() && !at(mask, b, h, i, j, H, group)) continue;
-          allowed.push_back(j);
-        }
-        std::stable_sort(allowed.begin(), allowed.end(), [&](index_t x, index_t y) {
-          return at(bias, b, h, i, x, H, group) > at(bias, b, h, i, y, H, group);
-        });
-        allowed.resize(std::min<index_t>(keep, index_t(allowed.size())));
-        for (index_t j : allowed) s.in[((b * H + h) * Sq + i) * Sk + j] = 1;
-      }
-  return s;
-}
 
 struct dma_case {
   shape s;

@@ -36,6 +36,14 @@ TYPED_TEST(VectorApi, ArithmeticReductionsAndSelect) {
   for (int i = 0; i < W; ++i) EXPECT_EQ(out[i], T(7 + i));
   EXPECT_TRUE(V::any(V::equal(va, va)));
   EXPECT_FALSE(V::any(V::not_equal(va, va)));
+  // IEEE comparisons on every backend: NaN equals nothing and differs from everything
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const auto vn = V::broadcast(nan), vinf = V::broadcast(-std::numeric_limits<T>::infinity());
+  EXPECT_FALSE(V::any(V::equal(vn, vn)));
+  EXPECT_TRUE(V::all(V::not_equal(vn, vn)));
+  EXPECT_TRUE(V::all(V::not_equal(vn, vinf)));
+  EXPECT_TRUE(V::all(V::not_equal(vinf, vn)));
+  EXPECT_FALSE(V::any(V::not_equal(vinf, vinf)));
 }
 
 TYPED_TEST(VectorApi, ExpAndTanhOverTheirRange) {

@@ -51,6 +51,53 @@ void check_backward_tensors(const tensor_view<const S, 4>& q, const tensor_view<
   }
 }
 
+
+/// An extra gradient `g` overlaps no input (q, k, v, out, dout) and no gradient.
+template <class G, class S>
+void check_apart(const G& g, const char* name, const tensor_view<const S, 4>& q,
+                 const tensor_view<const S, 4>& k, const tensor_view<const S, 4>& v,
+                 const tensor_view<const S, 4>& out, const tensor_view<const S, 4>& dout,
+                 const tensor_view<S, 4>& dq, const tensor_view<S, 4>& dk,
+                 const tensor_view<S, 4>& dv) {
+  const char* inputs[] = {"q", "k", "v", "out", "dout"};
+  const tensor_view<const S, 4> in[] = {q, k, v, out, dout};
+  const char* grad_names[] = {"dq", "dk", "dv"};
+  const tensor_view<S, 4> gs[] = {dq, dk, dv};
+  for (int i = 0; i < 5; ++i) check_no_alias(g, name, in[i], inputs[i]);
+  for (int i = 0; i < 3; ++i) check_no_alias(g, name, gs[i], grad_names[i]);
+}
+
+/// A d bias (`name`) against the bias it differentiates (`bias_name`): the bias's extents,
+/// (B, H, Sq, Sk) or (B, H|Hk, 1, Sk), overlapping no input or gradient. Returns whether
+/// it is per key (summed over the queries).
+template <class S, class Bias>
+bool check_dbias(const tensor_view<float, 4>& dbias, const Bias& bias,
+                 const tensor_view<const S, 4>& q, const tensor_view<const S, 4>& k,
+                 const tensor_view<const S, 4>& v, const tensor_view<const S, 4>& out,
+                 const tensor_view<const S, 4>& dout, const tensor_view<S, 4>& dq,
+                 const tensor_view<S, 4>& dk, const tensor_view<S, 4>& dv,
+                 const char* name = "grads.dbias", const char* bias_name = "options.bias") {
+  const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2), Hk = k.extent(1);
+  const index_t Sk = k.extent(2);
+  require(bias.data() != nullptr, name, ": given, but ", bias_name, " is not");
+  check_data(dbias, name);
+  for (std::size_t r = 0; r < 4; ++r)
+    require(dbias.extent(r) == bias.extent(r), name, ": extent ", r, " is ", dbias.extent(r),
+            ", expected ", bias.extent(r), " as ", bias_name);
+  const bool per_row = bias.extent(0) == B && bias.extent(1) == H && bias.extent(2) == Sq &&
+                       bias.extent(3) == Sk;
+  const bool per_key = bias.extent(0) == B && (bias.extent(1) == H || bias.extent(1) == Hk) &&
+                       bias.extent(2) == 1 && bias.extent(3) == Sk &&
+                       H / std::max<index_t>(Hk, 1) <= 64;
+  require(per_row || per_key, name, ": a bias of extents (", bias.extent(0), ", ",
+          bias.extent(1), ", ", bias.extent(2), ", ", bias.extent(3),
+          ") has no gradient here; expected (B, H, Sq, Sk) or (B, H|Hk, 1, Sk)");
+  check_one_to_one(dbias, name);
+  check_apart(dbias, name, q, k, v, out, dout, dq, dk, dv);
+  check_no_alias(dbias, name, bias, bias_name);
+  return per_key;
+}
+
 }  // namespace detail
 
 /// Gradients of softmax attention: given the forward's inputs, its output `out` and the
@@ -105,10 +152,6 @@ void softmax_attention_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tens
   bp.forward = make_softmax_problem<S>(cq, ck, cv, out_shape, o);
   const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2);
   check_backward_tensors(cq, ck, cv, co, cg, cl, dq, dk, dv, options);
-  const char* inputs[] = {"q", "k", "v", "out", "dout"};
-  const tensor_view<const S, 4> in[] = {cq, ck, cv, co, cg};
-  const char* grad_names[] = {"dq", "dk", "dv"};
-  const tensor_view<S, 4> gs[] = {dq, dk, dv};
   if (grads.dsinks.data() != nullptr || !grads.dsinks.empty()) {
     require(options.sinks.data() != nullptr, "grads.dsinks: given, but options.sinks is not");
     require(grads.dsinks.extent(0) == H, "grads.dsinks: extent 0 is ", grads.dsinks.extent(0),
@@ -116,26 +159,8 @@ void softmax_attention_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tens
     check_no_alias(grads.dsinks, "grads.dsinks", options.sinks, "options.sinks");
   }
   if (grads.dbias.data() != nullptr || !grads.dbias.empty()) {
-    const auto& bias = options.bias;
-    require(bias.data() != nullptr, "grads.dbias: given, but options.bias is not");
-    check_data(grads.dbias, "grads.dbias");
-    for (std::size_t r = 0; r < 4; ++r)
-      require(grads.dbias.extent(r) == bias.extent(r), "grads.dbias: extent ", r, " is ",
-              grads.dbias.extent(r), ", expected ", bias.extent(r), " as options.bias");
-    const index_t Hk = k.extent(1), Sk = k.extent(2);
-    const bool per_row = bias.extent(0) == B && bias.extent(1) == H && bias.extent(2) == Sq &&
-                         bias.extent(3) == Sk;
-    const bool per_key = bias.extent(0) == B && (bias.extent(1) == H || bias.extent(1) == Hk) &&
-                         bias.extent(2) == 1 && bias.extent(3) == Sk && H / std::max<index_t>(Hk, 1) <= 64;
-    require(per_row || per_key, "grads.dbias: a bias of extents (", bias.extent(0), ", ",
-            bias.extent(1), ", ", bias.extent(2), ", ", bias.extent(3),
-            ") has no gradient here; expected (B, H, Sq, Sk) or (B, H|Hk, 1, Sk)");
-    check_one_to_one(grads.dbias, "grads.dbias");
-    for (int i = 0; i < 5; ++i) check_no_alias(grads.dbias, "grads.dbias", in[i], inputs[i]);
-    for (int g = 0; g < 3; ++g) check_no_alias(grads.dbias, "grads.dbias", gs[g], grad_names[g]);
-    check_no_alias(grads.dbias, "grads.dbias", options.bias, "options.bias");
     bp.dbias = grads.dbias;
-    bp.dbias_per_key = per_key;
+    bp.dbias_per_key = check_dbias(grads.dbias, options.bias, cq, ck, cv, co, cg, dq, dk, dv);
   }
   if (grads.dalibi_slopes.data() != nullptr || !grads.dalibi_slopes.empty()) {
     const auto& slopes = options.alibi_slopes;
@@ -146,9 +171,7 @@ void softmax_attention_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tens
               " is ", grads.dalibi_slopes.extent(r), ", expected ", slopes.extent(r),
               " as options.alibi_slopes");
     check_one_to_one(grads.dalibi_slopes, "grads.dalibi_slopes");
-    for (int i = 0; i < 5; ++i) check_no_alias(grads.dalibi_slopes, "grads.dalibi_slopes", in[i], inputs[i]);
-    for (int g = 0; g < 3; ++g)
-      check_no_alias(grads.dalibi_slopes, "grads.dalibi_slopes", gs[g], grad_names[g]);
+    check_apart(grads.dalibi_slopes, "grads.dalibi_slopes", cq, ck, cv, co, cg, dq, dk, dv);
     check_no_alias(grads.dalibi_slopes, "grads.dalibi_slopes", slopes, "options.alibi_slopes");
     check_no_alias(grads.dalibi_slopes, "grads.dalibi_slopes", grads.dbias, "grads.dbias");
     bp.dalibi = grads.dalibi_slopes;

@@ -75,7 +75,9 @@ struct vec<T, simd<Arch>> {
   static type exp(type a) noexcept { return xsimd::exp(a); }
   static type tanh(type a) noexcept { return xsimd::tanh(a); }
   static mask equal(type a, type b) noexcept { return a == b; }
-  static mask not_equal(type a, type b) noexcept { return a != b; }
+  // IEEE != (true when either is NaN), as the scalar backend's: xsimd 8.1's AVX and
+  // AVX-512 operator!= is the ordered compare (false for NaN), its SSE one unordered.
+  static mask not_equal(type a, type b) noexcept { return !(a == b); }
   static type select(mask m, type a, type b) noexcept { return xsimd::select(m, a, b); }
   static bool any(mask m) noexcept { return xsimd::any(m); }
   static bool all(mask m) noexcept { return xsimd::all(m); }

@@ -130,16 +130,17 @@ void stage_queries(const backward_problem<S>& bp, const std::vector<T>& delta, i
   cols.pad_to(BQ);
 }
 
-/// One tile: keys [j0, j0 + keys) (rows in buf.k, buf.v) against the staged columns:
+/// One tile: `keys` keys (rows in buf.k, buf.v; row r is key key_of(r), `cuts` says which
+/// masks can cut the tile, as for the forward's attend_keys) against the staged columns:
 /// leaves P in buf.p and dS * dS/dx in buf.ds, [key][column]. A masked (key, column) has
 /// P = 0 and dS = 0, whatever its values. Returns whether the tile masks any pair: then
 /// the products that follow must skip masked pairs when a row holds NaN or Inf
 /// (masked_products), as 0 * NaN would carry a hidden key's NaN into a gradient.
-template <class Backend, class T, class ScoreMod, class MaskMod>
+template <class Backend, class T, class ScoreMod, class MaskMod, class KeyOf>
 bool backward_tile(const query_columns<T>& cols, const key_band& band,
-                   const custom_variant<ScoreMod, MaskMod>& custom, index_t j0, index_t keys,
-                   index_t D, index_t Dv, backward_buffers<T, Backend>& buf,
-                   bool with_dz = false) noexcept {
+                   const custom_variant<ScoreMod, MaskMod>& custom, KeyOf&& key_of,
+                   tile_cuts cuts, index_t keys, index_t D, index_t Dv,
+                   backward_buffers<T, Backend>& buf, bool with_dz = false) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width;
   constexpr index_t BQ = backward_buffers<T, Backend>::BQ;
@@ -148,9 +149,7 @@ bool backward_tile(const query_columns<T>& cols, const key_band& band,
   gemm_wide<T, Backend, RB, QB, false>(keys, BQ / W, buf.k, buf.dp, 1, buf.q_t, BQ, buf.s, BQ, D);
   const bool capped = cols.softcap > T(0);
   if (capped) std::copy(buf.s, buf.s + keys * BQ, buf.x);
-  const tile_cuts cuts{!band.covers(cols.first_pos, cols.last_pos + 1, j0, j0 + keys)};
-  const bool masked = apply_logits<Backend>(cols, custom, band, cuts, buf.s, BQ,
-                                            [j0](index_t r) { return j0 + r; }, keys);
+  const bool masked = apply_logits<Backend>(cols, custom, band, cuts, buf.s, BQ, key_of, keys);
   gemm_wide<T, Backend, RB, QB, false>(keys, BQ / W, buf.v, buf.dvp, 1, buf.dout_t, BQ, buf.ds, BQ,
                                        Dv);
   const auto minus_inf = V::broadcast(-std::numeric_limits<T>::infinity());
@@ -174,6 +173,17 @@ bool backward_tile(const query_columns<T>& cols, const key_band& band,
       V::store(buf.ds + at, V::mul(dz, dx));
     }
   return masked;
+}
+
+/// backward_tile over the consecutive keys [j0, j0 + keys).
+template <class Backend, class T, class ScoreMod, class MaskMod>
+bool backward_tile(const query_columns<T>& cols, const key_band& band,
+                   const custom_variant<ScoreMod, MaskMod>& custom, index_t j0, index_t keys,
+                   index_t D, index_t Dv, backward_buffers<T, Backend>& buf,
+                   bool with_dz = false) noexcept {
+  const tile_cuts cuts{!band.covers(cols.first_pos, cols.last_pos + 1, j0, j0 + keys)};
+  return backward_tile(cols, band, custom, [j0](index_t r) { return j0 + r; }, cuts, keys, D, Dv,
+                       buf, with_dz);
 }
 
 /// Whether a masked tile's products must skip its masked pairs: some row they read (keys,
@@ -207,6 +217,40 @@ void masked_products(backward_buffers<T, Backend>& buf, bool keys_side, index_t 
     }
 }
 
+/// After backward_tile: dV += P^T dO and dK += dS^T Q into buf.dv, buf.dk (rows: the
+/// tile's keys) and, if dbias, d loss / d logit summed over the tile's columns into
+/// dbias[key], in column order.
+template <class Backend, class T>
+void add_key_products(backward_buffers<T, Backend>& buf, bool masked, index_t keys, index_t n,
+                      index_t D, index_t Dv, T* dbias) noexcept {
+  constexpr index_t BQ = backward_buffers<T, Backend>::BQ;
+  constexpr int W = vec<T, Backend>::width, RB = tile_traits<T, Backend>::row_block;
+  constexpr int QB = vec<T, Backend>::registers >= 32 ? 4 : 2;
+  if (dbias)
+    for (index_t j = 0; j < keys; ++j) {
+      T sum = 0;
+      for (index_t c = 0; c < n; ++c) sum += buf.dz[j * BQ + c];
+      dbias[j] += sum;
+    }
+  if (masked && needs_skipping(buf, keys, n, D, Dv)) return masked_products(buf, true, keys, n, D, Dv);
+  gemm_wide<T, Backend, RB, QB, true>(keys, buf.dvp / W, buf.p, BQ, 1, buf.dout, buf.dvp, buf.dv,
+                                      buf.dvp, n);
+  gemm_wide<T, Backend, RB, QB, true>(keys, buf.dp / W, buf.ds, BQ, 1, buf.q, buf.dp, buf.dk,
+                                      buf.dp, n);
+}
+
+/// After backward_tile: dQ += dS K into buf.acc (rows: the staged columns).
+template <class Backend, class T>
+void add_query_products(backward_buffers<T, Backend>& buf, bool masked, index_t keys, index_t n,
+                        index_t D, index_t Dv) noexcept {
+  constexpr index_t BQ = backward_buffers<T, Backend>::BQ;
+  constexpr int W = vec<T, Backend>::width, RB = tile_traits<T, Backend>::row_block;
+  constexpr int QB = vec<T, Backend>::registers >= 32 ? 4 : 2;
+  if (masked && needs_skipping(buf, keys, n, D, Dv)) return masked_products(buf, false, keys, n, D, Dv);
+  gemm_wide<T, Backend, RB, QB, true>(n, buf.dp / W, buf.ds, 1, BQ, buf.k, buf.dp, buf.acc, buf.dp,
+                                      keys);
+}
+
 /// The key block [j0, j0 + keys) of (b, hk) into buf.k, buf.v.
 template <class Backend, class S, class T>
 void stage_keys(const dense_problem<S>& pr, index_t b, index_t hk, index_t j0, index_t keys,
@@ -220,43 +264,39 @@ void stage_keys(const dense_problem<S>& pr, index_t b, index_t hk, index_t j0, i
   std::fill(buf.v + keys * buf.dvp, buf.v + BK * buf.dvp, T(0));
 }
 
-/// Runs the backward on up to `threads` threads.
-template <class Backend, class S, class ScoreMod, class MaskMod>
-void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, MaskMod>& custom,
-                  int threads) {
-  using T = accumulator_t<S>;
-  using buffers_t = backward_buffers<T, Backend>;
-  constexpr index_t BQ = buffers_t::BQ, BK = buffers_t::BK;
-  constexpr int W = vec<T, Backend>::width, RB = tile_traits<T, Backend>::row_block;
-  constexpr int QB = vec<T, Backend>::registers >= 32 ? 4 : 2;
+/// Starts a backward: zeroes d bias (pairs no tile visits get 0); with no query, writes
+/// the zero gradients such a call has and returns false.
+template <class S>
+bool start_backward(const backward_problem<S>& bp) {
   const auto& pr = bp.forward;
   const index_t B = pr.batch(), H = pr.heads(), Sq = pr.queries(), Hk = pr.kv.heads();
-  const index_t Sk = pr.keys, D = pr.q.extent(3), Dv = bp.dout.extent(3), group = pr.terms.group;
-  if (bp.dbias.data())  // pairs no tile visits (outside the band) get 0
+  const index_t Sk = pr.keys, D = pr.q.extent(3), Dv = bp.dout.extent(3);
+  if (bp.dbias.data())
     for (index_t a = 0; a < bp.dbias.extent(0); ++a)
       for (index_t h = 0; h < bp.dbias.extent(1); ++h)
         for (index_t i = 0; i < bp.dbias.extent(2); ++i)
           for (index_t j = 0; j < bp.dbias.extent(3); ++j) bp.dbias(a, h, i, j) = 0;
-  if (B * H * Sq == 0) {  // no query: no gradient reaches a key or value
-    for (index_t b = 0; b < B; ++b)
-      for (index_t hk = 0; hk < Hk; ++hk)
-        for (index_t j = 0; j < Sk; ++j) {
-          std::fill_n(bp.dk.ptr(b, hk, j, 0), D, S(0));
-          std::fill_n(bp.dv.ptr(b, hk, j, 0), Dv, S(0));
-        }
-    if (bp.dsinks.data())
-      for (index_t h = 0; h < H; ++h) bp.dsinks(h) = 0;
-    for (index_t a = 0; a < bp.dalibi.extent(0); ++a)
-      for (index_t h = 0; h < bp.dalibi.extent(1); ++h) bp.dalibi(a, h) = 0;
-    return;
-  }
-  const index_t key_blocks = (Sk + BK - 1) / BK, query_blocks = (Sq + BQ - 1) / BQ;
-  const int used = threads_for_work(std::max(threads, 1),
-                                    7.0 * double(B * H * Sq) * double(Sk) * double(D + Dv),
-                                    B * std::min(Hk * key_blocks, H * query_blocks));
-  // delta_i = rowsum(dO_i * O_i), in the compute type
-  std::vector<T> delta(B * H * Sq);
-  parallel_for(B * H, used, [&](index_t bh, int) {
+  if (B * H * Sq != 0) return true;
+  for (index_t b = 0; b < B; ++b)  // no query: no gradient reaches a key or value
+    for (index_t hk = 0; hk < Hk; ++hk)
+      for (index_t j = 0; j < Sk; ++j) {
+        std::fill_n(bp.dk.ptr(b, hk, j, 0), D, S(0));
+        std::fill_n(bp.dv.ptr(b, hk, j, 0), Dv, S(0));
+      }
+  if (bp.dsinks.data())
+    for (index_t h = 0; h < H; ++h) bp.dsinks(h) = 0;
+  for (index_t a = 0; a < bp.dalibi.extent(0); ++a)
+    for (index_t h = 0; h < bp.dalibi.extent(1); ++h) bp.dalibi(a, h) = 0;
+  return false;
+}
+
+/// delta_i = rowsum(dO_i * O_i), (B, H, Sq), in the compute type.
+template <class S, class T = accumulator_t<S>>
+std::vector<T> backward_delta(const backward_problem<S>& bp, int threads) {
+  const auto& pr = bp.forward;
+  const index_t H = pr.heads(), Sq = pr.queries(), Dv = bp.dout.extent(3);
+  std::vector<T> delta(pr.batch() * H * Sq);
+  parallel_for(pr.batch() * H, threads, [&](index_t bh, int) {
     const index_t b = bh / H, h = bh % H;
     for (index_t i = 0; i < Sq; ++i) {
       const S *o = bp.out.ptr(b, h, i, 0), *g = bp.dout.ptr(b, h, i, 0);
@@ -265,6 +305,48 @@ void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, 
       delta[bh * Sq + i] = sum;
     }
   });
+  return delta;
+}
+
+/// Stores the key block [j0, j0 + keys) of (b, hk): dk, dv from accumulators [key][dp],
+/// [key][dvp], and, for a per-key d bias, its sums [head of the group][ld].
+template <class S, class T>
+void store_key_gradients(const backward_problem<S>& bp, index_t b, index_t hk, index_t j0,
+                         index_t keys, const T* dk, index_t dp, const T* dv, index_t dvp,
+                         const T* dbias, index_t ld) noexcept {
+  const index_t D = bp.dk.extent(3), Dv = bp.dv.extent(3), Hk = bp.dk.extent(1);
+  const index_t group = bp.forward.terms.group;
+  for (index_t r = 0; r < keys; ++r) {
+    S* k_row = bp.dk.ptr(b, hk, j0 + r, 0);
+    S* v_row = bp.dv.ptr(b, hk, j0 + r, 0);
+    for (index_t d = 0; d < D; ++d) k_row[d] = S(dk[r * dp + d]);
+    for (index_t e = 0; e < Dv; ++e) v_row[e] = S(dv[r * dvp + e]);
+  }
+  if (!bp.dbias_per_key) return;
+  const bool per_head = bp.dbias.extent(1) != Hk || group == 1;  // (B, H, 1, Sk)
+  for (index_t g = 0; g < group; ++g)
+    for (index_t j = 0; j < keys; ++j) {
+      float& out = bp.dbias(b, per_head ? hk * group + g : hk, 0, j0 + j);
+      out = per_head || g == 0 ? float(dbias[g * ld + j]) : out + float(dbias[g * ld + j]);
+    }
+}
+
+/// Runs the backward on up to `threads` threads.
+template <class Backend, class S, class ScoreMod, class MaskMod>
+void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, MaskMod>& custom,
+                  int threads) {
+  using T = accumulator_t<S>;
+  using buffers_t = backward_buffers<T, Backend>;
+  constexpr index_t BQ = buffers_t::BQ, BK = buffers_t::BK;
+  const auto& pr = bp.forward;
+  const index_t B = pr.batch(), H = pr.heads(), Sq = pr.queries(), Hk = pr.kv.heads();
+  const index_t Sk = pr.keys, D = pr.q.extent(3), Dv = bp.dout.extent(3), group = pr.terms.group;
+  if (!start_backward(bp)) return;
+  const index_t key_blocks = (Sk + BK - 1) / BK, query_blocks = (Sq + BQ - 1) / BQ;
+  const int used = threads_for_work(std::max(threads, 1),
+                                    7.0 * double(B * H * Sq) * double(Sk) * double(D + Dv),
+                                    B * std::min(Hk * key_blocks, H * query_blocks));
+  const std::vector<T> delta = backward_delta(bp, used);
   const scratch_slices<T> scratch(used, buffers_t::size(D, Dv));
 
   // dK, dV: one task per (b, kv head, key block)
@@ -285,35 +367,10 @@ void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, 
         query_columns<T> cols;
         stage_queries(bp, delta, b, h, i0, n, buf, cols);
         const bool masked = backward_tile(cols, pr.band, custom, j0, keys, D, Dv, buf, key_bias);
-        if (key_bias)  // summed over the block's queries, in order
-          for (index_t j = 0; j < keys; ++j) {
-            T sum = 0;
-            for (index_t c = 0; c < n; ++c) sum += buf.dz[j * BQ + c];
-            buf.dbias[(h - hk * group) * BK + j] += sum;
-          }
-        if (masked && needs_skipping(buf, keys, n, D, Dv)) {
-          masked_products(buf, true, keys, n, D, Dv);
-          continue;
-        }
-        gemm_wide<T, Backend, RB, QB, true>(keys, buf.dvp / W, buf.p, BQ, 1, buf.dout, buf.dvp,
-                                            buf.dv, buf.dvp, n);
-        gemm_wide<T, Backend, RB, QB, true>(keys, buf.dp / W, buf.ds, BQ, 1, buf.q, buf.dp, buf.dk,
-                                            buf.dp, n);
+        add_key_products(buf, masked, keys, n, D, Dv,
+                         key_bias ? buf.dbias + (h - hk * group) * BK : nullptr);
       }
-    if (key_bias) {  // (B, H|Hk, 1, Sk): per query head, or summed over the group
-      const bool per_head = bp.dbias.extent(1) != Hk || group == 1;
-      for (index_t g = 0; g < group; ++g)
-        for (index_t j = 0; j < keys; ++j) {
-          float& out = bp.dbias(b, per_head ? hk * group + g : hk, 0, j0 + j);
-          out = per_head || g == 0 ? float(buf.dbias[g * BK + j]) : out + float(buf.dbias[g * BK + j]);
-        }
-    }
-    for (index_t r = 0; r < keys; ++r) {
-      S* dk = bp.dk.ptr(b, hk, j0 + r, 0);
-      S* dv = bp.dv.ptr(b, hk, j0 + r, 0);
-      for (index_t d = 0; d < D; ++d) dk[d] = S(buf.dk[r * buf.dp + d]);
-      for (index_t e = 0; e < Dv; ++e) dv[e] = S(buf.dv[r * buf.dvp + e]);
-    }
+    store_key_gradients(bp, b, hk, j0, keys, buf.dk, buf.dp, buf.dv, buf.dvp, buf.dbias, BK);
   });
 
   // dQ: one task per (b, head, query block); with d slopes, each task's share of them
@@ -345,12 +402,7 @@ void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, 
       if (row_bias)  // (B, H, Sq, Sk): this task's rows alone
         for (index_t c = 0; c < n; ++c)
           for (index_t j = 0; j < keys; ++j) bp.dbias(b, h, i0 + c, j0 + j) = float(buf.dz[j * BQ + c]);
-      if (masked && needs_skipping(buf, keys, n, D, Dv)) {
-        masked_products(buf, false, keys, n, D, Dv);
-        continue;
-      }
-      gemm_wide<T, Backend, RB, QB, true>(n, buf.dp / W, buf.ds, 1, BQ, buf.k, buf.dp, buf.acc,
-                                          buf.dp, keys);
+      add_query_products(buf, masked, keys, n, D, Dv);
     }
     for (index_t c = 0; c < n; ++c) {
       S* dq = bp.dq.ptr(b, h, i0 + c, 0);
