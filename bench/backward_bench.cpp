@@ -1,7 +1,9 @@
 // softmax_attention_backward against its forward in the same binary: fraction of the FMA
 // peak counting 10 * Sq * Sk * D flops (halved when causal), the ratio to the forward's
 // time, causal against full, and threads; linear_attention_backward (causal, N = 8192,
-// D = 64) against its forward, counting the chunked form's flops.
+// D = 64) against its forward, counting the chunked form's flops; dynamic-mask attention's
+// backward (causal, keep = 1024 of N = 8192) against its forward and against the dense
+// backward with the same bias.
 //
 //   backward_bench [--quick] [google benchmark flags]
 #include <benchmark/benchmark.h>
@@ -101,6 +103,57 @@ void BM_linear(benchmark::State& state, index_t n, index_t d, bool backward) {
                                                    benchmark::Counter::kIs1000);
 }
 
+/// Dynamic mask attention, causal, one head, keeping `keep` keys per row by a random
+/// per-key bias (the (B, Hk, 1, Sk) form dynamic_mask_bias makes): the forward, the
+/// backward, or softmax attention's backward with the same bias (the dense baseline).
+enum class dma_run { forward, backward, dense_backward };
+void BM_dma(benchmark::State& state, index_t n, index_t d, index_t keep, dma_run run) {
+  inputs in(n, d);
+  std::vector<float> bias(n), dbias(n);
+  std::mt19937 gen(6);
+  std::normal_distribution<float> dist(0.f, 2.f);
+  for (float& e : bias) e = dist(gen);
+  const auto Q = fovea::bhsd<const float>(in.q.data(), 1, 1, n, d);
+  const auto K = fovea::bhsd<const float>(in.k.data(), 1, 1, n, d);
+  const auto V = fovea::bhsd<const float>(in.v.data(), 1, 1, n, d);
+  const auto O = fovea::bhsd(in.o.data(), 1, 1, n, d);
+  const auto Bias = fovea::view<const float>(bias.data(), {1, 1, 1, n});
+  const auto L = fovea::view(in.lse.data(), {1, 1, n});
+  const fovea::dynamic_mask_options o{.causal = true, .keep = keep, .lse = L, .threads = 1};
+  fovea::softmax_options dense{.causal = true, .threads = 1};
+  dense.bias = Bias;
+  if (run == dma_run::dense_backward) {
+    dense.lse = L;
+    fovea::softmax_attention(Q, K, V, O, dense);
+    dense.lse = {};
+  } else {
+    fovea::dynamic_mask_attention(Q, K, V, O, Bias, o);
+  }
+  const auto G = fovea::bhsd<const float>(in.g.data(), 1, 1, n, d);
+  const auto dQ = fovea::bhsd(in.dq.data(), 1, 1, n, d), dK = fovea::bhsd(in.dk.data(), 1, 1, n, d),
+             dV = fovea::bhsd(in.dv.data(), 1, 1, n, d);
+  const auto dBias = fovea::view(dbias.data(), {1, 1, 1, n});
+  for (auto _ : state) {
+    if (run == dma_run::forward)
+      fovea::dynamic_mask_attention(Q, K, V, O, Bias, o);
+    else if (run == dma_run::backward)
+      fovea::dynamic_mask_attention_backward(Q, K, V, fovea::tensor_view<const float, 4>(O), Bias, G,
+                                             fovea::tensor_view<const float, 3>(L), dQ, dK, dV, o, dBias);
+    else
+      fovea::softmax_attention_backward(Q, K, V, fovea::tensor_view<const float, 4>(O), G,
+                                        fovea::tensor_view<const float, 3>(L), dQ, dK, dV, dense,
+                                        {.dbias = dBias});
+    benchmark::DoNotOptimize(in.dq.data());
+    benchmark::DoNotOptimize(in.o.data());
+  }
+  // the kept (query, key) pairs: row i keeps min(i + 1, keep) keys
+  const double pairs = double(n) * double(keep) - 0.5 * double(keep) * double(keep - 1);
+  const double per_pair = run == dma_run::forward ? 4.0 * double(d) : 10.0 * double(d);
+  state.counters["GFLOP/s"] = benchmark::Counter(
+      run == dma_run::dense_backward ? 10.0 * double(d) * 0.5 * double(n) * double(n) : pairs * per_pair,
+      benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -123,6 +176,13 @@ int main(int argc, char** argv) {
   const std::string linear_shape = "/causal/elu/N=" + std::to_string(linear_n) + "/D=64/threads=1";
   fovea::bench::add("linear_backward" + linear_shape, BM_linear, linear_n, index_t(64), true);
   fovea::bench::add("linear_forward" + linear_shape, BM_linear, linear_n, index_t(64), false);
+  const index_t dma_n = quick ? 2048 : 8192, dma_keep = quick ? 256 : 1024;
+  const std::string dma_shape = "/causal/N=" + std::to_string(dma_n) + "/D=128/keep=" +
+                                std::to_string(dma_keep) + "/threads=1";
+  fovea::bench::add("dma_backward" + dma_shape, BM_dma, dma_n, d, dma_keep, dma_run::backward);
+  fovea::bench::add("dma_forward" + dma_shape, BM_dma, dma_n, d, dma_keep, dma_run::forward);
+  fovea::bench::add("dense_backward_with_bias" + dma_shape, BM_dma, dma_n, d, dma_keep,
+                    dma_run::dense_backward);
   fovea::bench::summary_reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
@@ -158,6 +218,17 @@ int main(int argc, char** argv) {
                 "vs forward time |\n|---|---:|---:|---:|---:|\n| N=%ld D=64 | %.2f | %.1f | %.0f%% | %.2fx |\n",
                 long(linear_n), lb->second.seconds * 1e3, gflops, 100 * gflops / peak,
                 lb->second.seconds / lf->second.seconds);
+  }
+  const auto db = all.find("dma_backward" + dma_shape), df = all.find("dma_forward" + dma_shape),
+             dd = all.find("dense_backward_with_bias" + dma_shape);
+  if (db != all.end() && df != all.end() && dd != all.end()) {
+    const double gflops = db->second.counter("GFLOP/s") / 1e9;
+    std::printf("\n| dynamic-mask backward, causal, one head, d bias | ms | GFLOP/s (10 D per kept pair) | "
+                "of peak | vs its forward | vs dense backward with the bias |\n"
+                "|---|---:|---:|---:|---:|---:|\n| N=%ld D=128 keep=%ld | %.1f | %.1f | %.0f%% | %.2fx | "
+                "%.1fx faster |\n",
+                long(dma_n), long(dma_keep), db->second.seconds * 1e3, gflops, 100 * gflops / peak,
+                db->second.seconds / df->second.seconds, dd->second.seconds / db->second.seconds);
   }
   return 0;
 }

@@ -22,6 +22,7 @@
 
 #include "common/reference.hpp"
 #include "common/reference_backward.hpp"
+#include "common/reference_dma.hpp"
 #include "common/reference_linear.hpp"
 
 namespace {
@@ -84,7 +85,7 @@ void check_tolerance(const std::vector<float>& got, const std::vector<double>& w
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   bytes in{data, size};
-  const int kernel = in.u8() % 19;
+  const int kernel = in.u8() % 20;
   const index_t B = in.u8() % 3, H = in.u8() % 5, Sq = in.u8() % 41, Sk = in.u8() % 41;
   const index_t D = in.u8() % 10, Dv = in.u8() % 10;
   const std::uint8_t hk_pick = in.u8(), layout = in.u8() % 8, flags = in.u8();
@@ -193,6 +194,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     }
   };
   fovea::softmax_options softmax_options_used;
+  fovea::dynamic_mask_options dma_options_used;
+  std::vector<float> dma_bias;
   bool backward_ran = false;
   bool threw = false;
   try {
@@ -471,6 +474,39 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                 fail("a non-finite linear gradient from moderate inputs");
         break;
       }
+      case 19: {  // dynamic_mask_attention_backward after its forward, d bias when asked
+                  // (a wrong-sized d bias from the knob: an error); checked below
+        dma_bias.resize(B * Hk * Sk + 1);
+        for (float& e : dma_bias) moderate = std::abs(e = in.value()) < 1e3f && moderate;
+        std::vector<float> lse(B * H * Sq + 1), dbias(B * Hk * Sk + 2, -7.f);
+        const auto bias = fovea::bhsd<const float>(dma_bias.data(), B, Hk, 1, Sk);
+        dma_options_used = {.causal = causal, .keep = knob, .scale = scale};
+        fovea::dynamic_mask_options forward = dma_options_used;
+        forward.lse = fovea::view(lse.data(), {B, H, Sq});
+        fovea::dynamic_mask_attention(Q, K, V, O, bias, forward);
+        const bool wrong = (flags & 4) && knob % 7 == 0;
+        auto backward = [&](index_t bias_keys) {
+          checked_backward([&](auto dO, auto dQ, auto dK, auto dV) {
+            fovea::dynamic_mask_attention_backward(
+                Q, K, V, fovea::tensor_view<const float, 4>(O), bias, dO,
+                fovea::view<const float>(lse.data(), {B, H, Sq}), dQ, dK, dV, dma_options_used,
+                flags & 4 ? fovea::bhsd(dbias.data(), B, Hk, 1, bias_keys) : fovea::tensor_view<float, 4>{});
+          });
+        };
+        if (wrong) {  // the error names d bias and writes nothing (checked_backward)
+          try {
+            backward(Sk + 1);
+            fail("a wrong-sized dbias was accepted");
+          } catch (const fovea::error& e) {
+            if (!std::strstr(e.what(), "dbias")) fail("the dbias error does not name it");
+          }
+          for (float x : dbias)
+            if (x != -7.f) fail("dbias written before fovea::error");
+        }
+        backward(Sk);
+        backward_ran = true;
+        break;
+      }
       default: {  // routing's strictly causal decode over a cache of K
         fovea::routing_centroids mu(std::max<index_t>(H, 1), 1 + in.u8() % 4,
                                     std::max<index_t>(D, 1));
@@ -516,13 +552,22 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const auto want = fovea::test::reference_softmax<double>(Q, Kd, Vd, o);
     const auto naive = fovea::test::reference_softmax<float>(Q, Kd, Vd, o);
     check_tolerance(got, want.out, naive.out);
-  } else if (kernel == 15 && backward_ran && moderate && (!scale || *scale < 1e3)) {
+  } else if ((kernel == 15 || kernel == 19) && backward_ran && moderate && (!scale || *scale < 1e3)) {
     const auto dO = fovea::bhsd<const float>(dout.data(), B, H, Sq, Dv);
     bool small = true;  // gradients of moderate inputs may still overflow with large dO
     for (float e : dout) small = small && std::abs(e) < 1e3f;
     if (small) {
-      const auto want = fovea::test::reference_softmax_backward<double>(Q, K, V, dO, softmax_options_used);
-      const auto naive = fovea::test::reference_softmax_backward<float>(Q, K, V, dO, softmax_options_used);
+      // dynamic-mask: softmax attention with the bias, over the keys each row keeps
+      fovea::softmax_options o = softmax_options_used;
+      fovea::test::kept_sets kept{H, Sq, Sk, std::vector<std::uint8_t>(B * H * Sq * Sk, 1)};
+      if (kernel == 19) {
+        const auto bias = fovea::bhsd<const float>(dma_bias.data(), B, Hk, 1, Sk);
+        o = {.causal = causal, .scale = scale, .bias = bias};
+        kept = fovea::test::select_top(B, H, Hk, Sq, Sk, dma_options_used.keep, causal, bias, {});
+      }
+      const auto mask = fovea::with_mask_mod(kept);
+      const auto want = fovea::test::reference_softmax_backward<double>(Q, K, V, dO, o, mask);
+      const auto naive = fovea::test::reference_softmax_backward<float>(Q, K, V, dO, o, mask);
       auto dense = [&](const std::vector<float>& g, index_t b, index_t h, index_t n, index_t d) {
         return std::vector<float>(g.begin(), g.begin() + b * h * n * d);
       };

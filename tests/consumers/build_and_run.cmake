@@ -23,6 +23,7 @@ if(MODE STREQUAL "find_package")
   endforeach()
   run(${WORK}/build/train_tiny --steps 400)  # exits 1 below 95% held-out accuracy
   run(${WORK}/build/train_tiny --attention linear)  # through linear_attention_backward
+  run(${WORK}/build/train_tiny --attention dma)  # through both dynamic-mask backwards
   set(model ${SOURCE}/../shared/models/stories260K.bin)  # the real checkpoint, when laid out
   if(EXISTS ${model})
     run(${WORK}/build/llama2c ${model} -n 64)

@@ -41,6 +41,22 @@ void every_family() {
                                       fovea::bhsd(dq.data(), B, H, S, D),
                                       fovea::bhsd(dk.data(), B, Hk, S, D),
                                       fovea::bhsd(dv.data(), B, Hk, S, D), {.causal = true});
+    // dynamic-mask training: the attention's backward, then the bias's
+    std::vector<float> w_dt(Hk * Hk * D), A(Hk, -1.f), dbias(bias.size()), dw(w_dt.size()), da(Hk);
+    const auto Bias = fovea::bhsd<const float>(bias.data(), B, Hk, 1, S);
+    fovea::dynamic_mask_bias(V, fovea::view<const float>(w_dt.data(), {Hk, Hk * D}),
+                             fovea::view<const float>(A.data(), {Hk}), fovea::bhsd(bias.data(), B, Hk, 1, S));
+    fovea::dynamic_mask_attention(Q, K, V, O, Bias, {.causal = true, .keep = 16, .lse = L});
+    fovea::dynamic_mask_attention_backward(
+        Q, K, V, fovea::tensor_view<const float, 4>(O), Bias, fovea::tensor_view<const float, 4>(O),
+        fovea::tensor_view<const float, 3>(L), fovea::bhsd(dq.data(), B, H, S, D),
+        fovea::bhsd(dk.data(), B, Hk, S, D), fovea::bhsd(dv.data(), B, Hk, S, D),
+        {.causal = true, .keep = 16}, fovea::bhsd(dbias.data(), B, Hk, 1, S));
+    fovea::dynamic_mask_bias_backward(V, fovea::view<const float>(w_dt.data(), {Hk, Hk * D}),
+                                      fovea::view<const float>(A.data(), {Hk}),
+                                      fovea::bhsd<const float>(dbias.data(), B, Hk, 1, S),
+                                      fovea::bhsd(dv.data(), B, Hk, S, D),
+                                      fovea::view(dw.data(), {Hk, Hk * D}), fovea::view(da.data(), {Hk}));
   }
 }
 

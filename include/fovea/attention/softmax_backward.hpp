@@ -150,7 +150,7 @@ void softmax_attention_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tens
   const tensor_view<S, 4> out_shape(const_cast<S*>(co.data()), co.extents(), co.strides());
   backward_problem<S> bp;
   bp.forward = make_softmax_problem<S>(cq, ck, cv, out_shape, o);
-  const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2);
+  const index_t H = q.extent(1);
   check_backward_tensors(cq, ck, cv, co, cg, cl, dq, dk, dv, options);
   if (grads.dsinks.data() != nullptr || !grads.dsinks.empty()) {
     require(options.sinks.data() != nullptr, "grads.dsinks: given, but options.sinks is not");
