@@ -10,6 +10,7 @@
 #include <fovea/fovea.hpp>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "../common/random.hpp"
@@ -249,6 +250,138 @@ TEST(SoftmaxBackward, MaskedRowsAndKeys) {
     EXPECT_TRUE(std::isnan(n.dq[(h * s.Sq + 10) * s.D]));
     EXPECT_FALSE(std::isnan(n.dq[(h * s.Sq + 11) * s.D]));
   }
+  EXPECT_TRUE(std::isnan(n.dk[80 * s.D]));  // and the NaN key's own gradients
+  EXPECT_TRUE(std::isnan(n.dv[80 * s.Dv]));
+}
+
+/// A user score_mod with its derivative: s + 0.3 sin(s) + a position term.
+struct wavy_score {
+  template <class T>
+  T operator()(T s, index_t, index_t h, index_t i, index_t j) const {
+    return s + T(0.3) * std::sin(s) + T(0.01) * T(h + 1) * T(j - i);
+  }
+  template <class T>
+  T derivative(T s, index_t, index_t, index_t, index_t) const {
+    return T(1) + T(0.3) * std::cos(s);
+  }
+};
+
+/// A score_mod that adds what the built-in bias would: the same logits, bit for bit.
+struct added_bias {
+  const float* bias;
+  index_t Sk;
+  template <class T>
+  T operator()(T s, index_t, index_t, index_t i, index_t j) const {
+    const T b = T(bias[i * Sk + j]);
+    return s + b;
+  }
+  template <class T>
+  T derivative(T, index_t, index_t, index_t, index_t) const {
+    return T(1);
+  }
+};
+
+// A user score_mod is differentiated through its derivative member: the f64 backward
+// against central differences of the f64 forward (with a soft-cap, ALiBi and a bias
+// before it, so d bias and d slopes chain through it too), fp32 against f64, and a
+// score_mod adding the bias against the built-in bias, bit for bit.
+TEST(SoftmaxBackward, UserScoreModWithItsDerivative) {
+  const index_t B = 1, H = 2, Hk = 1, Sq = 6, Sk = 9, D = 5;
+  auto q = normal<double>(B * H * Sq * D, 71), k = normal<double>(B * Hk * Sk * D, 72),
+       v = normal<double>(B * Hk * Sk * D, 73);
+  const auto G = normal<double>(B * H * Sq * D, 74);
+  auto bias = normal<float>(B * H * Sq * Sk, 75);
+  auto slopes = std::vector<float>{0.2f, 0.05f};
+  softmax_options o{.causal = true, .softcap = 3.0};
+  o.bias = view<const float>(bias.data(), {B, H, Sq, Sk});
+  o.alibi_slopes = view<const float>(slopes.data(), {1, H});
+  const auto mod = with_score_mod(wavy_score{});
+  auto Q = bhsd<const double>(q.data(), B, H, Sq, D), K = bhsd<const double>(k.data(), B, Hk, Sk, D),
+       V = bhsd<const double>(v.data(), B, Hk, Sk, D);
+  auto loss = [&] {
+    std::vector<double> out(B * H * Sq * D);
+    softmax_attention(Q, K, V, bhsd(out.data(), B, H, Sq, D), o, mod);
+    double l = 0;
+    for (std::size_t i = 0; i < out.size(); ++i) l += out[i] * G[i];
+    return l;
+  };
+  std::vector<double> out(B * H * Sq * D), dq(q.size()), dk(k.size()), dv(v.size());
+  std::vector<float> lse(B * H * Sq), dbias(bias.size()), dslopes(H);
+  softmax_options fwd = o;
+  fwd.lse = view(lse.data(), {B, H, Sq});
+  softmax_attention(Q, K, V, bhsd(out.data(), B, H, Sq, D), fwd, mod);
+  softmax_attention_backward(Q, K, V, bhsd<const double>(out.data(), B, H, Sq, D),
+                             bhsd<const double>(G.data(), B, H, Sq, D),
+                             view<const float>(lse.data(), {B, H, Sq}), bhsd(dq.data(), B, H, Sq, D),
+                             bhsd(dk.data(), B, Hk, Sk, D), bhsd(dv.data(), B, Hk, Sk, D), o,
+                             {.dbias = view(dbias.data(), {B, H, Sq, Sk}),
+                              .dalibi_slopes = view(dslopes.data(), {1, H})},
+                             mod);
+  for (auto [x, g, name] : {std::tuple{&q, &dq, "dq"}, {&k, &dk, "dk"}, {&v, &dv, "dv"}})
+    for (std::size_t e = 0; e < x->size(); ++e) {
+      const double keep = (*x)[e], h = 1e-6;
+      (*x)[e] = keep + h;
+      const double up = loss();
+      (*x)[e] = keep - h;
+      const double down = loss();
+      (*x)[e] = keep;
+      EXPECT_NEAR((*g)[e], (up - down) / (2 * h), 1e-6) << name << " " << e;
+    }
+  for (auto [x, g, name] : {std::tuple{&bias, &dbias, "dbias"}, {&slopes, &dslopes, "dslopes"}})
+    for (std::size_t e = 0; e < x->size(); ++e) {
+      const float keep = (*x)[e], h = 1.0f / 4096;  // exact steps in float
+      (*x)[e] = keep + h;
+      const double up = loss();
+      (*x)[e] = keep - h;
+      const double down = loss();
+      (*x)[e] = keep;
+      EXPECT_NEAR((*g)[e], (up - down) / (2.0 * double(h)), 1e-5) << name << " " << e;
+    }
+  // fp32 storage against the f64 gradients
+  const std::vector<float> qf(q.begin(), q.end()), kf(k.begin(), k.end()), vf(v.begin(), v.end()),
+      gf(G.begin(), G.end());
+  std::vector<float> of(out.size()), dqf(q.size()), dkf(k.size()), dvf(v.size());
+  const auto Qf = bhsd<const float>(qf.data(), B, H, Sq, D), Kf = bhsd<const float>(kf.data(), B, Hk, Sk, D),
+             Vf = bhsd<const float>(vf.data(), B, Hk, Sk, D);
+  softmax_attention(Qf, Kf, Vf, bhsd(of.data(), B, H, Sq, D), fwd, mod);
+  softmax_attention_backward(Qf, Kf, Vf, bhsd<const float>(of.data(), B, H, Sq, D),
+                             bhsd<const float>(gf.data(), B, H, Sq, D),
+                             view<const float>(lse.data(), {B, H, Sq}), bhsd(dqf.data(), B, H, Sq, D),
+                             bhsd(dkf.data(), B, Hk, Sk, D), bhsd(dvf.data(), B, Hk, Sk, D), o, {}, mod);
+  EXPECT_LT(relative_error(std::vector<double>(dqf.begin(), dqf.end()), dq), 1e-5);
+  EXPECT_LT(relative_error(std::vector<double>(dkf.begin(), dkf.end()), dk), 1e-5);
+  EXPECT_LT(relative_error(std::vector<double>(dvf.begin(), dvf.end()), dv), 1e-5);
+  // a score_mod adding the bias is the built-in bias, bit for bit (GQA, 2 threads)
+  const shape_case sc{2, 4, 2, 70, 90, 16, 16};
+  problem built_in(sc, causal | feature::bias, 2);
+  std::vector<float> raw_bias, raw_mod;
+  built_in.run(2, &raw_bias);
+  problem modded(sc, causal | feature::bias, 2);
+  const softmax_options no_bias{.causal = true};
+  std::vector<float> dq2(modded.q.size()), dk2(modded.k.size()), dv2(modded.v.size());
+  // the problem's bias is (B, 1, Sq, Sk); one batch row at a time keeps the functor simple
+  for (index_t b = 0; b < sc.B; ++b) {
+    const auto m = with_score_mod(added_bias{modded.bias_data.data() + b * sc.Sq * sc.Sk, sc.Sk});
+    auto cut = [&](std::vector<float>& x, index_t h, index_t n, index_t d) {
+      return bhsd(x.data() + b * h * n * d, 1, h, n, d);
+    };
+    std::vector<float> o1(sc.H * sc.Sq * sc.Dv), l1(sc.H * sc.Sq);
+    softmax_attention(tensor_view<const float, 4>(cut(modded.q, sc.H, sc.Sq, sc.D)),
+                      tensor_view<const float, 4>(cut(modded.k, sc.Hk, sc.Sk, sc.D)),
+                      tensor_view<const float, 4>(cut(modded.v, sc.Hk, sc.Sk, sc.Dv)),
+                      bhsd(o1.data(), 1, sc.H, sc.Sq, sc.Dv),
+                      {.causal = true, .lse = view(l1.data(), {1, sc.H, sc.Sq})}, m);
+    softmax_attention_backward(tensor_view<const float, 4>(cut(modded.q, sc.H, sc.Sq, sc.D)),
+                               tensor_view<const float, 4>(cut(modded.k, sc.Hk, sc.Sk, sc.D)),
+                               tensor_view<const float, 4>(cut(modded.v, sc.Hk, sc.Sk, sc.Dv)),
+                               bhsd<const float>(o1.data(), 1, sc.H, sc.Sq, sc.Dv),
+                               tensor_view<const float, 4>(cut(modded.dout, sc.H, sc.Sq, sc.Dv)),
+                               view<const float>(l1.data(), {1, sc.H, sc.Sq}), cut(dq2, sc.H, sc.Sq, sc.D),
+                               cut(dk2, sc.Hk, sc.Sk, sc.D), cut(dv2, sc.Hk, sc.Sk, sc.Dv), no_bias, {}, m);
+  }
+  for (auto* x : {&dq2, &dk2, &dv2}) raw_mod.insert(raw_mod.end(), x->begin(), x->end());
+  ASSERT_EQ(raw_bias.size(), raw_mod.size());
+  EXPECT_EQ(0, std::memcmp(raw_bias.data(), raw_mod.data(), 4 * raw_bias.size()));
 }
 
 /// bf16 storage (computed in float) and the scalar backend: the same tolerance rule, with

@@ -115,7 +115,9 @@ bool check_dbias(const tensor_view<float, 4>& dbias, const Bias& bias,
 /// given, receives d loss / d sinks = -sum_i p_sink,i * delta_i; grads.dbias d loss / d
 /// bias (= dS before the soft-cap's factor; 0 where the key is hidden), summed
 /// deterministically over what the bias broadcasts. A user mask_mod applies as
-/// in the forward; a user score_mod has no gradient here (a compile-time error).
+/// in the forward; a user score_mod is differentiated through its derivative member
+/// (derivative(score, b, h, q_idx, k_idx) = d score_mod / d score; without it, a
+/// compile-time error).
 /// Storage: float or double (computed in that type) or bf16 / fp16 (computed in float);
 /// all in one type.
 ///
@@ -138,9 +140,9 @@ void softmax_attention_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tens
                                 tensor_view<S, 4> dv, const softmax_options& options = {},
                                 const softmax_grads& grads = {},
                                 const custom_variant<ScoreMod, MaskMod>& custom = {}) {
-  static_assert(std::is_same_v<ScoreMod, identity_score_mod>,
-                "softmax_attention_backward: a user score_mod has no gradient here; "
-                "use the built-in options (bias, ALiBi, soft-cap) or mask_mod");
+  static_assert(differentiable_score_mod<ScoreMod, accumulator_t<S>>,
+                "softmax_attention_backward: a user score_mod needs its derivative here: a member "
+                "derivative(score, b, h, q_idx, k_idx) returning d score_mod / d score");
   using namespace detail;
   const tensor_view<const S, 4> cq = q, ck = k, cv = v, co = out, cg = dout;
   const tensor_view<const float, 3> cl = lse;
@@ -209,9 +211,9 @@ void softmax_attention_varlen_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> 
                                        std::span<const std::int32_t> cu_seqlens_k,
                                        const softmax_options& options = {},
                                        const custom_variant<ScoreMod, MaskMod>& custom = {}) {
-  static_assert(std::is_same_v<ScoreMod, identity_score_mod>,
-                "softmax_attention_varlen_backward: a user score_mod has no gradient here; "
-                "use the built-in options (bias, ALiBi, soft-cap) or mask_mod");
+  static_assert(differentiable_score_mod<ScoreMod, accumulator_t<S>>,
+                "softmax_attention_varlen_backward: a user score_mod needs its derivative here: a member "
+                "derivative(score, b, h, q_idx, k_idx) returning d score_mod / d score");
   using namespace detail;
   const tensor_view<const S, 4> cq = q, ck = k, cv = v, co = out, cg = dout;
   const tensor_view<const float, 3> cl = lse;

@@ -59,11 +59,12 @@ struct backward_buffers {
   static index_t size(index_t D, index_t Dv) noexcept {
     const index_t dp = padded(D), dvp = padded(Dv);
     return round_to_line<T>(BQ * dp) * 3 + round_to_line<T>(BQ * dvp) * 2 +
-           round_to_line<T>(BK * dp) * 2 + round_to_line<T>(BK * dvp) * 2 + 5 * BK * BQ + 2 * BQ +
+           round_to_line<T>(BK * dp) * 2 + round_to_line<T>(BK * dvp) * 2 + 6 * BK * BQ + 2 * BQ +
            round_to_line<T>(query_columns<T>::capacity * BK);
   }
   index_t dp, dvp;
-  T *q, *q_t, *dout, *dout_t, *k, *v, *s, *x, *p, *ds, *dz, *lse, *delta, *acc, *dk, *dv, *dbias;
+  T *q, *q_t, *dout, *dout_t, *k, *v, *s, *x, *p, *ds, *dz, *dmod, *lse, *delta, *acc, *dk, *dv,
+      *dbias;
   backward_buffers(T* w, index_t D, index_t Dv) noexcept : dp(padded(D)), dvp(padded(Dv)) {
     auto take = [&w](index_t n) {
       T* at = w;
@@ -81,6 +82,7 @@ struct backward_buffers {
     p = take(BK * BQ);          // [BK][BQ] probabilities
     ds = take(BK * BQ);         // [BK][BQ] dP, then dS (times dS/dx)
     dz = take(BK * BQ);         // [BK][BQ] d loss / d logit (d bias), when asked for
+    dmod = take(BK * BQ);       // [BK][BQ] d score_mod / d score, with a user score_mod
     lse = take(BQ);
     delta = take(BQ);
     acc = take(BQ * dp);        // [BQ][dp] dQ of a query block
@@ -149,7 +151,10 @@ bool backward_tile(const query_columns<T>& cols, const key_band& band,
   gemm_wide<T, Backend, RB, QB, false>(keys, BQ / W, buf.k, buf.dp, 1, buf.q_t, BQ, buf.s, BQ, D);
   const bool capped = cols.softcap > T(0);
   if (capped) std::copy(buf.s, buf.s + keys * BQ, buf.x);
-  const bool masked = apply_logits<Backend>(cols, custom, band, cuts, buf.s, BQ, key_of, keys);
+  constexpr bool scored = !std::is_same_v<ScoreMod, identity_score_mod>;
+  if constexpr (scored) std::fill(buf.dmod, buf.dmod + keys * BQ, T(1));  // padding columns
+  const bool masked =
+      apply_logits<Backend>(cols, custom, band, cuts, buf.s, BQ, key_of, keys, scored ? buf.dmod : nullptr);
   gemm_wide<T, Backend, RB, QB, false>(keys, BQ / W, buf.v, buf.dvp, 1, buf.dout_t, BQ, buf.ds, BQ,
                                        Dv);
   const auto minus_inf = V::broadcast(-std::numeric_limits<T>::infinity());
@@ -167,7 +172,9 @@ bool backward_tile(const query_columns<T>& cols, const key_band& band,
         const auto t = V::tanh(V::mul(V::mul(V::load(buf.x + at), scale), inv_cap));
         dx = V::mul(scale, V::sub(one, V::mul(t, t)));
       }
-      const auto dz = V::select(seen, V::mul(p, V::sub(V::load(buf.ds + at), V::load(buf.delta + c))), zero);
+      auto dz = V::mul(p, V::sub(V::load(buf.ds + at), V::load(buf.delta + c)));
+      if constexpr (scored) dz = V::mul(dz, V::load(buf.dmod + at));  // through score_mod
+      dz = V::select(seen, dz, zero);
       if (with_dz) V::store(buf.dz + at, dz);
       V::store(buf.p + at, p);
       V::store(buf.ds + at, V::mul(dz, dx));

@@ -27,10 +27,13 @@ struct tile_cuts {
 /// The per-(key, column) terms, in the documented order: bias, score_mod, the key band,
 /// the boolean mask, mask_mod. `at(r, c)` is the logit of tile row r (key key_of(r)) and
 /// column c < cols.count, whatever the tile's layout.
-template <class T, class ScoreMod, class MaskMod, class KeyOf, class At>
+/// With `derivative` (the backward), derivative(r, c) also receives d score_mod / d score
+/// where score_mod applies.
+template <class T, class ScoreMod, class MaskMod, class KeyOf, class At, class Derivative = std::nullptr_t>
 void apply_logit_terms(const query_columns<T>& cols,
                        const custom_variant<ScoreMod, MaskMod>& custom, const key_band& band,
-                       tile_cuts cuts, KeyOf&& key_of, index_t keys, At&& at) noexcept {
+                       tile_cuts cuts, KeyOf&& key_of, index_t keys, At&& at,
+                       Derivative&& derivative = nullptr) noexcept {
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   constexpr bool scored = !std::is_same_v<ScoreMod, identity_score_mod>;
   constexpr bool masking = !std::is_same_v<MaskMod, keep_all_mask_mod>;
@@ -45,8 +48,11 @@ void apply_logit_terms(const query_columns<T>& cols,
         at(r, c) = bias == neg_inf ? neg_inf : at(r, c) + bias;
       }
     if constexpr (scored)
-      for (index_t c = 0; c < n; ++c)
+      for (index_t c = 0; c < n; ++c) {
+        if constexpr (!std::is_same_v<std::decay_t<Derivative>, std::nullptr_t>)
+          derivative(r, c) = T(custom.score_mod.derivative(at(r, c), cols.batch, cols.head[c], cols.pos[c], j));
         at(r, c) = T(custom.score_mod(at(r, c), cols.batch, cols.head[c], cols.pos[c], j));
+      }
     if (cuts.band)
       for (index_t c = 0; c < n; ++c)
         if (!band.visible(cols.pos[c], j)) at(r, c) = neg_inf;
@@ -64,10 +70,12 @@ void apply_logit_terms(const query_columns<T>& cols,
 /// row r holds key key_of(r), r < keys. Columns past cols.count are padding: they get the
 /// vector passes only and are never read back. Returns true if any logit is -inf (a
 /// masked key).
+/// With `derivative` (a tile like `tile`; the backward of a user score_mod), it receives
+/// d score_mod / d score per (key, column).
 template <class Backend, class T, class ScoreMod, class MaskMod, class KeyOf>
 bool apply_logits(const query_columns<T>& cols, const custom_variant<ScoreMod, MaskMod>& custom,
                   const key_band& band, tile_cuts cuts, T* tile, index_t ld, KeyOf&& key_of,
-                  index_t keys) noexcept {
+                  index_t keys, T* derivative = nullptr) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width;
   const auto scale = V::broadcast(cols.scale);
@@ -87,8 +95,17 @@ bool apply_logits(const query_columns<T>& cols, const custom_variant<ScoreMod, M
       V::store(row + c, s);
     }
   }
-  apply_logit_terms(cols, custom, band, cuts, key_of, keys,
-                    [&](index_t r, index_t c) -> T& { return tile[r * ld + c]; });
+  auto at = [&](index_t r, index_t c) -> T& { return tile[r * ld + c]; };
+  if constexpr (!std::is_same_v<ScoreMod, identity_score_mod> &&
+                differentiable_score_mod<ScoreMod, T>) {
+    if (derivative)
+      apply_logit_terms(cols, custom, band, cuts, key_of, keys, at,
+                        [&](index_t r, index_t c) -> T& { return derivative[r * ld + c]; });
+    else
+      apply_logit_terms(cols, custom, band, cuts, key_of, keys, at);
+  } else {
+    apply_logit_terms(cols, custom, band, cuts, key_of, keys, at);
+  }
   const auto minus_inf = V::broadcast(-std::numeric_limits<T>::infinity());
   bool masked = false;
   for (index_t r = 0; r < keys && !masked; ++r)

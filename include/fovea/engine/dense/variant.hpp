@@ -10,6 +10,7 @@
 #include <vector>
 
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -26,6 +27,11 @@ struct keep_all_mask_mod {};
 /// new logit (score already scaled and soft-capped, ALiBi and bias added); mask_mod(b, h,
 /// q_idx, k_idx) returns false to hide the key. Indices are those of the views; h is the
 /// query head.
+///
+/// For the backward, a score_mod also gives its derivative: a member
+/// derivative(score, b, h, q_idx, k_idx) returning d score_mod / d score at that score
+/// (the same arguments as the call). The backward chains it into every gradient (dq, dk,
+/// d bias, d slopes); a score_mod without it is a compile-time error there.
 template <class ScoreMod = identity_score_mod, class MaskMod = keep_all_mask_mod>
 struct custom_variant {
   ScoreMod score_mod{};
@@ -44,6 +50,14 @@ template <class ScoreMod, class MaskMod>
 constexpr custom_variant<ScoreMod, MaskMod> with_mods(ScoreMod s, MaskMod m) {
   return {s, m};
 }
+
+/// Whether a score_mod has the derivative the backward needs (the identity has none to give).
+template <class ScoreMod, class T>
+concept differentiable_score_mod =
+    std::is_same_v<ScoreMod, identity_score_mod> ||
+    requires(const ScoreMod& f, T score, index_t i) {
+      { f.derivative(score, i, i, i, i) } -> std::convertible_to<T>;
+    };
 
 namespace detail {
 
