@@ -172,6 +172,16 @@ int main(int argc, char** argv) {
       fovea::bench::add("backward" + shape, BM_backward, n, d, causal, threads);
       fovea::bench::add("forward" + shape, BM_forward, n, d, causal, threads);
     }
+  // the plot's sweep (scripts/plot_bench.py --backward): one thread, N below the table's
+  for (index_t sweep_n : {index_t(512), index_t(1024), index_t(2048)}) {
+    if (quick || sweep_n >= n) continue;
+    for (bool causal : {false, true}) {
+      const std::string shape = "/N=" + std::to_string(sweep_n) + "/D=" + std::to_string(d) +
+                                (causal ? "/causal" : "/full") + "/threads=1";
+      fovea::bench::add("backward" + shape, BM_backward, sweep_n, d, causal, 1);
+      fovea::bench::add("forward" + shape, BM_forward, sweep_n, d, causal, 1);
+    }
+  }
   const index_t linear_n = quick ? 2048 : 8192;
   const std::string linear_shape = "/causal/elu/N=" + std::to_string(linear_n) + "/D=64/threads=1";
   fovea::bench::add("linear_backward" + linear_shape, BM_linear, linear_n, index_t(64), true);
