@@ -123,9 +123,10 @@ bool check_dbias(const tensor_view<float, 4>& dbias, const Bias& bias,
 ///
 /// Algorithm: FlashAttention-2's (delta_i = rowsum(dO_i * O_i); P = exp(S - lse) recomputed
 /// through the forward's logit code; dV += P^T dO; dP = dO V^T; dS = P * (dP - delta);
-/// dQ += scale dS K; dK += scale dS^T Q) in 64 x 64 tiles, dK/dV over key blocks and dQ
-/// over query blocks: every row has one writer, so the result is bitwise the same for any
-/// thread count; extra memory is a few tiles per thread and delta (B, H, Sq). A row that
+/// dQ += scale dS K; dK += scale dS^T Q) in 64 x 64 tiles, one pass over key blocks whose
+/// dQ shares are added in key order (not atomically): bitwise the same for any thread
+/// count; extra memory is a few tiles per thread, delta (B, H, Sq) and, for bf16 / fp16,
+/// dQ's fp32 sums (B, H, Sq, D). A row that
 /// saw no key (lse = -inf) gives zero gradients; keys hidden by the band, the mask or a
 /// -inf bias get none from it (NaN/Inf in them never leak); a NaN a row sees makes its
 /// gradients NaN, as in the forward. Bad arguments throw fovea::error before any write.

@@ -2,6 +2,8 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
 
 #include "tensor_view.hpp"
 
@@ -52,5 +54,34 @@ void parallel_for(index_t tasks, int threads, Body&& body) noexcept {
 #endif
   for (index_t t = 0; t < tasks; ++t) body(t, 0);
 }
+
+/// Adds into shared rows in a fixed order whatever the threads: slot s (a block of rows)
+/// takes the adds of its writers turn by turn, first(s), first(s) + 1, ..., each waiting
+/// for the previous one. With parallel_for handing tasks out in increasing order and each
+/// task waiting only on turns of earlier tasks, every wait ends (the earlier task runs).
+class ordered_turns {
+ public:
+  template <class First>
+  ordered_turns(index_t slots, First&& first)
+      : next_(std::make_unique<std::atomic<int>[]>(std::size_t(std::max<index_t>(slots, 1)))) {
+    for (index_t s = 0; s < slots; ++s) next_[s].store(int(first(s)), std::memory_order_relaxed);
+  }
+  /// Waits until it is `turn`'s turn at `slot`.
+  void wait(index_t slot, index_t turn) const noexcept {
+    std::atomic<int>& next = next_[slot];
+    for (int spin = 0; spin < 256; ++spin)
+      if (next.load(std::memory_order_acquire) == int(turn)) return;
+    for (int seen; (seen = next.load(std::memory_order_acquire)) != int(turn);)
+      next.wait(seen, std::memory_order_acquire);
+  }
+  /// Ends `turn` at `slot`: the next writer may add.
+  void pass(index_t slot, index_t turn) const noexcept {
+    next_[slot].store(int(turn) + 1, std::memory_order_release);
+    next_[slot].notify_all();
+  }
+
+ private:
+  std::unique_ptr<std::atomic<int>[]> next_;
+};
 
 }  // namespace fovea::detail

@@ -2,13 +2,15 @@
 // deterministic: delta_i = rowsum(dO_i * O_i); per tile of 64 keys x 64 queries the
 // logits are recomputed through the forward's own logit pipeline (apply_logits: every
 // modifier, the band and the masks give the same bits), P = exp(S - lse), dP = dO V^T,
-// dS = P * (dP - delta) * dS/dx. Two passes so that every gradient row has one writer:
+// dS = P * (dP - delta) * dS/dx. One pass, five tile products, as FlashAttention-2's:
 // tasks over key blocks (b, kv head, 64 keys) sum dV += P^T dO and dK += dS^T Q over the
-// query heads of their group and the query blocks that see them; tasks over query blocks
-// (b, head, 64 queries) sum dQ += dS K. Each pass recomputes P and dP (seven tile
-// products where the atomic-add version has five), and no task depends on the thread
-// count: the result is bitwise the same for any number of threads. Extra memory: a few
-// tiles per thread and delta (B, H, Sq).
+// query heads of their group and the query blocks that see them, and add each tile's
+// dQ = dS K into the query block's rows. Where FlashAttention adds dQ atomically (in
+// whatever order the threads come), here the key blocks of a query block add in key
+// order, each waiting for the previous one (ordered_turns; tasks start in that order, so
+// the waits are short and always end): the result is bitwise the same for any number of
+// threads. Extra memory: a few tiles per thread, delta (B, H, Sq), and for bf16 / fp16
+// storage dQ's fp32 sums (B, H, Sq, D).
 #pragma once
 
 #include <algorithm>
@@ -356,15 +358,35 @@ void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, 
   const std::vector<T> delta = backward_delta(bp, used);
   const scratch_slices<T> scratch(used, buffers_t::size(D, Dv));
 
-  // dK, dV: one task per (b, kv head, key block)
+  // One task per (b, kv head, key block): dK, dV of its keys summed over the query heads
+  // of the group and the query blocks that see them, and each query block's share of dQ,
+  // added into dq in key-block order (ordered_turns), so the sum is the same whatever runs
+  // where. dQ sums in T: straight into dq when S is T, else in a buffer.
+  constexpr bool accumulate_in_dq = std::is_same_v<S, T>;
+  std::vector<T> dq_sums(accumulate_in_dq ? 0 : B * H * Sq * D, T(0));
+  auto dq_row = [&](index_t b, index_t h, index_t i) -> T* {
+    if constexpr (accumulate_in_dq) return bp.dq.ptr(b, h, i, 0);
+    else return dq_sums.data() + ((b * H + h) * Sq + i) * D;
+  };
+  if constexpr (accumulate_in_dq)
+    for (index_t b = 0; b < B; ++b)
+      for (index_t h = 0; h < H; ++h)
+        for (index_t i = 0; i < Sq; ++i) std::fill_n(bp.dq.ptr(b, h, i, 0), D, T(0));
+  // the first key block each query block sees takes the first turn
+  const ordered_turns turns(B * H * query_blocks, [&](index_t slot) {
+    const index_t i0 = slot % query_blocks * BQ;
+    return pr.band.keys_for(i0, std::min(Sq, i0 + BQ)).first / BK;
+  });
+  const bool want_alibi = bp.dalibi.data() != nullptr;
+  const bool key_bias = bp.dbias_per_key, row_bias = bp.dbias.data() && !key_bias;
+  std::vector<T> alibi_parts(want_alibi ? B * H * key_blocks : 0);
   parallel_for(B * Hk * key_blocks, used, [&](index_t task, int thread) {
-    const index_t b = task / (Hk * key_blocks), hk = task / key_blocks % Hk;
-    const index_t j0 = task % key_blocks * BK, keys = std::min(BK, Sk - j0);
+    const index_t b = task / (Hk * key_blocks), hk = task / key_blocks % Hk, kb = task % key_blocks;
+    const index_t j0 = kb * BK, keys = std::min(BK, Sk - j0);
     buffers_t buf(scratch.slice(thread), D, Dv);
     stage_keys(pr, b, hk, j0, keys, buf);
     std::fill(buf.dk, buf.dk + BK * buf.dp, T(0));
     std::fill(buf.dv, buf.dv + BK * buf.dvp, T(0));
-    const bool key_bias = bp.dbias_per_key;
     if (key_bias) std::fill(buf.dbias, buf.dbias + group * BK, T(0));
     for (index_t h = hk * group; h < (hk + 1) * group; ++h)
       for (index_t qb = 0; qb < query_blocks; ++qb) {
@@ -373,49 +395,43 @@ void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, 
         if (last <= j0 || first >= j0 + keys) continue;
         query_columns<T> cols;
         stage_queries(bp, delta, b, h, i0, n, buf, cols);
-        const bool masked = backward_tile(cols, pr.band, custom, j0, keys, D, Dv, buf, key_bias);
+        const bool masked =
+            backward_tile(cols, pr.band, custom, j0, keys, D, Dv, buf, key_bias || row_bias || want_alibi);
+        if (want_alibi) {  // d slope += dz * -|i + offset - j| (hidden pairs have dz = 0)
+          T part = 0;
+          for (index_t c = 0; c < n; ++c)
+            for (index_t j = 0; j < keys; ++j) {
+              const index_t distance = i0 + c + pr.band.offset - (j0 + j);
+              part -= buf.dz[j * BQ + c] * T(distance < 0 ? -distance : distance);
+            }
+          alibi_parts[(b * H + h) * key_blocks + kb] += part;
+        }
+        if (row_bias)  // (B, H, Sq, Sk): each pair in one tile
+          for (index_t c = 0; c < n; ++c)
+            for (index_t j = 0; j < keys; ++j) bp.dbias(b, h, i0 + c, j0 + j) = float(buf.dz[j * BQ + c]);
+        std::fill(buf.acc, buf.acc + n * buf.dp, T(0));
+        add_query_products(buf, masked, keys, n, D, Dv);
         add_key_products(buf, masked, keys, n, D, Dv,
                          key_bias ? buf.dbias + (h - hk * group) * BK : nullptr);
+        const index_t slot = (b * H + h) * query_blocks + qb;
+        turns.wait(slot, kb);
+        for (index_t c = 0; c < n; ++c) {
+          T* row = dq_row(b, h, i0 + c);
+          const T* part = buf.acc + c * buf.dp;
+          for (index_t d = 0; d < D; ++d) row[d] += part[d];
+        }
+        turns.pass(slot, kb);
       }
     store_key_gradients(bp, b, hk, j0, keys, buf.dk, buf.dp, buf.dv, buf.dvp, buf.dbias, BK);
   });
-
-  // dQ: one task per (b, head, query block); with d slopes, each task's share of them
-  const bool want_alibi = bp.dalibi.data() != nullptr;
-  std::vector<T> alibi_parts(want_alibi ? B * H * query_blocks : 0);
-  parallel_for(B * H * query_blocks, used, [&](index_t task, int thread) {
-    const index_t b = task / (H * query_blocks), h = task / query_blocks % H;
-    const index_t i0 = task % query_blocks * BQ, n = std::min(BQ, Sq - i0);
-    buffers_t buf(scratch.slice(thread), D, Dv);
-    query_columns<T> cols;
-    stage_queries(bp, delta, b, h, i0, n, buf, cols);
-    std::fill(buf.acc, buf.acc + BQ * buf.dp, T(0));
-    const auto [first, last] = pr.band.keys_for(i0, i0 + n);
-    for (index_t j0 = first / BK * BK; j0 < last; j0 += BK) {
-      const index_t keys = std::min(BK, Sk - j0);
-      stage_keys(pr, b, h / group, j0, keys, buf);
-      const bool row_bias = bp.dbias.data() && !bp.dbias_per_key;
-      const bool masked =
-          backward_tile(cols, pr.band, custom, j0, keys, D, Dv, buf, row_bias || want_alibi);
-      if (want_alibi) {  // d slope += dz * -|i + offset - j| (hidden pairs have dz = 0)
-        T part = 0;
-        for (index_t c = 0; c < n; ++c)
-          for (index_t j = 0; j < keys; ++j) {
-            const index_t distance = i0 + c + pr.band.offset - (j0 + j);
-            part -= buf.dz[j * BQ + c] * T(distance < 0 ? -distance : distance);
-          }
-        alibi_parts[task] += part;
+  if constexpr (!accumulate_in_dq)
+    parallel_for(B * H, used, [&](index_t bh, int) {
+      for (index_t i = 0; i < Sq; ++i) {
+        S* row = bp.dq.ptr(bh / H, bh % H, i, 0);
+        const T* sum = dq_sums.data() + (bh * Sq + i) * D;
+        for (index_t d = 0; d < D; ++d) row[d] = S(sum[d]);
       }
-      if (row_bias)  // (B, H, Sq, Sk): this task's rows alone
-        for (index_t c = 0; c < n; ++c)
-          for (index_t j = 0; j < keys; ++j) bp.dbias(b, h, i0 + c, j0 + j) = float(buf.dz[j * BQ + c]);
-      add_query_products(buf, masked, keys, n, D, Dv);
-    }
-    for (index_t c = 0; c < n; ++c) {
-      S* dq = bp.dq.ptr(b, h, i0 + c, 0);
-      for (index_t d = 0; d < D; ++d) dq[d] = S(buf.acc[c * buf.dp + d]);
-    }
-  });
+    });
 
   // d slopes: the tasks' shares summed in a fixed order (per batch row, or over the batch)
   if (want_alibi) {
@@ -424,7 +440,7 @@ void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, 
       for (index_t h = 0; h < H; ++h) {
         T sum = 0;
         for (index_t b = per_batch ? a : 0; b < (per_batch ? a + 1 : B); ++b)
-          for (index_t qb = 0; qb < query_blocks; ++qb) sum += alibi_parts[(b * H + h) * query_blocks + qb];
+          for (index_t kb = 0; kb < key_blocks; ++kb) sum += alibi_parts[(b * H + h) * key_blocks + kb];
         bp.dalibi(a, h) = float(sum);
       }
   }
