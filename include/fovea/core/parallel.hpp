@@ -66,6 +66,10 @@ class ordered_turns {
       : next_(std::make_unique<std::atomic<int>[]>(std::size_t(std::max<index_t>(slots, 1)))) {
     for (index_t s = 0; s < slots; ++s) next_[s].store(int(first(s)), std::memory_order_relaxed);
   }
+  /// Whether it is `turn`'s turn at `slot` now.
+  bool ready(index_t slot, index_t turn) const noexcept {
+    return next_[slot].load(std::memory_order_acquire) == int(turn);
+  }
   /// Waits until it is `turn`'s turn at `slot`.
   void wait(index_t slot, index_t turn) const noexcept {
     std::atomic<int>& next = next_[slot];

@@ -380,10 +380,48 @@ void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, 
   const bool want_alibi = bp.dalibi.data() != nullptr;
   const bool key_bias = bp.dbias_per_key, row_bias = bp.dbias.data() && !key_bias;
   std::vector<T> alibi_parts(want_alibi ? B * H * key_blocks : 0);
+  // A task's dQ shares wait in `pending` (up to pending_tiles per thread) until their turn,
+  // so a task never stalls on a slower (or descheduled) neighbour while it has tiles left
+  // to compute; it waits only when the buffer is full and at its end.
+  constexpr index_t pending_tiles = 16;
+  const index_t dp = buffers_t::padded(D), tile_size = round_to_line<T>(BQ * dp);
+  const scratch_slices<T> pending_scratch(used, pending_tiles * tile_size);
+  struct pending_share {
+    index_t slot, b, h, i0, n;
+    T* rows;
+  };
   parallel_for(B * Hk * key_blocks, used, [&](index_t task, int thread) {
     const index_t b = task / (Hk * key_blocks), hk = task / key_blocks % Hk, kb = task % key_blocks;
     const index_t j0 = kb * BK, keys = std::min(BK, Sk - j0);
     buffers_t buf(scratch.slice(thread), D, Dv);
+    pending_share pending[pending_tiles];
+    index_t waiting = 0;
+    T* free_rows[pending_tiles];
+    for (index_t t = 0; t < pending_tiles; ++t) free_rows[t] = pending_scratch.slice(thread) + t * tile_size;
+    index_t free_count = pending_tiles;
+    auto add_share = [&](const pending_share& p) {
+      for (index_t c = 0; c < p.n; ++c) {
+        T* row = dq_row(p.b, p.h, p.i0 + c);
+        const T* part = p.rows + c * dp;
+        for (index_t d = 0; d < D; ++d) row[d] += part[d];
+      }
+      turns.pass(p.slot, kb);
+      free_rows[free_count++] = p.rows;
+    };
+    // adds the shares whose turn has come; with `block`, waits for the oldest first
+    auto drain = [&](bool block) {
+      if (block && waiting > 0) {
+        turns.wait(pending[0].slot, kb);
+        add_share(pending[0]);
+        std::copy(pending + 1, pending + waiting, pending);
+        --waiting;
+      }
+      index_t kept = 0;
+      for (index_t w = 0; w < waiting; ++w)
+        if (turns.ready(pending[w].slot, kb)) add_share(pending[w]);
+        else pending[kept++] = pending[w];
+      waiting = kept;
+    };
     stage_keys(pr, b, hk, j0, keys, buf);
     std::fill(buf.dk, buf.dk + BK * buf.dp, T(0));
     std::fill(buf.dv, buf.dv + BK * buf.dvp, T(0));
@@ -409,19 +447,17 @@ void run_backward(const backward_problem<S>& bp, const custom_variant<ScoreMod, 
         if (row_bias)  // (B, H, Sq, Sk): each pair in one tile
           for (index_t c = 0; c < n; ++c)
             for (index_t j = 0; j < keys; ++j) bp.dbias(b, h, i0 + c, j0 + j) = float(buf.dz[j * BQ + c]);
-        std::fill(buf.acc, buf.acc + n * buf.dp, T(0));
+        if (free_count == 0) drain(true);
+        T* share = free_rows[--free_count];
+        buf.acc = share;  // dQ's share of this tile, straight into its pending rows
+        std::fill(share, share + n * dp, T(0));
         add_query_products(buf, masked, keys, n, D, Dv);
         add_key_products(buf, masked, keys, n, D, Dv,
                          key_bias ? buf.dbias + (h - hk * group) * BK : nullptr);
-        const index_t slot = (b * H + h) * query_blocks + qb;
-        turns.wait(slot, kb);
-        for (index_t c = 0; c < n; ++c) {
-          T* row = dq_row(b, h, i0 + c);
-          const T* part = buf.acc + c * buf.dp;
-          for (index_t d = 0; d < D; ++d) row[d] += part[d];
-        }
-        turns.pass(slot, kb);
+        pending[waiting++] = {(b * H + h) * query_blocks + qb, b, h, i0, n, share};
+        drain(false);
       }
+    while (waiting > 0) drain(true);
     store_key_gradients(bp, b, hk, j0, keys, buf.dk, buf.dp, buf.dv, buf.dvp, buf.dbias, BK);
   });
   if constexpr (!accumulate_in_dq)
