@@ -558,16 +558,30 @@ TEST(SoftmaxBackward, VarlenEqualsPerSequenceCalls) {
   const index_t tq = cu_q.back(), tk = cu_k.back(), seqs = index_t(cu_q.size()) - 1;
   const auto q = normal<float>(H * tq * D, 1), k = normal<float>(Hk * tk * D, 2),
              v = normal<float>(Hk * tk * Dv, 3), dout = normal<float>(H * tq * Dv, 4),
-             bias = normal<float>(tq * tk, 5, 0.5), slopes = uniform<float>(seqs * H, 6, 0.0, 0.3);
-  for (bool with_terms : {false, true}) {
-    SCOPED_TRACE(with_terms ? "bias and ALiBi" : "plain");
+             bias = normal<float>(H * tq * tk, 5, 0.5), slopes = uniform<float>(seqs * H, 6, 0.0, 0.3),
+             sink_logits = normal<float>(H, 7);
+  // mode 0: plain; 1: a bias shared by the heads and per-sequence ALiBi, no extra
+  // gradients; 2: a per-head bias with d bias, sinks with d sinks, per-sequence d slopes;
+  // 3: a per-key bias (1, Hk, 1, total_k) with d bias, shared slopes (1, H) with d slopes
+  for (int mode : {0, 1, 2, 3}) {
+    SCOPED_TRACE("mode " + std::to_string(mode));
+    const index_t bias_heads = mode == 1 ? 1 : mode == 2 ? H : Hk, bias_rows = mode == 3 ? 1 : tq;
+    const index_t slope_rows = mode == 3 ? 1 : seqs;
     softmax_options o{.causal = true, .threads = 2};
-    if (with_terms) {
-      o.bias = view<const float>(bias.data(), {1, 1, tq, tk});
-      o.alibi_slopes = view<const float>(slopes.data(), {seqs, H});
+    if (mode > 0) {
+      o.bias = view<const float>(bias.data(), {1, bias_heads, bias_rows, tk});
+      o.alibi_slopes = view<const float>(slopes.data(), {slope_rows, H});
     }
+    if (mode == 2) o.sinks = view<const float>(sink_logits.data(), {H});
     std::vector<float> out(H * tq * Dv), lse(H * tq), dq(H * tq * D, -7.f), dk(Hk * tk * D, -7.f),
-        dv(Hk * tk * Dv, -7.f);
+        dv(Hk * tk * Dv, -7.f), dbias(bias_heads * bias_rows * tk, -7.f), dslopes(slope_rows * H, -7.f),
+        dsinks(H, -7.f);
+    softmax_grads grads;
+    if (mode >= 2) {
+      grads.dbias = view(dbias.data(), {1, bias_heads, bias_rows, tk});
+      grads.dalibi_slopes = view(dslopes.data(), {slope_rows, H});
+    }
+    if (mode == 2) grads.dsinks = view(dsinks.data(), {H});
     auto fwd = o;
     fwd.lse = view(lse.data(), {1, H, tq});
     const auto Q = bhsd<const float>(q.data(), 1, H, tq, D);
@@ -578,11 +592,14 @@ TEST(SoftmaxBackward, VarlenEqualsPerSequenceCalls) {
                                       bhsd<const float>(dout.data(), 1, H, tq, Dv),
                                       view<const float>(lse.data(), {1, H, tq}),
                                       bhsd(dq.data(), 1, H, tq, D), bhsd(dk.data(), 1, Hk, tk, D),
-                                      bhsd(dv.data(), 1, Hk, tk, Dv), cu_q, cu_k, o);
+                                      bhsd(dv.data(), 1, Hk, tk, Dv), cu_q, cu_k, o, grads);
+    std::vector<double> sinks_sum(H), slopes_sum(H);
     for (index_t b = 0; b < seqs; ++b) {
       const index_t q0 = cu_q[b], sq = cu_q[b + 1] - q0, k0 = cu_k[b], sk = cu_k[b + 1] - k0;
+      const index_t rows = mode == 3 ? 1 : sq;
       std::vector<float> bq(H * sq * D), bk(Hk * sk * D), bv(Hk * sk * Dv), bo(H * sq * Dv),
-          bg(H * sq * Dv), bl(H * sq), bdq(bq.size()), bdk(bk.size()), bdv(bv.size()), bb(sq * sk);
+          bg(H * sq * Dv), bl(H * sq), bdq(bq.size()), bdk(bk.size()), bdv(bv.size()),
+          bb(bias_heads * rows * sk), bdb(bb.size()), bds(H), bdsl(H);
       for (index_t h = 0; h < H; ++h) {
         std::copy_n(q.data() + ((h * tq + q0) * D), sq * D, bq.data() + (h * sq * D));
         std::copy_n(dout.data() + ((h * tq + q0) * Dv), sq * Dv, bg.data() + (h * sq * Dv));
@@ -591,11 +608,20 @@ TEST(SoftmaxBackward, VarlenEqualsPerSequenceCalls) {
         std::copy_n(k.data() + ((h * tk + k0) * D), sk * D, bk.data() + (h * sk * D));
         std::copy_n(v.data() + ((h * tk + k0) * Dv), sk * Dv, bv.data() + (h * sk * Dv));
       }
-      for (index_t i = 0; i < sq; ++i) std::copy_n(bias.data() + ((q0 + i) * tk + k0), sk, bb.data() + (i * sk));
+      for (index_t h = 0; h < bias_heads; ++h)
+        for (index_t i = 0; i < rows; ++i)
+          std::copy_n(bias.data() + ((h * bias_rows + (mode == 3 ? 0 : q0 + i)) * tk + k0), sk,
+                      bb.data() + ((h * rows + i) * sk));
       softmax_options so{.causal = true, .threads = 1};
-      if (with_terms) {
-        so.bias = view<const float>(bb.data(), {1, 1, sq, sk});
-        so.alibi_slopes = view<const float>(slopes.data() + (b * H), {1, H});
+      softmax_grads sg;
+      if (mode > 0) {
+        so.bias = view<const float>(bb.data(), {1, bias_heads, rows, sk});
+        so.alibi_slopes = view<const float>(slopes.data() + (mode == 3 ? 0 : b * H), {1, H});
+      }
+      if (mode == 2) so.sinks = o.sinks, sg.dsinks = view(bds.data(), {H});
+      if (mode >= 2) {
+        sg.dbias = view(bdb.data(), {1, bias_heads, rows, sk});
+        sg.dalibi_slopes = view(bdsl.data(), {1, H});
       }
       auto sf = so;
       sf.lse = view(bl.data(), {1, H, sq});
@@ -606,7 +632,7 @@ TEST(SoftmaxBackward, VarlenEqualsPerSequenceCalls) {
       softmax_attention_backward(SQ, SK, SV, bhsd<const float>(bo.data(), 1, H, sq, Dv),
                                  bhsd<const float>(bg.data(), 1, H, sq, Dv),
                                  view<const float>(bl.data(), {1, H, sq}), bhsd(bdq.data(), 1, H, sq, D),
-                                 bhsd(bdk.data(), 1, Hk, sk, D), bhsd(bdv.data(), 1, Hk, sk, Dv), so);
+                                 bhsd(bdk.data(), 1, Hk, sk, D), bhsd(bdv.data(), 1, Hk, sk, Dv), so, sg);
       if (sq == 0) std::fill(bdk.begin(), bdk.end(), 0.f), std::fill(bdv.begin(), bdv.end(), 0.f);
       for (index_t h = 0; h < H; ++h)
         for (index_t x = 0; x < sq * D; ++x)
@@ -617,7 +643,29 @@ TEST(SoftmaxBackward, VarlenEqualsPerSequenceCalls) {
         for (index_t x = 0; x < sk * Dv; ++x)
           ASSERT_EQ(dv[(h * tk + k0) * Dv + x], bdv[h * sk * Dv + x]) << "dv, sequence " << b;
       }
+      if (mode < 2) continue;
+      if (sq == 0) std::fill(bdb.begin(), bdb.end(), 0.f), std::fill(bds.begin(), bds.end(), 0.f),
+                   std::fill(bdsl.begin(), bdsl.end(), 0.f);
+      for (index_t h = 0; h < bias_heads; ++h)
+        for (index_t i = 0; i < rows; ++i)
+          for (index_t j = 0; j < sk; ++j)
+            ASSERT_EQ(dbias[(h * bias_rows + (mode == 3 ? 0 : q0 + i)) * tk + k0 + j],
+                      bdb[(h * rows + i) * sk + j])
+                << "dbias, sequence " << b;
+      for (index_t h = 0; h < H; ++h) {
+        sinks_sum[h] += bds[h];
+        if (mode == 2) EXPECT_EQ(dslopes[b * H + h], bdsl[h]) << "dslopes, sequence " << b;
+        slopes_sum[h] += bdsl[h];
+      }
     }
+    if (mode == 2) {
+      for (index_t h = 0; h < H; ++h) EXPECT_EQ(dsinks[h], float(sinks_sum[h])) << "dsinks";
+      // off the block diagonal: zero
+      EXPECT_EQ(dbias[(0 * tq + 0) * tk + 12], 0.f);
+      EXPECT_EQ(dbias[(1 * tq + 72) * tk + 3], 0.f);
+    }
+    if (mode == 3)
+      for (index_t h = 0; h < H; ++h) EXPECT_EQ(dslopes[h], float(slopes_sum[h])) << "dslopes";
   }
   // Bad input is caught before any write.
   std::vector<float> o(H * tq * Dv), l(H * tq), gq(H * tq * D, -7.f), gk(Hk * tk * D, -7.f),

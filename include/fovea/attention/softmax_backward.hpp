@@ -98,6 +98,39 @@ bool check_dbias(const tensor_view<float, 4>& dbias, const Bias& bias,
   return per_key;
 }
 
+
+/// grads.dsinks and grads.dalibi_slopes against the options they differentiate: given
+/// only with their option, its extents, overlapping no input or gradient.
+template <class S>
+void check_extra_grads(const softmax_grads& grads, const softmax_options& options, index_t H,
+                       const tensor_view<const S, 4>& q, const tensor_view<const S, 4>& k,
+                       const tensor_view<const S, 4>& v, const tensor_view<const S, 4>& out,
+                       const tensor_view<const S, 4>& dout, const tensor_view<S, 4>& dq,
+                       const tensor_view<S, 4>& dk, const tensor_view<S, 4>& dv) {
+  if (grads.dsinks.data() != nullptr || !grads.dsinks.empty()) {
+    require(options.sinks.data() != nullptr, "grads.dsinks: given, but options.sinks is not");
+    check_data(grads.dsinks, "grads.dsinks");
+    require(grads.dsinks.extent(0) == H, "grads.dsinks: extent 0 is ", grads.dsinks.extent(0),
+            ", expected ", H, " (heads)");
+    check_apart(grads.dsinks, "grads.dsinks", q, k, v, out, dout, dq, dk, dv);
+    check_no_alias(grads.dsinks, "grads.dsinks", options.sinks, "options.sinks");
+  }
+  if (grads.dalibi_slopes.data() != nullptr || !grads.dalibi_slopes.empty()) {
+    const auto& slopes = options.alibi_slopes;
+    require(slopes.data() != nullptr, "grads.dalibi_slopes: given, but options.alibi_slopes is not");
+    check_data(grads.dalibi_slopes, "grads.dalibi_slopes");
+    for (std::size_t r = 0; r < 2; ++r)
+      require(grads.dalibi_slopes.extent(r) == slopes.extent(r), "grads.dalibi_slopes: extent ", r,
+              " is ", grads.dalibi_slopes.extent(r), ", expected ", slopes.extent(r),
+              " as options.alibi_slopes");
+    check_one_to_one(grads.dalibi_slopes, "grads.dalibi_slopes");
+    check_apart(grads.dalibi_slopes, "grads.dalibi_slopes", q, k, v, out, dout, dq, dk, dv);
+    check_no_alias(grads.dalibi_slopes, "grads.dalibi_slopes", slopes, "options.alibi_slopes");
+    check_no_alias(grads.dalibi_slopes, "grads.dalibi_slopes", grads.dbias, "grads.dbias");
+    check_no_alias(grads.dalibi_slopes, "grads.dalibi_slopes", grads.dsinks, "grads.dsinks");
+  }
+  check_no_alias(grads.dsinks, "grads.dsinks", grads.dbias, "grads.dbias");
+}
 }  // namespace detail
 
 /// Gradients of softmax attention: given the forward's inputs, its output `out` and the
@@ -155,30 +188,12 @@ void softmax_attention_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tens
   bp.forward = make_softmax_problem<S>(cq, ck, cv, out_shape, o);
   const index_t H = q.extent(1);
   check_backward_tensors(cq, ck, cv, co, cg, cl, dq, dk, dv, options);
-  if (grads.dsinks.data() != nullptr || !grads.dsinks.empty()) {
-    require(options.sinks.data() != nullptr, "grads.dsinks: given, but options.sinks is not");
-    require(grads.dsinks.extent(0) == H, "grads.dsinks: extent 0 is ", grads.dsinks.extent(0),
-            ", expected ", H, " (heads)");
-    check_no_alias(grads.dsinks, "grads.dsinks", options.sinks, "options.sinks");
-  }
+  check_extra_grads(grads, options, H, cq, ck, cv, co, cg, dq, dk, dv);
   if (grads.dbias.data() != nullptr || !grads.dbias.empty()) {
     bp.dbias = grads.dbias;
     bp.dbias_per_key = check_dbias(grads.dbias, options.bias, cq, ck, cv, co, cg, dq, dk, dv);
   }
-  if (grads.dalibi_slopes.data() != nullptr || !grads.dalibi_slopes.empty()) {
-    const auto& slopes = options.alibi_slopes;
-    require(slopes.data() != nullptr, "grads.dalibi_slopes: given, but options.alibi_slopes is not");
-    check_data(grads.dalibi_slopes, "grads.dalibi_slopes");
-    for (std::size_t r = 0; r < 2; ++r)
-      require(grads.dalibi_slopes.extent(r) == slopes.extent(r), "grads.dalibi_slopes: extent ", r,
-              " is ", grads.dalibi_slopes.extent(r), ", expected ", slopes.extent(r),
-              " as options.alibi_slopes");
-    check_one_to_one(grads.dalibi_slopes, "grads.dalibi_slopes");
-    check_apart(grads.dalibi_slopes, "grads.dalibi_slopes", cq, ck, cv, co, cg, dq, dk, dv);
-    check_no_alias(grads.dalibi_slopes, "grads.dalibi_slopes", slopes, "options.alibi_slopes");
-    check_no_alias(grads.dalibi_slopes, "grads.dalibi_slopes", grads.dbias, "grads.dbias");
-    bp.dalibi = grads.dalibi_slopes;
-  }
+  bp.dalibi = grads.dalibi_slopes;
   bp.out = co;
   bp.dout = cg;
   bp.lse = cl;
@@ -195,9 +210,12 @@ void softmax_attention_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tens
 /// sequence alone (the block-diagonal bias and mask cut as the forward cuts them, ALiBi
 /// slopes (sequences|1, H), score_mod / mask_mod positions within the sequence), run one
 /// sequence after another, each over the threads: bitwise the same for any thread count.
-/// Keys of a sequence without queries get zero gradients. No sinks or bias gradients here
-/// (softmax_grads): a call per sequence gives them. Bad arguments throw fovea::error
-/// before any write.
+/// Keys of a sequence without queries get zero gradients. `grads` as for
+/// softmax_attention_backward, over the packed views: dsinks (H) summed over the
+/// sequences (in order, in double); dbias like the packed bias, (1, H, total_q, total_k)
+/// (zero off the block diagonal) or per key (1, H|Hk, 1, total_k); dalibi_slopes like
+/// the slopes, per sequence (sequences, H) or summed over them (1, H). Bad arguments throw
+/// fovea::error before any write.
 template <class Backend = default_backend, class TQ, class TK, class TV, class TO, class TG,
           class TL, class S, class ScoreMod = identity_score_mod,
           class MaskMod = keep_all_mask_mod>
@@ -211,6 +229,7 @@ void softmax_attention_varlen_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> 
                                        std::span<const std::int32_t> cu_seqlens_q,
                                        std::span<const std::int32_t> cu_seqlens_k,
                                        const softmax_options& options = {},
+                                       const softmax_grads& grads = {},
                                        const custom_variant<ScoreMod, MaskMod>& custom = {}) {
   static_assert(differentiable_score_mod<ScoreMod, accumulator_t<S>>,
                 "softmax_attention_varlen_backward: a user score_mod needs its derivative here: a member "
@@ -223,6 +242,20 @@ void softmax_attention_varlen_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> 
   const index_t group = call.group, sequences = call.sequences;
   const double scale = call.scale;
   check_backward_tensors(cq, ck, cv, co, cg, cl, dq, dk, dv, options);
+  const index_t H = q.extent(1);
+  const bool want_dsinks = grads.dsinks.data() != nullptr || !grads.dsinks.empty();
+  const bool want_dbias = grads.dbias.data() != nullptr || !grads.dbias.empty();
+  const bool want_dalibi = grads.dalibi_slopes.data() != nullptr || !grads.dalibi_slopes.empty();
+  check_extra_grads(grads, options, H, cq, ck, cv, co, cg, dq, dk, dv);
+  const bool per_key = want_dbias && check_dbias(grads.dbias, options.bias, cq, ck, cv, co, cg, dq, dk, dv);
+  if (want_dbias)  // pairs of no sequence (off the block diagonal) get 0
+    for (index_t a = 0; a < grads.dbias.extent(0); ++a)
+      for (index_t h = 0; h < grads.dbias.extent(1); ++h)
+        for (index_t i = 0; i < grads.dbias.extent(2); ++i)
+          std::fill_n(grads.dbias.ptr(a, h, i, 0), grads.dbias.extent(3), 0.f);
+  std::vector<float> seq_dsinks(want_dsinks ? H : 0), seq_dalibi(want_dalibi ? H : 0);
+  std::vector<double> dsinks_sum(want_dsinks ? H : 0), dalibi_sum(want_dalibi ? H : 0);
+  const bool alibi_per_sequence = want_dalibi && grads.dalibi_slopes.extent(0) == sequences && sequences > 1;
   const int threads = resolve_threads(options.threads);
   for (index_t b = 0; b < sequences; ++b) {
     const index_t q0 = cu_seqlens_q[b], sq = cu_seqlens_q[b + 1] - q0;
@@ -247,8 +280,28 @@ void softmax_attention_varlen_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> 
           for (index_t j = 0; j < sk; ++j) std::fill_n(g.ptr(0, h, j, 0), g.extent(3), S(0));
       continue;
     }
+    if (want_dsinks) bp.dsinks = view(seq_dsinks.data(), {H});
+    if (want_dbias) {
+      const auto& g = grads.dbias;
+      bp.dbias = g.extent(2) == 1 ? slice(g, 3, k0, sk) : slice(slice(g, 2, q0, sq), 3, k0, sk);
+      bp.dbias_per_key = per_key;
+    }
+    if (want_dalibi) bp.dalibi = view(seq_dalibi.data(), {index_t(1), H});
     run_backward<Backend>(bp, custom, threads);
+    for (index_t h = 0; h < (want_dsinks ? H : 0); ++h) dsinks_sum[h] += seq_dsinks[h];
+    for (index_t h = 0; h < (want_dalibi ? H : 0); ++h) {
+      if (alibi_per_sequence) grads.dalibi_slopes(b, h) = seq_dalibi[h];
+      else dalibi_sum[h] += seq_dalibi[h];
+    }
   }
+  for (index_t h = 0; h < (want_dsinks ? H : 0); ++h) grads.dsinks(h) = float(dsinks_sum[h]);
+  if (want_dalibi && !alibi_per_sequence)
+    for (index_t a = 0; a < grads.dalibi_slopes.extent(0); ++a)  // (1, H), or one sequence
+      for (index_t h = 0; h < H; ++h) grads.dalibi_slopes(a, h) = float(dalibi_sum[h]);
+  if (want_dalibi && alibi_per_sequence)  // sequences without queries
+    for (index_t b = 0; b < sequences; ++b)
+      if (cu_seqlens_q[b + 1] == cu_seqlens_q[b])
+        for (index_t h = 0; h < H; ++h) grads.dalibi_slopes(b, h) = 0;
 }
 
 }  // namespace fovea
