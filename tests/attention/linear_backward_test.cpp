@@ -10,6 +10,8 @@
 #include <fovea/fovea.hpp>
 #include <limits>
 #include <string>
+#include <span>
+#include <tuple>
 #include <vector>
 
 #include "../common/configs.hpp"
@@ -280,6 +282,106 @@ TEST(LinearBackwardFiniteDifferences, EveryMapIncludingFavorAndAUserMap) {
       finite_differences<default_backend>(c, {.causal = causal, .map = map, .favor_features = 8});
     }
     finite_differences<default_backend>(c, {.causal = causal}, square_plus_one{});
+  }
+}
+
+// Chunked training through the recurrent state: the sequence run as two linear_state
+// steps (lengths off the 64-key chunk), then the backward chunk by chunk from the last,
+// each chunk from its state and with the next chunk's d state, equals the backward of
+// the whole causal sequence; d state against central differences of the forward from a
+// restored state (double); bad state arguments.
+TEST(LinearBackwardState, ChunksThroughTheStateEqualTheWholeSequence) {
+  for (const feature_map map : {feature_map::elu_plus_one, feature_map::favor}) {
+    SCOPED_TRACE(to_string(map));
+    const index_t B = 2, H = 4, Hk = 2, S = 150, cut = 70, D = 8, Dv = 6;
+    const linear_options o{.causal = true, .map = map, .favor_features = 16, .threads = 2};
+    const index_t E = map == feature_map::favor ? 16 : D;
+    const auto q = normal<double>(B * H * S * D, 11, 0.5), k = normal<double>(B * Hk * S * D, 12, 0.5),
+               v = normal<double>(B * Hk * S * Dv, 13), g = normal<double>(B * H * S * Dv, 14);
+    auto Q = bhsd<const double>(q.data(), B, H, S, D), K = bhsd<const double>(k.data(), B, Hk, S, D),
+         V = bhsd<const double>(v.data(), B, Hk, S, Dv), G = bhsd<const double>(g.data(), B, H, S, Dv);
+    std::vector<double> out(B * H * S * Dv), dq(q.size()), dk(k.size()), dv(v.size());
+    linear_attention(Q, K, V, bhsd(out.data(), B, H, S, Dv), o);
+    linear_attention_backward(Q, K, V, bhsd<const double>(out.data(), B, H, S, Dv), G,
+                              bhsd(dq.data(), B, H, S, D), bhsd(dk.data(), B, Hk, S, D),
+                              bhsd(dv.data(), B, Hk, S, Dv), o);
+    // the chunks' forward through the state
+    linear_state<double> state(B, Hk, E, Dv);
+    std::vector<double> chunk_out(out.size()), cq(q.size()), ck(k.size()), cv(v.size());
+    const auto O = bhsd(chunk_out.data(), B, H, S, Dv);
+    state.step(slice(Q, 2, 0, cut), slice(K, 2, 0, cut), slice(V, 2, 0, cut), slice(O, 2, 0, cut), o);
+    const std::vector<double> between(state.data().begin(), state.data().end());
+    state.step(slice(Q, 2, cut, S - cut), slice(K, 2, cut, S - cut), slice(V, 2, cut, S - cut),
+               slice(O, 2, cut, S - cut), o);
+    EXPECT_LT(relative_error(chunk_out, out), 1e-12);
+    // backward: the last chunk first, from the state between
+    std::vector<double> d_between(between.size(), 9.0), d_start(between.size(), 9.0);
+    const auto dQ = bhsd(cq.data(), B, H, S, D), dK = bhsd(ck.data(), B, Hk, S, D),
+               dV = bhsd(cv.data(), B, Hk, S, Dv);
+    const auto O_ = bhsd<const double>(chunk_out.data(), B, H, S, Dv);
+    linear_attention_backward(slice(Q, 2, cut, S - cut), slice(K, 2, cut, S - cut),
+                              slice(V, 2, cut, S - cut), slice(O_, 2, cut, S - cut),
+                              slice(G, 2, cut, S - cut), slice(dQ, 2, cut, S - cut),
+                              slice(dK, 2, cut, S - cut), slice(dV, 2, cut, S - cut), o,
+                              linear_state_grads<double>{.state_in = between, .dstate_in = d_between});
+    linear_attention_backward(slice(Q, 2, 0, cut), slice(K, 2, 0, cut), slice(V, 2, 0, cut),
+                              slice(O_, 2, 0, cut), slice(G, 2, 0, cut), slice(dQ, 2, 0, cut),
+                              slice(dK, 2, 0, cut), slice(dV, 2, 0, cut), o,
+                              linear_state_grads<double>{.dstate_out = d_between, .dstate_in = d_start});
+    EXPECT_LT(relative_error(cq, dq), 1e-12) << "dq";
+    EXPECT_LT(relative_error(ck, dk), 1e-12) << "dk";
+    EXPECT_LT(relative_error(cv, dv), 1e-12) << "dv";
+    // d state between the chunks against central differences of the second chunk's loss
+    auto loss_from = [&](const std::vector<double>& s0) {
+      linear_state<double> st(B, Hk, E, Dv);
+      std::copy(s0.begin(), s0.end(), st.data().begin());
+      std::vector<double> o2(B * H * (S - cut) * Dv);
+      st.step(slice(Q, 2, cut, S - cut), slice(K, 2, cut, S - cut), slice(V, 2, cut, S - cut),
+              bhsd(o2.data(), B, H, S - cut, Dv), o);
+      double l = 0;
+      for (index_t b = 0; b < B; ++b)
+        for (index_t h = 0; h < H; ++h)
+          for (index_t i = 0; i < S - cut; ++i)
+            for (index_t e = 0; e < Dv; ++e) l += o2[((b * H + h) * (S - cut) + i) * Dv + e] * G(b, h, cut + i, e);
+      return l;
+    };
+    std::vector<double> s = between;
+    for (std::size_t e = 0; e < s.size(); e += 7) {  // a spread of entries, S and z alike
+      const double keep = s[e], step = 1e-6 * std::max(1.0, std::abs(keep));
+      s[e] = keep + step;
+      const double up = loss_from(s);
+      s[e] = keep - step;
+      const double down = loss_from(s);
+      s[e] = keep;
+      EXPECT_NEAR(d_between[e], (up - down) / (2 * step), 1e-6 * std::max(1.0, std::abs(d_between[e]))) << e;
+    }
+    // the first chunk started from zero: its d state is what a caller with a learnt
+    // initial state would use; finite and written
+    for (double x : d_start) ASSERT_TRUE(std::isfinite(x) && x != 9.0);
+  }
+  // bad state arguments name it and write nothing
+  std::vector<float> q(2 * 4 * 4, 0.5f), out(q.size()), dq(q.size(), 7.f), dk(q.size(), 7.f),
+      dv(q.size(), 7.f), st(2 * (4 * 4 + 4)), dst(st.size(), 7.f);
+  const auto X = bhsd<const float>(q.data(), 1, 2, 4, 4);
+  auto call = [&](linear_options o, linear_state_grads<float> sg) {
+    linear_attention_backward(X, X, X, bhsd<const float>(out.data(), 1, 2, 4, 4), X,
+                              bhsd(dq.data(), 1, 2, 4, 4), bhsd(dk.data(), 1, 2, 4, 4),
+                              bhsd(dv.data(), 1, 2, 4, 4), o, sg);
+  };
+  for (const auto& [o, sg, what] :
+       {std::tuple{linear_options{}, linear_state_grads<float>{.state_in = st}, std::string("options.causal")},
+        {linear_options{.causal = true}, linear_state_grads<float>{.state_in = std::span<const float>(st).first(5)},
+         std::string("state.state_in")},
+        {linear_options{.causal = true},
+         linear_state_grads<float>{.state_in = st, .dstate_in = std::span<float>(st)}, std::string("overlaps")}}) {
+    try {
+      call(o, sg);
+      ADD_FAILURE() << "no error for " << what;
+    } catch (const error& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+    for (const auto* x : {&dq, &dk, &dv, &dst})
+      for (float e : *x) ASSERT_EQ(e, 7.f) << what;
   }
 }
 

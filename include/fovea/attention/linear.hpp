@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <span>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -276,6 +277,55 @@ requires(detail::attention_types<TQ, TK, TV, TO>&&
   detail::run_linear<Backend>(pr, phi, detail::resolve_threads(options.threads));
 }
 
+/// The recurrent state's part of linear_attention_backward over one causal chunk (see
+/// there): each span empty or (B, Hk) x [S (E x Dv), z (E)], linear_state's layout
+/// (E the features per row: D, or FAVOR+'s count).
+template <class T>
+struct linear_state_grads {
+  std::span<const T> state_in{};    ///< the state before the chunk; empty: zero
+  std::span<const T> dstate_out{};  ///< d loss / d the state after the chunk; empty: zero
+  std::span<T> dstate_in{};         ///< out: d loss / d state_in; empty: not wanted
+};
+
+namespace detail {
+
+/// A chunk's state gradients: causal, Sq == Sk, each span empty or of the state's size,
+/// dstate_in overlapping nothing it is computed from.
+template <class T>
+void check_state_grads(const linear_state_grads<T>& state, const linear_problem<T>& pr,
+                       const linear_options& options, const tensor_view<T, 4>& dq,
+                       const tensor_view<T, 4>& dk, const tensor_view<T, 4>& dv) {
+  if (state.state_in.empty() && state.dstate_out.empty() && state.dstate_in.empty()) return;
+  require(options.causal, "state: a state is carried by causal chunks only (options.causal)");
+  require(pr.q.extent(2) == pr.k.extent(2), "state: a chunk from a state has Sq == Sk (q has ",
+          pr.q.extent(2), " tokens, k ", pr.k.extent(2), ")");
+  const index_t E = pr.feature_dim(), M = pr.v.extent(3);
+  const std::size_t size = std::size_t(pr.k.extent(0) * pr.k.extent(1) * (E * M + E));
+  auto sized = [&](std::size_t n, const char* name) {
+    require(n == 0 || n == size, name, ": holds ", n, " values, expected ", size,
+            " ((B, Hk) x [S (E x Dv), z (E)], E = ", E, ")");
+  };
+  sized(state.state_in.size(), "state.state_in");
+  sized(state.dstate_out.size(), "state.dstate_out");
+  sized(state.dstate_in.size(), "state.dstate_in");
+  if (state.dstate_in.empty()) return;
+  const T* lo = state.dstate_in.data();
+  const T* hi = lo + state.dstate_in.size();
+  auto apart = [&](std::span<const T> x, const char* name) {
+    require(x.empty() || x.data() + x.size() <= lo || x.data() >= hi,
+            "state.dstate_in: overlaps ", name);
+  };
+  apart(state.state_in, "state.state_in");
+  apart(state.dstate_out, "state.dstate_out");
+  const auto flat = view(state.dstate_in.data(), {index_t(state.dstate_in.size())});
+  for (const auto& [g, name] : {std::pair{dq, "dq"}, {dk, "dk"}, {dv, "dv"}})
+    check_no_alias(g, name, tensor_view<const T, 1>(flat), "state.dstate_in");
+  for (const auto& [x, name] : {std::pair{pr.q, "q"}, {pr.k, "k"}, {pr.v, "v"}})
+    check_no_alias(flat, "state.dstate_in", x, name);
+}
+
+}  // namespace detail
+
 /// Gradients of linear_attention: given the forward's inputs, its output `out` and dout =
 /// d loss / d out, writes dq, dk, dv = d loss / d q, k, v (overwritten).
 ///
@@ -296,13 +346,22 @@ requires(detail::attention_types<TQ, TK, TV, TO>&&
 /// a causal query (NaN/Inf in them never reach it). float or double; extra memory: a few
 /// chunks per thread plus one value per causal query. Bad arguments throw fovea::error
 /// before any write.
+///
+/// Chunked training through the recurrent state (`state`, linear_state_grads): a causal
+/// chunk of Sq == Sk tokens that started from state_in (linear_state::data() before the
+/// chunk's step) gets the gradients of its queries, keys and values and, with the
+/// gradient of the state after it (dstate_out, from the next chunk's call; empty: none),
+/// writes dstate_in, the gradient of the state before it: the reverse scan's P and y
+/// started at dstate_out and run over the chunk's queries. Calls chunk by chunk from the
+/// last equal one call over the whole sequence (within rounding).
 template <class Backend = default_backend, class T, class FeatureMap>
-requires detail::is_linear_type_v<T>
+requires detail::is_linear_type_v<T> && (!std::is_same_v<FeatureMap, linear_state_grads<T>>)
 void linear_attention_backward(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
                                tensor_view<const T, 4> v, tensor_view<const T, 4> out,
                                tensor_view<const T, 4> dout, tensor_view<T, 4> dq,
                                tensor_view<T, 4> dk, tensor_view<T, 4> dv,
-                               const linear_options& options, const FeatureMap& phi) {
+                               const linear_options& options, const FeatureMap& phi,
+                               const linear_state_grads<T>& state = {}) {
   static_assert(requires(const T* x, T* y) { phi.vjp(x, x, y, index_t(0)); },
                 "linear_attention_backward: the feature map needs a vjp(x, dy, dx, n) member "
                 "(dx = J(x)^T dy) to be differentiated");
@@ -315,6 +374,10 @@ void linear_attention_backward(tensor_view<const T, 4> q, tensor_view<const T, 4
       {q, k, v, out_shape, options.causal, k.extent(2) - q.extent(2), T(options.eps)},
       out, dout, dq, dk, dv};
   bp.forward.features = feature_count(phi, q.extent(3));
+  check_state_grads(state, bp.forward, options, dq, dk, dv);
+  bp.state_in = state.state_in.empty() ? nullptr : state.state_in.data();
+  bp.dstate_out = state.dstate_out.empty() ? nullptr : state.dstate_out.data();
+  bp.dstate_in = state.dstate_in.empty() ? nullptr : state.dstate_in.data();
   run_linear_backward<Backend>(bp, phi, resolve_threads(options.threads));
 }
 
@@ -324,10 +387,11 @@ void linear_attention_backward(tensor_view<const T, 4> q, tensor_view<const T, 4
                                tensor_view<const T, 4> v, tensor_view<const T, 4> out,
                                tensor_view<const T, 4> dout, tensor_view<T, 4> dq,
                                tensor_view<T, 4> dk, tensor_view<T, 4> dv,
-                               const linear_options& options = {}) {
+                               const linear_options& options = {},
+                               const linear_state_grads<T>& state = {}) {
   detail::check_linear_options(options);
   detail::with_feature_map<Backend, T>(options, q.extent(3), [&](const auto& phi) {
-    linear_attention_backward<Backend>(q, k, v, out, dout, dq, dk, dv, options, phi);
+    linear_attention_backward<Backend>(q, k, v, out, dout, dq, dk, dv, options, phi, state);
   });
 }
 
@@ -351,6 +415,8 @@ class linear_state {
   index_t tokens() const noexcept { return tokens_; }
   /// S then z for each (batch, kv head): [B][Hk][D * Dv + D].
   const std::vector<T>& data() const noexcept { return data_; }
+  /// The same, writable: to restore a saved state (the values, not the size, may change).
+  std::span<T> data() noexcept { return data_; }
 
   /// Appends n tokens: q (B, H, n, D), k (B, Hk, n, D), v (B, Hk, n, Dv) -> out
   /// (B, H, n, Dv); token t of the step sees every earlier token and itself.

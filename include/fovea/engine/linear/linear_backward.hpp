@@ -33,6 +33,13 @@ struct linear_backward_problem {
   linear_problem<T> forward;  ///< q, k, v, causal, offset, eps, features
   tensor_view<const T, 4> out, dout;
   tensor_view<T, 4> dq, dk, dv;
+  /// Causal chunks that start from a state, each (B, Hk) x [S (E x M), z (E)] as the
+  /// forward's: the state before the chunk, d loss / d the state after it (the reverse
+  /// scan's start: P = dS, y = dz), and out: d loss / d the state before it (P and y at
+  /// the scan's end). Null: a zero state, no gradient from later chunks, not wanted.
+  const T* state_in = nullptr;
+  const T* dstate_out = nullptr;
+  T* dstate_in = nullptr;
 };
 
 template <class T, class Backend>
@@ -200,6 +207,26 @@ void linear_backward_task(const linear_backward_problem<T>& bp, const FeatureMap
   std::fill(buf.pe, buf.pe + E * mp, T(0));
   std::fill(buf.z, buf.z + ep, T(0));
   std::fill(buf.y, buf.y + ep, T(0));
+  const index_t state_size = E * M + E, at = (b * Hk + hk) * state_size;
+  if (bp.state_in) {  // S^T and z of the earlier chunks
+    const T* s0 = bp.state_in + at;
+    for (index_t e = 0; e < E; ++e)
+      for (index_t m = 0; m < M; ++m) buf.st[m * ep + e] = s0[e * M + m];
+    std::copy(s0 + E * M, s0 + state_size, buf.z);
+  }
+  if (bp.dstate_out) {  // the later chunks' gradient: P, P^T and y start from it
+    const T* ds = bp.dstate_out + at;
+    for (index_t e = 0; e < E; ++e)
+      for (index_t m = 0; m < M; ++m) buf.pe[e * mp + m] = buf.pt[m * ep + e] = ds[e * M + m];
+    std::copy(ds + E * M, ds + state_size, buf.y);
+  }
+  auto write_dstate = [&] {  // d state_in = P, y after every query of the chunk
+    if (!bp.dstate_in) return;
+    T* ds = bp.dstate_in + at;
+    for (index_t e = 0; e < E; ++e)
+      for (index_t m = 0; m < M; ++m) ds[e * M + m] = buf.pe[e * mp + m];
+    std::copy(buf.y, buf.y + E, ds + E * M);
+  };
 
   if (!causal) {
     for (index_t j0 = 0; j0 < Sk; j0 += C) {
@@ -229,7 +256,8 @@ void linear_backward_task(const linear_backward_problem<T>& bp, const FeatureMap
     return;
   }
 
-  // Causal. Queries that see no key (i + offset < 0) get zero gradients.
+  // Causal. Queries that see no key (i + offset < 0) get zero gradients (with a state,
+  // offset is 0: every query sees the state).
   const index_t blind = std::clamp<index_t>(-pr.offset, 0, Sq);
   for (index_t gq = 0; gq < group; ++gq) zero_rows(bp.dq, hk * group + gq, 0, blind);
   // Forward pass: dq, and den per query kept for the reverse pass.
@@ -288,6 +316,7 @@ void linear_backward_task(const linear_backward_problem<T>& bp, const FeatureMap
     }
     write_dk_dv(j0, nk);
   }
+  write_dstate();
 }
 
 template <class Backend, class T, class FeatureMap>
