@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <memory>
+#include <thread>
 
 #include "tensor_view.hpp"
 
@@ -70,18 +71,18 @@ class ordered_turns {
   bool ready(index_t slot, index_t turn) const noexcept {
     return next_[slot].load(std::memory_order_acquire) == int(turn);
   }
-  /// Waits until it is `turn`'s turn at `slot`.
+  /// Waits until it is `turn`'s turn at `slot`: spins, then yields the core between looks
+  /// (the turn comes within a tile's time; sleeping on a futex would add the kernel's
+  /// wake-up latency to every wait, and a yield lets a preempted holder of the turn run).
   void wait(index_t slot, index_t turn) const noexcept {
-    std::atomic<int>& next = next_[slot];
-    for (int spin = 0; spin < 256; ++spin)
+    const std::atomic<int>& next = next_[slot];
+    for (int spin = 0; spin < 1024; ++spin)
       if (next.load(std::memory_order_acquire) == int(turn)) return;
-    for (int seen; (seen = next.load(std::memory_order_acquire)) != int(turn);)
-      next.wait(seen, std::memory_order_acquire);
+    while (next.load(std::memory_order_acquire) != int(turn)) std::this_thread::yield();
   }
   /// Ends `turn` at `slot`: the next writer may add.
   void pass(index_t slot, index_t turn) const noexcept {
     next_[slot].store(int(turn) + 1, std::memory_order_release);
-    next_[slot].notify_all();
   }
 
  private:
