@@ -341,6 +341,23 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         } catch (const fovea::error&) {
           for (float x : bias)
             if (x != -7.f) fail("bias written before fovea::error");
+          return 0;
+        }
+        if (flags & 8) {  // and its backward, d bias from the bytes (maybe misshapen)
+          std::vector<float> dbias(B * Hk * Sk + 1), dv(v.size(), -7.f), dw(w.size(), -7.f), da(Hk + 1, -7.f);
+          for (float& e : dbias) e = in.value();
+          const index_t keys = flags & 16 ? Sk + (knob % 3 == 0) : Sk;
+          try {
+            fovea::dynamic_mask_bias_backward(
+                V, fovea::view<const float, 2>(w.data(), {Hk, Hk * Dv}), fovea::view<const float, 1>(a.data(), {Hk}),
+                fovea::bhsd<const float>(dbias.data(), B, Hk, 1, keys), fovea::bhsd(dv.data(), B, Hk, Sk, Dv),
+                fovea::view<float, 2>(dw.data(), {Hk, Hk * Dv}), fovea::view<float, 1>(da.data(), {Hk}));
+            if (keys != Sk && B * Hk > 0) fail("a misshapen d bias was accepted");
+          } catch (const fovea::error&) {
+            for (const auto* g : {&dv, &dw, &da})
+              for (float x : *g)
+                if (x != -7.f) fail("a bias gradient written before fovea::error");
+          }
         }
         return 0;  // no attention output to check
       }
@@ -459,10 +476,24 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                                                        : fovea::feature_map::elu_plus_one,
                                       .eps = flags & 8 ? 0.0 : 1e-6};
         fovea::linear_attention(Q, K, V, O, o);
-        checked_backward([&](auto dO, auto dQ, auto dK, auto dV) {
-          fovea::linear_attention_backward(Q, K, V, fovea::tensor_view<const float, 4>(O), dO, dQ,
-                                           dK, dV, o);
-        });
+        // with flags & 16, through a state (causal, Sq == Sk and sizes right, else an error)
+        const std::size_t state_size = std::size_t(B * Hk * (D * Dv + D)) + (knob % 5 == 0);
+        std::vector<float> state_in(state_size), dstate_out(state_size), dstate_in(state_size, -7.f);
+        for (auto* x : {&state_in, &dstate_out}) for (float& e : *x) e = in.value();
+        fovea::linear_state_grads<float> sg;
+        if (flags & 16) sg = {.state_in = state_in, .dstate_out = dstate_out, .dstate_in = dstate_in};
+        try {
+          checked_backward([&](auto dO, auto dQ, auto dK, auto dV) {
+            fovea::linear_attention_backward(Q, K, V, fovea::tensor_view<const float, 4>(O), dO, dQ,
+                                             dK, dV, o, sg);
+          });
+        } catch (const fovea::error&) {
+          for (float x : dstate_in)
+            if (x != -7.f) fail("d state written before fovea::error");
+          if (!(flags & 16)) throw;
+          return 0;  // the forward's output stays: not an output written by the failed call
+        }
+        if (flags & 16) moderate = false;  // states from the bytes may be anything
         bool small = moderate && !(flags & 8);  // eps = 0 may divide by a vanishing den
         for (float e : dout) small = small && std::abs(e) < 1e3f;
         for (float e : q) small = small && std::abs(e) < 8.f;  // phi(q).phi(k) stays far from 0
