@@ -303,9 +303,13 @@ TEST(DynamicMaskBackward, DroppedKeysMaskedRowsAndNaN) {
     for (index_t d = 0; d < D; ++d) {
       const double dk = g.dk[j * D + d], dv = g.dv[j * D + d];
       EXPECT_TRUE(std::isfinite(dk) && std::isfinite(dv)) << j;
-      if (!kept) EXPECT_TRUE(dk == 0 && dv == 0) << j;
+      if (!kept) {
+        EXPECT_TRUE(dk == 0 && dv == 0) << j;
+      }
     }
-    if (!kept) EXPECT_EQ(g.dz[j], 0.0) << j;
+    if (!kept) {
+      EXPECT_EQ(g.dz[j], 0.0) << j;
+    }
   }
   for (std::size_t e = std::size_t(H * Sq * D); e < g.dq.size(); ++e) EXPECT_EQ(g.dq[e], 0.0);
   for (std::size_t e = std::size_t(Sk * D); e < g.dk.size(); ++e) EXPECT_EQ(g.dk[e], 0.0);
@@ -423,7 +427,9 @@ TEST(DynamicMaskBackward, BiasFromValueStates) {
         EXPECT_NEAR(dw[e], central(w, e, 1.0 / 512), 2e-3) << "dw_dt " << e;
       for (index_t h = 0; h < Hk; ++h) {
         EXPECT_NEAR(da[h], central(a, h, 1.0 / 512), 2e-3) << "da " << h;
-        if (with_dt_bias) EXPECT_NEAR(ddt[h], central(dt_bias, h, 1.0 / 512), 2e-3) << "ddt_bias " << h;
+        if (with_dt_bias) {
+          EXPECT_NEAR(ddt[h], central(dt_bias, h, 1.0 / 512), 2e-3) << "ddt_bias " << h;
+        }
       }
       if (!with_dt_bias) {
         EXPECT_EQ(ddt[0], 9.f);  // not asked for: untouched

@@ -654,7 +654,9 @@ TEST(SoftmaxBackward, VarlenEqualsPerSequenceCalls) {
                 << "dbias, sequence " << b;
       for (index_t h = 0; h < H; ++h) {
         sinks_sum[h] += bds[h];
-        if (mode == 2) EXPECT_EQ(dslopes[b * H + h], bdsl[h]) << "dslopes, sequence " << b;
+        if (mode == 2) {
+          EXPECT_EQ(dslopes[b * H + h], bdsl[h]) << "dslopes, sequence " << b;
+        }
         slopes_sum[h] += bdsl[h];
       }
     }
@@ -664,8 +666,9 @@ TEST(SoftmaxBackward, VarlenEqualsPerSequenceCalls) {
       EXPECT_EQ(dbias[(0 * tq + 0) * tk + 12], 0.f);
       EXPECT_EQ(dbias[(1 * tq + 72) * tk + 3], 0.f);
     }
-    if (mode == 3)
+    if (mode == 3) {
       for (index_t h = 0; h < H; ++h) EXPECT_EQ(dslopes[h], float(slopes_sum[h])) << "dslopes";
+    }
   }
   // Bad input is caught before any write.
   std::vector<float> o(H * tq * Dv), l(H * tq), gq(H * tq * D, -7.f), gk(Hk * tk * D, -7.f),

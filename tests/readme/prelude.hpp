@@ -25,5 +25,13 @@ inline fovea::tensor_view<const float, 1> A_dt;
 inline fovea::tensor_view<const float, 4> G, Beta, g_t, b_t, Eta, Theta, Alpha, theta_t;
 inline fovea::tensor_view<float, 4> M, U, dQ, dK, dV;
 inline fovea::tensor_view<const float, 4> dO;
+inline fovea::tensor_view<float, 3> L;
+inline fovea::tensor_view<float, 4> dbias;
+inline fovea::tensor_view<float, 2> dW_dt;
+inline fovea::tensor_view<float, 1> dA_dt;
+// chunked training through linear_state (two chunks)
+inline fovea::tensor_view<const float, 4> Q1, K1, V1, O1, dO1, Q2, K2, V2, O2, dO2;
+inline fovea::tensor_view<float, 4> dQ1, dK1, dV1, dQ2, dK2, dV2;
+inline std::vector<float> state_before_chunk2, d_state;
 
 }  // namespace readme
