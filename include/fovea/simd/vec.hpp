@@ -18,6 +18,17 @@
 #define FOVEA_ALWAYS_INLINE
 #endif
 
+/// An empty asm that says it reads and writes a vector register holding x: the compiler
+/// keeps x there instead of re-loading it. The register class is the target's ("v" on
+/// x86, "w" on AArch64); elsewhere nothing (only a missed optimisation).
+#if defined(__x86_64__) || defined(__i386__)
+#define FOVEA_PIN_VECTOR(x) asm("" : "+v"(x))
+#elif defined(__aarch64__)
+#define FOVEA_PIN_VECTOR(x) asm("" : "+w"(x))
+#else
+#define FOVEA_PIN_VECTOR(x) ((void)0)
+#endif
+
 namespace fovea::detail {
 
 template <class T, class Backend>
@@ -101,7 +112,7 @@ struct vec<T, simd<Arch>> {
     return m;
   }
   /// Keeps x in a register: stops the compiler from re-loading it at every use.
-  static void pin(type& x) noexcept { asm("" : "+v"(x.data)); }
+  static void pin(type& x) noexcept { FOVEA_PIN_VECTOR(x.data); }
   static type iota(T base) noexcept {
     alignas(64) T lanes[width];
     for (int i = 0; i < width; ++i) lanes[i] = base + T(i);

@@ -130,11 +130,11 @@ template <class R>
 inline void pin_register(R& x) noexcept {
   if constexpr (requires { x.data; }) {
     auto r = x.data;
-    asm("" : "+v"(r));
+    FOVEA_PIN_VECTOR(r);
     x = R(r);
   } else if constexpr (sizeof(R) >= 16) {
     R r = x;
-    asm("" : "+v"(r));
+    FOVEA_PIN_VECTOR(r);
     x = r;
   }
 }
