@@ -489,22 +489,12 @@ void dynamic_mask_attention_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> k,
   check_dma_call(bias, options, q.extent(0), q.extent(1), k.extent(1), q.extent(2), k.extent(2));
   require(options.k_scale.data() == nullptr && options.v_scale.data() == nullptr,
           "options.k_scale: int8 / fp8 caches have no backward");
-  softmax_options o = dma_softmax_options(options, bias);
-  o.lse = {};
-  const tensor_view<S, 4> out_shape(const_cast<S*>(co.data()), co.extents(), co.strides());
-  backward_problem<S> bp;
-  bp.forward = make_softmax_problem<S>(cq, ck, cv, out_shape, o);
-  check_backward_tensors(cq, ck, cv, co, cg, cl, dq, dk, dv, o);
+  backward_problem<S> bp =
+      make_backward_problem(cq, ck, cv, co, cg, cl, dq, dk, dv, dma_softmax_options(options, bias));
   if (dbias.data() != nullptr || !dbias.empty()) {
     bp.dbias = dbias;
     bp.dbias_per_key = check_dbias(dbias, bias, cq, ck, cv, co, cg, dq, dk, dv, "dbias", "bias");
   }
-  bp.out = co;
-  bp.dout = cg;
-  bp.lse = cl;
-  bp.dq = dq;
-  bp.dk = dk;
-  bp.dv = dv;
   const int threads = resolve_threads(options.threads);
   const dma_selection sel = select_kept(bp.forward, options.keep, threads);
   const dma_kept kept{bp.forward, sel};

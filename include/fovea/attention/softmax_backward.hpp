@@ -131,6 +131,31 @@ void check_extra_grads(const softmax_grads& grads, const softmax_options& option
   }
   check_no_alias(grads.dsinks, "grads.dsinks", grads.dbias, "grads.dbias");
 }
+
+/// The backward problem of a call: the forward's problem (its checks, out read as an
+/// input, options.lse not read) and the backward's tensors, checked before any write.
+template <class S>
+backward_problem<S> make_backward_problem(const tensor_view<const S, 4>& q,
+                                          const tensor_view<const S, 4>& k,
+                                          const tensor_view<const S, 4>& v,
+                                          const tensor_view<const S, 4>& out,
+                                          const tensor_view<const S, 4>& dout,
+                                          const tensor_view<const float, 3>& lse,
+                                          const tensor_view<S, 4>& dq, const tensor_view<S, 4>& dk,
+                                          const tensor_view<S, 4>& dv, softmax_options options) {
+  options.lse = {};
+  const tensor_view<S, 4> out_shape(const_cast<S*>(out.data()), out.extents(), out.strides());
+  backward_problem<S> bp;
+  bp.forward = make_softmax_problem<S>(q, k, v, out_shape, options);
+  check_backward_tensors(q, k, v, out, dout, lse, dq, dk, dv, options);
+  bp.out = out;
+  bp.dout = dout;
+  bp.lse = lse;
+  bp.dq = dq;
+  bp.dk = dk;
+  bp.dv = dv;
+  return bp;
+}
 }  // namespace detail
 
 /// Gradients of softmax attention: given the forward's inputs, its output `out` and the
@@ -181,25 +206,13 @@ void softmax_attention_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tens
   const tensor_view<const S, 4> cq = q, ck = k, cv = v, co = out, cg = dout;
   const tensor_view<const float, 3> cl = lse;
   // the forward's checks, out read as an input
-  softmax_options o = options;
-  o.lse = {};
-  const tensor_view<S, 4> out_shape(const_cast<S*>(co.data()), co.extents(), co.strides());
-  backward_problem<S> bp;
-  bp.forward = make_softmax_problem<S>(cq, ck, cv, out_shape, o);
-  const index_t H = q.extent(1);
-  check_backward_tensors(cq, ck, cv, co, cg, cl, dq, dk, dv, options);
-  check_extra_grads(grads, options, H, cq, ck, cv, co, cg, dq, dk, dv);
+  backward_problem<S> bp = make_backward_problem(cq, ck, cv, co, cg, cl, dq, dk, dv, options);
+  check_extra_grads(grads, options, q.extent(1), cq, ck, cv, co, cg, dq, dk, dv);
   if (grads.dbias.data() != nullptr || !grads.dbias.empty()) {
     bp.dbias = grads.dbias;
     bp.dbias_per_key = check_dbias(grads.dbias, options.bias, cq, ck, cv, co, cg, dq, dk, dv);
   }
   bp.dalibi = grads.dalibi_slopes;
-  bp.out = co;
-  bp.dout = cg;
-  bp.lse = cl;
-  bp.dq = dq;
-  bp.dk = dk;
-  bp.dv = dv;
   bp.dsinks = grads.dsinks;
   run_backward<Backend>(bp, custom, resolve_threads(options.threads));
 }
