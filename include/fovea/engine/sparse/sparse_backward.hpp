@@ -112,8 +112,9 @@ void run_sparse_backward(const backward_problem<S>& bp, const sparse_rows& rows,
   const double kept = sel.mean_keys();  // per query block
 
   // Key ranges: wide enough that a query block keeps ~BK of their keys (full tiles),
-  // narrow enough for a few tasks per thread and accumulators that stay in cache.
-  const index_t per_head_tasks = std::max<index_t>(1, (4 * threads + B * Hk - 1) / std::max<index_t>(1, B * Hk));
+  // narrow enough for several tasks (8 per call at least) and accumulators that stay in
+  // cache. Never from the thread count: the ranges decide which keys share a tile.
+  const index_t per_head_tasks = std::max<index_t>(1, (8 + B * Hk - 1) / std::max<index_t>(1, B * Hk));
   index_t range = index_t(double(BK) * double(Sk) / std::max(kept, 1.0));
   range = std::min({range, (Sk + per_head_tasks - 1) / per_head_tasks, index_t(2048)});
   range = std::max<index_t>(BK, (range + BK - 1) / BK * BK);
