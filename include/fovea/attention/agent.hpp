@@ -41,40 +41,47 @@ struct agent_options {
 
 namespace detail {
 
-/// agents(b, h, t) = mean of q(b, h, i) over i in [floor(t n / m), ceil((t + 1) n / m)).
-template <class T>
+/// agents(b, h, t) = mean of q(b, h, i) over i in [floor(t n / m), ceil((t + 1) n / m)),
+/// summed in the accumulator type (f32 for bf16/fp16 q) and rounded to T once.
+template <class T, class Backend>
 void pool_agents(const tensor_view<const T, 4>& q, index_t m, std::vector<T>& agents) {
+  using A = accumulator_t<T>;
   const index_t B = q.extent(0), H = q.extent(1), n = q.extent(2), D = q.extent(3);
   agents.assign(B * H * m * D, T(0));
+  std::vector<A> sum(D);
   for (index_t b = 0; b < B; ++b)
     for (index_t h = 0; h < H; ++h)
       for (index_t t = 0; t < m; ++t) {
         const index_t lo = t * n / m, hi = ((t + 1) * n + m - 1) / m;
+        std::fill(sum.begin(), sum.end(), A(0));
+        for (index_t i = lo; i < hi; ++i) add_row<A, Backend>(q.ptr(b, h, i, 0), sum.data(), D);
         T* a = agents.data() + ((b * H + h) * m + t) * D;
-        for (index_t i = lo; i < hi; ++i)
-          for (index_t d = 0; d < D; ++d) a[d] += q(b, h, i, d);
-        for (index_t d = 0; d < D; ++d) a[d] /= T(hi - lo);
+        for (index_t d = 0; d < D; ++d) a[d] = T(sum[d] / A(hi - lo));
       }
 }
 
 /// agents(b, h, r * p + c) = mean of q over the grid cell rows [floor(r H / p),
-/// ceil((r + 1) H / p)) x columns likewise (2-D adaptive average pooling).
-template <class T>
+/// ceil((r + 1) H / p)) x columns likewise (2-D adaptive average pooling), summed as
+/// pool_agents does.
+template <class T, class Backend>
 void pool_agents_2d(const tensor_view<const T, 4>& q, index_t gh, index_t gw, index_t p,
                     std::vector<T>& agents) {
+  using A = accumulator_t<T>;
   const index_t B = q.extent(0), H = q.extent(1), D = q.extent(3);
   agents.assign(B * H * p * p * D, T(0));
+  std::vector<A> sum(D);
   for (index_t b = 0; b < B; ++b)
     for (index_t h = 0; h < H; ++h)
       for (index_t r = 0; r < p; ++r)
         for (index_t c = 0; c < p; ++c) {
           const index_t y0 = r * gh / p, y1 = ((r + 1) * gh + p - 1) / p;
           const index_t x0 = c * gw / p, x1 = ((c + 1) * gw + p - 1) / p;
-          T* a = agents.data() + ((b * H + h) * p * p + r * p + c) * D;
+          std::fill(sum.begin(), sum.end(), A(0));
           for (index_t y = y0; y < y1; ++y)
             for (index_t x = x0; x < x1; ++x)
-              for (index_t d = 0; d < D; ++d) a[d] += q(b, h, y * gw + x, d);
-          for (index_t d = 0; d < D; ++d) a[d] /= T((y1 - y0) * (x1 - x0));
+              add_row<A, Backend>(q.ptr(b, h, y * gw + x, 0), sum.data(), D);
+          T* a = agents.data() + ((b * H + h) * p * p + r * p + c) * D;
+          for (index_t d = 0; d < D; ++d) a[d] = T(sum[d] / A((y1 - y0) * (x1 - x0)));
         }
 }
 
@@ -339,9 +346,9 @@ void agent_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV,
     detail::require(options.grid_h * options.grid_w == q.extent(2), "options.grid_h, grid_w: a ",
                     options.grid_h, " x ", options.grid_w, " grid does not hold the ", q.extent(2),
                     " queries");
-    detail::pool_agents_2d(cq, options.grid_h, options.grid_w, p, agents);
+    detail::pool_agents_2d<T, Backend>(cq, options.grid_h, options.grid_w, p, agents);
   } else {
-    detail::pool_agents(cq, options.num_agents, agents);
+    detail::pool_agents<T, Backend>(cq, options.num_agents, agents);
   }
   agent_attention<Backend>(
       q, k, v, out, bhsd(agents.data(), q.extent(0), q.extent(1), options.num_agents, q.extent(3)),

@@ -77,7 +77,7 @@ class routing_centroids {
     std::vector<index_t> assignment(n), counts(clusters_), picks(n);
     for (index_t h = 0; h < heads_; ++h) {
       const tensor_view<const S, 4> xc = x;
-      detail::normalized_rows(xc.ptr(0, h, 0, 0), xc.stride(2), n, dim_, rows.data());
+      detail::normalized_rows<double, scalar>(xc.ptr(0, h, 0, 0), xc.stride(2), n, dim_, rows.data());
       detail::seeded_centroids<double, scalar>(
           rows.data(), n, dim_, clusters_, iterations, seed + std::uint64_t(h), mu.data(),
           scores.data(), mu_t.data(), sums.data(), assignment.data(), counts.data(), picks.data());
@@ -104,7 +104,7 @@ class routing_centroids {
       std::fill(counts.begin(), counts.end(), 0);
       for (index_t b = 0; b < B; ++b)
         for (index_t t = 0; t < n; ++t) {
-          detail::normalized_rows(xc.ptr(b, h, t, 0), 0, 1, d, row.data());
+          detail::normalized_rows<double, scalar>(xc.ptr(b, h, t, 0), 0, 1, d, row.data());
           index_t best = 0;
           double best_dot = -INFINITY;
           for (index_t c = 0; c < clusters_; ++c) {
@@ -160,15 +160,20 @@ struct routing_buffers {
   index_t score_rows() const noexcept {
     return std::max({sq, sk, std::min(sq + sk, kmeans_block_rows<T, Backend>())});
   }
+  /// Routed rows of one side padded to whole vectors: the columns of the transposed
+  /// rows and of the membership scores.
+  index_t member_ld() const noexcept { return score_columns<T, Backend>(std::max(sq, sk)); }
   index_t size() const noexcept {
-    return round_to_line<T>((sq + sk) * d) + round_to_line<T>(score_rows() * ld) +
+    return round_to_line<T>((sq + sk) * d) +
+           round_to_line<T>(std::max(score_rows() * ld, clusters * member_ld())) +
+           round_to_line<T>(d * member_ld()) +
            2 * round_to_line<T>(clusters * d) + round_to_line<T>(d * ld) +
            round_to_line<T>((wq + 2 * wk) * std::max(d, dv)) + round_to_line<T>(sq * dv) +
            tile(d, dv);
   }
   index_t indices() const noexcept {
     // keys for balanced_members, then assignment and picks for k-means
-    return clusters * (wq + wk) + (member_sweep + 1 + 2) * (sq + sk) + clusters + sq;
+    return clusters * (wq + wk) + 4 * (sq + sk) + clusters + sq;
   }
 };
 
@@ -269,7 +274,8 @@ void run_routing(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>
     T* xq = buffers.slice(thread);  // routed queries, then keys (Sq + Sk) x D
     T* xk = xq + Sq * D;
     T* scores = xq + round_to_line<T>((Sq + Sk) * D);
-    T* mu = scores + round_to_line<T>(sizes.score_rows() * ld);
+    T* x_t = scores + round_to_line<T>(std::max(sizes.score_rows() * ld, c_n * sizes.member_ld()));
+    T* mu = x_t + round_to_line<T>(D * sizes.member_ld());
     T* sums = mu + round_to_line<T>(c_n * D);
     T* mu_t = sums + round_to_line<T>(c_n * D);
     T* gq = mu_t + round_to_line<T>(D * ld);  // gathered queries, keys, values
@@ -281,14 +287,14 @@ void run_routing(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>
     index_t* k_members = q_members + c_n * wq;
     index_t* order = k_members + c_n * wk;
     auto* keys = reinterpret_cast<std::uint64_t*>(order);  // for the top-w of each cluster
-    index_t* assignment = order + (member_sweep + 1) * (Sq + Sk);
+    index_t* assignment = order + 2 * (Sq + Sk);
     index_t* picks = assignment + Sq + Sk;
     index_t* counts = picks + Sq + Sk;
     index_t* covered = counts + c_n;
 
     // Route: normalised rows; centroids given or found; balanced memberships.
-    normalized_rows(q.ptr(b, h, 0, 0), q.stride(2), Sq, D, xq);
-    normalized_rows(k.ptr(b, hk, 0, 0), k.stride(2), Sk, D, xk);
+    normalized_rows<T, Backend>(q.ptr(b, h, 0, 0), q.stride(2), Sq, D, xq);
+    normalized_rows<T, Backend>(k.ptr(b, hk, 0, 0), k.stride(2), Sk, D, xk);
     if (given) {
       for (index_t c = 0; c < c_n * D; ++c) mu[c] = T(given->centroid(h, 0)[c]);
     } else {
@@ -297,15 +303,17 @@ void run_routing(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>
                                    o.seed + std::uint64_t(b * H + h), mu, scores, mu_t, sums,
                                    assignment, counts, picks);
     }
-    transpose_centroids(mu, c_n, D, ld, mu_t);
-    centroid_scores<T, Backend>(xq, Sq, D, mu_t, ld, scores);
-    balanced_members(scores, Sq, c_n, ld, wq, q_members, keys);
-    if (o.shared_qk) {
+    auto members = [&](const T* x, index_t n, index_t w, index_t* out) {
+      const index_t ld_t = score_columns<T, Backend>(n);
+      transpose_rows<T, Backend>(x, n, D, x_t, ld_t);
+      member_scores<T, Backend>(mu, c_n, D, x_t, ld_t, scores);
+      balanced_members(scores, n, c_n, ld_t, w, out, keys);
+    };
+    members(xq, Sq, wq, q_members);
+    if (o.shared_qk)
       std::copy(q_members, q_members + c_n * wq, k_members);
-    } else {
-      centroid_scores<T, Backend>(xk, Sk, D, mu_t, ld, scores);
-      balanced_members(scores, Sk, c_n, ld, wk, k_members, keys);
-    }
+    else
+      members(xk, Sk, wk, k_members);
 
     // Attend within each cluster; sum each query's outputs over its clusters.
     std::fill(acc, acc + Sq * Dv, T(0));
@@ -313,12 +321,13 @@ void run_routing(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>
     for (index_t c = 0; c < c_n; ++c) {
       const index_t* qm = q_members + c * wq;
       const index_t* km = k_members + c * wk;
-      for (index_t m = 0; m < wq; ++m)
-        for (index_t e = 0; e < D; ++e) gq[m * D + e] = T(q(b, h, qm[m], e));
+      for (index_t m = 0; m < wq; ++m) convert_row(q.ptr(b, h, qm[m], 0), gq + m * D, D);
       for (index_t m = 0; m < wk; ++m) {
-        for (index_t e = 0; e < D; ++e)
-          gk[m * D + e] = o.shared_qk ? xk[km[m] * D + e] : T(k(b, hk, km[m], e));
-        for (index_t e = 0; e < Dv; ++e) gv[m * Dv + e] = T(v(b, hk, km[m], e));
+        if (o.shared_qk)
+          std::copy(xk + km[m] * D, xk + km[m] * D + D, gk + m * D);
+        else
+          convert_row(k.ptr(b, hk, km[m], 0), gk + m * D, D);
+        convert_row(v.ptr(b, hk, km[m], 0), gv + m * Dv, Dv);
       }
       // Positions: query member i at qm[i] + offset, key member j at km[j], both sorted.
       auto visible = [&](index_t i, index_t j) {
@@ -333,9 +342,9 @@ void run_routing(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>
         return self || causal_cut ? tile_view::partial : tile_view::whole;
       };
       attend_gathered<Backend>(gq, wq, gk, gv, wk, D, Dv, T(scale), classify, visible, tile,
-                               [&](index_t i, auto&& value, T) {
+                               [&](index_t i, const T* row, T) {
                                  ++covered[qm[i]];
-                                 for (index_t e = 0; e < Dv; ++e) acc[qm[i] * Dv + e] += value(e);
+                                 add_row<T, Backend>(row, acc + qm[i] * Dv, Dv);
                                });
     }
     for (index_t t = 0; t < Sq; ++t) {

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 namespace fovea {
 
@@ -74,10 +75,10 @@ class tensor_view {
 
   template <class... I>
   requires(sizeof...(I) == Rank) constexpr index_t offset(I... i) const noexcept {
-    const std::array<index_t, Rank> idx{static_cast<index_t>(i)...};
-    index_t off = 0;
-    for (std::size_t r = 0; r < Rank; ++r) off += idx[r] * strides_[r];
-    return off;
+    // A fold, not a loop: -O2 leaves a loop over the rank rolled, and this runs per row.
+    return [&]<std::size_t... R>(std::index_sequence<R...>) {
+      return ((static_cast<index_t>(i) * strides_[R]) + ... + index_t(0));
+    }(std::index_sequence_for<I...>{});
   }
 
   /// The element holding value (i...) (for block types: its block).

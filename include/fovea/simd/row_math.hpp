@@ -33,6 +33,17 @@ T dot_row(const T* x, const T* y, index_t n) noexcept {
   return total;
 }
 
+/// acc[0, n) += x[0, n) converted to T, with vector lanes (each element's sum keeps the
+/// order of the calls, as a scalar loop would).
+template <class T, class Backend, class S>
+void add_row(const S* x, T* acc, index_t n) noexcept {
+  using V = vec<T, Backend>;
+  index_t i = 0;
+  for (; i + V::width <= n; i += V::width)
+    V::store(acc + i, V::add(V::load(acc + i), load_as<T, Backend>(x + i)));
+  for (; i < n; ++i) acc[i] += T(x[i]);
+}
+
 /// True when rows [0, rows) x [0, cols) of a strided matrix hold only finite values.
 template <class T, class Backend, class S>
 bool all_finite(const S* data, index_t row_stride, index_t rows, index_t cols) noexcept {

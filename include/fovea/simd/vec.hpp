@@ -54,6 +54,7 @@ struct vec<T, scalar> {
   static type tanh(type a) noexcept { return std::tanh(a); }
   static mask equal(type a, type b) noexcept { return a == b; }
   static mask not_equal(type a, type b) noexcept { return a != b; }
+  static mask greater(type a, type b) noexcept { return a > b; }
   static type select(mask m, type a, type b) noexcept { return m ? a : b; }
   static bool any(mask m) noexcept { return m; }
   static bool all(mask m) noexcept { return m; }
@@ -89,6 +90,7 @@ struct vec<T, simd<Arch>> {
   // IEEE != (true when either is NaN), as the scalar backend's: xsimd 8.1's AVX and
   // AVX-512 operator!= is the ordered compare (false for NaN), its SSE one unordered.
   static mask not_equal(type a, type b) noexcept { return !(a == b); }
+  static mask greater(type a, type b) noexcept { return a > b; }  // false when either is NaN
   static type select(mask m, type a, type b) noexcept { return xsimd::select(m, a, b); }
   static bool any(mask m) noexcept { return xsimd::any(m); }
   static bool all(mask m) noexcept { return xsimd::all(m); }

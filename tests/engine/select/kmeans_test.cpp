@@ -19,7 +19,7 @@ TEST(KMeans, ArgmaxPassesOverNaN) {
                           nan, nan,  nan, nan,  // nothing to choose: cluster 0
                           3.f, nan,  1.f, 4.f};
   index_t assignment[3];
-  detail::assign_rows(scores, 3, 4, 4, assignment);
+  detail::assign_rows<float, default_backend>(scores, 3, 4, 4, assignment);
   EXPECT_EQ(assignment[0], 2);
   EXPECT_EQ(assignment[1], 0);
   EXPECT_EQ(assignment[2], 3);
@@ -29,7 +29,7 @@ TEST(KMeans, APoisonedRowMovesNoCentroid) {
   const index_t n = 200, d = 8, clusters = 4;
   const auto raw = normal<float>(n * d, 1);
   std::vector<float> x(n * d);
-  detail::normalized_rows(raw.data(), d, n, d, x.data());
+  detail::normalized_rows<float, default_backend>(raw.data(), d, n, d, x.data());
   x[37 * d + 2] = nan;  // one poisoned token
   std::vector<float> mu(clusters * d), scores(n * 16), mu_t(d * 16), sums(clusters * d);
   std::vector<index_t> assignment(n), counts(clusters), picks(n);

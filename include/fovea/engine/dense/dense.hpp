@@ -226,9 +226,8 @@ void run_prefill_task(const dense_problem<S, K, V>& pr, const dense_layout& lay,
   }
   prefill_tile<Backend>(
       cols, q_row, kv, pr.band, custom, D, Dv, buf,
-      [&](index_t c, auto&& value, T lse) {
-        S* row = pr.out.ptr(tk.b, tk.head, i0 + c, 0);
-        for (index_t d = 0; d < Dv; ++d) row[d] = S(value(d));
+      [&](index_t c, const T* row, T lse) {
+        convert_row(row, pr.out.ptr(tk.b, tk.head, i0 + c, 0), Dv);
         if (pr.lse.data()) pr.lse(tk.b, tk.head, i0 + c) = float(lse);
       },
       how);

@@ -82,19 +82,28 @@ bool apply_logits(const query_columns<T>& cols, const custom_variant<ScoreMod, M
   const bool capped = cols.softcap > T(0);
   const auto cap = V::broadcast(cols.softcap);
   const auto inv_cap = V::broadcast(capped ? T(1) / cols.softcap : T(0));
-  for (index_t r = 0; r < keys; ++r) {
-    T* row = tile + r * ld;
-    const auto diagonal_minus_j = V::broadcast(T(band.offset - key_of(r)));
-    for (index_t c = 0; c < ld; c += W) {
-      auto s = V::mul(V::load(row + c), scale);
-      if (capped) s = V::mul(cap, V::tanh(V::mul(s, inv_cap)));
-      if (cols.has_alibi) {  // - slope * |i + offset - j|
-        const auto distance = V::abs(V::add(V::load(cols.pos_value + c), diagonal_minus_j));
-        s = V::fma(V::load(cols.minus_slope + c), distance, s);
+  // The options are tested once per tile, not per vector (-O2 does not unswitch loops).
+  auto scale_tile = [&]<bool Capped, bool Alibi>() {
+    for (index_t r = 0; r < keys; ++r) {
+      T* row = tile + r * ld;
+      const auto diagonal_minus_j = V::broadcast(T(band.offset - key_of(r)));
+      for (index_t c = 0; c < ld; c += W) {
+        auto s = V::mul(V::load(row + c), scale);
+        if constexpr (Capped) s = V::mul(cap, V::tanh(V::mul(s, inv_cap)));
+        if constexpr (Alibi) {  // - slope * |i + offset - j|
+          const auto distance = V::abs(V::add(V::load(cols.pos_value + c), diagonal_minus_j));
+          s = V::fma(V::load(cols.minus_slope + c), distance, s);
+        }
+        V::store(row + c, s);
       }
-      V::store(row + c, s);
     }
-  }
+  };
+  if (capped)
+    cols.has_alibi ? scale_tile.template operator()<true, true>()
+                   : scale_tile.template operator()<true, false>();
+  else
+    cols.has_alibi ? scale_tile.template operator()<false, true>()
+                   : scale_tile.template operator()<false, false>();
   auto at = [&](index_t r, index_t c) -> T& { return tile[r * ld + c]; };
   if constexpr (!std::is_same_v<ScoreMod, identity_score_mod> &&
                 differentiable_score_mod<ScoreMod, T>) {

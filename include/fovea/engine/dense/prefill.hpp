@@ -126,19 +126,32 @@ void attend_keys(const query_columns<T>& cols, row_block<T> k, row_block<T> v, i
                                         pace);
 }
 
-/// Hands each column's output row (as value(d), d < Dv) and lse (0 unless `with_lse`) to
-/// `emit`. The output is
-/// transposed back W columns at a time into the (now free) logit buffers.
+/// Hands each column's finished output row (`const T*`, Dv values: the accumulator
+/// divided by the row's sum, exactly 0 for a row that saw no key) and lse (0 unless
+/// `with_lse`) to `emit(c, row, lse)`. The accumulator is transposed back W columns at a
+/// time into the (now free) logit buffers and scaled there with vector lanes.
 template <class Backend, class T, class Emit>
 void finish_tile(const query_columns<T>& cols, index_t Dv, prefill_buffers<T, Backend>& buf,
                  Emit&& emit, bool with_lse = true) noexcept {
+  using V = vec<T, Backend>;
   constexpr index_t BQ = prefill_buffers<T, Backend>::BQ, BK = prefill_buffers<T, Backend>::BK;
-  constexpr int W = vec<T, Backend>::width;
-  index_t c0 = 0;
+  constexpr int W = V::width;
+  auto finish = [&](index_t c, T* row) {
+    const row_result<T> r = finish_row(buf.m[c], buf.l[c], cols.sink[c], with_lse);
+    if (r.factor == T(0)) {  // no key seen: exactly 0, whatever the accumulator holds
+      std::fill(row, row + Dv, T(0));
+    } else {
+      const auto factor = V::broadcast(r.factor);
+      index_t d = 0;
+      for (; d + W <= Dv; d += W) V::store(row + d, V::mul(V::load(row + d), factor));
+      for (; d < Dv; ++d) row[d] *= r.factor;
+    }
+    emit(c, static_cast<const T*>(row), r.lse);
+  };
   if (W * Dv <= 2 * BK * BQ) {  // buf.s and buf.p, contiguous
     T* rows_out = buf.s;        // [W][Dv]
     const T* rows[W];
-    for (; c0 < cols.count; c0 += W) {
+    for (index_t c0 = 0; c0 < cols.count; c0 += W) {
       const index_t n = std::min<index_t>(W, cols.count - c0);
       index_t d = 0;
       for (; d + W <= Dv; d += W) {
@@ -147,21 +160,14 @@ void finish_tile(const query_columns<T>& cols, index_t Dv, prefill_buffers<T, Ba
       }
       for (; d < Dv; ++d)
         for (index_t c = 0; c < n; ++c) rows_out[c * Dv + d] = buf.acc[d * BQ + c0 + c];
-      for (index_t c = 0; c < n; ++c) {
-        const row_result<T> r =
-            finish_row(buf.m[c0 + c], buf.l[c0 + c], cols.sink[c0 + c], with_lse);
-        const T* row = rows_out + c * Dv;
-        emit(
-            c0 + c, [&](index_t d) { return r.factor == T(0) ? T(0) : row[d] * r.factor; }, r.lse);
-      }
+      for (index_t c = 0; c < n; ++c) finish(c0 + c, rows_out + c * Dv);
     }
     return;
   }
+  T* row = buf.stage_v;  // [BK][Dv], free once the keys are attended
   for (index_t c = 0; c < cols.count; ++c) {
-    const row_result<T> r = finish_row(buf.m[c], buf.l[c], cols.sink[c], with_lse);
-    emit(
-        c, [&](index_t d) { return r.factor == T(0) ? T(0) : buf.acc[d * BQ + c] * r.factor; },
-        r.lse);
+    for (index_t d = 0; d < Dv; ++d) row[d] = buf.acc[d * BQ + c];
+    finish(c, row);
   }
 }
 

@@ -10,6 +10,9 @@
 #include <random>
 
 #include "../../core/tensor_view.hpp"
+#include "../../simd/convert.hpp"
+#include "../../simd/row_math.hpp"
+#include "../../simd/transpose.hpp"
 #include "../../simd/vec.hpp"
 #include "../tile/gemm_tile.hpp"
 #include "../tile/tile_traits.hpp"
@@ -18,14 +21,18 @@
 namespace fovea::detail {
 
 /// dst[r] = x[r] / |x[r]| in T (rows of d, dst contiguous); an all-zero row stays zero.
-template <class T, class S>
+template <class T, class Backend, class S>
 void normalized_rows(const S* x, index_t row_stride, index_t rows, index_t d, T* dst) noexcept {
+  using V = vec<T, Backend>;
   for (index_t r = 0; r < rows; ++r) {
-    const S* src = x + r * row_stride;
-    T norm = 0;
-    for (index_t e = 0; e < d; ++e) norm += T(src[e]) * T(src[e]);
+    T* row = dst + r * d;
+    convert_row(x + r * row_stride, row, d);
+    const T norm = dot_row<T, Backend>(row, row, d);
     const T inv = norm > T(0) ? T(1) / std::sqrt(norm) : T(0);
-    for (index_t e = 0; e < d; ++e) dst[r * d + e] = T(src[e]) * inv;
+    const auto scale = V::broadcast(inv);
+    index_t e = 0;
+    for (; e + V::width <= d; e += V::width) V::store(row + e, V::mul(V::load(row + e), scale));
+    for (; e < d; ++e) row[e] *= inv;
   }
 }
 
@@ -52,16 +59,26 @@ void centroid_scores(const T* x, index_t n, index_t d, const T* mu_t, index_t ld
 }
 
 /// The cluster of highest score per row (ties: the lower cluster). NaN scores are passed
-/// over; a row whose every score is NaN goes to cluster 0.
-template <class T>
+/// over; a row whose every score is NaN (or -inf) goes to cluster 0. Vector lanes find the
+/// row's maximum, then the first cluster holding it: the same choice as a scalar scan.
+template <class T, class Backend>
 void assign_rows(const T* scores, index_t n, index_t clusters, index_t ld,
                  index_t* assignment) noexcept {
+  using V = vec<T, Backend>;
+  constexpr T lowest = -std::numeric_limits<T>::infinity();
   for (index_t r = 0; r < n; ++r) {
     const T* row = scores + r * ld;
+    auto top_lanes = V::broadcast(lowest);
+    index_t c = 0;
+    for (; c + V::width <= clusters; c += V::width) {
+      const auto x = V::load(row + c);
+      top_lanes = V::select(V::greater(x, top_lanes), x, top_lanes);  // NaN never wins
+    }
+    T top = V::reduce_max(top_lanes);
+    for (; c < clusters; ++c) top = row[c] > top ? row[c] : top;
     index_t best = 0;
-    T top = -std::numeric_limits<T>::infinity();
-    for (index_t c = 0; c < clusters; ++c)
-      if (row[c] > top) top = row[c], best = c;
+    if (top > lowest)
+      while (!(row[best] == top)) ++best;
     assignment[r] = best;
   }
 }
@@ -71,28 +88,23 @@ void assign_rows(const T* scores, index_t n, index_t clusters, index_t ld,
 /// a centroid seeded from such a row, left with no rows, becomes the zero vector (it then
 /// scores 0 against every row): one poisoned key cannot pull every key into one cluster.
 /// sums: clusters x d; counts: clusters.
-template <class T>
+template <class T, class Backend>
 void recentre(const T* x, index_t n, index_t d, const index_t* assignment, T* mu, index_t clusters,
               T* sums, index_t* counts) noexcept {
   std::fill(sums, sums + clusters * d, T(0));
   std::fill(counts, counts + clusters, 0);
   for (index_t r = 0; r < n; ++r) {
     const T* row = x + r * d;
-    T probe = 0;  // NaN when the row holds NaN or Inf
-    for (index_t e = 0; e < d; ++e) probe += row[e] * T(0);
-    if (probe != T(0)) continue;
+    if (!all_finite<T, Backend>(row, d, 1, d)) continue;
     ++counts[assignment[r]];
-    for (index_t e = 0; e < d; ++e) sums[assignment[r] * d + e] += row[e];
+    add_row<T, Backend>(row, sums + assignment[r] * d, d);
   }
   for (index_t c = 0; c < clusters; ++c) {
     T* centre = mu + c * d;
-    if (counts[c] > 0) {
-      normalized_rows(sums + c * d, d, 1, d, centre);
-      continue;
-    }
-    T probe = 0;
-    for (index_t e = 0; e < d; ++e) probe += centre[e] * T(0);
-    if (probe != T(0)) std::fill(centre, centre + d, T(0));
+    if (counts[c] > 0)
+      normalized_rows<T, Backend>(sums + c * d, d, 1, d, centre);
+    else if (!all_finite<T, Backend>(centre, d, 1, d))
+      std::fill(centre, centre + d, T(0));
   }
 }
 
@@ -127,33 +139,59 @@ void seeded_centroids(const T* x, index_t n, index_t d, index_t clusters, index_
     for (index_t r0 = 0; r0 < n; r0 += block) {
       const index_t rows = std::min(block, n - r0);
       centroid_scores<T, Backend>(x + r0 * d, rows, d, mu_t, ld, scores);
-      assign_rows(scores, rows, clusters, ld, assignment + r0);
+      assign_rows<T, Backend>(scores, rows, clusters, ld, assignment + r0);
     }
-    recentre(x, n, d, assignment, mu, clusters, sums, counts);
+    recentre<T, Backend>(x, n, d, assignment, mu, clusters, sums, counts);
   }
 }
 
-/// Clusters whose member keys balanced_members builds in one sweep over the score rows.
-inline constexpr index_t member_sweep = 16;
+/// x_t[e * ld + r] = x[r * d + e] for rows r < n of x (n x d); columns [n, ld) are zero.
+template <class T, class Backend>
+void transpose_rows(const T* x, index_t n, index_t d, T* x_t, index_t ld) noexcept {
+  constexpr index_t W = vec<T, Backend>::width;
+  index_t r = 0;
+  for (; r + W <= n; r += W) {
+    const T* rows[W];
+    index_t e = 0;
+    for (; e + W <= d; e += W) {
+      for (index_t i = 0; i < W; ++i) rows[i] = x + (r + i) * d + e;
+      transpose_block<T, Backend>(rows, x_t + e * ld + r, ld);
+    }
+    for (; e < d; ++e)
+      for (index_t i = 0; i < W; ++i) x_t[e * ld + r + i] = x[(r + i) * d + e];
+  }
+  for (index_t e = 0; e < d; ++e) {
+    for (index_t i = r; i < n; ++i) x_t[e * ld + i] = x[i * d + e];
+    std::fill(x_t + e * ld + n, x_t + e * ld + ld, T(0));
+  }
+}
+
+/// scores_t[c][r] = mu[c] . x[r] for clusters c (mu: clusters x d) and the rows of x as
+/// transpose_rows laid them out (x_t: d x ld). The same products, in the same order, as
+/// centroid_scores, one cluster's scores contiguous.
+template <class T, class Backend>
+void member_scores(const T* mu, index_t clusters, index_t d, const T* x_t, index_t ld,
+                   T* scores_t) noexcept {
+  constexpr int W = vec<T, Backend>::width, RB = tile_traits<T, Backend>::row_block;
+  constexpr index_t strip = 64 * W;  // columns of x_t kept in cache while every cluster uses them
+  for (index_t r0 = 0; r0 < ld; r0 += strip)
+    gemm_wide<T, Backend, RB, 4, false>(clusters, std::min(strip, ld - r0) / W, mu, d, 1, x_t + r0,
+                                        ld, scores_t + r0, ld, d);
+}
 
 /// members[c * w + m], m < w: the w rows of highest score for cluster c (ties: the lower
-/// row), in increasing row order. keys: (member_sweep + 1) * n scratch entries.
+/// row), in increasing row order, from scores_t as member_scores made them. keys: 2 n
+/// scratch entries.
 template <class T>
-void balanced_members(const T* scores, index_t n, index_t clusters, index_t ld, index_t w,
+void balanced_members(const T* scores_t, index_t n, index_t clusters, index_t ld, index_t w,
                       index_t* members, std::uint64_t* keys) noexcept {
-  std::uint64_t* scratch = keys + member_sweep * n;
-  for (index_t c0 = 0; c0 < clusters; c0 += member_sweep) {
-    const index_t sweep = std::min(member_sweep, clusters - c0);
-    for (index_t r = 0; r < n; ++r)  // one pass over the rows for a sweep of clusters
-      for (index_t c = 0; c < sweep; ++c)
-        keys[c * n + r] = rank_key(float(scores[r * ld + c0 + c]), r);
-    for (index_t c = 0; c < sweep; ++c) {
-      const std::uint64_t* key = keys + c * n;
-      const std::uint64_t bar = kth_largest(key, n, w, scratch);
-      index_t* out = members + (c0 + c) * w;
-      for (index_t r = 0; r < n; ++r)
-        if (key[r] >= bar) *out++ = r;
-    }
+  for (index_t c = 0; c < clusters; ++c) {
+    const T* score = scores_t + c * ld;
+    for (index_t r = 0; r < n; ++r) keys[r] = rank_key(float(score[r]), r);
+    const std::uint64_t bar = kth_largest(keys, n, w, keys + n);
+    index_t* out = members + c * w;
+    for (index_t r = 0; r < n; ++r)
+      if (keys[r] >= bar) *out++ = r;
   }
 }
 

@@ -14,9 +14,12 @@ namespace fovea::detail {
 
 /// A key that orders (score, lower index first) as unsigned integers; NaN ranks highest.
 inline std::uint64_t rank_key(float score, index_t index) noexcept {
+  // Branch-free (it runs once per score of a routing or HiP selection): negative scores
+  // flip every bit, others only the sign bit; NaN becomes all ones.
   const auto bits = std::bit_cast<std::uint32_t>(score);
-  const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
-  const std::uint32_t ordered = nan ? 0xFFFFFFFFu : (bits >> 31) ? ~bits : bits | 0x80000000u;
+  const std::uint32_t flip = std::uint32_t(std::int32_t(bits) >> 31) | 0x80000000u;
+  const std::uint32_t nan = 0u - std::uint32_t((bits & 0x7FFFFFFFu) > 0x7F800000u);
+  const std::uint32_t ordered = (bits ^ flip) | nan;
   return (std::uint64_t(ordered) << 32) | std::uint32_t(~std::uint32_t(index));
 }
 
@@ -47,6 +50,49 @@ inline std::uint64_t kth_largest(const std::uint64_t* keys, index_t n, index_t k
     if (n == k) return *std::min_element(scratch, scratch + n);
     if (k == 1) return *std::max_element(scratch, scratch + n);
   }
+}
+
+/// The k largest of keys pushed one at a time (1 <= k), in `capacity` keys of memory
+/// whatever their number: keys above the current floor are buffered; when the buffer
+/// fills it is cut back to its best k and the floor rises to the k-th. A million-key
+/// selection stays in cache instead of writing and re-reading every key.
+/// `buffer` holds 2 * capacity keys; capacity > k. Keys must be nonzero (rank_key's are).
+class streaming_top_k {
+ public:
+  streaming_top_k(index_t k, std::uint64_t* buffer, index_t capacity) noexcept
+      : k_(k), capacity_(capacity), buffer_(buffer) {}
+
+  void push(std::uint64_t key) noexcept {
+    ++seen_;
+    if (key <= floor_) return;
+    buffer_[count_++] = key;
+    if (count_ == capacity_) cut();
+  }
+  /// How many keys were pushed.
+  index_t seen() const noexcept { return seen_; }
+  /// The k-th largest key pushed; needs seen() >= k.
+  std::uint64_t bar() const noexcept { return kth_largest(buffer_, count_, k_, buffer_ + capacity_); }
+
+ private:
+  void cut() noexcept {
+    floor_ = bar();
+    index_t kept = 0;
+    for (index_t i = 0; i < count_; ++i) {
+      buffer_[kept] = buffer_[i];
+      kept += buffer_[i] >= floor_;
+    }
+    count_ = kept;  // == k: keys are distinct
+  }
+
+  index_t k_, capacity_, count_ = 0, seen_ = 0;
+  std::uint64_t floor_ = 0;
+  std::uint64_t* buffer_;
+};
+
+/// The buffer a streaming_top_k of k keeps among n keys: room for k and as many more
+/// (at least 4096), never more than n + 1.
+constexpr index_t streaming_capacity(index_t n, index_t k) noexcept {
+  return std::min(n + 1, std::max<index_t>(2 * k, 4096));
 }
 
 }  // namespace fovea::detail

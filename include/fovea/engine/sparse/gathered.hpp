@@ -20,7 +20,7 @@ enum class tile_view { hidden, whole, partial };
 /// Attends the nq gathered query rows q (nq x D) to the nk gathered key/value rows k
 /// (nk x D) and v (nk x Dv) with logit scale `scale`. classify(i0, i1, j0, j1) says how
 /// query members [i0, i1) see key members [j0, j1); inside partial tiles visible(i, j)
-/// decides per pair. emit(i, value, lse) receives query member i's output.
+/// decides per pair. emit(i, row, lse) receives query member i's output row (Dv values).
 template <class Backend, class T, class Classify, class Visible, class Emit>
 void attend_gathered(const T* q, index_t nq, const T* k, const T* v, index_t nk, index_t D,
                      index_t Dv, T scale, Classify&& classify, Visible&& visible,
@@ -50,7 +50,7 @@ void attend_gathered(const T* q, index_t nq, const T* k, const T* v, index_t nk,
           [j0](index_t r) { return j0 + r; }, tile_cuts{false, how == tile_view::partial},
           everywhere, pairs, D, Dv, buf);
     }
-    finish_tile(cols, Dv, buf, [&](index_t c, auto&& value, T lse) { emit(i0 + c, value, lse); });
+    finish_tile(cols, Dv, buf, [&](index_t c, const T* row, T lse) { emit(i0 + c, row, lse); });
   }
 }
 

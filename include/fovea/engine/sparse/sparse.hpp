@@ -170,9 +170,8 @@ void run_sparse(const dense_problem<S, K, V>& pr, const sparse_rows& rows, Selec
     attend_pieces(cols, pieces, count, pr.kv.source(tk.b, h0 / group), pr.band, custom, D, Dv, buf);
     finish_tile(
         cols, Dv, buf,
-        [&](index_t c, auto&& value, T lse) {
-          S* row = pr.out.ptr(tk.b, cols.head[c], cols.pos[c], 0);
-          for (index_t d = 0; d < Dv; ++d) row[d] = S(value(d));
+        [&](index_t c, const T* row, T lse) {
+          convert_row(row, pr.out.ptr(tk.b, cols.head[c], cols.pos[c], 0), Dv);
           if (pr.lse.data()) pr.lse(tk.b, cols.head[c], cols.pos[c]) = float(lse);
         },
         pr.lse.data() != nullptr);
