@@ -15,6 +15,7 @@
 
 #include "../core/error.hpp"
 #include "../core/parallel.hpp"
+#include "../core/scratch.hpp"
 #include "../core/tensor_view.hpp"
 #include "../core/validate.hpp"
 #include "../engine/sparse/sparse.hpp"
@@ -264,9 +265,11 @@ dma_selection select_kept(const dense_problem<S, K, V>& pr, index_t keep, int th
   // between them) share one selection: a radix top-k over the allowed keys, O(Sk).
   const bool same_keys =
       !per_row && Sq > 0 && pr.band.keys_for(0, 1) == pr.band.keys_for(Sq - 1, Sq);
-  std::vector<ranked> scratch(same_keys ? 0 : std::size_t(used) * std::max<index_t>(Sk + 1, 1));
-  std::vector<std::uint64_t> radix(same_keys ? std::size_t(used) * 2 * std::max<index_t>(Sk, 1)
-                                             : 0);
+  // Per thread: every allowed key of a row (per_row), the heap of the best `keep`, or a
+  // streaming top-k's buffer (same_keys). Not zeroed: each task writes before it reads.
+  const index_t capacity = streaming_capacity(Sk, keep);
+  const scratch_slices<ranked> scratch(same_keys ? 0 : used, per_row ? Sk + 1 : std::min(keep, Sk) + 1);
+  const scratch_slices<std::uint64_t> radix(same_keys ? used : 0, 2 * capacity);
   // Heap order: the lowest-ranked key on top.
   auto lower_on_top = [](const ranked& x, const ranked& y) {
     return ranks_above(x.rank, x.j, y.rank, y.j);
@@ -280,7 +283,7 @@ dma_selection select_kept(const dense_problem<S, K, V>& pr, index_t keep, int th
     auto allowed = [&](index_t i, index_t j) {
       return pr.band.visible(i, j) && (!mask_plane.base || mask_plane(i, j) != 0);
     };
-    ranked* pool = scratch.data() + (same_keys ? 0 : std::size_t(thread) * (Sk + 1));
+    ranked* pool = same_keys ? nullptr : scratch.slice(thread);
     rank_bar* bars = sel.bars.data() + task * Sq;
     auto bar_of = [&](index_t count) {  // the lowest kept, or keep-all
       return count < keep ? rank_bar{} : rank_bar{pool[0].rank, pool[0].j};
@@ -301,15 +304,14 @@ dma_selection select_kept(const dense_problem<S, K, V>& pr, index_t keep, int th
       return;
     }
     if (same_keys) {
-      std::uint64_t* keys = radix.data() + std::size_t(thread) * 2 * Sk;
+      streaming_top_k best(keep, radix.slice(thread), capacity);
       const auto [first, last] = pr.band.keys_for(0, 1);
-      index_t n = 0;
       for (index_t j = first; j < last; ++j)
         if (!mask_plane.base || mask_plane(0, j) != 0)
-          keys[n++] = rank_key(rank_value(bias_plane(0, j)), j);
+          best.push(rank_key(rank_value(bias_plane(0, j)), j));
       rank_bar bar{};
-      if (n >= keep) {
-        const auto j = index_t(~std::uint32_t(kth_largest(keys, n, keep, keys + n)));
+      if (best.seen() >= keep) {
+        const auto j = index_t(~std::uint32_t(best.bar()));
         bar = {rank_value(bias_plane(0, j)), j};
       }
       std::fill(bars, bars + Sq, bar);
@@ -350,6 +352,14 @@ struct dma_kept {
   dma_kept(const dense_problem<S, K, V>& problem, const dma_selection& selection) noexcept
       : pr(problem), sel(selection) {}
 
+  /// The most key pieces one selection can list: each of its rows keeps `keep` keys among
+  /// those it sees, and the keys above its bar that it cannot see are listed too (flagged):
+  /// fewer than bq past the causal edge, any number when a mask hides keys.
+  index_t max_pieces(index_t keep) const noexcept {
+    const index_t Sk = pr.keys;
+    if (pr.terms.mask.data()) return Sk;
+    return std::min(Sk, std::min(bq, pr.queries()) * std::min(keep, Sk) + bq);
+  }
   const rank_bar* bars_of(index_t b, index_t sh) const noexcept {
     return sel.bars.data() + (b * sel.heads + sh) * pr.queries();
   }
@@ -447,7 +457,7 @@ void dynamic_mask_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_v
   const int threads = detail::resolve_threads(options.threads);
   const detail::dma_selection sel = detail::select_kept(pr, options.keep, threads);
   const detail::dma_kept kept{pr, sel};
-  const detail::sparse_rows rows{kept.bq, sel.per_query_head, k.extent(2)};
+  const detail::sparse_rows rows{kept.bq, sel.per_query_head, kept.max_pieces(options.keep)};
   detail::run_sparse<Backend>(pr, rows, kept, kept.mask(), threads);
 }
 
@@ -498,7 +508,7 @@ void dynamic_mask_attention_backward(tensor_view<TQ, 4> q, tensor_view<TK, 4> k,
   const int threads = resolve_threads(options.threads);
   const dma_selection sel = select_kept(bp.forward, options.keep, threads);
   const dma_kept kept{bp.forward, sel};
-  const sparse_rows rows{kept.bq, sel.per_query_head, k.extent(2)};
+  const sparse_rows rows{kept.bq, sel.per_query_head, kept.max_pieces(options.keep)};
   run_sparse_backward<Backend>(bp, rows, kept, kept.mask(), threads);
 }
 

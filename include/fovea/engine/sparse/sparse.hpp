@@ -149,7 +149,7 @@ void run_sparse(const dense_problem<S, K, V>& pr, const sparse_rows& rows, Selec
 
   const int used = static_cast<int>(std::min<index_t>(std::max(threads, 1), index_t(work.size())));
   const scratch_slices<T> buffers(used, buffers_t::size(D, Dv));
-  std::vector<key_piece> piece_buffers(std::size_t(used) * std::max<index_t>(1, rows.max_pieces));
+  const scratch_slices<key_piece> piece_buffers(used, rows.max_pieces);  // not zeroed: select writes
 
   parallel_for(index_t(work.size()), used, [&](index_t i, int thread) {
     const task& tk = work[i];
@@ -162,7 +162,7 @@ void run_sparse(const dense_problem<S, K, V>& pr, const sparse_rows& rows, Selec
       cols.add(pr.terms, H, h0 + r / positions, i0 + r % positions);
     cols.pad_to(BQ);
 
-    key_piece* pieces = piece_buffers.data() + std::size_t(thread) * rows.max_pieces;
+    key_piece* pieces = piece_buffers.slice(thread);
     const index_t count = select(tk.b, tk.head, tk.block, pieces);
     buffers_t buf(buffers.slice(thread), D, Dv);
     start_tile(

@@ -41,9 +41,9 @@ template <class Select>
 stored_selections store_selections(index_t B, index_t heads, index_t blocks, index_t max_pieces,
                                    Select&& select, int threads) {
   stored_selections s{heads, blocks, std::vector<std::vector<key_piece>>(B * heads * blocks)};
-  std::vector<key_piece> buffers(std::size_t(std::max(threads, 1)) * std::max<index_t>(1, max_pieces));
+  const scratch_slices<key_piece> buffers(std::max(threads, 1), max_pieces);  // select writes
   parallel_for(index_t(s.lists.size()), threads, [&](index_t task, int thread) {
-    key_piece* pieces = buffers.data() + std::size_t(thread) * max_pieces;
+    key_piece* pieces = buffers.slice(thread);
     const index_t count = select(task / (heads * blocks), task / blocks % heads, task % blocks, pieces);
     s.lists[std::size_t(task)].assign(pieces, pieces + count);
   });
