@@ -103,6 +103,20 @@ TYPED_TEST(DynamicMask, TiesGoToTheEarlierKey) {
             check_dma_case<T, Backend>({s, keep, causal, form, mask, false, true}, ++seed);
 }
 
+// A decode row over a long cache: the selection shared by the row's heads streams the keys
+// through a bounded buffer (cut back to the best `keep` whenever it fills), ties and a
+// padding mask included; any thread count.
+TYPED_TEST(DynamicMask, LongCacheDecodeStreamsTheSelection) {
+  using T = typename TypeParam::value_type;
+  using Backend = typename TypeParam::backend;
+  std::uint64_t seed = 1300;
+  for (index_t keep : {1, 100, 3000})
+    for (bool tied : {false, true})
+      for (bool mask : {false, true})
+        check_dma_case<T, Backend>({{1, 4, 2, 1, 20000, 16, 16}, keep, true, 0, mask, false, tied},
+                                   ++seed, int(seed % 3));
+}
+
 TYPED_TEST(DynamicMask, EveryBiasAndMaskShape) {
   using T = typename TypeParam::value_type;
   using Backend = typename TypeParam::backend;

@@ -1,0 +1,73 @@
+// Top-k selection by rank keys: kth_largest (radix passes over every key) and
+// streaming_top_k (a bounded buffer cut back to the best k) must find the same bar, with
+// NaN ranked highest and ties going to the lower index.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <fovea/fovea.hpp>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "../../common/random.hpp"
+
+namespace fovea::test {
+namespace {
+
+using detail::kth_largest;
+using detail::rank_key;
+using detail::streaming_top_k;
+
+/// The k-th largest key by sorting.
+std::uint64_t sorted_kth(std::vector<std::uint64_t> keys, index_t k) {
+  std::sort(keys.begin(), keys.end(), std::greater<>());
+  return keys[std::size_t(k - 1)];
+}
+
+TEST(TopK, RankKeysOrderScoresThenLowerIndex) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = INFINITY;
+  const float order[] = {nan, inf, 3.f, 1e-30f, 0.f, -1e-30f, -2.f, -inf};  // highest first
+  for (std::size_t a = 0; a + 1 < std::size(order); ++a)
+    EXPECT_GT(rank_key(order[a], 9), rank_key(order[a + 1], 0)) << order[a] << " vs " << order[a + 1];
+  EXPECT_GT(rank_key(1.f, 3), rank_key(1.f, 4));  // a tie: the lower index ranks higher
+  EXPECT_GT(rank_key(-nan, 5), rank_key(inf, 0));  // a NaN of either sign ranks first
+  EXPECT_NE(rank_key(-inf, 0), 0u);                // streaming_top_k needs nonzero keys
+}
+
+TEST(TopK, StreamingEqualsRadixForAnyCapacity) {
+  std::uint64_t seed = 40;
+  for (index_t n : {1, 2, 100, 5000, 70000})
+    for (index_t k : {1, 2, 7, 100, 1000, 4096}) {
+      if (k > n) continue;
+      // Scores with many ties (a few distinct values) or spread out.
+      for (bool ties : {false, true}) {
+        const auto scores = normal<float>(n, ++seed);
+        std::vector<std::uint64_t> keys(n);
+        for (index_t j = 0; j < n; ++j)
+          keys[j] = rank_key(ties ? std::round(scores[j] * 2.f) : scores[j], j);
+        const std::uint64_t expected = sorted_kth(keys, k);
+        std::vector<std::uint64_t> scratch(n);
+        EXPECT_EQ(kth_largest(keys.data(), n, k, scratch.data()), expected) << "n " << n << " k " << k;
+        for (index_t capacity : {k + 1, 2 * k + 3, detail::streaming_capacity(n, k)}) {
+          if (capacity <= k) continue;
+          std::vector<std::uint64_t> buffer(2 * capacity);
+          streaming_top_k best(k, buffer.data(), capacity);
+          for (std::uint64_t key : keys) best.push(key);
+          EXPECT_EQ(best.seen(), n);
+          EXPECT_EQ(best.bar(), expected) << "n " << n << " k " << k << " capacity " << capacity
+                                          << (ties ? " ties" : "");
+        }
+      }
+    }
+}
+
+TEST(TopK, StreamingCapacityBoundsTheBuffer) {
+  EXPECT_EQ(detail::streaming_capacity(1 << 20, 1024), 4096);
+  EXPECT_EQ(detail::streaming_capacity(1 << 20, 5000), 10000);
+  EXPECT_EQ(detail::streaming_capacity(100, 1024), 101);  // never more than all the keys
+}
+
+}  // namespace
+}  // namespace fovea::test
