@@ -31,12 +31,24 @@ void expect_covering(const detail::dense_plan& plan) {
   std::set<std::tuple<index_t, index_t, index_t, index_t>> merged;
   for (const auto& t : plan.merges)
     EXPECT_TRUE(merged.insert({t.problem, t.b, t.head, t.tile}).second) << "merged twice";
+  std::vector<index_t> chunks_of(plan.merges.size(), 0);
   for (const auto& t : plan.work) {
     const auto& lay = plan.layouts[t.problem];
     EXPECT_LT(t.chunk, lay.chunks);
     EXPECT_LT(t.tile, lay.tiles);
-    EXPECT_EQ(lay.decode || lay.chunks > 1, merged.count({t.problem, t.b, t.head, t.tile}) == 1);
+    const bool waits = lay.decode || lay.chunks > 1;
+    EXPECT_EQ(waits, merged.count({t.problem, t.b, t.head, t.tile}) == 1);
+    // The task names the merge of its own tile (run by whichever chunk finishes last).
+    ASSERT_EQ(waits, t.merge >= 0);
+    if (!waits) continue;
+    ASSERT_LT(t.merge, index_t(plan.merges.size()));
+    const auto& m = plan.merges[std::size_t(t.merge)];
+    EXPECT_EQ(std::tuple(m.problem, m.b, m.head, m.tile, m.partials),
+              std::tuple(t.problem, t.b, t.head, t.tile, t.partials));
+    ++chunks_of[std::size_t(t.merge)];
   }
+  for (std::size_t m = 0; m < plan.merges.size(); ++m)
+    EXPECT_EQ(chunks_of[m], plan.layouts[plan.merges[m].problem].chunks) << "merge " << m;
 }
 
 TEST(DensePlan, DecodeChunksKeysByLengthOnly) {

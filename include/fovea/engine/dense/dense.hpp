@@ -7,7 +7,9 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -77,6 +79,7 @@ constexpr index_t split_prefill_chunk_keys(index_t keys) noexcept {
 struct dense_task {
   index_t problem, b, head, tile, chunk;  ///< head: query head (prefill) or kv head (decode)
   index_t partials;                       ///< split keys: offset of the tile's chunk states
+  index_t merge = -1;                     ///< split keys: the merge that waits for this chunk
 };
 
 /// How one problem is cut: column tiles of `width` columns and key chunks, whose states
@@ -134,9 +137,10 @@ dense_plan plan_dense(std::span<const dense_problem<S, K, V>> problems) {
             continue;
           }
           const index_t at = lay.partials + (bh * lay.tiles + t) * per_tile;
+          const index_t merge = index_t(plan.merges.size());
           plan.merges.push_back({pi, bh / H, bh % H, t, 0, at});
           for (index_t ch = 0; ch < lay.chunks; ++ch)
-            plan.work.push_back({pi, bh / H, bh % H, t, ch, at});
+            plan.work.push_back({pi, bh / H, bh % H, t, ch, at, merge});
         }
       if (lay.chunks > 1) plan.partial_total += B * H * lay.tiles * per_tile;
       continue;
@@ -154,8 +158,10 @@ dense_plan plan_dense(std::span<const dense_problem<S, K, V>> problems) {
       for (index_t hk = 0; hk < Hk; ++hk)
         for (index_t t = 0; t < lay.tiles; ++t) {
           const index_t at = lay.partials + ((b * Hk + hk) * lay.tiles + t) * per_tile;
+          const index_t merge = index_t(plan.merges.size());
           plan.merges.push_back({pi, b, hk, t, 0, at});
-          for (index_t ch = 0; ch < lay.chunks; ++ch) plan.work.push_back({pi, b, hk, t, ch, at});
+          for (index_t ch = 0; ch < lay.chunks; ++ch)
+            plan.work.push_back({pi, b, hk, t, ch, at, merge});
         }
     plan.partial_total += B * Hk * lay.tiles * per_tile;
   }
@@ -282,7 +288,11 @@ void run_merge_task(const dense_problem<S, K, V>& pr, const dense_layout& lay, c
   }
 }
 
-/// Runs the problems on up to `threads` threads: plan_dense's tasks, then its merges.
+/// Runs the problems on up to `threads` threads: plan_dense's tasks, each merge run by the
+/// thread that finishes its last chunk (one parallel region: a second one for the merges,
+/// microseconds of work, would add a barrier that waits for every thread to be scheduled
+/// again, up to a time slice on a busy machine). The merge reads the chunks in their
+/// order, so which thread runs it changes nothing.
 template <class Backend, class S, class K, class V, class ScoreMod, class MaskMod>
 void run_dense(std::span<const dense_problem<S, K, V>> problems,
                const custom_variant<ScoreMod, MaskMod>& custom, int threads) {
@@ -292,6 +302,9 @@ void run_dense(std::span<const dense_problem<S, K, V>> problems,
   const int used = threads_for_work(std::max(threads, 1), plan.flops, index_t(plan.work.size()));
   const scratch_slices<T> buffers(used, plan.scratch);
   std::vector<T> partials(plan.partial_total);
+  const auto pending = std::make_unique<std::atomic<index_t>[]>(plan.merges.size());
+  for (std::size_t m = 0; m < plan.merges.size(); ++m)
+    pending[m].store(plan.layouts[plan.merges[m].problem].chunks, std::memory_order_relaxed);
   parallel_for(index_t(plan.work.size()), used, [&](index_t i, int thread) {
     const dense_task& tk = plan.work[i];
     const dense_problem<S, K, V>& pr = problems[tk.problem];
@@ -301,11 +314,10 @@ void run_dense(std::span<const dense_problem<S, K, V>> problems,
                                partials.data());
     else
       run_prefill_task<Backend>(pr, lay, tk, custom, buffers.slice(thread), partials.data());
-  });
-  parallel_for(index_t(plan.merges.size()), used, [&](index_t i, int thread) {
-    const dense_task& tk = plan.merges[i];
-    run_merge_task<Backend>(problems[tk.problem], plan.layouts[tk.problem], tk,
-                            buffers.slice(thread), partials.data());
+    // The chunk's states are released to, and the last chunk acquires the others'.
+    if (tk.merge >= 0 && pending[tk.merge].fetch_sub(1, std::memory_order_acq_rel) == 1)
+      run_merge_task<Backend>(pr, lay, plan.merges[tk.merge], buffers.slice(thread),
+                              partials.data());
   });
 }
 
