@@ -120,6 +120,99 @@ void BM_hip_decode(benchmark::State& state) {  // selection made once, reused ev
       [&](problem& p) { fovea::hip_attention(p.Q(), p.K(), p.V(), p.O(), selection, o); });
 }
 
+// Long context: one layer's decode step (H=32, Hk=8, D=128, Sq=1) against a 2^20-token
+// cache: bf16 (q and out bf16 too, 4 GiB of K/V) and q8_0 (fp32 q and out, 2.1 GiB).
+constexpr index_t long_keys = index_t(1) << 20;
+struct long_context {
+  static constexpr index_t H = 32, Hk = 8;
+  std::vector<fovea::bfloat16> q, k, v, o;
+  std::vector<float> qf, of, bias;
+  std::vector<fovea::block_q8_0> k8, v8;
+  long_context() : q(H * D), k(Hk * long_keys * D), v(k.size()), o(H * D), qf(H * D), of(H * D) {
+    auto fill_bf16 = [](std::vector<fovea::bfloat16>& x, std::uint64_t seed) {
+      std::vector<float> chunk(std::size_t(1) << 20);
+      for (std::size_t at = 0; at < x.size(); at += chunk.size()) {
+        fill(chunk, seed++ * 7919);
+        for (std::size_t i = 0; i < chunk.size() && at + i < x.size(); ++i)
+          x[at + i] = fovea::bfloat16(chunk[i]);
+      }
+    };
+    fill_bf16(q, 11), fill_bf16(k, 12), fill_bf16(v, 13);
+    for (std::size_t i = 0; i < q.size(); ++i) qf[i] = float(q[i]);
+    k8.resize(k.size() / 32), v8.resize(v.size() / 32);
+    fovea::quantize(K(), fovea::bhsd(k8.data(), 1, Hk, long_keys, D));
+    fovea::quantize(V(), fovea::bhsd(v8.data(), 1, Hk, long_keys, D));
+    bias.resize(Hk * long_keys);
+    fill(bias, 14);
+  }
+  auto Q() const { return fovea::bhsd<const fovea::bfloat16>(q.data(), 1, H, 1, D); }
+  fovea::tensor_view<const fovea::bfloat16, 4> K() const {
+    return fovea::bhsd<const fovea::bfloat16>(k.data(), 1, Hk, long_keys, D);
+  }
+  fovea::tensor_view<const fovea::bfloat16, 4> V() const {
+    return fovea::bhsd<const fovea::bfloat16>(v.data(), 1, Hk, long_keys, D);
+  }
+  auto O() { return fovea::bhsd(o.data(), 1, H, 1, D); }
+  auto Qf() const { return fovea::bhsd<const float>(qf.data(), 1, H, 1, D); }
+  auto K8() const { return fovea::bhsd<const fovea::block_q8_0>(k8.data(), 1, Hk, long_keys, D); }
+  auto V8() const { return fovea::bhsd<const fovea::block_q8_0>(v8.data(), 1, Hk, long_keys, D); }
+  auto Of() { return fovea::bhsd(of.data(), 1, H, 1, D); }
+  auto B() const { return fovea::bhsd<const float>(bias.data(), 1, Hk, 1, long_keys); }
+  double bf16_bytes() const { return double(k.size() + v.size()) * sizeof(fovea::bfloat16); }
+  double q8_bytes() const { return double(k8.size() + v8.size()) * sizeof(fovea::block_q8_0); }
+};
+long_context& long_problem() {
+  static long_context p;
+  return p;
+}
+
+template <class Step>
+void run_long(benchmark::State& state, Step&& step, double bytes = 0) {
+  long_context& p = long_problem();
+  for (auto _ : state) {
+    step(p);
+    benchmark::DoNotOptimize(p.o.data());
+    benchmark::DoNotOptimize(p.of.data());
+  }
+  if (bytes > 0)
+    state.counters["GB/s"] = benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate,
+                                                benchmark::Counter::kIs1000);
+}
+
+void BM_long_dense(benchmark::State& state, bool q8, int threads) {
+  const fovea::softmax_options o{.causal = true, .threads = threads};
+  if (q8)
+    run_long(state, [&](long_context& p) { fovea::softmax_attention(p.Qf(), p.K8(), p.V8(), p.Of(), o); },
+             long_problem().q8_bytes());
+  else
+    run_long(state, [&](long_context& p) { fovea::softmax_attention(p.Q(), p.K(), p.V(), p.O(), o); },
+             long_problem().bf16_bytes());
+}
+
+void BM_long_dma(benchmark::State& state, bool q8, int threads) {
+  const fovea::dynamic_mask_options o{.causal = true, .keep = 1024, .threads = threads};
+  if (q8)
+    run_long(state, [&](long_context& p) {
+      fovea::dynamic_mask_attention(p.Qf(), p.K8(), p.V8(), p.Of(), p.B(), o);
+    });
+  else
+    run_long(state, [&](long_context& p) {
+      fovea::dynamic_mask_attention(p.Q(), p.K(), p.V(), p.O(), p.B(), o);
+    });
+}
+
+void BM_long_hip(benchmark::State& state, bool refresh, int threads) {
+  const fovea::hip_options o{.causal = true, .top_k = 512, .threads = threads};
+  long_context& lp = long_problem();
+  if (refresh) {  // the selection made again every step
+    run_long(state, [&](long_context& p) { fovea::hip_attention(p.Q(), p.K(), p.V(), p.O(), o); });
+  } else {  // made once, reused
+    const auto selection = fovea::hip_select(lp.Q(), lp.K(), o);
+    run_long(state,
+             [&](long_context& p) { fovea::hip_attention(p.Q(), p.K(), p.V(), p.O(), selection, o); });
+  }
+}
+
 // Routing: non-causal, D=64, num_clusters = window = sqrt(N), against dense non-causal.
 template <class Kernel>
 void run64(benchmark::State& state, index_t n, Kernel&& kernel) {
@@ -291,6 +384,15 @@ int main(int argc, char** argv) {
   add("dense/decode", BM_dense_decode);
   add("dma1024/decode", BM_dma_decode);
   add("hip512/decode", BM_hip_decode);
+  for (int t : {1, 2}) {
+    const std::string threads = "/threads=" + std::to_string(t);
+    add("long/dense/bf16" + threads, BM_long_dense, false, t);
+    add("long/dense/q8_0" + threads, BM_long_dense, true, t);
+    add("long/hip512_reused/bf16" + threads, BM_long_hip, false, t);
+    add("long/hip512_refresh/bf16" + threads, BM_long_hip, true, t);
+    add("long/dma1024/bf16" + threads, BM_long_dma, false, t);
+    add("long/dma1024/q8_0" + threads, BM_long_dma, true, t);
+  }
   fovea::bench::summary_reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
@@ -327,5 +429,23 @@ int main(int argc, char** argv) {
   if (ms("dense/decode") > 0)
     std::printf("dense decode reads K and V at %.1f GB/s\n",
                 r.at("dense/decode").counter("GB/s") / 1e9);
+  std::printf(
+      "\n| decode at 1M tokens (2^20; H=32, Hk=8, D=128) | cache | 1 thread ms | 2 threads ms | "
+      "2 threads vs 1 | GB/s of cache (1 / 2 threads) |\n|---|---|---:|---:|---:|---:|\n");
+  for (const char* kernel : {"dense", "hip512_reused", "hip512_refresh", "dma1024"})
+    for (const char* type : {"bf16", "q8_0"}) {
+      const std::string base = std::string("long/") + kernel + "/" + type + "/threads=";
+      const double t1 = ms(base + "1"), t2 = ms(base + "2");
+      if (t1 <= 0 || t2 <= 0) continue;
+      std::string rate = "";
+      if (r.at(base + "1").counter("GB/s") > 0) {
+        char text[64];
+        std::snprintf(text, sizeof text, "%.1f / %.1f", r.at(base + "1").counter("GB/s") / 1e9,
+                      r.at(base + "2").counter("GB/s") / 1e9);
+        rate = text;
+      }
+      std::printf("| %s | %s | %.2f | %.2f | %.2fx | %s |\n", kernel, type, t1, t2, t1 / t2,
+                  rate.c_str());
+    }
   print_recall();
 }

@@ -4,7 +4,9 @@
 
 #include <benchmark/benchmark.h>
 
+#include <cstdio>
 #include <cstdlib>
+#include <fovea/core/build_info.hpp>
 #include <fstream>
 #include <map>
 #include <string>
@@ -60,6 +62,7 @@ class summary_reporter : public benchmark::ConsoleReporter {
   /// context lines (CPU caches, load, the library's build type) go to that file, so the
   /// terminal shows only the summary tables (scripts/bench does this).
   summary_reporter() {
+    std::printf("fovea: %s\n", fovea::build_info().c_str());  // backend, OpenMP, -O
     if (const char* path = std::getenv("FOVEA_BENCH_RAW")) {
       raw_.open(path);
       if (raw_) {

@@ -8,6 +8,7 @@
 #include <vector>
 
 int main() {
+  std::printf("fovea: %s\n", fovea::build_info().c_str());  // backend, OpenMP, -O
   const long B = 1, H = 8, Hk = 2, S = 1024, D = 64;
   std::vector<float> q(B * H * S * D), k(B * Hk * S * D), v(B * Hk * S * D), o(B * H * S * D);
   std::mt19937 gen(7);

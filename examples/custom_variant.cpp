@@ -10,6 +10,7 @@
 #include <vector>
 
 int main() {
+  std::printf("fovea: %s\n", fovea::build_info().c_str());  // backend, OpenMP, -O
   const long H = 4, S = 1000, D = 64;
   std::mt19937 gen(3);
   std::normal_distribution<float> normal;

@@ -14,6 +14,7 @@
 #include <vector>
 
 int main() {
+  std::printf("fovea: %s\n", fovea::build_info().c_str());  // backend, OpenMP, -O
   const long H = 32, Hk = 8, D = 128, prompt = 4096, steps = 64, page = 256;
   const long capacity = prompt + steps, pages = (capacity + page - 1) / page;
   std::mt19937 gen(11);

@@ -13,6 +13,7 @@
 #include <vector>
 
 int main() {
+  std::printf("fovea: %s\n", fovea::build_info().c_str());  // backend, OpenMP, -O
   const long N = 16384, D = 128, topics = 16;
   std::mt19937_64 gen(77);
   std::normal_distribution<float> g;

@@ -48,6 +48,7 @@ struct layer_cache {
 }  // namespace
 
 int main() {
+  std::printf("fovea: %s\n", fovea::build_info().c_str());  // backend, OpenMP, -O
   std::vector<std::int32_t> block_table(seqs * max_pages);  // the engine's page allocator
   std::iota(block_table.begin(), block_table.end(), 0);
   std::shuffle(block_table.begin(), block_table.end(), std::mt19937(3));

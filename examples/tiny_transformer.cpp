@@ -85,6 +85,7 @@ void attend(const std::string& kind, const config& c, const layer& l, const Matr
 }
 
 int main(int argc, char** argv) {
+  std::printf("fovea: %s\n", fovea::build_info().c_str());  // backend, OpenMP, -O
   const config c;
   const long d = c.head_dim();
   std::mt19937 gen(2024);

@@ -215,6 +215,7 @@ struct model {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::printf("fovea: %s\n", fovea::build_info().c_str());  // backend, OpenMP, -O
   int steps = 0, pairs = 16, threads = 1, vocab = 32, dim = 32, sequences = 64;
   unsigned seed = 1;
   mixer kind = mixer::softmax;
