@@ -51,7 +51,7 @@ namespace feature_maps {
 template <class Backend = default_backend>
 struct elu_plus_one {
   template <class T>
-  void operator()(const T* x, T* y, index_t n) const noexcept {
+  FOVEA_ALWAYS_INLINE void operator()(const T* x, T* y, index_t n) const noexcept {
     using V = detail::vec<T, Backend>;
     constexpr int W = V::width;
     const auto zero = V::broadcast(T(0)), one = V::broadcast(T(1));
