@@ -166,37 +166,39 @@ class spread_prefetch {
     const index_t first = j + distance_, rows = std::clamp<index_t>(end_ - first, 0, n);
     const index_t spans = contiguous_ ? std::min<index_t>(rows, 1) : rows;
     const index_t span_rows = contiguous_ ? rows : 1;
-    spans_ = int(spans);
-    for (int r = 0; r < spans_; ++r) {
-      key_spans_[r] = span(kv_.k_row(first + r), span_rows * storage_bytes<K>(D_));
-      if (values_) value_spans_[r] = span(kv_.v_row(first + r), span_rows * storage_bytes<V>(Dv_));
-    }
     if (span_rows != shared_rows_ || steps != shared_steps_) {  // (two divisions)
       shared_rows_ = span_rows;
       shared_steps_ = steps;
       key_share_ = share(span_rows * storage_bytes<K>(D_), steps);
       value_share_ = share(span_rows * storage_bytes<V>(Dv_), steps);
     }
+    // The streams each level receives, so that step() tests no option (it runs in the
+    // innermost loop, which -O2 does not unswitch).
+    l1_count_ = l2_count_ = 0;
+    for (index_t r = 0; r < spans; ++r) {
+      const stream keys = span(kv_.k_row(first + r), span_rows * storage_bytes<K>(D_), key_share_);
+      if (keys_to_l1_)
+        l1_[l1_count_++] = keys;
+      else
+        l2_[l2_count_++] = keys;
+      if (values_)
+        l2_[l2_count_++] = span(kv_.v_row(first + r), span_rows * storage_bytes<V>(Dv_), value_share_);
+    }
   }
   /// One part is being read: asks for the next share of each span.
   void step() noexcept {
-    for (int r = 0; r < spans_; ++r) {
-      if (keys_to_l1_)
-        advance<1>(key_spans_[r], key_share_);
-      else
-        advance<2>(key_spans_[r], key_share_);
-    }
-    if (values_)
-      for (int r = 0; r < spans_; ++r) advance<2>(value_spans_[r], value_share_);
+    for (int i = 0; i < l1_count_; ++i) advance<1>(l1_[i]);
+    for (int i = 0; i < l2_count_; ++i) advance<2>(l2_[i]);
   }
 
  private:
-  struct cursor {
+  struct stream {
     const char *at, *end;
+    index_t share;  ///< bytes per part, whole lines
   };
-  static cursor span(const void* p, index_t bytes) noexcept {
+  static stream span(const void* p, index_t bytes, index_t share) noexcept {
     const char* c = static_cast<const char*>(p);
-    return {c, c + bytes};
+    return {c, c + bytes, share};
   }
   /// Bytes per part, whole lines.
   static index_t share(index_t bytes, index_t steps) noexcept {
@@ -204,19 +206,19 @@ class spread_prefetch {
     return (lines + steps - 1) / steps * 64;
   }
   template <int Level>
-  static void advance(cursor& c, index_t bytes) noexcept {
-    const char* at = c.at;  // a local: through c, every line would store the cursor
-    const char* stop = c.end - at < bytes ? c.end : at + bytes;
+  static void advance(stream& s) noexcept {
+    const char* at = s.at;  // a local: through s, every line would store the cursor
+    const char* stop = s.end - at < s.share ? s.end : at + s.share;
     for (; at < stop; at += 64) prefetch_into<Level>(at);
-    c.at = at;
+    s.at = at;
   }
 
   const kv_source<K, V>& kv_;
   index_t distance_, end_, D_, Dv_;
   bool keys_to_l1_, values_, contiguous_;
-  cursor key_spans_[MaxRows], value_spans_[MaxRows];
+  stream l1_[MaxRows], l2_[2 * MaxRows];
+  int l1_count_ = 0, l2_count_ = 0;
   index_t key_share_ = 0, value_share_ = 0, shared_rows_ = -1, shared_steps_ = -1;
-  int spans_ = 0;
 };
 
 }  // namespace fovea::detail
