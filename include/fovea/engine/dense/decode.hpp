@@ -158,7 +158,9 @@ void dot_scores(const Dot& dot, index_t depth, index_t columns, const S* k, inde
     const S* rows[KR];
 #pragma GCC unroll 16
     for (int r = 0; r < KR; ++r) rows[r] = k + std::min<index_t>(jb + r, keys - 1) * k_stride;
-    for (index_t c0 = 0; c0 < columns; c0 += CQ) {
+    // One column block: the first also asks for the rows ahead (two instantiations, so
+    // the loop over d does not test it: -O2 does not unswitch loops).
+    auto column_block = [&]<bool Prefetching>(index_t c0) FOVEA_ALWAYS_INLINE {
       typename V::type acc[W];  // acc[c * KR + r]: lanes come out column by column
 #pragma GCC unroll 16
       for (int i = 0; i < W; ++i) acc[i] = V::broadcast(T(0));
@@ -166,7 +168,7 @@ void dot_scores(const Dot& dot, index_t depth, index_t columns, const S* k, inde
 #pragma GCC unroll 4
       for (int c = 0; c < CQ; ++c) query[c] = dot.query_row(c0 + c);
       for (index_t d = 0; d < depth; d += Dot::step) {
-        if (c0 == 0) prefetch.step();
+        if constexpr (Prefetching) prefetch.step();
         // Every operand loaded once into a register: left to itself, GCC folds the key
         // loads into the FMAs, loading each key vector CQ times (twice as slow).
         typename Dot::query_reg qv[CQ];
@@ -197,7 +199,9 @@ void dot_scores(const Dot& dot, index_t depth, index_t columns, const S* k, inde
           std::copy_n(lanes + c * KR, n, out);
         }
       }
-    }
+    };
+    if (columns > 0) column_block.template operator()<true>(0);
+    for (index_t c0 = CQ; c0 < columns; c0 += CQ) column_block.template operator()<false>(c0);
   }
 }
 
