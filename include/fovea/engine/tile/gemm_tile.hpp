@@ -34,6 +34,12 @@ inline void micro_kernel_body(const TA* const* a_rows, index_t a_col, const TB* 
                               T* c, index_t ldc, index_t depth) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width;
+  // The row pointers as locals: read through a_rows, clang reloads all of them from
+  // memory at every depth step (the pinning asm counts as a memory access for it), six
+  // more loads per twelve FMAs, 8-11% slower prefill.
+  const TA* a[Rows];
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) a[r] = a_rows[r];
   typename V::type acc[Rows][Vectors];
 #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r)
@@ -49,7 +55,7 @@ inline void micro_kernel_body(const TA* const* a_rows, index_t a_col, const TB* 
     }
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
-      const auto ar = V::broadcast(T(a_rows[r][p * a_col]));
+      const auto ar = V::broadcast(T(a[r][p * a_col]));
 #pragma GCC unroll 8
       for (int x = 0; x < Vectors; ++x) acc[r][x] = V::fma(ar, bp[x], acc[r][x]);
     }
