@@ -16,6 +16,7 @@
 #endif
 #include "attention/agent.hpp"
 #include "attention/block_sparse.hpp"
+#include "attention/calibration.hpp"
 #include "attention/dynamic_mask.hpp"
 #include "attention/hip.hpp"
 #include "attention/routing.hpp"

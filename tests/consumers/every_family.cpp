@@ -15,6 +15,8 @@ void every_family() {
   fovea::softmax_attention(fovea::bhsd<const T>(q.data(), B, H, 1, D), K, V,
                            fovea::bhsd(o.data(), B, H, 1, D));
   fovea::hip_attention(Q, K, V, O, {.causal = true, .top_k = 32});
+  const std::vector<float> gamma(H, 0.5f);
+  fovea::zero_tuning_attention(Q, K, V, O, std::span<const float>(gamma), {.causal = true});
   std::vector<float> bias(B * Hk * S);
   fovea::dynamic_mask_attention(Q, K, V, O, fovea::bhsd<const float>(bias.data(), B, Hk, 1, S),
                                 {.causal = true, .keep = 16});
