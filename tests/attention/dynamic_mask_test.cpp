@@ -112,9 +112,11 @@ TYPED_TEST(DynamicMask, LongCacheDecodeStreamsTheSelection) {
   std::uint64_t seed = 1300;
   for (index_t keep : {1, 100, 3000})
     for (bool tied : {false, true})
-      for (bool mask : {false, true})
+      for (bool mask : {false, true}) {
+        const std::uint64_t next = ++seed;
         check_dma_case<T, Backend>({{1, 4, 2, 1, 20000, 16, 16}, keep, true, 0, mask, false, tied},
-                                   ++seed, int(seed % 3));
+                                   next, int(next % 3));
+      }
 }
 
 TYPED_TEST(DynamicMask, EveryBiasAndMaskShape) {
