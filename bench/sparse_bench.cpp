@@ -201,16 +201,21 @@ void BM_long_dma(benchmark::State& state, bool q8, int threads) {
     });
 }
 
-void BM_long_hip(benchmark::State& state, bool refresh, int threads) {
+void BM_long_hip(benchmark::State& state, bool refresh, bool q8, int threads) {
   const fovea::hip_options o{.causal = true, .top_k = 512, .threads = threads};
   long_context& lp = long_problem();
-  if (refresh) {  // the selection made again every step
-    run_long(state, [&](long_context& p) { fovea::hip_attention(p.Q(), p.K(), p.V(), p.O(), o); });
-  } else {  // made once, reused
-    const auto selection = fovea::hip_select(lp.Q(), lp.K(), o);
-    run_long(state,
-             [&](long_context& p) { fovea::hip_attention(p.Q(), p.K(), p.V(), p.O(), selection, o); });
-  }
+  auto attend = [&](auto q, auto k, auto v, auto out) {
+    if (refresh) {  // the selection made again every step
+      run_long(state, [&](long_context&) { fovea::hip_attention(q, k, v, out, o); });
+    } else {  // made once, reused
+      const auto selection = fovea::hip_select(q, k, o);
+      run_long(state, [&](long_context&) { fovea::hip_attention(q, k, v, out, selection, o); });
+    }
+  };
+  if (q8)
+    attend(lp.Qf(), lp.K8(), lp.V8(), lp.Of());
+  else
+    attend(lp.Q(), lp.K(), lp.V(), lp.O());
 }
 
 // Routing: non-causal, D=64, num_clusters = window = sqrt(N), against dense non-causal.
@@ -388,8 +393,10 @@ int main(int argc, char** argv) {
     const std::string threads = "/threads=" + std::to_string(t);
     add("long/dense/bf16" + threads, BM_long_dense, false, t);
     add("long/dense/q8_0" + threads, BM_long_dense, true, t);
-    add("long/hip512_reused/bf16" + threads, BM_long_hip, false, t);
-    add("long/hip512_refresh/bf16" + threads, BM_long_hip, true, t);
+    add("long/hip512_reused/bf16" + threads, BM_long_hip, false, false, t);
+    add("long/hip512_reused/q8_0" + threads, BM_long_hip, false, true, t);
+    add("long/hip512_refresh/bf16" + threads, BM_long_hip, true, false, t);
+    add("long/hip512_refresh/q8_0" + threads, BM_long_hip, true, true, t);
     add("long/dma1024/bf16" + threads, BM_long_dma, false, t);
     add("long/dma1024/q8_0" + threads, BM_long_dma, true, t);
   }

@@ -16,6 +16,7 @@
 
 #include "../common/random.hpp"
 #include "../common/reference.hpp"
+#include "../common/sparse_case.hpp"
 #include "../common/tolerance.hpp"
 
 namespace fovea::test {
@@ -341,6 +342,57 @@ TYPED_TEST(CacheAttention, MatchesTheOracleOnDequantizedValues) {
       }
 }
 
+/// HiP over every cache pair: the search scores the dequantized keys (so it selects what
+/// it selects on them, bit for bit, when it reads them as float), and attention over the
+/// selection equals the f64 oracle on the dequantized values masked to exactly the
+/// selection; decode and prefill, GQA, both layouts, 1 and 2 threads bitwise.
+TYPED_TEST(CacheAttention, HipMatchesTheOracleOverItsSelection) {
+  using K = typename TypeParam::key;
+  using V = typename TypeParam::value;
+  for (const auto s : {shape_case{1, 8, 2, 1, 700, 64, 64}, shape_case{2, 4, 4, 70, 300, 32, 96},
+                       shape_case{1, 4, 1, 130, 130, 64, 32}})
+    for (const bool layout : {false, true}) {
+      SCOPED_TRACE("H " + std::to_string(s.H) + " Hk " + std::to_string(s.Hk) + " Sq " +
+                   std::to_string(s.Sq) + " Sk " + std::to_string(s.Sk) +
+                   (layout ? " bshd" : " bhsd"));
+      const auto q = normal<float>(s.B * s.H * s.Sq * s.D, 31);
+      const auto kc = make_cache<K>(normal<float>(s.B * s.Hk * s.Sk * s.D, 32), s.B, s.Hk, s.Sk,
+                                    s.D, layout);
+      const auto vc = make_cache<V>(normal<float>(s.B * s.Hk * s.Sk * s.Dv, 33), s.B, s.Hk, s.Sk,
+                                    s.Dv, layout);
+      const auto Q = bhsd<const float>(q.data(), s.B, s.H, s.Sq, s.D);
+      const auto Kc = view_of(kc, s.B, s.Hk, s.Sk, s.D, layout);
+      const auto Vc = view_of(vc, s.B, s.Hk, s.Sk, s.Dv, layout);
+      const auto Kd = bhsd<const float>(kc.values.data(), s.B, s.Hk, s.Sk, s.D);
+      const auto Vd = bhsd<const float>(vc.values.data(), s.B, s.Hk, s.Sk, s.Dv);
+      hip_options o{.causal = true, .top_k = 32, .block_size_q = 16, .block_size_k = 4,
+                    .sliding_window = 16, .sink_tokens = 4, .k_scale = kc.scale_view,
+                    .v_scale = vc.scale_view};
+      const hip_selection sel = hip_select(Q, Kc, o);
+      if constexpr (detail::hip_keys_as_float_v<K>) {
+        const hip_selection on_float = hip_select(Q, Kd, hip_options{.causal = true, .top_k = 32,
+            .block_size_q = 16, .block_size_k = 4, .sliding_window = 16, .sink_tokens = 4});
+        EXPECT_EQ(sel.starts, on_float.starts) << "selection differs from the dequantized keys'";
+      }
+      std::vector<float> out(s.B * s.H * s.Sq * s.Dv), serial;
+      for (const int threads : {1, 2}) {
+        o.threads = threads;
+        hip_attention(Q, Kc, Vc, bhsd(out.data(), s.B, s.H, s.Sq, s.Dv), o);
+        if (threads == 1) serial = out;
+      }
+      EXPECT_EQ(0, std::memcmp(serial.data(), out.data(), 4 * out.size())) << "thread variant";
+      std::vector<float> again(out.size());
+      hip_attention(Q, Kc, Vc, bhsd(again.data(), s.B, s.H, s.Sq, s.Dv), sel, o);
+      EXPECT_EQ(0, std::memcmp(again.data(), out.data(), 4 * out.size())) << "select + attend";
+      const auto visible = with_mask_mod(hip_visible(sel, o, s.Sq, s.Sk));
+      const softmax_options ref{.causal = true};
+      const auto want = reference_softmax<double>(Q, Kd, Vd, ref, visible);
+      const auto naive = reference_softmax<float>(Q, Kd, Vd, ref, visible);
+      EXPECT_TRUE(within_tolerance<float>(std::vector<double>(out.begin(), out.end()), want.out,
+                                          naive.out));
+    }
+}
+
 /// Paged caches with a scrambled table give the contiguous result bit for bit (both
 /// paths), the scales of int8 caches indexed (page, head, slot).
 TYPED_TEST(CacheAttention, PagedEqualsContiguous) {
@@ -438,8 +490,8 @@ TYPED_TEST(CacheAttention, VarlenAndCacheEqualPerSequenceCalls) {
 }
 
 /// Each quantized cache gives the bits of the same call on its dequantized values (float
-/// K and V): dense prefill and decode, the block-sparse executor and dynamic-mask
-/// attention read dequantized rows in the same tiles.
+/// K and V): dense prefill and decode, the block-sparse executor, dynamic-mask and HiP
+/// attention read dequantized rows in the same tiles (and HiP's search scores them).
 TEST(CacheAttention, EveryEngineEqualsItsCallOnDequantizedValues) {
   const index_t H = 4, Hk = 2, D = 64;
   for (const index_t sq : {1, 5, 130}) {
@@ -477,6 +529,14 @@ TEST(CacheAttention, EveryEngineEqualsItsCallOnDequantizedValues) {
     dynamic_mask_attention(Q, K, V, O, Bias, {.causal = true, .keep = 100, .v_scale = vc.scale_view});
     dynamic_mask_attention(Q, Kd, Vd, W, Bias, {.causal = true, .keep = 100});
     same("dynamic_mask_attention");
+    const hip_options hip{.causal = true, .top_k = 32, .block_size_q = 16, .block_size_k = 4,
+                          .sliding_window = 16, .sink_tokens = 4};
+    hip_options scaled = hip;
+    scaled.v_scale = vc.scale_view;
+    EXPECT_EQ(hip_select(Q, K, scaled).starts, hip_select(Q, Kd, hip).starts) << "hip_select";
+    hip_attention(Q, K, V, O, scaled);
+    hip_attention(Q, Kd, Vd, W, hip);
+    same("hip_attention");
   }
 }
 
@@ -639,6 +699,20 @@ TEST(CacheAttention, BadInputNamesTheArgumentAndWritesNothing) {
         quantize(bhsd<const float>(q.data(), 1, Hk, S, 64), bhsd(kq.data(), 1, Hk, S - 1, 64));
       },
       "cache: extent 2");
+  // HiP's search and attention check the caches as softmax_attention does
+  const auto K8 = bhsd<const std::int8_t>(k8.data(), 1, Hk, S, 64);
+  expect_error([&] { hip_select(Q, K8); }, "options.k_scale");
+  expect_error([&] { hip_attention(Q, K8, Kq, O); }, "options.k_scale");
+  expect_error([&] { hip_attention(Q, Kq, K8, O); }, "options.v_scale");
+  expect_error(
+      [&] { hip_select(Q, K8, {.k_scale = view<const float>(scales.data(), {1, Hk, S - 1})}); },
+      "options.k_scale: extent 2");
+  expect_error(
+      [&] {
+        hip_select(bhsd<const float>(q.data(), 1, H, S, 48),
+                   bhsd<const block_q8_0>(kq.data(), 1, Hk, S, 48));
+      },
+      "k: extent 3");
   // q and out of different types do not compile
   static_assert(!detail::mixed_attention_types<const float, const block_q8_0, const block_q8_0, bfloat16>);
   static_assert(!detail::mixed_attention_types<const double, const block_q8_0, const block_q8_0, double>);

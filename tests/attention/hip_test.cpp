@@ -12,6 +12,7 @@
 
 #include "../common/attention_case.hpp"
 #include "../common/configs.hpp"
+#include "../common/sparse_case.hpp"
 
 namespace fovea::test {
 namespace {
@@ -19,19 +20,6 @@ namespace {
 template <class C>
 class Hip : public ::testing::Test {};
 TYPED_TEST_SUITE(Hip, configs, config_names);
-
-/// The keys query (b, h, i) may see under a selection (causality left to the oracle).
-struct hip_visible {
-  const hip_selection* sel;
-  index_t window, sink, offset, block_k;
-
-  bool operator()(index_t b, index_t h, index_t i, index_t j) const {
-    if (j < sink || (window > 0 && j + window > i + offset)) return true;
-    for (const std::int32_t start : sel->blocks(b, h, i / sel->block_size_q))
-      if (j >= start && j < start + block_k) return true;
-    return false;
-  }
-};
 
 /// The spec's index invariants: sorted, unique, in the candidates, as many as possible.
 void expect_valid_selection(const hip_selection& sel, const hip_options& o, index_t Sq,
@@ -78,9 +66,7 @@ void check_hip_case(const shape& s, hip_options o, std::uint64_t seed, bool bshd
                          in.template layout<T>(again.data(), s.H, s.Sq, s.Dv), sel, o);
   EXPECT_EQ(out, again) << "select + attend differs from one call";
 
-  const index_t window = o.sliding_window >= 0 ? o.sliding_window : (o.causal ? 256 : 0);
-  const index_t sink = o.sink_tokens >= 0 ? o.sink_tokens : (o.causal ? 16 : 0);
-  const hip_visible visible{&sel, window, sink, o.causal ? s.Sk - s.Sq : 0, o.block_size_k};
+  const hip_visible visible(sel, o, s.Sq, s.Sk);
   softmax_options r;
   r.causal = o.causal;
   expect_softmax_result<T>(out_view, &lse, in.qv(), in.kv(), in.vv(), r, with_mask_mod(visible));
@@ -192,7 +178,7 @@ TYPED_TEST(Hip, DecodeReusesASelection) {
     SCOPED_TRACE("step " + std::to_string(step));
     expect_softmax_result<T>(out, nullptr, Q, view_of(k, Hk, keys, Sk + 3),
                              view_of(v, Hk, keys, Sk + 3), {.causal = true},
-                             with_mask_mod(hip_visible{&sel, 256, 16, keys - 1, 2}));
+                             with_mask_mod(hip_visible(sel, o, 1, keys)));
   }
 }
 

@@ -73,4 +73,25 @@ struct layout_mask {
   }
 };
 
+/// The keys query (b, h, i) may see under a HiP selection: the sinks, the selected
+/// blocks and the sliding window (causality left to the oracle).
+struct hip_visible {
+  const hip_selection* sel;
+  index_t window, sink, offset, block_k;
+
+  hip_visible(const hip_selection& s, const hip_options& o, index_t Sq, index_t Sk)
+      : sel(&s),
+        window(o.sliding_window >= 0 ? o.sliding_window : (o.causal ? 256 : 0)),
+        sink(o.sink_tokens >= 0 ? o.sink_tokens : (o.causal ? 16 : 0)),
+        offset(o.causal ? Sk - Sq : 0),
+        block_k(o.block_size_k) {}
+
+  bool operator()(index_t b, index_t h, index_t i, index_t j) const {
+    if (j < sink || (window > 0 && j + window > i + offset)) return true;
+    for (const std::int32_t start : sel->blocks(b, h, i / sel->block_size_q))
+      if (j >= start && j < start + block_k) return true;
+    return false;
+  }
+};
+
 }  // namespace fovea::test

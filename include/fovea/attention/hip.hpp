@@ -35,6 +35,7 @@ struct hip_options {
   index_t sink_tokens = -1;       ///< -1: 16 when causal, 0 otherwise
   std::optional<double> scale{};  ///< attention logit scale; default 1/sqrt(D)
   tensor_view<float, 3> lse{};    ///< out, optional (B, H, Sq)
+  tensor_view<const float, 3> k_scale{}, v_scale{};  ///< int8 / fp8 caches, as softmax_options
   int threads = 0;                ///< 0: all OpenMP offers; 1: serial
 };
 
@@ -84,26 +85,29 @@ inline hip_params check_hip_options(const hip_options& o) {
   return p;
 }
 
-/// The engine problem of a HiP call: causal band, the scale, lse.
-template <class T>
-dense_problem<T> make_hip_problem(const tensor_view<const T, 4>& q,
-                                  const tensor_view<const T, 4>& k,
-                                  const tensor_view<const T, 4>& v, const tensor_view<T, 4>& out,
-                                  const hip_options& o) {
+/// The engine problem of a HiP call: causal band, the scale, lse, cache scales.
+template <class T, class KS, class VS>
+auto make_hip_problem(const tensor_view<const T, 4>& q, const tensor_view<KS, 4>& k,
+                      const tensor_view<VS, 4>& v, const tensor_view<T, 4>& out,
+                      const hip_options& o) {
   softmax_options so;
   so.causal = o.causal;
   so.scale = o.scale;
   so.lse = o.lse;
+  so.k_scale = o.k_scale;
+  so.v_scale = o.v_scale;
   so.threads = o.threads;
   return make_softmax_problem<T>(q, k, v, out, so);
 }
 
-template <class Backend, class S>
-hip_selection run_hip_select(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>& k,
+/// The search reads keys of any cache type (quantized rows dequantized as they are
+/// scored), with their scales as the problem's kv_layout holds them.
+template <class Backend, class S, class K>
+hip_selection run_hip_select(const tensor_view<const S, 4>& q, const kv_layout<K, K>& kv,
                              const hip_params& p, int threads) {
   using T = accumulator_t<S>;
   const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2), D = q.extent(3);
-  const index_t Hk = k.extent(1), Sk = k.extent(2);
+  const index_t Hk = kv.k.extent(1), Sk = kv.k.extent(2);
   hip_selection sel;
   sel.batches = B;
   sel.heads = H;
@@ -116,21 +120,29 @@ hip_selection run_hip_select(const tensor_view<const S, 4>& q, const tensor_view
   sel.counts.assign(rows, 0);
   if (rows == 0) return sel;
   const index_t group = H / Hk;
-  kv_layout<S> kv{k, k};
   const int used = int(std::min<index_t>(std::max(threads, 1), rows));
   // With several query blocks per head, every key is scored many times: quantise the keys
   // once (a quarter of the bytes of K) when the search scores in int8.
   const index_t words = int8_row_words(D);
   std::unique_ptr<std::uint32_t[]> key_quads;  // every word written below: not zeroed
-  if (hip_scores_in_int8<T, S, Backend>(p) && sel.query_blocks >= 4) {
+  if (hip_scores_in_int8<T, S, K, Backend>(p) && sel.query_blocks >= 4) {
     key_quads.reset(new std::uint32_t[std::size_t(B * Hk * Sk * words)]);
 #if FOVEA_HAS_INT8_DOT
-    if constexpr (std::is_same_v<S, float>)
-      parallel_for(B * Hk, used, [&](index_t bh, int) {
+    if constexpr (hip_int8_capable<T, S, K, Backend>()) {
+      const scratch_slices<float> rows(used, is_quantized_v<K> ? D : 0);
+      parallel_for(B * Hk, used, [&](index_t bh, int thread) {
         const auto src = kv.source(bh / Hk, bh % Hk);
-        for (index_t j = 0; j < Sk; ++j)
-          quantise_key_int8(src.k_row(j), D, key_quads.get() + (bh * Sk + j) * words);
+        float* const staged = rows.slice(thread);
+        for (index_t j = 0; j < Sk; ++j) {
+          const float* key = staged;
+          if constexpr (is_quantized_v<K>)
+            load_row(src.k_row(j), src.k_scale(j), staged, D);
+          else
+            key = src.k_row(j);
+          quantise_key_int8(key, D, key_quads.get() + (bh * Sk + j) * words);
+        }
       });
+    }
 #endif
   }
   const scratch_slices<T> buffers(used, hip_buffers<T, Backend>::size(p, D));
@@ -176,9 +188,9 @@ inline void check_selection(const hip_selection& s, const hip_params& p, index_t
 }
 
 /// Attends every query block to sinks + its selected blocks + the sliding window.
-template <class Backend, class S>
-void run_hip_attention(const dense_problem<S>& pr, const hip_selection& sel, const hip_params& p,
-                       int threads) {
+template <class Backend, class S, class K, class V>
+void run_hip_attention(const dense_problem<S, K, V>& pr, const hip_selection& sel,
+                       const hip_params& p, int threads) {
   const index_t Sq = pr.queries(), Sk = pr.keys, off = pr.band.offset;
   const index_t longest = sel.max_blocks + 2 * (sel.max_blocks + 2);
   const sparse_rows rows{p.block_q, true, longest};
@@ -221,31 +233,43 @@ void run_hip_attention(const dense_problem<S>& pr, const hip_selection& sel, con
 
 /// HiP's key-block selection for every (batch, query head, block of queries), made from
 /// q and k only; pass it to hip_attention to reuse it (e.g. across decode steps).
+///
+///   q: (B, H, Sq, D)   k: (B, Hk, Sk, D), Hk dividing H
+///
+/// k may be in any cache type softmax_attention reads (bf16 / fp16 under a float q,
+/// block_q8_0, int8 or fp8 with options.k_scale): quantized keys are dequantized as the
+/// search scores them, so the selection is the one made on the dequantized float keys.
+/// Throws fovea::error naming the argument for misshapen q, k or scales.
 template <class Backend = default_backend, class TQ, class TK>
-requires is_storage_type_v<std::remove_const_t<TQ>> &&
-    std::is_same_v<std::remove_const_t<TQ>, std::remove_const_t<TK>>
-        hip_selection hip_select(tensor_view<TQ, 4> q, tensor_view<TK, 4> k,
-                                 const hip_options& options = {}) {
+requires detail::mixed_attention_types<TQ, TK, TK, std::remove_const_t<TQ>>
+hip_selection hip_select(tensor_view<TQ, 4> q, tensor_view<TK, 4> k,
+                         const hip_options& options = {}) {
   using S = std::remove_const_t<TQ>;
+  using K = std::remove_const_t<TK>;
   const detail::hip_params p = detail::check_hip_options(options);
-  const tensor_view<const S, 4> qc = q, kc = k;
+  const tensor_view<const S, 4> qc = q;
+  const tensor_view<const K, 4> kc = k;
   detail::check_rows(qc, "q");
   detail::check_rows(kc, "k");
+  detail::check_blocks(kc, "k");
   detail::check_extent(kc, 0, q.extent(0), "k", "batch of q");
   detail::check_extent(kc, 3, q.extent(3), "k", "head dim of q");
   detail::require(q.extent(3) >= 1, "q: extent 3 (dim) is ", q.extent(3), ", expected at least 1");
   detail::require(kc.extent(1) >= 1 ? q.extent(1) % kc.extent(1) == 0 : q.extent(1) == 0,
                   "k: extent 1 (heads) is ", kc.extent(1), ", which does not divide the ",
                   q.extent(1), " heads of q");
-  return detail::run_hip_select<Backend>(qc, kc, p, detail::resolve_threads(options.threads));
+  detail::check_cache_scales<K>(options.k_scale, "options.k_scale", kc.extent(0), kc.extent(1),
+                                kc.extent(2));
+  const detail::kv_layout<K, K> kv{kc, kc, {}, options.k_scale, {}};
+  return detail::run_hip_select<Backend>(qc, kv, p, detail::resolve_threads(options.threads));
 }
 
 /// HiP attention with a given selection: each query attends to the sink tokens, the key
 /// blocks selected for its block, and its sliding window (p - window, p], all clipped by
-/// causality, with one online softmax. Same shapes, types and guarantees as
-/// softmax_attention.
+/// causality, with one online softmax. Same shapes, types (k and v in any cache type, with
+/// options.k_scale / v_scale for int8 and fp8) and guarantees as softmax_attention.
 template <class Backend = default_backend, class TQ, class TK, class TV, class TO>
-requires detail::attention_types<TQ, TK, TV, TO>
+requires detail::mixed_attention_types<TQ, TK, TV, TO>
 void hip_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v,
                    tensor_view<TO, 4> out, const hip_selection& selection,
                    const hip_options& options = {}) {
@@ -259,13 +283,15 @@ void hip_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4
 /// no 1/sqrt(D) (its callers pre-scale q); fovea uses options.scale (default 1/sqrt(D)),
 /// which does not change the selection.
 template <class Backend = default_backend, class TQ, class TK, class TV, class TO>
-requires detail::attention_types<TQ, TK, TV, TO>
+requires detail::mixed_attention_types<TQ, TK, TV, TO>
 void hip_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v,
                    tensor_view<TO, 4> out, const hip_options& options = {}) {
   const detail::hip_params p = detail::check_hip_options(options);
   const auto pr = detail::make_hip_problem<TO>(q, k, v, out, options);
   const int threads = detail::resolve_threads(options.threads);
-  const hip_selection sel = detail::run_hip_select<Backend>(pr.q, pr.kv.k, p, threads);
+  using K = std::remove_const_t<TK>;
+  const detail::kv_layout<K, K> keys{pr.kv.k, pr.kv.k, {}, pr.kv.k_scale, {}};
+  const hip_selection sel = detail::run_hip_select<Backend>(pr.q, keys, p, threads);
   detail::run_hip_attention<Backend>(pr, sel, p, threads);
 }
 

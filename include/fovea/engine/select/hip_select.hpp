@@ -56,20 +56,35 @@ inline hip_candidates hip_candidates_for(const hip_params& p, index_t i1, index_
   return {first, std::clamp<index_t>(last_position - p.window + 1, first, Sk)};
 }
 
-/// Whether the CPU and the types allow hip_select_block to score in int8 (dot_int8).
-template <class T, class S, class Backend>
+/// Keys the search reads as float rows: float keys in place, quantized keys (q8_0, int8,
+/// fp8) dequantized first, so a quantized cache is searched exactly as its dequantized
+/// values would be. bf16 and fp16 keys are converted as the GEMM loads them.
+template <class K>
+inline constexpr bool hip_keys_as_float_v = std::is_same_v<K, float> || is_quantized_v<K>;
+
+/// Whether the CPU and the types (compute T, queries Q, keys K) allow hip_select_block to
+/// score in int8 (dot_int8).
+template <class T, class Q, class K, class Backend>
 constexpr bool hip_int8_capable() noexcept {
-  return FOVEA_HAS_INT8_DOT && std::is_same_v<T, float> && std::is_same_v<S, float> &&
-         !std::is_same_v<Backend, scalar>;
+  return FOVEA_HAS_INT8_DOT && std::is_same_v<T, float> && std::is_same_v<Q, float> &&
+         hip_keys_as_float_v<K> && !std::is_same_v<Backend, scalar>;
 }
 
 /// True when hip_select_block scores in int8 for these types and parameters, so that
 /// keys quantised once can serve many query blocks.
-template <class T, class S, class Backend>
+template <class T, class Q, class K, class Backend>
 constexpr bool hip_scores_in_int8(const hip_params& p) noexcept {
   constexpr int W = vec<T, Backend>::width;
   const index_t columns = ((p.block_q + p.stride_q - 1) / p.stride_q + W - 1) / W * W;
-  return hip_int8_capable<T, S, Backend>() && columns <= 64;
+  return hip_int8_capable<T, Q, K, Backend>() && columns <= 64;
+}
+
+/// Quantized key rows dequantized per GEMM call of the search (a few KB per thread).
+inline constexpr index_t hip_staged_rows = 32;
+
+/// Prefetches the `bytes` of one row into L2.
+inline void prefetch_row_l2(const void* row, index_t bytes) noexcept {
+  for (index_t b = 0; b < bytes; b += 64) prefetch_l2(static_cast<const char*>(row) + b);
 }
 
 /// Per-thread buffers of one query block's search.
@@ -93,6 +108,7 @@ struct hip_buffers {
     const index_t ld = columns(p), rows = key_rows(p);
     return round_to_line<T>(D * ld) + round_to_line<T>(rows * ld) +
            round_to_line<T>(int8_quads(D) * ld + ld) + round_to_line<T>(int8_row_words(D) * rows) +
+           round_to_line<T>(hip_staged_rows * D) + round_to_line<T>(rows) +
            round_to_line<T>(3 * p.branches + 1) +
            round_to_line<T>((indices(p) * index_t(sizeof(index_t)) + index_t(sizeof(T)) - 1) /
                             index_t(sizeof(T)));
@@ -100,6 +116,8 @@ struct hip_buffers {
   T *q_t, *scores, *child_score, *branch_score;
   std::uint32_t *q_quads, *key_quads;  ///< int8 scoring: [quads][ld], [rows][int8_row_words]
   float* q_scale;                      ///< int8 scoring: [ld]
+  T* staged;                           ///< quantized keys: [hip_staged_rows][D] dequantized
+  float* row_scale;                    ///< quantized keys: the scale of each scored row
   index_t *first, *end;                ///< branches, in key blocks of the candidates (+1 spare)
   index_t *child_first, *child_end;    ///< halves of this round
   index_t *pick, *chosen, *position;   ///< ranked children, kept flags; query positions
@@ -114,8 +132,9 @@ struct hip_buffers {
     q_quads = reinterpret_cast<std::uint32_t*>(int8);
     q_scale = reinterpret_cast<float*>(q_quads + int8_quads(D) * ld);
     key_quads = reinterpret_cast<std::uint32_t*>(int8 + round_to_line<T>(int8_quads(D) * ld + ld));
-    first = reinterpret_cast<index_t*>(reinterpret_cast<T*>(key_quads) +
-                                       round_to_line<T>(int8_row_words(D) * n_rows));
+    staged = reinterpret_cast<T*>(key_quads) + round_to_line<T>(int8_row_words(D) * n_rows);
+    row_scale = reinterpret_cast<float*>(staged + round_to_line<T>(hip_staged_rows * D));
+    first = reinterpret_cast<index_t*>(reinterpret_cast<T*>(row_scale) + round_to_line<T>(n_rows));
     end = first + kb + 1;
     child_first = end + kb + 1;
     child_end = child_first + 2 * kb;
@@ -131,11 +150,12 @@ struct hip_buffers {
 /// `key_quads`, if given, holds every key of `kv` already quantised (int8_row_words(D)
 /// per key, as quantise_key_int8 writes them), for callers that select many blocks
 /// against the same keys.
-template <class Backend, class T, class S, class QueryRow>
+template <class Backend, class T, class K, class KV, class QueryRow>
 index_t hip_select_block(const hip_params& p, QueryRow&& q_row, index_t i0, index_t i1,
-                         index_t offset, const kv_source<S>& kv, const hip_candidates& cand,
+                         index_t offset, const kv_source<K, KV>& kv, const hip_candidates& cand,
                          index_t D, hip_buffers<T, Backend>& buf, std::int32_t* starts,
                          const std::uint32_t* key_quads = nullptr) noexcept {
+  using Q = std::remove_cv_t<std::remove_pointer_t<decltype(q_row(i0))>>;
   using V = vec<T, Backend>;
   constexpr int W = V::width, RB = tile_traits<T, Backend>::row_block;
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
@@ -151,8 +171,8 @@ index_t hip_select_block(const hip_params& p, QueryRow&& q_row, index_t i0, inde
   index_t reps = 0;
   for (index_t i = i0; i < i1; i += p.stride_q) position[reps++] = i + offset;
   // Scores in int8 products where the CPU has them (only their order matters).
-  [[maybe_unused]] constexpr bool int8_capable = hip_int8_capable<T, S, Backend>();
-  const bool int8 = hip_scores_in_int8<T, S, Backend>(p);
+  [[maybe_unused]] constexpr bool int8_capable = hip_int8_capable<T, Q, K, Backend>();
+  const bool int8 = hip_scores_in_int8<T, Q, K, Backend>(p);
   [[maybe_unused]] const index_t quads = int8_quads(D), words = int8_row_words(D);
   if (!int8) key_quads = nullptr;
   for (index_t c = 0; c < ld; ++c) {
@@ -192,30 +212,50 @@ index_t hip_select_block(const hip_params& p, QueryRow&& q_row, index_t i0, inde
       const index_t k0 = cand.first + centre * p.block_k;
       return std::pair{k0, std::min(cand.last, k0 + p.block_k)};
     };
-    const S** key_rows = static_cast<const S**>(buf.rows);
+    const K** key_rows = static_cast<const K**>(buf.rows);
     auto** int8_rows = reinterpret_cast<const std::uint32_t**>(buf.rows);
     for (index_t c = 0; c < children; ++c) {
       if (known[c]) continue;
       const auto [k0, k1] = keys_of(c);
       for (index_t j = k0; j < k1; j += p.stride_k, ++rows)
-        if (key_quads)
+        if (key_quads) {
           int8_rows[rows] = key_quads + j * words;
-        else
+        } else {
           key_rows[rows] = kv.k_row(j);
+          if constexpr (is_quantized_v<K>) buf.row_scale[rows] = kv.k_scale(j);
+        }
     }
+    // Row r as float: in place, or dequantized into `to`.
+    [[maybe_unused]] auto float_row = [&](index_t r, T* to) -> const T* {
+      if constexpr (std::is_same_v<K, T>) {
+        return key_rows[r];
+      } else {
+        load_row(key_rows[r], is_quantized_v<K> ? buf.row_scale[r] : 1.0f, to, D);
+        return to;
+      }
+    };
     if (!int8) {
-      gemm_wide<T, Backend, RB, 4, false>(rows, ld / W, listed_rows<S>{key_rows}, 1, buf.q_t, ld,
-                                          buf.scores, ld, D);
+      if constexpr (is_quantized_v<K>) {
+        for (index_t r0 = 0; r0 < rows; r0 += hip_staged_rows) {
+          const index_t n = std::min(hip_staged_rows, rows - r0);
+          for (index_t r = 0; r < n; ++r) float_row(r0 + r, buf.staged + r * D);
+          gemm_wide<T, Backend, RB, 4, false>(n, ld / W, buf.staged, D, 1, buf.q_t, ld,
+                                              buf.scores + r0 * ld, ld, D);
+        }
+      } else {
+        gemm_wide<T, Backend, RB, 4, false>(rows, ld / W, listed_rows<K>{key_rows}, 1, buf.q_t, ld,
+                                            buf.scores, ld, D);
+      }
     } else {
 #if FOVEA_HAS_INT8_DOT
       if constexpr (int8_capable) {
-        constexpr index_t ahead = 16, line = 16;  // rows prefetched ahead; floats per line
+        constexpr index_t ahead = 16;  // rows prefetched ahead
+        const index_t bytes = storage_bytes<K>(D);
         for (index_t r = 0; r < std::min(ahead, rows) && !key_quads; ++r)
-          for (index_t d = 0; d < D; d += line) prefetch_l2(key_rows[r] + d);
+          prefetch_row_l2(key_rows[r], bytes);
         for (index_t r = 0; r < rows && !key_quads; ++r) {
-          if (r + ahead < rows)
-            for (index_t d = 0; d < D; d += line) prefetch_l2(key_rows[r + ahead] + d);
-          quantise_key_int8(key_rows[r], D, buf.key_quads + r * words);
+          if (r + ahead < rows) prefetch_row_l2(key_rows[r + ahead], bytes);
+          quantise_key_int8(float_row(r, buf.staged), D, buf.key_quads + r * words);
           int8_rows[r] = buf.key_quads + r * words;
         }
         dot_int8(rows, ld / 16, int8_rows, buf.q_quads, ld, buf.q_scale, quads, buf.scores, ld);
