@@ -179,9 +179,9 @@ inline matrix project(const matrix& x, const float* w, int out, int in) {
 
 /// A model with its KV cache in storage type S: float, fovea::bfloat16 or fovea::half, or
 /// a quantized cache (fovea::block_q8_0, int8 with a scale per (token, head), e4m3 / e5m2
-/// with scale 1). Softmax attention reads the cache as it is under float q and out; the
-/// other families take q, k, v and out in one type (S, converted around the call), so
-/// they need an unquantized cache. New keys and values are appended (and quantized) by
+/// with scale 1). Softmax, HiP and dynamic-mask attention read a quantized cache as it is
+/// under float q and out; the other families take q, k, v and out in one type (S,
+/// converted around the call), so they need an unquantized cache. New keys and values are appended (and quantized) by
 /// fovea::append_kv / append_kv_paged. prefill() runs a block of tokens, decode() one
 /// token; both return the logits of each token run.
 template <class S>
@@ -199,9 +199,10 @@ class model {
       throw std::runtime_error(std::string("--kv ") + to_string(kv_type_of<S>()) + ": head size " +
                                std::to_string(hs) + " is not whole blocks of " +
                                std::to_string(block) + " values");
-    if (quantized && o.attention != family::softmax)
+    if (quantized && o.attention != family::softmax && o.attention != family::hip &&
+        o.attention != family::dma)
       throw std::runtime_error(std::string("--kv ") + to_string(kv_type_of<S>()) +
-                               ": only softmax attention reads a quantized cache here");
+                               ": only softmax, hip and dma attention read a quantized cache here");
     const std::size_t per_layer = std::size_t(c_.n_kv_heads) * c_.seq_len * hs;
     k_.resize(c_.n_layers * per_layer / block);
     v_.resize(c_.n_layers * per_layer / block);
@@ -333,7 +334,47 @@ class model {
       attention_s_ += now() - t0;
       return;
     }
-    if constexpr (!quantized) attend_other(l, q, k, v, out, K, V, total);
+    if constexpr (quantized) {  // hip or dma over the cache as it is
+      const double t0 = now();
+      attend_selected(Qf, K, V, Of, total, k_scale, v_scale);
+      attention_s_ += now() - t0;
+    } else {
+      attend_other(l, q, k, v, out, K, V, total);
+    }
+  }
+
+  /// HiP or dynamic-mask attention over the first `total` keys of the cache (any types
+  /// fovea takes; the scales of an int8 or fp8 cache, if any).
+  template <class TQ, class TK, class TV, class TO>
+  void attend_selected(fovea::tensor_view<TQ, 4> Q, fovea::tensor_view<TK, 4> K,
+                       fovea::tensor_view<TV, 4> V, fovea::tensor_view<TO, 4> O, int total,
+                       fovea::tensor_view<const float, 3> k_scale = {},
+                       fovea::tensor_view<const float, 3> v_scale = {}) {
+    const int Hk = c_.n_kv_heads, hs = c_.head_size(), threads = o_.threads;
+    if (o_.attention == family::hip) {  // keys in blocks of 2, 64 kept per query block
+      fovea::hip_attention(Q, K, V, O,
+                           {.causal = true, .top_k = 64, .sliding_window = 32, .sink_tokens = 4,
+                            .k_scale = k_scale, .v_scale = v_scale, .threads = threads});
+      return;
+    }
+    // dma: per-key importance is the value row's norm (the model has no W_dt)
+    std::vector<float> values(std::size_t(Hk) * total * hs), bias(std::size_t(Hk) * total);
+    const auto Vf = fovea::bhsd(values.data(), 1, Hk, total, hs);
+    if constexpr (fovea::is_quantized_v<std::remove_const_t<TV>>)
+      fovea::dequantize(V, Vf, v_scale);
+    else
+      for (int hk = 0; hk < Hk; ++hk)
+        for (int t = 0; t < total; ++t)
+          for (int e = 0; e < hs; ++e) Vf(0, hk, t, e) = float(V(0, hk, t, e));
+    for (std::size_t r = 0; r < bias.size(); ++r) {
+      float sum = 0;
+      for (int e = 0; e < hs; ++e) sum += values[r * hs + e] * values[r * hs + e];
+      bias[r] = std::sqrt(sum);
+    }
+    fovea::dynamic_mask_attention(Q, K, V, O,
+                                  fovea::view<const float, 4>(bias.data(), {1, Hk, 1, total}),
+                                  {.causal = true, .keep = 64, .k_scale = k_scale,
+                                   .v_scale = v_scale, .threads = threads});
   }
 
   /// The other families, q, k, v and out in S.
@@ -349,24 +390,10 @@ class model {
     switch (o_.attention) {
       case family::softmax:
         break;  // (attend)
-      case family::hip:  // keys in blocks of 2, 64 kept per query block, sinks + window
-        fovea::hip_attention(Q, K, V, O,
-                             {.causal = true, .top_k = 64, .sliding_window = 32, .sink_tokens = 4,
-                              .threads = threads});
+      case family::hip:
+      case family::dma:
+        attend_selected(Q, K, V, O, total);
         break;
-      case family::dma: {  // per-key importance: the value row's norm (the model has no W_dt)
-        std::vector<float> bias(std::size_t(Hk) * total);
-        for (int hk = 0; hk < Hk; ++hk)
-          for (int t = 0; t < total; ++t) {
-            float s = 0;
-            for (int e = 0; e < hs; ++e) s += float(V(0, hk, t, e)) * float(V(0, hk, t, e));
-            bias[std::size_t(hk) * total + t] = std::sqrt(s);
-          }
-        fovea::dynamic_mask_attention(Q, K, V, O,
-                                      fovea::view<const float, 4>(bias.data(), {1, Hk, 1, total}),
-                                      {.causal = true, .keep = 64, .threads = threads});
-        break;
-      }
       case family::routing: {
         // Centroids from the cached keys (per query head: its group's key head) once 16
         // keys are there; until then the few keys are attended exactly.
