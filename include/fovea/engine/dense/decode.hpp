@@ -47,6 +47,13 @@ inline constexpr index_t decode_prefetch_keys = 16;
 /// with values, 20% with keys into L2).
 inline constexpr index_t decode_prefetch_value_bytes = 256;
 inline constexpr index_t decode_prefetch_short_keys = 32;
+/// dot_scores steps the prefetch once per this many vector steps along the key rows, so
+/// each step asks for about a line of each stream: its bookkeeping cost as much as the
+/// FMAs when it ran with every step (AVX2, 8 FMAs per step). Decode, Sk = 32768, H = 32,
+/// Hk = 8, D = 128, AVX2, against every step: fp32 rows (2 steps) 1.03x, bf16 (4 steps)
+/// 1.35x faster, q8_0 1.25x; fp32 with 4 was 8% slower than with 2.
+template <class K>
+inline constexpr index_t decode_prefetch_parts = sizeof(K) >= 4 ? 2 : 4;
 /// Short bf16 value rows scored by vdpbf16ps are asked for a tile ahead during P V, which
 /// then runs in groups of this many keys per four columns, each group pacing its share of
 /// the requests through its micro-kernel calls: so the memory is kept busy in both halves
@@ -58,6 +65,11 @@ inline constexpr index_t decode_prefetch_short_keys = 32;
 /// with two threads 10-20% slower: while one thread's P V leaves the memory idle, the
 /// other's scoring uses it.
 inline constexpr index_t decode_value_group = 16;
+
+/// Quantized key and value rows are dequantized this many at a time into the first rows
+/// of the stage and used at once, so they are read back from L1 (a whole tile of float
+/// rows, 128 KB at D = 128, went out to L2 and back).
+inline constexpr index_t decode_strip = 32;
 
 /// Columns of one score block: the query rows dot_scores reads come in groups of this many
 /// (rows past the last column must exist, zeroed).
@@ -144,9 +156,9 @@ inline void pin_register(R& x) noexcept {
 /// readable that far). Blocks of (width / CQ) keys x CQ columns leave their sums in one
 /// register after a single lane reduction, and every key row is loaded once per CQ
 /// columns (query rows up to the next multiple of CQ must exist). prefetch.start(j, n,
-/// parts) is called before each block of keys [j, j + n) is read in `parts` parts, and
-/// prefetch.step() with each part read for the first columns.
-template <class T, class Backend, class Dot, class S, class Prefetch>
+/// parts) is called before each block of keys [j, j + n) is read in `parts` parts
+/// (Parts Dot::steps each), and prefetch.step() with each part read for the first columns.
+template <class T, class Backend, index_t Parts, class Dot, class S, class Prefetch>
 void dot_scores(const Dot& dot, index_t depth, index_t columns, const S* k, index_t k_stride,
                 index_t keys, T* s, index_t ld, Prefetch&& prefetch) noexcept {
   using V = vec<T, Backend>;
@@ -154,7 +166,7 @@ void dot_scores(const Dot& dot, index_t depth, index_t columns, const S* k, inde
   alignas(64) T lanes[W];
   for (index_t jb = 0; jb < keys; jb += KR) {
     const index_t n = std::min<index_t>(KR, keys - jb);
-    prefetch.start(jb, n, (depth + Dot::step - 1) / Dot::step);
+    prefetch.start(jb, n, (depth + Parts * Dot::step - 1) / (Parts * Dot::step));
     const S* rows[KR];
 #pragma GCC unroll 16
     for (int r = 0; r < KR; ++r) rows[r] = k + std::min<index_t>(jb + r, keys - 1) * k_stride;
@@ -167,8 +179,7 @@ void dot_scores(const Dot& dot, index_t depth, index_t columns, const S* k, inde
       decltype(dot.query_row(0)) query[CQ];
 #pragma GCC unroll 4
       for (int c = 0; c < CQ; ++c) query[c] = dot.query_row(c0 + c);
-      for (index_t d = 0; d < depth; d += Dot::step) {
-        if constexpr (Prefetching) prefetch.step();
+      auto part = [&](index_t d) FOVEA_ALWAYS_INLINE {
         // Every operand loaded once into a register: left to itself, GCC folds the key
         // loads into the FMAs, loading each key vector CQ times (twice as slow).
         typename Dot::query_reg qv[CQ];
@@ -187,6 +198,17 @@ void dot_scores(const Dot& dot, index_t depth, index_t columns, const S* k, inde
         for (int r = 0; r < KR; ++r)
 #pragma GCC unroll 4
           for (int c = 0; c < CQ; ++c) acc[c * KR + r] = Dot::fma(kr[r], qv[c], acc[c * KR + r]);
+      };
+      constexpr index_t span = Parts * Dot::step;
+      index_t d = 0;
+      for (; d + span <= depth; d += span) {
+        if constexpr (Prefetching) prefetch.step();
+#pragma GCC unroll 4
+        for (index_t i = 0; i < Parts; ++i) part(d + i * Dot::step);
+      }
+      if (d < depth) {
+        if constexpr (Prefetching) prefetch.step();
+        for (; d < depth; d += Dot::step) part(d);
       }
       V::store(lanes, V::reduce_add_lanes(acc));
       const index_t m = std::min<index_t>(CQ, columns - c0);
@@ -269,24 +291,42 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
   }
 #endif
 
+  // Staged rows (dequantized, in cache) go through P V with 8 accumulators with 16
+  // registers (AVX2: 16 spill to the stack; q8_0 Sk = 32768, D = 128: 9% faster); rows
+  // from memory keep the long sequential stream of whole rows (AVX2 fp32: 2 x 4 was 13%
+  // slower).
+  constexpr int half = V::registers >= 32 ? 1 : 2;
   const bool short_rows = storage_bytes<VS>(Dv) <= decode_prefetch_value_bytes;
-  const bool values_in_pv = short_rows && pairs_ready && alone;
+  const bool values_in_pv = short_rows && pairs_ready && alone && !is_quantized_v<VS>;
   const index_t distance = short_rows ? decode_prefetch_short_keys : decode_prefetch_keys;
   for (index_t j0 = first; j0 < last;) {
     const index_t keys = std::min(ld, last - j0);  // pages are gathered: the same tiles
-    spread_prefetch<KS, VS, W> ahead(kv, j0 + distance, stream_end, D, Dv, !short_rows,
-                                short_rows && !values_in_pv);
-    with_rows(kv, true, j0, keys, D, dq, buf.stage_k, [&](const auto* k, index_t stride) {
+    auto prefetch_from = [&](index_t j) {
+      return spread_prefetch<KS, VS, W>(kv, j + distance, stream_end, D, Dv, !short_rows,
+                                        short_rows && !values_in_pv);
+    };
+    if constexpr (is_quantized_v<KS>) {
+      for (index_t r0 = 0; r0 < keys; r0 += decode_strip) {
+        const index_t rows = std::min(decode_strip, keys - r0);
+        stage_rows(kv, true, j0 + r0, rows, D, dq, buf.stage_k);
+        dot_scores<T, Backend, decode_prefetch_parts<KS>>(converting_dot<T, Backend>{buf.q, dq}, dq,
+                                                          n, buf.stage_k, dq, rows, buf.s + r0, ld,
+                                                          prefetch_from(j0 + r0));
+      }
+    } else {
+      auto ahead = prefetch_from(j0);
+      with_rows(kv, true, j0, keys, D, dq, buf.stage_k, [&](const auto* k, index_t stride) {
 #if FOVEA_HAS_BF16_DOT
-      using K = std::remove_cv_t<std::remove_pointer_t<decltype(k)>>;
-      if constexpr (bf16_dot_applies<T, Backend, K>())
-        if (pairs_ready)
-          return dot_scores<T, Backend>(bf16_pair_dot<Backend>{buf.q_pairs, bf16_pairs(dq)}, D, n,
-                                        k, stride, keys, buf.s, ld, ahead);
+        using K = std::remove_cv_t<std::remove_pointer_t<decltype(k)>>;
+        if constexpr (bf16_dot_applies<T, Backend, K>())
+          if (pairs_ready)
+            return dot_scores<T, Backend, 1>(bf16_pair_dot<Backend>{buf.q_pairs, bf16_pairs(dq)}, D,
+                                             n, k, stride, keys, buf.s, ld, ahead);
 #endif
-      dot_scores<T, Backend>(converting_dot<T, Backend>{buf.q, dq}, dq, n, k, stride, keys, buf.s,
-                             ld, ahead);
-    });
+        dot_scores<T, Backend, decode_prefetch_parts<KS>>(converting_dot<T, Backend>{buf.q, dq},
+                                                          dq, n, k, stride, keys, buf.s, ld, ahead);
+      });
+    }
     const tile_cuts cuts{!band.covers(cols.first_pos, cols.last_pos + 1, j0, j0 + keys)};
     const bool masked = apply_logits_by_column<Backend>(
         cols, custom, band, cuts, buf.s, ld, [j0](index_t r) { return j0 + r; }, keys);
@@ -300,42 +340,51 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
     // stream); converted ones four columns at a time over half rows, so that each value
     // vector is converted once per four columns (measured, D = 128: the other way round
     // fp32 is 25% slower and bf16 12% slower).
-    with_rows(kv, false, j0, keys, Dv, dvp, buf.stage_v, [&](const auto* v, index_t stride) {
-      // keys [from, from + count)
-      auto accumulate = [&](index_t from, index_t count, paced_prefetch* pace) {
-        const auto* rows = v + from * stride;
-        // Staged rows (dequantized, in cache): 8 accumulators with 16 registers (AVX2: 16
-        // spill to the stack; q8_0 Sk = 32768, D = 128: 9% faster); rows from memory keep
-        // the long sequential stream of whole rows (AVX2 fp32: 2 x 4 was 13% slower).
-        constexpr int half = V::registers >= 32 ? 1 : 2;
-        if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(v)>>, T>) {
-          if (half > 1 && static_cast<const void*>(v) == buf.stage_v)
-            gemm_wide<T, Backend, 2, 8 / half, true>(n, dvp / W, buf.p + from, ld, 1, rows, stride,
-                                                     buf.acc, dvp, count, pace);
-          else
-            gemm_wide<T, Backend, 2, 8, true>(n, dvp / W, buf.p + from, ld, 1, rows, stride,
-                                              buf.acc, dvp, count, pace);
-        } else
-          gemm_wide<T, Backend, 4, 4 / half, true>(n, dvp / W, buf.p + from, ld, 1, rows, stride,
-                                                   buf.acc, dvp, count, pace);
-      };
-      if (masked && !all_finite<T, Backend>(v, stride, keys, Dv)) {
-        accumulate_skipping_masked(v, stride, keys, Dv, buf.s, buf.p, 1, ld, n, buf.acc, 1, dvp);
-      } else if (!values_in_pv) {
-        accumulate(0, keys, nullptr);
-      } else {
-        const index_t column_blocks = (n + 3) / 4, group = decode_value_group * column_blocks;
-        for (index_t g = 0; g < keys; g += group) {
-          const index_t count = std::min(group, keys - g), next = j0 + ld + g;
-          paced_prefetch values;
-          pace_rows(values, kv, false, next, std::clamp<index_t>(stream_end - next, 0, count), Dv,
-                    prefetch_kind::l2);
-          values.pace(2 * column_blocks);  // ~ the micro-kernel calls
-          accumulate(g, count, &values);
-          values.finish();
-        }
+    if constexpr (is_quantized_v<VS>) {
+      for (index_t r0 = 0; r0 < keys; r0 += decode_strip) {
+        const index_t rows = std::min(decode_strip, keys - r0);
+        stage_rows(kv, false, j0 + r0, rows, Dv, dvp, buf.stage_v);
+        if (masked && !all_finite<T, Backend>(buf.stage_v, dvp, rows, Dv))
+          accumulate_skipping_masked(buf.stage_v, dvp, rows, Dv, buf.s + r0, buf.p + r0, 1, ld, n,
+                                     buf.acc, 1, dvp);
+        else
+          gemm_wide<T, Backend, 2, 8 / half, true>(n, dvp / W, buf.p + r0, ld, 1, buf.stage_v, dvp,
+                                                   buf.acc, dvp, rows);
       }
-    });
+    } else {
+      with_rows(kv, false, j0, keys, Dv, dvp, buf.stage_v, [&](const auto* v, index_t stride) {
+        // keys [from, from + count)
+        auto accumulate = [&](index_t from, index_t count, paced_prefetch* pace) {
+          const auto* rows = v + from * stride;
+          if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(v)>>, T>) {
+            if (half > 1 && static_cast<const void*>(v) == buf.stage_v)
+              gemm_wide<T, Backend, 2, 8 / half, true>(n, dvp / W, buf.p + from, ld, 1, rows, stride,
+                                                       buf.acc, dvp, count, pace);
+            else
+              gemm_wide<T, Backend, 2, 8, true>(n, dvp / W, buf.p + from, ld, 1, rows, stride,
+                                                buf.acc, dvp, count, pace);
+          } else
+            gemm_wide<T, Backend, 4, 4 / half, true>(n, dvp / W, buf.p + from, ld, 1, rows, stride,
+                                                     buf.acc, dvp, count, pace);
+        };
+        if (masked && !all_finite<T, Backend>(v, stride, keys, Dv)) {
+          accumulate_skipping_masked(v, stride, keys, Dv, buf.s, buf.p, 1, ld, n, buf.acc, 1, dvp);
+        } else if (!values_in_pv) {
+          accumulate(0, keys, nullptr);
+        } else {
+          const index_t column_blocks = (n + 3) / 4, group = decode_value_group * column_blocks;
+          for (index_t g = 0; g < keys; g += group) {
+            const index_t count = std::min(group, keys - g), next = j0 + ld + g;
+            paced_prefetch values;
+            pace_rows(values, kv, false, next, std::clamp<index_t>(stream_end - next, 0, count), Dv,
+                      prefetch_kind::l2);
+            values.pace(2 * column_blocks);  // ~ the micro-kernel calls
+            accumulate(g, count, &values);
+            values.finish();
+          }
+        }
+      });
+    }
     j0 += keys;
   }
   for (index_t c = 0; c < n; ++c) {
