@@ -51,9 +51,10 @@ inline constexpr index_t decode_prefetch_short_keys = 32;
 /// each step asks for about a line of each stream: its bookkeeping cost as much as the
 /// FMAs when it ran with every step (AVX2, 8 FMAs per step). Decode, Sk = 32768, H = 32,
 /// Hk = 8, D = 128, AVX2, against every step: fp32 rows (2 steps) 1.03x, bf16 (4 steps)
-/// 1.35x faster, q8_0 1.25x; fp32 with 4 was 8% slower than with 2.
+/// 1.35x faster, q8_0 1.3x; fp32 with 4 was 8% slower than with 2 (bytes per value decide:
+/// a q8_0 block is 34 bytes for 32 values).
 template <class K>
-inline constexpr index_t decode_prefetch_parts = sizeof(K) >= 4 ? 2 : 4;
+inline constexpr index_t decode_prefetch_parts = storage_bytes<K>(64) >= 256 ? 2 : 4;
 /// Short bf16 value rows scored by vdpbf16ps are asked for a tile ahead during P V, which
 /// then runs in groups of this many keys per four columns, each group pacing its share of
 /// the requests through its micro-kernel calls: so the memory is kept busy in both halves

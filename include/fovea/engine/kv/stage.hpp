@@ -33,7 +33,7 @@ void stage_rows(const kv_source<K, V>& kv, bool keys, index_t j, index_t rows, i
   for_rows(kv, keys, j, rows, [&](index_t r, const auto* src, float scale) {
     T* out = dst + r * padded;
     load_row(src, scale, out, cols);
-    std::fill(out + cols, out + padded, T(0));
+    if (padded > cols) std::fill(out + cols, out + padded, T(0));
   });
 }
 
