@@ -195,6 +195,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   };
   fovea::softmax_options softmax_options_used;
   fovea::dynamic_mask_options dma_options_used;
+  std::optional<fovea::hip_options> hip_over_cache;  // kernel 14 ran HiP: its options
   std::vector<float> dma_bias;
   bool backward_ran = false;
   bool threw = false;
@@ -381,8 +382,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         break;
       }
       case 14: {  // quantized caches: K and V as q8_0 (D % 32: else an error), int8 (scales
-                  // maybe misshapen or missing: an error) or fp8; checked below against the
-                  // reference on the dequantized values
+                  // maybe misshapen or missing: an error) or fp8; softmax checked below
+                  // against the reference on the dequantized values, HiP (flags & 32)
+                  // against itself on them, bit for bit
         const int kt = flags % 4, vt = (flags / 4) % 4;
         quantized_k.assign(k.size(), 0.f);
         quantized_v.assign(v.size(), 0.f);
@@ -426,7 +428,19 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             if (o.v_scale.data() && vt == 1) o.v_scale = fovea::view<const float>(v_scales.data(), {V.extent(0), V.extent(1), V.extent(2)});
             else if (o.v_scale.data()) o.v_scale = fovea::view<const float>(&v_scales.back(), {1, 1, 1});
             if ((flags & 128) && kt == 1) o.k_scale = {};  // int8 without scales: an error
-            fovea::softmax_attention(Q, Kq, Vq, O, o);
+            if (flags & 32) {
+              hip_over_cache = fovea::hip_options{.causal = causal,
+                                                  .top_k = knob,
+                                                  .block_size_q = 1 + in.u8() % 16,
+                                                  .block_size_k = 1 + in.u8() % 4,
+                                                  .scale = scale,
+                                                  .k_scale = o.k_scale,
+                                                  .v_scale = o.v_scale,
+                                                  .threads = o.threads};
+              fovea::hip_attention(Q, Kq, Vq, O, *hip_over_cache);
+            } else {
+              fovea::softmax_attention(Q, Kq, Vq, O, o);
+            }
           });
         });
         break;
@@ -576,6 +590,15 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     // only inputs whose products and sums stay far from it.
     if (!other_options && tame && (!scale || *scale < 1e6))
       check_tolerance(got, want.out, naive.out);
+  } else if (kernel == 14 && hip_over_cache) {  // the same call on the dequantized values
+    fovea::hip_options o = *hip_over_cache;
+    o.k_scale = o.v_scale = {};
+    std::vector<float> again(got.size());
+    fovea::hip_attention(Q, fovea::bhsd<const float>(quantized_k.data(), B, Hk, Sk, D),
+                         fovea::bhsd<const float>(quantized_v.data(), B, Hk, Sk, Dv),
+                         fovea::bhsd(again.data(), B, H, Sq, Dv), o);
+    if (!got.empty() && std::memcmp(got.data(), again.data(), got.size() * sizeof(float)) != 0)
+      fail("HiP over a quantized cache differs from HiP over its dequantized values");
   } else if (kernel == 14 && tame && (!scale || *scale < 1e6)) {  // on the dequantized values
     const fovea::softmax_options o{.causal = causal, .scale = scale};
     const auto Kd = fovea::bhsd<const float>(quantized_k.data(), B, Hk, Sk, D);

@@ -32,7 +32,7 @@ inline kept_sets select_top(index_t B, index_t H, index_t Hk, index_t Sq, index_
                      bool causal, tensor_view<const float, 4> bias,
                      tensor_view<const std::uint8_t, 4> mask) {
   kept_sets s{H, Sq, Sk, std::vector<std::uint8_t>(B * H * Sq * Sk, 0)};
-  const index_t group = H / Hk;
+  const index_t group = Hk == 0 ? 1 : H / Hk;  // (no heads: no rows)
   for (index_t b = 0; b < B; ++b)
     for (index_t h = 0; h < H; ++h)
       for (index_t i = 0; i < Sq; ++i) {
