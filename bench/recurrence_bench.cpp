@@ -23,10 +23,11 @@ constexpr index_t H = 16, D = 128;
 
 struct inputs {
   index_t n, heads;
+  bool per_dim;  ///< KDA's decays, one per key dimension
   std::vector<float> q, k, v, o, g, beta;
-  inputs(index_t n_, index_t heads_)
-      : n(n_), heads(heads_), q(heads * n * D), k(heads * n * D), v(heads * n * D),
-        o(heads * n * D), g(heads * n), beta(heads * n) {
+  inputs(index_t n_, index_t heads_, bool per_dim_ = false)
+      : n(n_), heads(heads_), per_dim(per_dim_), q(heads * n * D), k(heads * n * D),
+        v(heads * n * D), o(heads * n * D), g(heads * n * (per_dim ? D : 1)), beta(heads * n) {
     std::mt19937 gen(5);
     std::normal_distribution<float> normal;
     std::uniform_real_distribution<float> unit(0.f, 1.f);
@@ -41,10 +42,12 @@ struct inputs {
       g[r] = -0.1f * unit(gen);
       beta[r] = unit(gen);
     }
+    if (per_dim)  // log decays in [-0.2, 0] per dimension
+      for (float& x : g) x = -0.2f * unit(gen);
   }
   fovea::linear_recurrence_options options() const {
     return {.rule = fovea::update_rule::gated_delta,
-            .decay = fovea::bhsd<const float>(g.data(), 1, heads, n, 1),
+            .decay = fovea::bhsd<const float>(g.data(), 1, heads, n, per_dim ? D : 1),
             .beta = fovea::bhsd<const float>(beta.data(), 1, heads, n, 1),
             .threads = 1};
   }
@@ -57,8 +60,8 @@ double chunked_flops(index_t n, index_t heads) {
   return double(n) * double(heads) * (2 * C * D * 5 + 2.0 * D * D * 3);
 }
 
-void BM_chunked(benchmark::State& state, index_t n) {
-  inputs in(n, H);
+void BM_chunked(benchmark::State& state, index_t n, bool per_dim) {
+  inputs in(n, H, per_dim);
   const auto o = in.options();
   for (auto _ : state) {
     fovea::linear_recurrence(fovea::bhsd<const float>(in.q.data(), 1, H, n, D),
@@ -70,6 +73,26 @@ void BM_chunked(benchmark::State& state, index_t n) {
   state.counters["GFLOP/s"] = benchmark::Counter(chunked_flops(n, H),
                                                  benchmark::Counter::kIsIterationInvariantRate,
                                                  benchmark::Counter::kIs1000);
+}
+
+/// KDA's decays through the state object one token at a time: the fused token
+/// recurrence (how per-dimension decays ran before they had a chunked form).
+void BM_token_steps(benchmark::State& state, index_t n) {
+  inputs in(n, H, true);
+  fovea::linear_recurrence_state<float> s(1, H, D, D);
+  for (auto _ : state) {
+    s.reset();
+    for (index_t t = 0; t < n; ++t) {
+      auto o = in.options();
+      o.decay = fovea::slice(o.decay, 2, t, 1);
+      o.beta = fovea::slice(o.beta, 2, t, 1);
+      s.step(fovea::slice(fovea::bhsd<const float>(in.q.data(), 1, H, n, D), 2, t, 1),
+             fovea::slice(fovea::bhsd<const float>(in.k.data(), 1, H, n, D), 2, t, 1),
+             fovea::slice(fovea::bhsd<const float>(in.v.data(), 1, H, n, D), 2, t, 1),
+             fovea::slice(fovea::bhsd(in.o.data(), 1, H, n, D), 2, t, 1), o);
+    }
+    benchmark::DoNotOptimize(in.o.data());
+  }
 }
 
 /// The recurrence as written by hand: per token and head, decay, S^T k, the delta, the
@@ -215,8 +238,10 @@ int main(int argc, char** argv) {
   const double peak = fovea::bench::measure_fma_peak_gflops();
   const std::string tail = "/H=16/D=128/threads=1";
   for (index_t n : {4096, 8192, 32768})
-    fovea::bench::add("chunked/gated_delta/N=" + std::to_string(n) + tail, BM_chunked, n);
+    fovea::bench::add("chunked/gated_delta/N=" + std::to_string(n) + tail, BM_chunked, n, false);
   fovea::bench::add("recurrence/gated_delta/N=8192" + tail, BM_recurrence, index_t(8192));
+  fovea::bench::add("chunked/kda/N=8192" + tail, BM_chunked, index_t(8192), true);
+  fovea::bench::add("token_steps/kda/N=8192" + tail, BM_token_steps, index_t(8192));
   for (index_t n : {4096, 8192, 32768})
     fovea::bench::add("titans/chunk=16/N=" + std::to_string(n) + tail, BM_titans, n, index_t(16));
   fovea::bench::add("titans/chunk=1/N=8192" + tail, BM_titans, index_t(8192), index_t(1));
@@ -249,6 +274,12 @@ int main(int argc, char** argv) {
                 rec.seconds / c8.seconds, rec.seconds * 1e3);
   if (c4.seconds > 0 && c32.seconds > 0)
     std::printf("time(N=32768) / time(N=4096) = %.2f (linear growth: 8)\n", c32.seconds / c4.seconds);
+  const auto kda = at("chunked/kda/N=8192" + tail), kda_steps = at("token_steps/kda/N=8192" + tail);
+  if (kda.seconds > 0 && kda_steps.seconds > 0)
+    std::printf("KDA (gated_delta, decays per key dimension) at N=8192: chunked %.1f ms (%.0f%% of "
+                "peak), %.1fx faster than the fused token steps (%.0f ms)\n",
+                kda.seconds * 1e3, 100 * kda.counter("GFLOP/s") / 1e9 / peak,
+                kda_steps.seconds / kda.seconds, kda_steps.seconds * 1e3);
   const auto step = at("decode_step/gated_delta/H=32/D=128"), copy = at("state_copy/H=32/D=128");
   if (step.seconds > 0 && copy.seconds > 0)
     std::printf("decode step, 32 heads of 128 x 128: %.1f us per token = %.2fx reading and writing "

@@ -163,6 +163,10 @@ TYPED_TEST(LinearRecurrence, LengthsAroundTheChunk) {
       recurrence_case c;
       c.S = s, c.rule = rule, c.initial_state = s % 2 == 1;
       TestFixture::check(c, ++seed);
+      if (rule == update_rule::gated_delta) {
+        c.per_dim_decay = true;
+        TestFixture::check(c, ++seed);
+      }
     }
 }
 
@@ -181,7 +185,9 @@ TYPED_TEST(LinearRecurrence, GroupsHeadDimsAndBatches) {
 
 TYPED_TEST(LinearRecurrence, StrongDecaysStayFinite) {
   std::uint64_t seed = 300;
-  for (double strength : {5.0, 20.0, 60.0})
+  // Per-dimension decays: 2.5 and 5 cut chunks short of 16 tokens (a dimension's log decay
+  // spreads past per_dim_decay_span), 20 to two or three tokens, 60 to the token step.
+  for (double strength : {2.5, 5.0, 20.0, 60.0})
     for (auto rule : {update_rule::gated, update_rule::gated_delta})
       for (bool per_dim : {false, true}) {
         recurrence_case c;
@@ -225,9 +231,11 @@ tensor_view<T, 4> tokens(T* p, index_t B, index_t heads, index_t S, index_t dim,
 TYPED_TEST(LinearRecurrence, SteppingEqualsTheBatch) {
   using T = typename TestFixture::T;
   using Backend = typename TestFixture::Backend;
-  for (auto rule : {update_rule::gated_delta, update_rule::linear}) {
+  for (auto [rule, per_dim] : {std::pair{update_rule::gated_delta, false}, {update_rule::linear, false},
+                                {update_rule::gated_delta, true}, {update_rule::gated, true}}) {
     recurrence_case c;
     c.B = 1, c.H = 4, c.Hk = 2, c.S = 193, c.rule = rule;  // (a one-token tail)
+    c.per_dim_decay = per_dim;  // (decays within [-1, 0]: chunks of 16, as with one per head)
     SCOPED_TRACE(describe(c));
     const recurrence_inputs<T> in(c, 77);
     std::vector<T> batch(c.B * c.H * c.S * c.Dv);
@@ -245,7 +253,8 @@ TYPED_TEST(LinearRecurrence, SteppingEqualsTheBatch) {
         const index_t n = std::min(step, c.S - t0);
         linear_recurrence_options so;
         so.rule = rule;
-        if (gated(rule)) so.decay = tokens<const float>(in.decay.data(), c.B, c.Hk, c.S, 1, t0, n);
+        if (gated(rule))
+          so.decay = tokens<const float>(in.decay.data(), c.B, c.Hk, c.S, per_dim ? c.Dk : 1, t0, n);
         if (delta(rule)) so.beta = tokens<const float>(in.beta.data(), c.B, c.Hk, c.S, 1, t0, n);
         state.template step<Backend>(tokens<const T>(in.q.data(), c.B, c.H, c.S, c.Dk, t0, n),
                                      tokens<const T>(in.k.data(), c.B, c.Hk, c.S, c.Dk, t0, n),
@@ -274,11 +283,12 @@ TYPED_TEST(LinearRecurrence, SteppingEqualsTheBatch) {
 // outputs of its chunk through the zeros above the diagonal of T or of the masked Q K^T.
 TYPED_TEST(LinearRecurrence, NonFiniteInputsReachLaterTokensOnly) {
   using T = typename TestFixture::T;
-  for (auto rule : {update_rule::linear, update_rule::gated_delta, update_rule::delta})
+  for (auto [rule, per_dim] : {std::pair{update_rule::linear, false}, {update_rule::gated_delta, false},
+                                {update_rule::delta, false}, {update_rule::gated_delta, true}})
     for (index_t t : {0, 7, 15, 16, 17, 40})
       for (bool in_key : {true, false}) {
         recurrence_case c;
-        c.H = 4, c.Hk = 2, c.S = 48, c.rule = rule;
+        c.H = 4, c.Hk = 2, c.S = 48, c.rule = rule, c.per_dim_decay = per_dim;
         recurrence_inputs<T> in(c, 31 + t);
         if (in_key)
           in.k[(1 * c.S + t) * c.Dk + 3] = std::numeric_limits<T>::quiet_NaN();

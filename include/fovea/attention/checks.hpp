@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cmath>
+#include <cfloat>
 #include <array>
 #include <cstdint>
 #include <string>
@@ -152,15 +153,26 @@ inline void check_side_input(const tensor_view<const float, 4>& x, const char* n
   require(x.extent(3) == 1 || x.extent(3) == width, name, ": extent 3 is ", x.extent(3),
           ", expected 1", width != 1 ? " or " + std::to_string(Dk) + " (key dim)" : "");
   const bool bounded = lo != -INFINITY || hi != INFINITY;
+  const float flo = bounded ? float(lo) : -FLT_MAX, fhi = bounded ? float(hi) : FLT_MAX;
   for (index_t b = 0; b < x.extent(0); ++b)
     for (index_t h = 0; h < x.extent(1); ++h)
-      for (index_t t = 0; t < x.extent(2); ++t)
+      for (index_t t = 0; t < x.extent(2); ++t) {
+        // A branch-free pass over the row (NaN fails both compares), then the element that
+        // failed, if any, for the message (its strings built only then).
+        bool ok = true;
         for (index_t e = 0; e < x.extent(3); ++e) {
           const float y = x(b, h, t, e);
-          require(std::isfinite(y) && y >= lo && y <= hi, name, ": element (", b, ", ", h, ", ", t,
-                  ", ", e, ") is ", y, ", expected a finite value",
+          ok &= y >= flo && y <= fhi && double(y) >= lo && double(y) <= hi;
+        }
+        if (ok) [[likely]]
+          continue;
+        for (index_t e = 0; e < x.extent(3); ++e) {
+          const float y = x(b, h, t, e);
+          require(std::isfinite(y) && y >= lo && y <= hi, name, ": element (", b, ", ", h, ", ",
+                  t, ", ", e, ") is ", y, ", expected a finite value",
                   bounded ? " in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]" : "");
         }
+      }
 }
 
 /// A recurrence's (B, Hk, Dk, Dv) fp32 state, when given.

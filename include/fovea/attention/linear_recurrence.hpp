@@ -111,8 +111,11 @@ recurrence_problem<T> make_recurrence_problem(const tensor_view<const T, 4>& q,
 /// Transformers with the Delta Rule over Sequence Length", and Gated DeltaNet), with the
 /// cumulative decays kept in log space: every factor is exp of a difference <= 0, so a
 /// decay of exp(-20) per token or stronger underflows to 0 and never overflows. Per-key-
-/// dimension decays run the fused token recurrence instead (one pass over the state per
-/// token; no chunked form here). float or double, accumulated in that type. NaN in an
+/// dimension decays (Kimi Linear's KDA) are chunked too: the pair factors exp(g_t + ... )
+/// per dimension are folded into the keys and queries about the chunk's midpoint, and a
+/// chunk ends early where a dimension's cumulative decay spreads more than 40 (in log
+/// units; strong decays take shorter chunks down to the token step, never an infinite
+/// factor). float or double, accumulated in that type. NaN in an
 /// input reaches every later output of its head (the state carries it). Each (batch,
 /// key/value head) is one serial task: bitwise the same for every thread count. Bad input
 /// (shapes, a decay or beta the rule does not take or lacks, non-finite decay or beta)
@@ -129,8 +132,9 @@ void linear_recurrence(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<T
 /// The state of linear_recurrence for decoding: S per (batch, key/value head), kept
 /// between calls in fp32 and updated in place. step() runs n new tokens from it (n = 1:
 /// the fused token step, one pass over each state, two for the delta rules; n > 1: the
-/// chunked form). Stepping in multiples of 16 tokens (the chunk) gives the batch call's bits (float);
-/// any other stepping agrees within rounding.
+/// chunked form). Stepping in multiples of 16 tokens (the chunk) gives the batch call's bits
+/// (float; for per-dimension decays, where no chunk was cut short by a strong decay); any
+/// other stepping agrees within rounding.
 template <class T>
 class linear_recurrence_state {
  public:

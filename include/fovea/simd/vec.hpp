@@ -48,6 +48,7 @@ struct vec<T, scalar> {
   static type add(type a, type b) noexcept { return a + b; }
   static type sub(type a, type b) noexcept { return a - b; }
   static type mul(type a, type b) noexcept { return a * b; }
+  static type div(type a, type b) noexcept { return a / b; }
   static type max(type a, type b) noexcept { return a < b ? b : a; }
   static type abs(type a) noexcept { return std::abs(a); }
   static type exp(type a) noexcept { return std::exp(a); }
@@ -82,6 +83,7 @@ struct vec<T, simd<Arch>> {
   static type add(type a, type b) noexcept { return a + b; }
   static type sub(type a, type b) noexcept { return a - b; }
   static type mul(type a, type b) noexcept { return a * b; }
+  static type div(type a, type b) noexcept { return a / b; }
   static type max(type a, type b) noexcept { return xsimd::max(a, b); }
   static type abs(type a) noexcept { return xsimd::abs(a); }
   static type exp(type a) noexcept { return xsimd::exp(a); }

@@ -14,7 +14,12 @@
 //   other rules: U' = V;
 //   o_t = scale (Gamma_t S0^T q_t + sum_{s<=t} exp(gamma_t - gamma_s) (q_t . k_s) u'_s);
 //   S_end = Gamma_n S0 + sum_s exp(gamma_n - gamma_s) k_s u'_s^T.
-// Decays per key dimension take the fused token recurrence instead (documented there).
+// Decays per key dimension (Kimi Linear's KDA; ONNX's per-dimension g) make gamma_t a
+// vector and the pair factors exp(gamma_t - gamma_s) per dimension: the C x C products
+// become (K o exp(gamma - rho)) (K o exp(rho - gamma))^T with rho the midpoint of the
+// chunk's gamma in each dimension, so a chunk is cut where some dimension's gamma spans
+// more than per_dim_decay_span (every factor then within exp(+-span / 2): no overflow,
+// no subnormals); factors against the start and end states stay exp(<= 0) as above.
 #pragma once
 
 #include <algorithm>
@@ -39,6 +44,11 @@ namespace fovea::detail {
 /// any C (gated_delta, 16 heads of 128 x 128, N = 8192, AVX2: C = 8 270 ms, 16 234 ms,
 /// 24 256 ms, 32 279-315 ms, 64 363 ms).
 inline constexpr index_t recurrence_chunk = 16;
+
+/// Per-dimension decays: the largest spread of one dimension's cumulative log decay
+/// within a chunk (max - min over its tokens). Strong decays give shorter chunks (down to
+/// the token step), never an infinite or subnormal factor.
+inline constexpr double per_dim_decay_span = 40;
 
 /// One call, validated by the front-end. Views are (B, heads, S, dim); decay (B, Hk, S, 1
 /// or Dk) in log space, beta (B, Hk or 1, S, 1); state_in / state_out (B, Hk, Dk, Dv).
@@ -69,11 +79,13 @@ struct recurrence_buffers {
   }
   static index_t size(index_t rows, index_t group, index_t Dk, index_t dvp, bool own_state) noexcept {
     const index_t dkp = padded(Dk), square = rows > 1 ? C * C : 0;
+    const index_t decays = rows > 1 ? 3 * rows * dkp + dkp : 0;
     return 3 * rows * dkp + group * rows * dkp + dkp * rows + 3 * square +
-           (2 + group) * rows * dvp + (own_state ? Dk * dvp : 0) + 4 * rows + 64;
+           (2 + group) * rows * dvp + (own_state ? Dk * dvp : 0) + 4 * rows + decays + 64;
   }
   index_t dkp, dvp;
   A *k, *q, *w, *kd, *kt, *kk, *t, *p, *v, *u, *o, *s, *gamma, *beta, *scaled, *tail;
+  A *gk, *ek, *eg, *rho;  // per-dimension decays (chunks only)
   recurrence_buffers(A* work, index_t rows, index_t group, index_t Dk, index_t dvp_, A* state)
       : dkp(padded(Dk)), dvp(dvp_) {
     const index_t square = rows > 1 ? C * C : 0;
@@ -92,7 +104,11 @@ struct recurrence_buffers {
     beta = gamma + rows;            // [rows]
     scaled = beta + rows;           // [rows]
     tail = scaled + rows;           // [rows]
-    s = state ? state : tail + rows;  // [Dk][dvp] the state
+    gk = tail + rows;               // [rows][dkp] cumulative log decays per dimension, then 1 / ek
+    ek = gk + (rows > 1 ? rows * dkp : 0);  // [rows][dkp] exp(gamma - rho)
+    eg = ek + (rows > 1 ? rows * dkp : 0);  // [rows][dkp] exp(gamma)
+    rho = eg + (rows > 1 ? rows * dkp : 0); // [dkp] the chunk's midpoint per dimension
+    s = state ? state : rho + (rows > 1 ? dkp : 0);  // [Dk][dvp] the state
   }
 };
 
@@ -165,8 +181,64 @@ FOVEA_ALWAYS_INLINE inline void for_head_pairs(index_t group, F&& walk) {
   }
 }
 
-/// One chunk of n tokens for key/value head (b, hk) with scalar decays: advances buf.s and
-/// writes the outputs of the group's query heads.
+/// Per-dimension decays: buf.gk[r] = g_{t0} + ... + g_{t0+r} for the rows r < n (padding
+/// dimensions 0), buf.rho = the midpoint of each dimension's range over them; returns the
+/// number of leading rows (at least 1) whose range stays within per_dim_decay_span.
+template <class T, class A, class Backend>
+index_t per_dim_decays(const recurrence_problem<T>& pr, index_t b, index_t hk, index_t t0,
+                       index_t n, recurrence_buffers<A, Backend>& buf) noexcept {
+  using V = vec<A, Backend>;
+  constexpr int W = V::width;
+  const index_t Dk = pr.k.extent(3), dkp = buf.dkp;
+  A* hi = buf.ek;  // running max and -min per dimension (ek and eg are written later)
+  A* nlo = buf.eg;
+  const auto zero = V::broadcast(A(0));
+  for (index_t r = 0; r < n; ++r) {
+    A* g = buf.gk + r * dkp;
+    for (index_t e = 0; e < Dk; ++e) g[e] = A(pr.decay(b, hk, t0 + r, e));
+    std::fill(g + Dk, g + dkp, A(0));
+    auto spread = zero;
+    for (index_t e = 0; e < dkp; e += W) {
+      auto x = V::load(g + e);
+      if (r == 0) {
+        V::store(hi + e, x), V::store(nlo + e, V::sub(zero, x));
+      } else {
+        x = V::add(x, V::load(g - dkp + e));
+        const auto h = V::max(V::load(hi + e), x), l = V::max(V::load(nlo + e), V::sub(zero, x));
+        V::store(hi + e, h), V::store(nlo + e, l);
+        spread = V::max(spread, V::add(h, l));
+      }
+      V::store(g + e, x);
+    }
+    if (V::reduce_max(spread) > A(per_dim_decay_span)) {  // r >= 1: one row always fits
+      n = r;
+      break;
+    }
+  }
+  // The midpoint over the rows kept (hi and nlo may include the row that did not fit).
+  for (index_t e = 0; e < dkp; e += W) {
+    auto h = V::load(buf.gk + e), l = V::sub(zero, h);
+    for (index_t r = 1; r < n; ++r) {
+      const auto x = V::load(buf.gk + r * dkp + e);
+      h = V::max(h, x), l = V::max(l, V::sub(zero, x));
+    }
+    V::store(buf.rho + e, V::mul(V::broadcast(A(0.5)), V::sub(h, l)));
+  }
+  return n;
+}
+
+/// dst[r] = src[r] o f[r] (elementwise) for the n rows of a chunk, all `ld` apart.
+template <class A, class Backend>
+void scale_rows(index_t n, index_t ld, const A* f, const A* src, A* dst, A sign = A(1)) noexcept {
+  using V = vec<A, Backend>;
+  const auto sv = V::broadcast(sign);
+  for (index_t i = 0; i < n * ld; i += V::width)
+    V::store(dst + i, V::mul(sv, V::mul(V::load(f + i), V::load(src + i))));
+}
+
+/// One chunk of n tokens for key/value head (b, hk): advances buf.s and writes the
+/// outputs of the group's query heads. Per-dimension decays: n is what per_dim_decays
+/// returned, and buf.gk and buf.rho hold its results.
 template <class Backend, class T>
 void recurrence_chunk_step(const recurrence_problem<T>& pr, index_t b, index_t hk, index_t t0,
                            index_t n, recurrence_buffers<accumulator_t<T>, Backend>& buf) noexcept {
@@ -180,18 +252,38 @@ void recurrence_chunk_step(const recurrence_problem<T>& pr, index_t b, index_t h
   constexpr index_t C = recurrence_chunk;
   const index_t Dk = pr.k.extent(3), Dv = pr.v.extent(3), dkp = buf.dkp, dvp = buf.dvp;
   const index_t H = pr.q.extent(1), group = H / pr.k.extent(1);
+  const bool per_dim = pr.decay.data() && pr.decay.extent(3) > 1;
   load_rows(pr.k, b, hk, t0, n, dkp, buf.k);
   load_rows(pr.v, b, hk, t0, n, dvp, buf.v);
   for (index_t r = n; r < C; ++r) {  // padding rows: zero keys and values
     std::fill(buf.k + r * dkp, buf.k + (r + 1) * dkp, A(0));
     std::fill(buf.v + r * dvp, buf.v + (r + 1) * dvp, A(0));
   }
+  // Scalar decays: gamma per row, pair factors exp(gamma_t - gamma_s) applied to the C x C
+  // products. Per dimension: ek = exp(gamma - rho) and eg = exp(gamma) per row, the pair
+  // factors folded into the operands (kt holds (K o exp(rho - gamma))^T) and the scalar
+  // gamma left at 0.
   A g = 0;
   for (index_t r = 0; r < n; ++r) {
-    if (pr.decay.data()) g += A(pr.decay(b, hk, t0 + r, 0));
+    if (pr.decay.data() && !per_dim) g += A(pr.decay(b, hk, t0 + r, 0));
     buf.gamma[r] = g;
   }
   const A gamma_n = n > 0 ? buf.gamma[n - 1] : A(0);
+  A* ik = buf.gk;  // per dimension, 1 / ek in place of gamma once ek and eg are taken
+  if (per_dim) {
+    const auto one = V::broadcast(A(1));
+    for (index_t r = 0; r < n; ++r)
+      for (index_t e = 0; e < dkp; e += W) {
+        const index_t i = r * dkp + e;
+        const auto gr = V::load(buf.gk + i), er = V::exp(V::sub(gr, V::load(buf.rho + e)));
+        const auto ir = V::div(one, er);  // within exp(+-span / 2): no overflow
+        V::store(buf.ek + i, er);
+        V::store(buf.eg + i, V::exp(gr));
+        V::store(ik + i, ir);
+        V::store(buf.w + i, V::mul(V::load(buf.k + i), ir));
+      }
+    std::fill(buf.w + n * dkp, buf.w + C * dkp, A(0));
+  }
   // Products with the lower-triangular T and P: block GEMMs, or row by row when a key or
   // value of the chunk is not finite (it must reach only its own and later tokens).
   const bool finite = all_finite<A, Backend>(buf.k, dkp, n, Dk) &&
@@ -204,8 +296,9 @@ void recurrence_chunk_step(const recurrence_problem<T>& pr, index_t b, index_t h
       causal_product<A, Backend>(n, p, C, x, ldx, o, ldo, ldx);
     }
   };
+  const A* keys_t = per_dim ? buf.w : buf.k;  // the keys whose transpose the products take
   for (index_t e = 0; e < Dk; ++e)
-    for (index_t r = 0; r < C; ++r) buf.kt[e * C + r] = buf.k[r * dkp + e];
+    for (index_t r = 0; r < C; ++r) buf.kt[e * C + r] = keys_t[r * dkp + e];
   for (index_t e = Dk; e < dkp; ++e) std::fill(buf.kt + e * C, buf.kt + (e + 1) * C, A(0));
 
   // New values U' (delta rules) or V.
@@ -213,7 +306,12 @@ void recurrence_chunk_step(const recurrence_problem<T>& pr, index_t b, index_t h
   if (pr.delta) {
     for (index_t r = 0; r < n; ++r)
       buf.beta[r] = A(pr.beta(b, pr.beta.extent(1) == 1 ? 0 : hk, t0 + r, 0));
-    gemm_wide<A, Backend, RB, VB, false>(n, C / W, buf.k, dkp, 1, buf.kt, C, buf.kk, C, Dk);
+    const A* keys = buf.k;
+    if (per_dim) {  // K o exp(gamma - rho)
+      scale_rows<A, Backend>(n, dkp, buf.ek, buf.k, buf.kd);
+      keys = buf.kd;
+    }
+    gemm_wide<A, Backend, RB, VB, false>(n, C / W, keys, dkp, 1, buf.kt, C, buf.kk, C, Dk);
     // T = (I + A)^-1 by forward substitution, row by row: T_t = e_t - sum_s A_ts T_s
     // (whole rows of C: T_s is zero past column s).
     for (index_t r = 0; r < n; ++r) {
@@ -229,12 +327,14 @@ void recurrence_chunk_step(const recurrence_problem<T>& pr, index_t b, index_t h
       }
     }
     for (index_t r = n; r < C; ++r) std::fill(buf.t + r * C, buf.t + (r + 1) * C, A(0));
-    // W = T diag(beta Gamma) K (negated), U = T diag(beta) V: scale the rows, then GEMMs.
+    // W = T diag(beta) (Gamma o K) (negated), U = T diag(beta) V: scale the rows, then GEMMs.
+    if (per_dim) scale_rows<A, Backend>(n, dkp, buf.eg, buf.k, buf.kd, A(-1));
     for (index_t r = 0; r < n; ++r) {
-      const auto bg = V::broadcast(-buf.beta[r] * std::exp(buf.gamma[r]));
+      const auto bg = V::broadcast(per_dim ? buf.beta[r] : -buf.beta[r] * std::exp(buf.gamma[r]));
       const auto bv = V::broadcast(buf.beta[r]);
+      const A* src = per_dim ? buf.kd : buf.k;
       for (index_t e = 0; e < dkp; e += W)
-        V::store(buf.kd + r * dkp + e, V::mul(bg, V::load(buf.k + r * dkp + e)));
+        V::store(buf.kd + r * dkp + e, V::mul(bg, V::load(src + r * dkp + e)));
       for (index_t e = 0; e < dvp; e += W)
         V::store(buf.v + r * dvp + e, V::mul(bv, V::load(buf.v + r * dvp + e)));
     }
@@ -250,30 +350,57 @@ void recurrence_chunk_step(const recurrence_problem<T>& pr, index_t b, index_t h
   for (index_t gq = 0; gq < group; ++gq) {
     const index_t h = hk * group + gq;
     load_rows(pr.q, b, h, t0, n, dkp, buf.q);
-    gemm_wide<A, Backend, RB, VB, false>(n, C / W, buf.q, dkp, 1, buf.kt, C, buf.p, C, Dk);
+    const A* queries = buf.q;
+    if (per_dim) {  // Q o exp(gamma - rho)
+      scale_rows<A, Backend>(n, dkp, buf.ek, buf.q, buf.kd);
+      queries = buf.kd;
+    }
+    gemm_wide<A, Backend, RB, VB, false>(n, C / W, queries, dkp, 1, buf.kt, C, buf.p, C, Dk);
     for (index_t r = 0; r < n; ++r) {
       A* pr_row = buf.p + r * C;
-      for (index_t s = 0; s <= r; ++s) pr_row[s] *= std::exp(buf.gamma[r] - buf.gamma[s]);
+      if (!per_dim)
+        for (index_t s = 0; s <= r; ++s) pr_row[s] *= std::exp(buf.gamma[r] - buf.gamma[s]);
       std::fill(pr_row + r + 1, pr_row + C, A(0));
-      const auto gr = V::broadcast(std::exp(buf.gamma[r]));
-      for (index_t e = 0; e < dkp; e += W)
-        V::store(buf.q + r * dkp + e, V::mul(gr, V::load(buf.q + r * dkp + e)));
+    }
+    if (per_dim) {
+      scale_rows<A, Backend>(n, dkp, buf.eg, buf.q, buf.q);
+    } else {
+      for (index_t r = 0; r < n; ++r) {
+        const auto gr = V::broadcast(std::exp(buf.gamma[r]));
+        for (index_t e = 0; e < dkp; e += W)
+          V::store(buf.q + r * dkp + e, V::mul(gr, V::load(buf.q + r * dkp + e)));
+      }
     }
     gemm_wide<A, Backend, RB, VB, false>(n, dvp / W, buf.q, dkp, 1, buf.s, dvp, buf.o, dvp, Dk);
     lower.template operator()<true>(buf.p, values, dvp, buf.o, dvp);
     store_outputs(pr.out, b, h, t0, n, buf.o, dvp, scale);
   }
 
-  // S = Gamma_n S0 + (diag(exp(gamma_n - gamma)) K)^T U'.
+  // S = Gamma_n S0 + (exp(gamma_n - gamma) o K)^T U' (Gamma_n a row factor per dimension).
+  const A* ek_n = buf.ek + (n - 1) * dkp;  // exp(gamma_n - gamma_r) = ek_n / ek_r
   for (index_t r = 0; r < C; ++r) {
-    const A f = r < n ? std::exp(gamma_n - buf.gamma[r]) : A(0);
-    const auto fv = V::broadcast(f);
-    for (index_t e = 0; e < dkp; e += W)
-      V::store(buf.kd + r * dkp + e, V::mul(fv, V::load(buf.k + r * dkp + e)));
+    A* kd = buf.kd + r * dkp;
+    if (r >= n) {
+      std::fill(kd, kd + dkp, A(0));
+    } else if (per_dim) {
+      for (index_t e = 0; e < dkp; e += W)
+        V::store(kd + e, V::mul(V::load(buf.k + r * dkp + e),
+                                V::mul(V::load(ek_n + e), V::load(ik + r * dkp + e))));
+    } else {
+      const auto fv = V::broadcast(std::exp(gamma_n - buf.gamma[r]));
+      for (index_t e = 0; e < dkp; e += W) V::store(kd + e, V::mul(fv, V::load(buf.k + r * dkp + e)));
+    }
   }
-  const auto decay_n = V::broadcast(std::exp(gamma_n));
-  if (gamma_n != A(0))
+  if (per_dim) {
+    const A* decay_n = buf.eg + (n - 1) * dkp;
+    for (index_t e = 0; e < Dk; ++e) {
+      const auto f = V::broadcast(decay_n[e]);
+      for (index_t c = 0; c < dvp; c += W) V::store(buf.s + e * dvp + c, V::mul(f, V::load(buf.s + e * dvp + c)));
+    }
+  } else if (gamma_n != A(0)) {
+    const auto decay_n = V::broadcast(std::exp(gamma_n));
     for (index_t i = 0; i < Dk * dvp; i += W) V::store(buf.s + i, V::mul(decay_n, V::load(buf.s + i)));
+  }
   gemm_wide<A, Backend, RB, VB, true>(Dk, dvp / W, buf.kd, 1, dkp, values, dvp, buf.s, dvp, n);
 }
 
@@ -371,9 +498,9 @@ void recurrence_token_step(const recurrence_problem<T>& pr, index_t b, index_t h
 }
 
 /// Runs the problem: one task per (batch, key/value head), each serial over its tokens
-/// (so the result does not depend on the thread count). Scalar decays go by chunks of
-/// recurrence_chunk tokens (a single token by the fused step), per-dimension decays token
-/// by token.
+/// (so the result does not depend on the thread count), by chunks of recurrence_chunk
+/// tokens (shorter for per-dimension decays that spread more than per_dim_decay_span; a
+/// single token by the fused step).
 template <class Backend, class T>
 void run_recurrence(const recurrence_problem<T>& pr, int threads) {
   using A = accumulator_t<T>;
@@ -381,7 +508,7 @@ void run_recurrence(const recurrence_problem<T>& pr, int threads) {
   const index_t B = pr.k.extent(0), Hk = pr.k.extent(1), S = pr.k.extent(2);
   const index_t Dk = pr.k.extent(3), Dv = pr.v.extent(3);
   const bool per_dim = pr.decay.data() && pr.decay.extent(3) > 1;
-  const bool token_steps = per_dim || S == 1;
+  const bool token_steps = S == 1;
   const index_t tasks = B * Hk;
   if (tasks == 0) return;
   const index_t group = pr.q.extent(1) / Hk;
@@ -407,8 +534,9 @@ void run_recurrence(const recurrence_problem<T>& pr, int threads) {
     if (token_steps) {
       for (index_t t = 0; t < S; ++t) recurrence_token_step<Backend>(pr, b, hk, t, buf);
     } else {
-      for (index_t t0 = 0; t0 < S; t0 += recurrence_chunk) {
-        const index_t n = std::min(recurrence_chunk, S - t0);
+      for (index_t t0 = 0, n = 0; t0 < S; t0 += n) {
+        n = std::min(recurrence_chunk, S - t0);
+        if (per_dim && n > 1) n = per_dim_decays(pr, b, hk, t0, n, buf);
         if (n == 1)  // a one-token tail: the same arithmetic as a one-token step
           recurrence_token_step<Backend>(pr, b, hk, t0, buf);
         else
