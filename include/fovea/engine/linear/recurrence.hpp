@@ -32,6 +32,7 @@
 #include "../../core/scratch.hpp"
 #include "../../core/tensor_view.hpp"
 #include "../../simd/convert.hpp"
+#include "../../simd/prefetch.hpp"
 #include "../../simd/row_math.hpp"
 #include "../../simd/vec.hpp"
 #include "../tile/gemm_tile.hpp"
@@ -409,7 +410,7 @@ void recurrence_chunk_step(const recurrence_problem<T>& pr, index_t b, index_t h
 template <int N, class Backend, class A>
 inline void token_columns(A* s, index_t dvp, index_t Dk, index_t c0, const A* alpha, const A* k,
                           const A* ak, const A* v, const A* q, index_t group, bool delta, A beta,
-                          A* o) noexcept {
+                          A* o, const A* next) noexcept {
   using V = vec<A, Backend>;
   using R = typename V::type;
   constexpr int W = V::width;
@@ -440,6 +441,8 @@ inline void token_columns(A* s, index_t dvp, index_t Dk, index_t c0, const A* al
       const R a = V::broadcast(alpha[e]), ke = V::broadcast(k[e]);
       const R q0 = V::broadcast(q[g0 * Dk + e]);
       const R q1 = V::broadcast(Two ? q[(g0 + 1) * Dk + e] : A(0));
+      if (update && next)  // the next block's row (from L3 or memory) while this one is in L1
+        prefetch_span<1>(next + e * dvp, 4 * W * sizeof(A));
 #pragma GCC unroll 4
       for (int x = 0; x < N; ++x) {
         R x_new = V::load(row + x * W);
@@ -463,10 +466,13 @@ inline void token_columns(A* s, index_t dvp, index_t Dk, index_t c0, const A* al
 /// One token t for key/value head (b, hk), any decay shape: the fused recurrence. The
 /// state is walked in column blocks of four vectors held in registers across all Dk rows:
 /// delta rules read each block once for S^T k, then once more (from L1) to update it and
-/// add it into the outputs; the other rules take the second walk only.
+/// add it into the outputs; the other rules take the second walk only. The updating walk
+/// asks for the next block's rows ahead (the next state's first block after the last:
+/// `next_state`, when known), so the state's fetch from L3 overlaps the arithmetic.
 template <class Backend, class T>
 void recurrence_token_step(const recurrence_problem<T>& pr, index_t b, index_t hk, index_t t,
-                           recurrence_buffers<accumulator_t<T>, Backend>& buf) noexcept {
+                           recurrence_buffers<accumulator_t<T>, Backend>& buf,
+                           const accumulator_t<T>* next_state = nullptr) noexcept {
   using A = accumulator_t<T>;
   constexpr int W = vec<A, Backend>::width;
   const index_t Dk = pr.k.extent(3), Dv = pr.v.extent(3), dvp = buf.dvp;
@@ -491,7 +497,9 @@ void recurrence_token_step(const recurrence_problem<T>& pr, index_t b, index_t h
   const A beta = pr.delta ? A(pr.beta(b, pr.beta.extent(1) == 1 ? 0 : hk, t, 0)) : A(1);
   A* o = buf.o;  // [group][dvp]
   for_column_blocks<W>(dvp, [&]<int N>(index_t c0) {
-    token_columns<N, Backend>(buf.s, dvp, Dk, c0, alpha, k, ak, v, q, group, pr.delta, beta, o);
+    const index_t c1 = c0 + N * W;  // the next block: of this state, or the next state's first
+    const A* next = c1 < dvp ? buf.s + c1 : next_state;
+    token_columns<N, Backend>(buf.s, dvp, Dk, c0, alpha, k, ak, v, q, group, pr.delta, beta, o, next);
   });
   for (index_t g = 0; g < group; ++g)
     store_outputs(pr.out, b, hk * group + g, t, 1, o + g * dvp, dvp, A(pr.scale));
@@ -532,7 +540,9 @@ void run_recurrence(const recurrence_problem<T>& pr, int threads) {
           for (index_t c = 0; c < Dv; ++c) buf.s[e * dvp + c] = A(pr.state_in(b, hk, e, c));
     }
     if (token_steps) {
-      for (index_t t = 0; t < S; ++t) recurrence_token_step<Backend>(pr, b, hk, t, buf);
+      // (S = 1.) Decoding in place: the next task's state is the next in memory.
+      const A* next = in_place && task + 1 < tasks ? buf.s + Dk * dvp : nullptr;
+      recurrence_token_step<Backend>(pr, b, hk, 0, buf, next);
     } else {
       for (index_t t0 = 0, n = 0; t0 < S; t0 += n) {
         n = std::min(recurrence_chunk, S - t0);
