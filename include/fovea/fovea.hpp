@@ -22,6 +22,7 @@
 #include "attention/routing.hpp"
 #include "attention/linear.hpp"
 #include "attention/linear_recurrence.hpp"
+#include "attention/moh.hpp"
 #include "attention/titans_memory.hpp"
 #include "attention/softmax.hpp"
 #include "attention/softmax_backward.hpp"

@@ -26,6 +26,7 @@ inline fovea::tensor_view<const float, 4> G, Beta, g_t, b_t, Eta, Theta, Alpha, 
 inline fovea::tensor_view<float, 4> M, U, dQ, dK, dV;
 inline fovea::tensor_view<const float, 4> dO;
 inline fovea::tensor_view<float, 3> L;
+inline fovea::tensor_view<const float, 3> router_weights, row_weights;
 inline fovea::tensor_view<float, 4> dbias;
 inline fovea::tensor_view<float, 2> dW_dt;
 inline fovea::tensor_view<float, 1> dA_dt;

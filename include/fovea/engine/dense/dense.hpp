@@ -43,6 +43,10 @@ struct dense_problem {
   index_t batch_base = 0;  ///< batch index of q's row 0 in the caller's terms (varlen, paged)
   key_band band;
   logit_terms<T> terms;
+  /// (B, H, Sq) or empty: the head-sparse mode (Mixture-of-Head attention). A row whose
+  /// weight is 0 is never computed and is written 0 (lse -inf); any other row's output is
+  /// multiplied by its weight.
+  tensor_view<const float, 3> row_weights;
 
   index_t batch() const noexcept { return q.extent(0); }
   index_t heads() const noexcept { return q.extent(1); }
@@ -88,6 +92,18 @@ struct dense_layout {
   bool decode = false;
   index_t columns = 0;  ///< decode: stacked (query head, position) columns
   index_t width = 0, tiles = 0, chunk_keys = 0, chunks = 1, partials = 0;
+  /// Head-sparse problems: the first of this problem's lists in dense_plan::selected (one
+  /// per (b, head) for prefill, per (b, kv head) for decode); -1 for every row.
+  index_t lists = -1;
+};
+
+/// The rows one (b, head) prefill list or (b, kv head) decode list computes: positions
+/// (prefill) or stacked column indices (decode), ascending; all when `all`.
+struct row_list {
+  const index_t* at = nullptr;
+  index_t count = 0;
+  bool all = true;
+  index_t operator[](index_t r) const noexcept { return all ? r : at[r]; }
 };
 
 /// The work of a run_dense call, fixed by the shapes alone (never by the thread count):
@@ -98,7 +114,36 @@ struct dense_plan {
   index_t scratch = 0;        ///< elements of per-thread scratch
   index_t partial_total = 0;  ///< elements of chunk states
   double flops = 0;           ///< Q K^T and P V over every key (causal or not): an upper bound
+  /// Head-sparse problems' rows: list l is selected[list_start[l] .. list_start[l + 1]).
+  std::vector<index_t> selected, list_start{0};
+
+  /// List `key` of a problem laid out as `lay` (every row of `all_rows` when not sparse).
+  row_list rows(const dense_layout& lay, index_t key, index_t all_rows) const noexcept {
+    if (lay.lists < 0) return {nullptr, all_rows, true};
+    const index_t l = lay.lists + key, first = list_start[std::size_t(l)];
+    return {selected.data() + first, list_start[std::size_t(l) + 1] - first, false};
+  }
 };
+
+/// Appends a head-sparse problem's lists to the plan: per (b, h) the positions whose weight
+/// is not 0 (prefill), or per (b, kv head) the stacked columns g * Sq + i whose head
+/// h = hk * group + g has a weight at i that is not 0 (decode).
+template <class S, class K, class V>
+void plan_selected_rows(const dense_problem<S, K, V>& pr, bool decode, dense_plan& plan,
+                        dense_layout& lay) {
+  const index_t B = pr.batch(), H = pr.heads(), Sq = pr.queries(), Hk = pr.kv.heads();
+  const index_t group = H / Hk, lists = decode ? B * Hk : B * H;
+  const index_t per_list = decode ? group * Sq : Sq;
+  lay.lists = index_t(plan.list_start.size()) - 1;
+  for (index_t l = 0; l < lists; ++l) {
+    const index_t b = l / (decode ? Hk : H), head = l % (decode ? Hk : H);
+    for (index_t r = 0; r < per_list; ++r) {
+      const index_t h = decode ? head * group + r / Sq : head, i = decode ? r % Sq : r;
+      if (pr.row_weights(b, h, i) != 0.0f) plan.selected.push_back(r);
+    }
+    plan.list_start.push_back(index_t(plan.selected.size()));
+  }
+}
 
 /// Plans problems for the prefill tile (query tiles of BQ, split keys when few tiles meet
 /// many keys) or the decode tile (stacked GQA columns, keys in decode_chunk_keys chunks).
@@ -117,8 +162,10 @@ dense_plan plan_dense(std::span<const dense_problem<S, K, V>> problems) {
     const index_t B = pr.batch(), H = pr.heads(), Sq = pr.queries();
     const index_t D = pr.q.extent(3), Dv = pr.out.extent(3), Hk = pr.kv.heads();
     if (B * H * Sq == 0) continue;
-    plan.flops += 2.0 * double(B * H * Sq) * double(pr.keys) * double(D + Dv);
     dense_layout& lay = plan.layouts[pi];
+    if (pr.row_weights.data()) plan_selected_rows(pr, pr.decode(), plan, lay);
+    const index_t rows = lay.lists < 0 ? B * H * Sq : index_t(plan.selected.size()) - plan.list_start[std::size_t(lay.lists)];
+    plan.flops += 2.0 * double(rows) * double(pr.keys) * double(D + Dv);
     if (!pr.decode()) {
       plan.scratch = std::max(plan.scratch, prefill_buf::size(D, Dv));
       lay.width = BQ;
@@ -131,7 +178,7 @@ dense_plan plan_dense(std::span<const dense_problem<S, K, V>> problems) {
       const index_t per_tile = lay.chunks * BQ * partial_size<T>(Dv);
       // Later query tiles see more keys under a causal band: hand them out first.
       for (index_t bh = 0; bh < B * H; ++bh)
-        for (index_t t = lay.tiles; t-- > 0;) {
+        for (index_t t = (plan.rows(lay, bh, Sq).count + BQ - 1) / BQ; t-- > 0;) {
           if (lay.chunks == 1) {
             plan.work.push_back({pi, bh / H, bh % H, t, 0, 0});
             continue;
@@ -156,7 +203,7 @@ dense_plan plan_dense(std::span<const dense_problem<S, K, V>> problems) {
     const index_t per_tile = lay.chunks * lay.width * partial_size<T>(Dv);
     for (index_t b = 0; b < B; ++b)
       for (index_t hk = 0; hk < Hk; ++hk)
-        for (index_t t = 0; t < lay.tiles; ++t) {
+        for (index_t t = 0; t < (plan.rows(lay, b * Hk + hk, lay.columns).count + lay.width - 1) / lay.width; ++t) {
           const index_t at = lay.partials + ((b * Hk + hk) * lay.tiles + t) * per_tile;
           const index_t merge = index_t(plan.merges.size());
           plan.merges.push_back({pi, b, hk, t, 0, at});
@@ -168,34 +215,43 @@ dense_plan plan_dense(std::span<const dense_problem<S, K, V>> problems) {
   return plan;
 }
 
-/// Columns c of decode tile t of (b, hk): query head hk * group + g, position i.
+/// Adds column (h, i) of batch row b, weighted in a head-sparse problem.
 template <class S, class K, class V, class T>
-void decode_columns(const dense_problem<S, K, V>& pr, const dense_layout& lay, index_t b, index_t hk,
-                    index_t t, query_columns<T>& cols) noexcept {
+void add_column(const dense_problem<S, K, V>& pr, index_t b, index_t h, index_t i,
+                query_columns<T>& cols) noexcept {
+  cols.add(pr.terms, pr.heads(), h, i);
+  if (pr.row_weights.data()) cols.weight[cols.count - 1] = T(pr.row_weights(b, h, i));
+}
+
+/// Columns of decode tile t of (b, hk): entries [t * width, (t + 1) * width) of the
+/// stacked columns r = g * Sq + i (query head hk * group + g, position i) it computes.
+template <class S, class K, class V, class T>
+void decode_columns(const dense_problem<S, K, V>& pr, const dense_layout& lay, const row_list& rows,
+                    index_t b, index_t hk, index_t t, query_columns<T>& cols) noexcept {
   const index_t Sq = pr.queries(), group = pr.heads() / pr.kv.heads();
   start_columns(cols, pr.terms, b + pr.batch_base);
-  const index_t end = std::min(lay.columns, (t + 1) * lay.width);
-  for (index_t r = t * lay.width; r < end; ++r)
-    cols.add(pr.terms, pr.heads(), hk * group + r / Sq, r % Sq);
+  const index_t end = std::min(rows.count, (t + 1) * lay.width);
+  for (index_t e = t * lay.width; e < end; ++e)
+    add_column(pr, b, hk * group + rows[e] / Sq, rows[e] % Sq, cols);
   cols.pad_to(lay.width);
 }
 
-/// Columns c of prefill tile t of (b, h): query head h, position t * BQ + c.
+/// Columns of prefill tile t of (b, h): query head h, positions rows[t * BQ + c].
 template <class Backend, class S, class K, class V, class T>
-void prefill_columns(const dense_problem<S, K, V>& pr, index_t b, index_t h, index_t t,
-                     query_columns<T>& cols) noexcept {
+void prefill_columns(const dense_problem<S, K, V>& pr, const row_list& rows, index_t b, index_t h,
+                     index_t t, query_columns<T>& cols) noexcept {
   constexpr index_t BQ = prefill_buffers<T, Backend>::BQ;
   start_columns(cols, pr.terms, b + pr.batch_base);
-  for (index_t i = t * BQ; i < std::min(pr.queries(), (t + 1) * BQ); ++i)
-    cols.add(pr.terms, pr.heads(), h, i);
+  for (index_t e = t * BQ; e < std::min(rows.count, (t + 1) * BQ); ++e)
+    add_column(pr, b, h, rows[e], cols);
   cols.pad_to(BQ);
 }
 
 /// Runs one prefill task: a query tile over all its keys (rows written), or over one chunk
 /// of them (states stored for the merge).
 template <class Backend, class S, class K, class V, class ScoreMod, class MaskMod>
-void run_prefill_task(const dense_problem<S, K, V>& pr, const dense_layout& lay, const dense_task& tk,
-                      const custom_variant<ScoreMod, MaskMod>& custom,
+void run_prefill_task(const dense_problem<S, K, V>& pr, const dense_layout& lay, const row_list& rows,
+                      const dense_task& tk, const custom_variant<ScoreMod, MaskMod>& custom,
                       accumulator_t<S>* scratch, accumulator_t<S>* partials) {
   using T = accumulator_t<S>;
   using prefill_buf = prefill_buffers<T, Backend>;
@@ -206,7 +262,7 @@ void run_prefill_task(const dense_problem<S, K, V>& pr, const dense_layout& lay,
   const index_t D = pr.q.extent(3), Dv = pr.out.extent(3);
   const index_t i0 = tk.tile * BQ, n = std::min(BQ, pr.queries() - i0);
   paced_prefetch ahead;
-  if (pr.keys <= short_tile_keys) {  // little compute to hide a miss behind
+  if (pr.keys <= short_tile_keys && rows.all) {  // little compute to hide a miss behind
     constexpr index_t size = sizeof(S);
     const index_t r0 = std::max<index_t>(0, i0 - BQ);  // the next task's queries
     ahead.add(pr.out.ptr(tk.b, tk.head, i0, 0), Dv * size, pr.out.stride(2) * size, n,
@@ -215,10 +271,10 @@ void run_prefill_task(const dense_problem<S, K, V>& pr, const dense_layout& lay,
               prefetch_kind::l2);
   }
   query_columns<T> cols;
-  prefill_columns<Backend>(pr, tk.b, tk.head, tk.tile, cols);
+  prefill_columns<Backend>(pr, rows, tk.b, tk.head, tk.tile, cols);
   prefill_buf buf(scratch, D, Dv);
   const auto kv = pr.kv.source(tk.b, tk.head / pr.terms.group);
-  auto q_row = [&](index_t c) { return pr.q.ptr(tk.b, tk.head, i0 + c, 0); };
+  auto q_row = [&](index_t c) { return pr.q.ptr(tk.b, tk.head, cols.pos[c], 0); };
   tile_options how{.with_lse = pr.lse.data() != nullptr,
                    .stream_kv = pr.queries() <= BQ && pr.terms.group == 1,
                    .ahead = &ahead};
@@ -233,8 +289,8 @@ void run_prefill_task(const dense_problem<S, K, V>& pr, const dense_layout& lay,
   prefill_tile<Backend>(
       cols, q_row, kv, pr.band, custom, D, Dv, buf,
       [&](index_t c, const T* row, T lse) {
-        convert_row(row, pr.out.ptr(tk.b, tk.head, i0 + c, 0), Dv);
-        if (pr.lse.data()) pr.lse(tk.b, tk.head, i0 + c) = float(lse);
+        convert_row(row, pr.out.ptr(tk.b, tk.head, cols.pos[c], 0), Dv);
+        if (pr.lse.data()) pr.lse(tk.b, tk.head, cols.pos[c]) = float(lse);
       },
       how);
 }
@@ -242,13 +298,13 @@ void run_prefill_task(const dense_problem<S, K, V>& pr, const dense_layout& lay,
 /// Runs one decode task: a column tile of (b, kv head) over one key chunk, states stored.
 /// `alone`: no other thread runs (see decode_value_group).
 template <class Backend, class S, class K, class V, class ScoreMod, class MaskMod>
-void run_decode_task(const dense_problem<S, K, V>& pr, const dense_layout& lay, const dense_task& tk,
-                     const custom_variant<ScoreMod, MaskMod>& custom, bool alone,
-                     accumulator_t<S>* scratch, accumulator_t<S>* partials) {
+void run_decode_task(const dense_problem<S, K, V>& pr, const dense_layout& lay, const row_list& rows,
+                     const dense_task& tk, const custom_variant<ScoreMod, MaskMod>& custom,
+                     bool alone, accumulator_t<S>* scratch, accumulator_t<S>* partials) {
   using T = accumulator_t<S>;
   const index_t D = pr.q.extent(3), Dv = pr.out.extent(3);
   query_columns<T> cols;
-  decode_columns(pr, lay, tk.b, tk.head, tk.tile, cols);
+  decode_columns(pr, lay, rows, tk.b, tk.head, tk.tile, cols);
   decode_buffers<T, Backend> buf(scratch, D, Dv);
   constexpr index_t CQ = score_block_columns<T, Backend>();
   for (index_t c = 0; c < (cols.count + CQ - 1) / CQ * CQ; ++c) {  // zero-padded rows
@@ -268,24 +324,40 @@ void run_decode_task(const dense_problem<S, K, V>& pr, const dense_layout& lay, 
 
 /// Merges the chunk states of one tile in chunk order and writes its rows (and lse).
 template <class Backend, class S, class K, class V>
-void run_merge_task(const dense_problem<S, K, V>& pr, const dense_layout& lay, const dense_task& tk,
-                    accumulator_t<S>* acc, const accumulator_t<S>* partials) {
+void run_merge_task(const dense_problem<S, K, V>& pr, const dense_layout& lay, const row_list& rows,
+                    const dense_task& tk, accumulator_t<S>* acc, const accumulator_t<S>* partials) {
   using T = accumulator_t<S>;
   const index_t Dv = pr.out.extent(3), stride = lay.width * partial_size<T>(Dv);
   query_columns<T> cols;
   if (pr.decode())
-    decode_columns(pr, lay, tk.b, tk.head, tk.tile, cols);
+    decode_columns(pr, lay, rows, tk.b, tk.head, tk.tile, cols);
   else
-    prefill_columns<Backend>(pr, tk.b, tk.head, tk.tile, cols);
+    prefill_columns<Backend>(pr, rows, tk.b, tk.head, tk.tile, cols);
   for (index_t c = 0; c < cols.count; ++c) {
     T m, l;
     merge_partials(partials + tk.partials + c * partial_size<T>(Dv), stride, lay.chunks, Dv, m, l,
                    acc);
     const row_result<T> r = finish_row(m, l, cols.sink[c], pr.lse.data() != nullptr);
     S* row = pr.out.ptr(tk.b, cols.head[c], cols.pos[c], 0);
-    for (index_t d = 0; d < Dv; ++d) row[d] = r.factor == T(0) ? S(0) : S(acc[d] * r.factor);
+    const T factor = r.factor * cols.weight[c];
+    for (index_t d = 0; d < Dv; ++d) row[d] = r.factor == T(0) ? S(0) : S(acc[d] * factor);
     if (pr.lse.data()) pr.lse(tk.b, cols.head[c], cols.pos[c]) = float(r.lse);
   }
+}
+
+/// A head-sparse problem's rows of weight 0: out 0, lse -inf.
+template <class S, class K, class V>
+void write_skipped_rows(const dense_problem<S, K, V>& pr) noexcept {
+  if (!pr.row_weights.data()) return;
+  const index_t Dv = pr.out.extent(3);
+  for (index_t b = 0; b < pr.batch(); ++b)
+    for (index_t h = 0; h < pr.heads(); ++h)
+      for (index_t i = 0; i < pr.queries(); ++i) {
+        if (pr.row_weights(b, h, i) != 0.0f) continue;
+        S* row = pr.out.ptr(b, h, i, 0);
+        for (index_t d = 0; d < Dv; ++d) row[d] = S(0);
+        if (pr.lse.data()) pr.lse(b, h, i) = -std::numeric_limits<float>::infinity();
+      }
 }
 
 /// Runs the problems on up to `threads` threads: plan_dense's tasks, each merge run by the
@@ -298,6 +370,7 @@ void run_dense(std::span<const dense_problem<S, K, V>> problems,
                const custom_variant<ScoreMod, MaskMod>& custom, int threads) {
   using T = accumulator_t<S>;
   const dense_plan plan = plan_dense<Backend>(problems);
+  for (const auto& pr : problems) write_skipped_rows(pr);
   if (plan.work.empty()) return;
   const int used = threads_for_work(std::max(threads, 1), plan.flops, index_t(plan.work.size()));
   const scratch_slices<T> buffers(used, plan.scratch);
@@ -309,14 +382,17 @@ void run_dense(std::span<const dense_problem<S, K, V>> problems,
     const dense_task& tk = plan.work[i];
     const dense_problem<S, K, V>& pr = problems[tk.problem];
     const dense_layout& lay = plan.layouts[tk.problem];
+    const row_list rows = pr.decode()
+                              ? plan.rows(lay, tk.b * pr.kv.heads() + tk.head, lay.columns)
+                              : plan.rows(lay, tk.b * pr.heads() + tk.head, pr.queries());
     if (pr.decode())
-      run_decode_task<Backend>(pr, lay, tk, custom, used == 1, buffers.slice(thread),
+      run_decode_task<Backend>(pr, lay, rows, tk, custom, used == 1, buffers.slice(thread),
                                partials.data());
     else
-      run_prefill_task<Backend>(pr, lay, tk, custom, buffers.slice(thread), partials.data());
+      run_prefill_task<Backend>(pr, lay, rows, tk, custom, buffers.slice(thread), partials.data());
     // The chunk's states are released to, and the last chunk acquires the others'.
     if (tk.merge >= 0 && pending[tk.merge].fetch_sub(1, std::memory_order_acq_rel) == 1)
-      run_merge_task<Backend>(pr, lay, plan.merges[tk.merge], buffers.slice(thread),
+      run_merge_task<Backend>(pr, lay, rows, plan.merges[tk.merge], buffers.slice(thread),
                               partials.data());
   });
 }

@@ -127,7 +127,8 @@ void attend_keys(const query_columns<T>& cols, row_block<T> k, row_block<T> v, i
 }
 
 /// Hands each column's finished output row (`const T*`, Dv values: the accumulator
-/// divided by the row's sum, exactly 0 for a row that saw no key) and lse (0 unless
+/// divided by the row's sum and multiplied by the column's weight, exactly 0 for a row
+/// that saw no key) and lse (0 unless
 /// `with_lse`) to `emit(c, row, lse)`. The accumulator is transposed back W columns at a
 /// time into the (now free) logit buffers and scaled there with vector lanes.
 template <class Backend, class T, class Emit>
@@ -141,10 +142,11 @@ void finish_tile(const query_columns<T>& cols, index_t Dv, prefill_buffers<T, Ba
     if (r.factor == T(0)) {  // no key seen: exactly 0, whatever the accumulator holds
       std::fill(row, row + Dv, T(0));
     } else {
-      const auto factor = V::broadcast(r.factor);
+      const T f = r.factor * cols.weight[c];
+      const auto factor = V::broadcast(f);
       index_t d = 0;
       for (; d + W <= Dv; d += W) V::store(row + d, V::mul(V::load(row + d), factor));
-      for (; d < Dv; ++d) row[d] *= r.factor;
+      for (; d < Dv; ++d) row[d] *= f;
     }
     emit(c, static_cast<const T*>(row), r.lse);
   };

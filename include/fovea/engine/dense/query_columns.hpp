@@ -25,6 +25,7 @@ struct query_columns {
   alignas(64) T pos_value[capacity];  ///< pos as T, for vector ALiBi
   alignas(64) T minus_slope[capacity];
   T sink[capacity];
+  T weight[capacity];  ///< the output row's factor (1; a head-sparse call's row weight)
   const float* bias[capacity];
   const std::uint8_t* mask[capacity];
   index_t bias_step = 0, mask_step = 0;  ///< element step from key j to j + 1
@@ -39,6 +40,7 @@ struct query_columns {
     pos_value[c] = T(i);
     minus_slope[c] = has_alibi ? -T(t.alibi(t.alibi.extent(0) == 1 ? 0 : batch, h)) : T(0);
     sink[c] = t.sinks.data() ? T(t.sinks(h)) : -std::numeric_limits<T>::infinity();
+    weight[c] = T(1);
     if (has_bias) {
       const auto plane = bind_plane(t.bias, batch, h, heads, t.group);
       bias[c] = plane.base + i * plane.row;
