@@ -1,10 +1,11 @@
 // The seed's remaining mechanisms, each against plain softmax attention in the same
 // binary: Mixture-of-Head attention with half the heads on per token (its target: 1.8x
-// faster than every head).
+// faster than every head); ACT and VAR on every head (ACT's target: at most 2.2x plain).
 //
 //   mechanisms_bench [--quick] [google benchmark flags]
 #include <benchmark/benchmark.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <fovea/fovea.hpp>
 #include <random>
@@ -55,6 +56,33 @@ void BM_heads(benchmark::State& state, index_t n, index_t heads, index_t d, inde
   }
 }
 
+/// Plain softmax attention, ACT or VAR on every head: causal, H = Hk = 8, over inputs with
+/// four planted sink keys (0, 100, 1000, 3000: every query shares a direction they lie along).
+enum class calibration { none, act, var };
+void BM_calibration(benchmark::State& state, index_t n, index_t d, calibration which) {
+  inputs in(n, 8, d);
+  for (index_t r = 0; r < 8 * n; ++r) in.q[r * d] += 3.f;
+  for (index_t h = 0; h < 8; ++h)
+    for (index_t j : {0, 100, 1000, 3000}) in.k[(h * n + j) * d] += 4.f;
+  const auto out = fovea::bhsd(in.o.data(), 1, 8, n, d);
+  const fovea::softmax_options attention{.causal = true, .threads = 1};
+  const std::vector<fovea::index_t> sinks = {0, 100};
+  std::vector<std::uint8_t> targets(n, 0);
+  for (index_t j = 200; j < n / 2; ++j) targets[j] = 1;
+  for (auto _ : state) {
+    if (which == calibration::none)
+      fovea::softmax_attention(in.view(in.q), in.view(in.k), in.view(in.v), out, attention);
+    else if (which == calibration::act)
+      fovea::act_attention(in.view(in.q), in.view(in.k), in.view(in.v), out,
+                           {.threshold = 0.002, .beta = 0.4, .attention = attention});
+    else
+      fovea::var_attention(in.view(in.q), in.view(in.k), in.view(in.v), out,
+                           {.p = 0.6, .sink_keys = sinks, .target_keys = targets,
+                            .attention = attention});
+    benchmark::DoNotOptimize(in.o.data());
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -70,6 +98,12 @@ int main(int argc, char** argv) {
       fovea::bench::add("all_heads" + shape, BM_heads, n, heads, d, heads, index_t(0), threads);
       fovea::bench::add("moh_half" + shape, BM_heads, n, heads, d, index_t(2), index_t(6), threads);
     }
+  for (index_t d : {64, 128}) {
+    const std::string shape = "/N=4096/H=8/D=" + std::to_string(d) + "/causal/threads=1";
+    fovea::bench::add("softmax" + shape, BM_calibration, n, d, calibration::none);
+    fovea::bench::add("act" + shape, BM_calibration, n, d, calibration::act);
+    fovea::bench::add("var" + shape, BM_calibration, n, d, calibration::var);
+  }
   fovea::bench::summary_reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
@@ -79,5 +113,15 @@ int main(int argc, char** argv) {
   for (const auto& [shape, r] : reporter.pairs("all_heads", "moh_half"))
     std::printf("| %s | %.1f | %.1f | %.2fx |\n", shape.substr(1).c_str(), r.first.seconds * 1e3,
                 r.second.seconds * 1e3, r.first.seconds / r.second.seconds);
+  std::printf("\n| sink calibration on every head (4 planted sinks) | softmax ms | ACT ms | ACT / "
+              "softmax | VAR ms | VAR / softmax |\n|---|---:|---:|---:|---:|---:|\n");
+  const auto& all = reporter.results();
+  for (const auto& [shape, r] : reporter.pairs("softmax", "act")) {
+    const auto var = all.find("var" + shape);
+    const double var_s = var == all.end() ? 0 : var->second.seconds;
+    std::printf("| %s | %.1f | %.1f | %.2fx | %.1f | %.2fx |\n", shape.substr(1).c_str(),
+                r.first.seconds * 1e3, r.second.seconds * 1e3, r.second.seconds / r.first.seconds,
+                var_s * 1e3, var_s / r.first.seconds);
+  }
   return 0;
 }

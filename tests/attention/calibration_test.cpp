@@ -12,6 +12,7 @@
 
 #include "../common/attention_case.hpp"
 #include "../common/random.hpp"
+#include "../common/reference.hpp"
 
 namespace fovea::test {
 namespace {
@@ -136,6 +137,256 @@ TEST(ZeroTuning, BadGammaNamesTheArgument) {
        {std::vector<float>{1.f}, {1.f, 1.f, 1.f}, {1.f, -0.5f}, {nan, 1.f}, {1.f, INFINITY}})
     expect_rejected("gamma", out, -3.f,
                     [&] { zero_tuning_attention(X, X, X, O, std::span<const float>(gamma)); });
+}
+
+
+// ---- ACT and VAR ----------------------------------------------------------------------
+
+/// Inputs with planted sinks: every query shares a direction u, and keys 0, 7 and 33 lie
+/// along it, so they draw a large share of every row they are visible to.
+struct sink_case {
+  index_t B = 2, H = 4, Hk = 2, Sq = 96, Sk = 96, D = 16;
+  std::vector<float> q, k, v;
+  sink_case(index_t b, index_t h, index_t hk, index_t sq, index_t sk, index_t d, std::uint64_t seed)
+      : B(b), H(h), Hk(hk), Sq(sq), Sk(sk), D(d) {
+    q = normal<float>(B * H * Sq * D, seed, 0.5);
+    k = normal<float>(B * Hk * Sk * D, seed + 1, 0.5);
+    v = normal<float>(B * Hk * Sk * D, seed + 2);
+    for (std::size_t r = 0; r < q.size() / D; ++r) q[r * D] += 3.0f;  // u = e_0
+    for (index_t bh = 0; bh < B * Hk; ++bh)
+      for (index_t j : {0, 7, 33})
+        if (j < Sk) k[(bh * Sk + j) * D] += 4.0f;
+  }
+  tensor_view<const float, 4> Q() const { return bhsd<const float>(q.data(), B, H, Sq, D); }
+  tensor_view<const float, 4> K() const { return bhsd<const float>(k.data(), B, Hk, Sk, D); }
+  tensor_view<const float, 4> V() const { return bhsd<const float>(v.data(), B, Hk, Sk, D); }
+  /// Row (b, h, i)'s probabilities by the definitions, in double (0 where hidden).
+  std::vector<double> probabilities(const softmax_options& o, index_t b, index_t h, index_t i) const {
+    reference_row<double> row;
+    row_weights<double>(Q(), K(), o, custom_variant<>{}, b, h, i, row);
+    std::vector<double> p(Sk, 0.0);
+    for (index_t j = 0; j < Sk; ++j) p[j] = row.keep[j] && row.l > 0 ? row.e[j] / row.l : 0.0;
+    return p;
+  }
+  std::vector<double> mix(const std::vector<double>& p, index_t b, index_t h) const {
+    std::vector<double> o(D, 0.0);
+    for (index_t j = 0; j < Sk; ++j)
+      for (index_t d = 0; d < D; ++d) o[d] += p[j] * v[((b * Hk + h / (H / Hk)) * Sk + j) * D + d];
+    return o;
+  }
+};
+
+/// ACT by its definition: column means over the head's rows, the sinks above the
+/// threshold but the first, beta on them and their removed mass spread over the rest.
+std::vector<double> act_reference(const sink_case& c, const softmax_options& o, double threshold,
+                                  double beta, const std::vector<bool>& chosen) {
+  std::vector<double> out(c.B * c.H * c.Sq * c.D);
+  for (index_t b = 0; b < c.B; ++b)
+    for (index_t h = 0; h < c.H; ++h) {
+      std::vector<std::vector<double>> P(c.Sq);
+      std::vector<double> mean(c.Sk, 0.0);
+      for (index_t i = 0; i < c.Sq; ++i) {
+        P[i] = c.probabilities(o, b, h, i);
+        for (index_t j = 0; j < c.Sk; ++j) mean[j] += P[i][j] / double(c.Sq);
+      }
+      std::vector<bool> in_J(c.Sk, false);
+      bool first = true;
+      for (index_t j = 0; j < c.Sk; ++j)
+        if (chosen[h] && mean[j] > threshold) {
+          in_J[j] = !first;
+          first = false;
+        }
+      for (index_t i = 0; i < c.Sq; ++i) {
+        auto p = P[i];
+        double C = 0;
+        for (index_t j = 0; j < c.Sk; ++j) C += in_J[j] ? p[j] : 0.0;
+        if (1 - C > 1e-12)
+          for (index_t j = 0; j < c.Sk; ++j) p[j] *= in_J[j] ? beta : (1 - beta * C) / (1 - C);
+        const auto row = c.mix(p, b, h);
+        std::copy(row.begin(), row.end(), out.begin() + ((b * c.H + h) * c.Sq + i) * c.D);
+      }
+    }
+  return out;
+}
+
+void expect_near(const std::vector<float>& got, const std::vector<double>& want) {
+  ASSERT_EQ(got.size(), want.size());
+  for (std::size_t e = 0; e < got.size(); ++e)
+    ASSERT_NEAR(got[e], want[e], 3e-5 * (1 + std::abs(want[e]))) << "element " << e;
+}
+
+TEST(ACT, CalibratesTheSinksAboveTheThresholdButTheFirst) {
+  std::uint64_t seed = 100;
+  const std::vector<index_t> some = {1, 2};
+  for (auto [Sq, Sk] : {std::pair<index_t, index_t>{96, 96}, {5, 60}, {1, 200}, {40, 75}})
+    for (int variant = 0; variant < 4; ++variant) {
+      const sink_case c(2, 4, 2, Sq, Sk, 16, seed += 10);
+      act_options ao{.threshold = 0.05, .beta = 0.3};
+      ao.attention.causal = variant % 2 == 1;
+      if (variant == 2) {
+        ao.attention.window_left = 40;
+        ao.attention.softcap = 8;
+      }
+      std::vector<float> slopes(c.H, 0.02f), sinks(c.H, 0.5f);
+      if (variant == 3) {
+        ao.attention.alibi_slopes = view<const float, 2>(slopes.data(), {1, c.H});
+        ao.attention.sinks = view<const float, 1>(sinks.data(), {c.H});
+        ao.heads = some;
+      }
+      SCOPED_TRACE(testing::Message() << "Sq " << Sq << " Sk " << Sk << " variant " << variant);
+      std::vector<float> out(c.B * c.H * Sq * c.D, -7.f);
+      act_attention(c.Q(), c.K(), c.V(), bhsd(out.data(), c.B, c.H, Sq, c.D), ao);
+      std::vector<bool> chosen(c.H, ao.heads.empty());
+      for (index_t h : ao.heads) chosen[h] = true;
+      expect_near(out, act_reference(c, ao.attention, ao.threshold, ao.beta, chosen));
+      // Something moved: the same call at beta 1 is softmax attention, bit for bit.
+      std::vector<float> plain(out.size()), same(out.size());
+      softmax_attention(c.Q(), c.K(), c.V(), bhsd(plain.data(), c.B, c.H, Sq, c.D), ao.attention);
+      ao.beta = 1;
+      act_attention(c.Q(), c.K(), c.V(), bhsd(same.data(), c.B, c.H, Sq, c.D), ao);
+      EXPECT_EQ(same, plain);
+      if (Sq > 1) {
+        EXPECT_NE(out, plain);
+      }
+    }
+}
+
+// The column sums ACT's sinks come from (the transposed problem's lse), against
+// sum_i p_ij in double: causal and windows transpose, ALiBi and sinks carry over.
+TEST(ACT, ColumnSumsAreTheAttentionEachKeyReceives) {
+  std::uint64_t seed = 200;
+  for (auto [Sq, Sk] : {std::pair<index_t, index_t>{96, 96}, {5, 60}, {40, 75}, {75, 40}})
+    for (int variant = 0; variant < 5; ++variant) {
+      const sink_case c(2, 4, 2, Sq, Sk, 16, seed += 10);
+      softmax_options o;
+      o.causal = variant == 1 || variant == 3;
+      if (variant == 2) o.window_left = 9, o.window_right = 4;
+      if (variant == 3) o.window_left = 20, o.align = diagonal::top_left;
+      std::vector<float> slopes(c.B * c.H), sinks(c.H, 0.5f);
+      for (std::size_t h = 0; h < slopes.size(); ++h) slopes[h] = 0.01f * float(h + 1);
+      if (variant == 4) {
+        o.alibi_slopes = view<const float, 2>(slopes.data(), {c.B, c.H});
+        o.sinks = view<const float, 1>(sinks.data(), {c.H});
+        o.softcap = 5;
+      }
+      SCOPED_TRACE(testing::Message() << "Sq " << Sq << " Sk " << Sk << " variant " << variant);
+      std::vector<float> out(c.B * c.H * Sq * c.D), lse(c.B * c.H * Sq);
+      softmax_options with_lse = o;
+      with_lse.lse = view<float, 3>(lse.data(), {c.B, c.H, Sq});
+      softmax_attention(c.Q(), c.K(), c.V(), bhsd(out.data(), c.B, c.H, Sq, c.D), with_lse);
+      const auto pr = detail::make_softmax_problem<float>(c.Q(), c.K(), c.V(),
+                                                         bhsd(out.data(), c.B, c.H, Sq, c.D), o);
+      const auto got = detail::column_sums<default_backend>(c.Q(), c.K(), pr, o, lse);
+      for (index_t b = 0; b < c.B; ++b)
+        for (index_t h = 0; h < c.H; ++h) {
+          std::vector<double> want(Sk, 0.0);
+          for (index_t i = 0; i < Sq; ++i) {
+            const auto p = c.probabilities(o, b, h, i);
+            for (index_t j = 0; j < Sk; ++j) want[j] += p[j];
+          }
+          for (index_t j = 0; j < Sk; ++j)
+            ASSERT_NEAR(got[(b * c.H + h) * Sk + j], want[j], 2e-5 * (1 + want[j]))
+                << "b " << b << " h " << h << " key " << j;
+        }
+    }
+}
+
+TEST(ACT, ThreadCountNeverChangesABit) {
+  const sink_case c(2, 4, 2, 150, 150, 16, 3);
+  std::vector<float> first;
+  for (int threads : {1, 2, 3, 0}) {
+    std::vector<float> out(c.B * c.H * c.Sq * c.D);
+    act_options ao{.threshold = 0.05, .beta = 0.3};
+    ao.attention.causal = true;
+    ao.attention.threads = threads;
+    act_attention(c.Q(), c.K(), c.V(), bhsd(out.data(), c.B, c.H, c.Sq, c.D), ao);
+    if (first.empty())
+      first = out;
+    else
+      EXPECT_EQ(first, out) << threads;
+  }
+}
+
+/// VAR by its definition: a fraction p of the sinks' mass to the targets, by weight.
+std::vector<double> var_reference(const sink_case& c, const softmax_options& o, double p_move,
+                                  const std::vector<index_t>& sinks,
+                                  const std::vector<std::uint8_t>& targets,
+                                  const std::vector<bool>& chosen) {
+  std::vector<double> out(c.B * c.H * c.Sq * c.D);
+  for (index_t b = 0; b < c.B; ++b)
+    for (index_t h = 0; h < c.H; ++h)
+      for (index_t i = 0; i < c.Sq; ++i) {
+        auto p = c.probabilities(o, b, h, i);
+        double S = 0, T = 0;
+        for (index_t j : sinks) S += p[j];
+        for (index_t j = 0; j < c.Sk; ++j) T += targets[j] ? p[j] : 0.0;
+        if (chosen[h] && T > 0) {
+          for (index_t j : sinks) p[j] *= 1 - p_move;
+          for (index_t j = 0; j < c.Sk; ++j)
+            if (targets[j]) p[j] *= 1 + p_move * S / T;
+        }
+        const auto row = c.mix(p, b, h);
+        std::copy(row.begin(), row.end(), out.begin() + ((b * c.H + h) * c.Sq + i) * c.D);
+      }
+  return out;
+}
+
+TEST(VAR, MovesAFractionOfTheSinksAttentionToTheTargets) {
+  std::uint64_t seed = 300;
+  const std::vector<index_t> sinks = {0, 7}, some = {0, 3};
+  for (auto [Sq, Sk] : {std::pair<index_t, index_t>{96, 96}, {5, 60}, {1, 200}})
+    for (int variant = 0; variant < 3; ++variant) {
+      const sink_case c(2, 4, 2, Sq, Sk, 16, seed += 10);
+      std::vector<std::uint8_t> targets(Sk, 0);  // "image tokens": keys [10, 50)
+      for (index_t j = 10; j < std::min<index_t>(50, Sk); ++j) targets[j] = 1;
+      var_options vo{.p = 0.6, .sink_keys = sinks, .target_keys = targets};
+      vo.attention.causal = variant >= 1;
+      if (variant == 2) vo.heads = some;
+      SCOPED_TRACE(testing::Message() << "Sq " << Sq << " Sk " << Sk << " variant " << variant);
+      std::vector<float> out(c.B * c.H * Sq * c.D, -7.f);
+      var_attention(c.Q(), c.K(), c.V(), bhsd(out.data(), c.B, c.H, Sq, c.D), vo);
+      std::vector<bool> chosen(c.H, vo.heads.empty());
+      for (index_t h : vo.heads) chosen[h] = true;
+      // (Causal with Sq = Sk: rows before key 10 see no target and stay as they are.)
+      expect_near(out, var_reference(c, vo.attention, vo.p, sinks, targets, chosen));
+    }
+}
+
+TEST(ACTAndVAR, BadInputNamesTheArgumentAndWritesNothing) {
+  const sink_case c(1, 4, 2, 6, 6, 8, 1);
+  std::vector<float> out(c.B * c.H * c.Sq * c.D, -3.f);
+  const auto O = bhsd(out.data(), c.B, c.H, c.Sq, c.D);
+  for (double threshold : {0.0, -0.1, 1.5, double(NAN)})
+    expect_rejected("options.threshold", out, -3.f,
+                    [&] { act_attention(c.Q(), c.K(), c.V(), O, {.threshold = threshold, .beta = 0.5}); });
+  expect_rejected("options.beta", out, -3.f,
+                  [&] { act_attention(c.Q(), c.K(), c.V(), O, {.threshold = 0.1, .beta = 1.5}); });
+  const std::vector<index_t> bad_heads = {4};
+  expect_rejected("options.heads", out, -3.f, [&] {
+    act_attention(c.Q(), c.K(), c.V(), O, {.threshold = 0.1, .beta = 0.5, .heads = bad_heads});
+  });
+  std::vector<float> bias(c.Sq * c.Sk, 0.f);
+  act_options with_bias{.threshold = 0.1, .beta = 0.5};
+  with_bias.attention.bias = view<const float, 4>(bias.data(), {1, 1, c.Sq, c.Sk});
+  expect_rejected("options.attention.bias", out, -3.f,
+                  [&] { act_attention(c.Q(), c.K(), c.V(), O, with_bias); });
+  const std::vector<std::uint8_t> targets(c.Sk, 0), short_targets(c.Sk - 1, 0);
+  std::vector<std::uint8_t> target_sink(c.Sk, 0);
+  target_sink[0] = 1;
+  const std::vector<index_t> sink0 = {0}, twice = {1, 1}, outside = {6};
+  expect_rejected("options.p", out, -3.f, [&] {
+    var_attention(c.Q(), c.K(), c.V(), O, {.p = -0.5, .sink_keys = sink0, .target_keys = targets});
+  });
+  expect_rejected("options.target_keys", out, -3.f, [&] {
+    var_attention(c.Q(), c.K(), c.V(), O, {.p = 0.5, .sink_keys = sink0, .target_keys = short_targets});
+  });
+  for (const auto* s : {&twice, &outside})
+    expect_rejected("options.sink_keys", out, -3.f, [&] {
+      var_attention(c.Q(), c.K(), c.V(), O, {.p = 0.5, .sink_keys = *s, .target_keys = targets});
+    });
+  expect_rejected("options.sink_keys", out, -3.f, [&] {
+    var_attention(c.Q(), c.K(), c.V(), O, {.p = 0.5, .sink_keys = sink0, .target_keys = target_sink});
+  });
 }
 
 }  // namespace
