@@ -58,7 +58,14 @@ void BM_heads(benchmark::State& state, index_t n, index_t heads, index_t d, inde
 
 /// Plain softmax attention, ACT or VAR on every head: causal, H = Hk = 8, over inputs with
 /// four planted sink keys (0, 100, 1000, 3000: every query shares a direction they lie along).
-enum class calibration { none, act, var };
+enum class calibration { none, act, var, prob_mod };
+
+/// A prob_mod that moves mass between keys by index (cheap: the hook's own cost shows).
+struct reweight {
+  float operator()(float p, index_t, index_t, index_t, index_t j) const {
+    return (j & 1) ? 1.25f * p : 0.75f * p;
+  }
+};
 void BM_calibration(benchmark::State& state, index_t n, index_t d, calibration which) {
   inputs in(n, 8, d);
   for (index_t r = 0; r < 8 * n; ++r) in.q[r * d] += 3.f;
@@ -75,10 +82,13 @@ void BM_calibration(benchmark::State& state, index_t n, index_t d, calibration w
     else if (which == calibration::act)
       fovea::act_attention(in.view(in.q), in.view(in.k), in.view(in.v), out,
                            {.threshold = 0.002, .beta = 0.4, .attention = attention});
-    else
+    else if (which == calibration::var)
       fovea::var_attention(in.view(in.q), in.view(in.k), in.view(in.v), out,
                            {.p = 0.6, .sink_keys = sinks, .target_keys = targets,
                             .attention = attention});
+    else
+      fovea::softmax_attention_prob_mod(in.view(in.q), in.view(in.k), in.view(in.v), out,
+                                        reweight{}, attention);
     benchmark::DoNotOptimize(in.o.data());
   }
 }
@@ -103,6 +113,7 @@ int main(int argc, char** argv) {
     fovea::bench::add("softmax" + shape, BM_calibration, n, d, calibration::none);
     fovea::bench::add("act" + shape, BM_calibration, n, d, calibration::act);
     fovea::bench::add("var" + shape, BM_calibration, n, d, calibration::var);
+    fovea::bench::add("prob_mod" + shape, BM_calibration, n, d, calibration::prob_mod);
   }
   fovea::bench::summary_reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
@@ -113,15 +124,20 @@ int main(int argc, char** argv) {
   for (const auto& [shape, r] : reporter.pairs("all_heads", "moh_half"))
     std::printf("| %s | %.1f | %.1f | %.2fx |\n", shape.substr(1).c_str(), r.first.seconds * 1e3,
                 r.second.seconds * 1e3, r.first.seconds / r.second.seconds);
-  std::printf("\n| sink calibration on every head (4 planted sinks) | softmax ms | ACT ms | ACT / "
-              "softmax | VAR ms | VAR / softmax |\n|---|---:|---:|---:|---:|---:|\n");
+  std::printf("\n| on every head (4 planted sinks) | softmax ms | ACT ms | ACT / softmax | VAR ms "
+              "| VAR / softmax | prob_mod ms | prob_mod / softmax |\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|\n");
   const auto& all = reporter.results();
+  auto seconds = [&](const std::string& name) {
+    const auto it = all.find(name);
+    return it == all.end() ? 0.0 : it->second.seconds;
+  };
   for (const auto& [shape, r] : reporter.pairs("softmax", "act")) {
-    const auto var = all.find("var" + shape);
-    const double var_s = var == all.end() ? 0 : var->second.seconds;
-    std::printf("| %s | %.1f | %.1f | %.2fx | %.1f | %.2fx |\n", shape.substr(1).c_str(),
-                r.first.seconds * 1e3, r.second.seconds * 1e3, r.second.seconds / r.first.seconds,
-                var_s * 1e3, var_s / r.first.seconds);
+    const double var_s = seconds("var" + shape), prob_s = seconds("prob_mod" + shape);
+    std::printf("| %s | %.1f | %.1f | %.2fx | %.1f | %.2fx | %.1f | %.2fx |\n",
+                shape.substr(1).c_str(), r.first.seconds * 1e3, r.second.seconds * 1e3,
+                r.second.seconds / r.first.seconds, var_s * 1e3, var_s / r.first.seconds,
+                prob_s * 1e3, prob_s / r.first.seconds);
   }
   return 0;
 }

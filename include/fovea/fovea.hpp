@@ -23,6 +23,7 @@
 #include "attention/linear.hpp"
 #include "attention/linear_recurrence.hpp"
 #include "attention/moh.hpp"
+#include "attention/prob_mod.hpp"
 #include "attention/titans_memory.hpp"
 #include "attention/softmax.hpp"
 #include "attention/softmax_backward.hpp"

@@ -389,5 +389,123 @@ TEST(ACTAndVAR, BadInputNamesTheArgumentAndWritesNothing) {
   });
 }
 
+
+// ---- prob_mod: a functor on each normalised probability before P V -------------------
+
+struct reweight_by_key {  // p' = p (1 + 0.5 ((j + h) % 3 - 1)): moves mass between keys
+  template <class T>
+  T operator()(T p, index_t, index_t h, index_t, index_t j) const {
+    return p * T(1 + 0.5 * double((j + h) % 3 - 1));
+  }
+};
+struct drop_small {  // p' = p if p >= 0.02 else 0 (a sparsified row, not renormalised)
+  template <class T>
+  T operator()(T p, index_t, index_t, index_t, index_t) const {
+    return p >= T(0.02) ? p : T(0);
+  }
+};
+struct keep_probability {
+  template <class T>
+  T operator()(T p, index_t, index_t, index_t, index_t) const {
+    return p;
+  }
+};
+
+/// sum_j f(p_ij) v_j in double, p from the definitions (every option and variant).
+template <class F, class ScoreMod, class MaskMod>
+std::vector<double> prob_mod_reference(const attention_inputs<float>& in, const softmax_options& o,
+                                       const custom_variant<ScoreMod, MaskMod>& custom, F f) {
+  const shape& s = in.s;
+  std::vector<double> out(s.B * s.H * s.Sq * s.Dv, 0.0);
+  for (index_t b = 0; b < s.B; ++b)
+    for (index_t h = 0; h < s.H; ++h)
+      for (index_t i = 0; i < s.Sq; ++i) {
+        reference_row<double> row;
+        row_weights<double>(in.qv(), in.kv(), o, custom, b, h, i, row);
+        for (index_t j = 0; j < s.Sk; ++j) {
+          if (!row.keep[j] || row.l == 0) continue;
+          const double p = f(row.e[j] / row.l, b, h, i, j);
+          for (index_t d = 0; d < s.Dv; ++d)
+            out[((b * s.H + h) * s.Sq + i) * s.Dv + d] += p * in.vv()(b, h / (s.H / s.Hk), j, d);
+        }
+      }
+  return out;
+}
+
+template <class F, class ScoreMod = identity_score_mod, class MaskMod = keep_all_mask_mod>
+void check_prob_mod(const shape& s, unsigned features, std::uint64_t seed, F f, int threads = 1,
+                    const custom_variant<ScoreMod, MaskMod>& custom = {}) {
+  SCOPED_TRACE(describe(s, features));
+  const attention_inputs<float> in(s, features, seed);
+  std::vector<float> out(s.B * s.H * s.Sq * s.Dv, -7.f), lse(s.B * s.H * s.Sq, -7.f);
+  auto o = in.options(lse.data());
+  o.threads = threads;
+  auto out_view = in.layout<float>(out.data(), s.H, s.Sq, s.Dv);
+  softmax_attention_prob_mod(in.qv(), in.kv(), in.vv(), out_view, f, o, custom);
+  const auto want = prob_mod_reference(in, o, custom, f);
+  const auto got = as_dense(out_view);
+  for (std::size_t e = 0; e < got.size(); ++e)
+    ASSERT_NEAR(got[e], want[e], 3e-5 * (1 + std::abs(want[e]))) << "element " << e;
+  if (features & feature::lse) {
+    const auto plain = reference_softmax<double>(in.qv(), in.kv(), in.vv(), o, custom);
+    for (std::size_t r = 0; r < lse.size(); ++r)
+      if (std::isinf(plain.lse[r])) {
+        ASSERT_EQ(lse[r], float(plain.lse[r]));
+      } else {
+        ASSERT_NEAR(lse[r], plain.lse[r], 1e-5 * (1 + std::abs(plain.lse[r])));
+      }
+  }
+}
+
+TEST(ProbMod, EachProbabilityPassesThroughTheFunctorBeforePV) {
+  std::uint64_t seed = 500;
+  const shape shapes[] = {{2, 4, 2, 37, 37, 16, 16}, {1, 4, 1, 1, 300, 32, 24},
+                          {2, 6, 3, 5, 50, 17, 9},   {1, 3, 3, 70, 90, 17, 23},
+                          {1, 2, 1, 40, 20, 8, 8},   {1, 2, 1, 0, 5, 8, 8}};
+  const unsigned sets[] = {0u, feature::causal | feature::lse,
+                           feature::bias | feature::mask | feature::bshd | feature::lse,
+                           feature::window | feature::sinks | feature::alibi | feature::softcap,
+                           feature::top_left | feature::causal | feature::scale};
+  for (const auto& s : shapes)
+    for (unsigned f : sets) {
+      check_prob_mod(s, f, seed += 10, reweight_by_key{});
+      check_prob_mod(s, f, seed += 10, drop_small{});
+      check_prob_mod(s, f, seed += 10, keep_probability{});
+    }
+  // The user's score_mod and mask_mod apply before it.
+  check_prob_mod(shape{2, 4, 2, 33, 45, 16, 16}, feature::causal, 77, reweight_by_key{}, 1,
+                 with_mods(test_score_mod{}, test_mask_mod{}));
+}
+
+TEST(ProbMod, TheIdentityIsSoftmaxAttentionAndThreadsChangeNoBit) {
+  const shape s{2, 8, 2, 150, 150, 32, 32};
+  const attention_inputs<float> in(s, feature::causal, 9);
+  std::vector<float> plain(s.B * s.H * s.Sq * s.Dv), first;
+  softmax_attention(in.qv(), in.kv(), in.vv(), output_view(plain, s), in.options(nullptr));
+  for (int threads : {1, 2, 3, 0}) {
+    std::vector<float> out(plain.size());
+    auto o = in.options(nullptr);
+    o.threads = threads;
+    softmax_attention_prob_mod(in.qv(), in.kv(), in.vv(), output_view(out, s), keep_probability{}, o);
+    for (std::size_t e = 0; e < out.size(); ++e)
+      ASSERT_NEAR(out[e], plain[e], 2e-6 * (1 + std::abs(plain[e])));
+    if (first.empty())
+      first = out;
+    else
+      EXPECT_EQ(first, out) << threads;
+  }
+  // bf16 q, k, v and out (fp32 inside): the identity within bf16's rounding of the output.
+  std::vector<bfloat16> qb(in.q.begin(), in.q.end()), kb(in.k.begin(), in.k.end()),
+      vb(in.v.begin(), in.v.end()), ob(plain.size()), pb(plain.size());
+  const auto Qb = bhsd<const bfloat16>(qb.data(), s.B, s.H, s.Sq, s.D);
+  const auto Kb = bhsd<const bfloat16>(kb.data(), s.B, s.Hk, s.Sk, s.D);
+  const auto Vb = bhsd<const bfloat16>(vb.data(), s.B, s.Hk, s.Sk, s.Dv);
+  softmax_attention(Qb, Kb, Vb, bhsd(pb.data(), s.B, s.H, s.Sq, s.Dv), {.causal = true});
+  softmax_attention_prob_mod(Qb, Kb, Vb, bhsd(ob.data(), s.B, s.H, s.Sq, s.Dv), keep_probability{},
+                             {.causal = true});
+  for (std::size_t e = 0; e < ob.size(); ++e)
+    ASSERT_NEAR(float(ob[e]), float(pb[e]), 1e-2 * (1 + std::abs(float(pb[e]))));
+}
+
 }  // namespace
 }  // namespace fovea::test

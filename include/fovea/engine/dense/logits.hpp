@@ -35,7 +35,7 @@ void apply_logit_terms(const query_columns<T>& cols,
                        tile_cuts cuts, KeyOf&& key_of, index_t keys, At&& at,
                        Derivative&& derivative = nullptr) noexcept {
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
-  constexpr bool scored = !std::is_same_v<ScoreMod, identity_score_mod>;
+  constexpr bool scored = !leaves_scores<ScoreMod>;
   constexpr bool masking = !std::is_same_v<MaskMod, keep_all_mask_mod>;
   const index_t n = cols.count;
   if (!cols.has_bias && !scored && !cuts.band && !cols.has_mask && !(masking && cuts.mask_mod))
@@ -105,8 +105,7 @@ bool apply_logits(const query_columns<T>& cols, const custom_variant<ScoreMod, M
     cols.has_alibi ? scale_tile.template operator()<false, true>()
                    : scale_tile.template operator()<false, false>();
   auto at = [&](index_t r, index_t c) -> T& { return tile[r * ld + c]; };
-  if constexpr (!std::is_same_v<ScoreMod, identity_score_mod> &&
-                differentiable_score_mod<ScoreMod, T>) {
+  if constexpr (!leaves_scores<ScoreMod> && differentiable_score_mod<ScoreMod, T>) {
     if (derivative)
       apply_logit_terms(cols, custom, band, cuts, key_of, keys, at,
                         [&](index_t r, index_t c) -> T& { return derivative[r * ld + c]; });

@@ -58,6 +58,25 @@ inline bool online_softmax_update(const T* s, T* p, index_t ld, index_t keys, T*
   return rescale;
 }
 
+/// p = exp(s - m) for one tile of `keys` logit rows whose rows' normalisers m are known
+/// (a prob_mod pass: m is each row's lse, so p is final); -inf logits give exactly 0.
+template <class T, class Backend, int Vectors>
+inline void known_lse_probabilities(const T* s, T* p, index_t ld, index_t keys, const T* m) noexcept {
+  using V = vec<T, Backend>;
+  constexpr int W = V::width;
+  const auto neg_inf = V::broadcast(-std::numeric_limits<T>::infinity());
+  typename V::type ref[Vectors];
+#pragma GCC unroll 8
+  for (int x = 0; x < Vectors; ++x) {  // a row that sees no key (lse -inf): every p is 0
+    const auto mx = V::load(m + x * W);
+    ref[x] = V::select(V::equal(mx, neg_inf), V::broadcast(T(0)), mx);
+  }
+  for (index_t j = 0; j < keys; ++j)
+#pragma GCC unroll 8
+    for (int x = 0; x < Vectors; ++x)
+      V::store(p + j * ld + x * W, V::exp(V::sub(V::load(s + j * ld + x * W), ref[x])));
+}
+
 /// The same update for logits laid out [column][key] (keys contiguous): row c is
 /// s[c * ld + j], j < keys (lanes past `keys` are ignored), with state m[c], l[c] and
 /// alpha[c]; p has the same layout.

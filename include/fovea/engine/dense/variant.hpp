@@ -51,6 +51,37 @@ constexpr custom_variant<ScoreMod, MaskMod> with_mods(ScoreMod s, MaskMod m) {
   return {s, m};
 }
 
+namespace detail {
+
+/// The score_mod of a prob_mod call's second pass: the user's score_mod (applied as
+/// usual) and the user's prob_mod, which the prefill tile applies to each normalised
+/// probability p = exp(s - lse) before P V (the lse given by the first pass).
+template <class ScoreMod, class ProbMod>
+struct prob_pass {
+  ScoreMod score_mod{};
+  ProbMod prob_mod{};
+  template <class T>
+  T operator()(T score, index_t b, index_t h, index_t i, index_t j) const {
+    if constexpr (std::is_same_v<ScoreMod, identity_score_mod>)
+      return score;
+    else
+      return score_mod(score, b, h, i, j);
+  }
+};
+
+template <class ScoreMod>
+inline constexpr bool is_prob_pass = false;
+template <class ScoreMod, class ProbMod>
+inline constexpr bool is_prob_pass<prob_pass<ScoreMod, ProbMod>> = true;
+
+/// Whether a score_mod changes no logit (the identity, or a prob_pass around it).
+template <class ScoreMod>
+inline constexpr bool leaves_scores = std::is_same_v<ScoreMod, identity_score_mod>;
+template <class ProbMod>
+inline constexpr bool leaves_scores<prob_pass<identity_score_mod, ProbMod>> = true;
+
+}  // namespace detail
+
 /// Whether a score_mod has the derivative the backward needs (the identity has none to give).
 template <class ScoreMod, class T>
 concept differentiable_score_mod =
