@@ -85,7 +85,7 @@ void check_tolerance(const std::vector<float>& got, const std::vector<double>& w
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   bytes in{data, size};
-  const int kernel = in.u8() % 20;
+  const int kernel = in.u8() % 23;
   const index_t B = in.u8() % 3, H = in.u8() % 5, Sq = in.u8() % 41, Sk = in.u8() % 41;
   const index_t D = in.u8() % 10, Dv = in.u8() % 10;
   const std::uint8_t hk_pick = in.u8(), layout = in.u8() % 8, flags = in.u8();
@@ -196,7 +196,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   fovea::softmax_options softmax_options_used;
   fovea::dynamic_mask_options dma_options_used;
   std::optional<fovea::hip_options> hip_over_cache;  // kernel 14 ran HiP: its options
-  std::vector<float> dma_bias;
+  std::vector<float> dma_bias, row_weights;
+  bool identity_calibration = false;  // kernel 22 with beta 1 / p 0: softmax attention itself
   bool backward_ran = false;
   bool threw = false;
   try {
@@ -552,6 +553,49 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         backward_ran = true;
         break;
       }
+      case 20: {  // the head-sparse mode: row weights from the bytes (0, NaN: an error, ...)
+        row_weights.resize(B * H * Sq + 1);
+        for (float& e : row_weights) {
+          e = (in.u8() & 3) == 0 ? 0.f : in.value();
+          moderate = !(std::abs(e) >= 1e3f) && moderate;
+        }
+        softmax_options_used = {.causal = causal, .scale = scale, .threads = 1 + (flags & 1)};
+        fovea::head_sparse_attention(Q, K, V, O, fovea::view<const float, 3>(row_weights.data(), {B, H, Sq}),
+                                     softmax_options_used);
+        break;
+      }
+      case 21: {  // prob_mod: the identity (checked below against softmax) or a reweighting
+        softmax_options_used = {.causal = causal, .scale = scale, .threads = 1 + (flags & 1)};
+        if (flags & 4)
+          fovea::softmax_attention_prob_mod(
+              Q, K, V, O, [](float p, index_t, index_t, index_t, index_t j) { return j % 2 ? p : 2 * p; },
+              softmax_options_used);
+        else
+          fovea::softmax_attention_prob_mod(
+              Q, K, V, O, [](float p, index_t, index_t, index_t, index_t) { return p; },
+              softmax_options_used);
+        break;
+      }
+      case 22: {  // ACT (threshold and beta from the bytes, maybe invalid) or VAR (sinks and
+                  // targets from the bytes, maybe out of range or overlapping)
+        const double beta = flags & 8 ? 1.0 : double(in.u8()) / 200;  // > 1: an error
+        softmax_options_used = {.causal = causal, .scale = scale, .threads = 1 + (flags & 1)};
+        if (flags & 4) {
+          fovea::act_attention(Q, K, V, O, {.threshold = double(in.u8()) / 255, .beta = beta,
+                                            .attention = softmax_options_used});
+          identity_calibration = beta == 1.0;
+        } else {
+          std::vector<index_t> sinks;
+          for (int i = in.u8() % 3; i > 0; --i) sinks.push_back(in.u8() % 48);
+          std::vector<std::uint8_t> targets(Sk + (flags & 16 ? 1 : 0));
+          for (auto& t : targets) t = in.u8() & 1;
+          const double p = flags & 8 ? 0.0 : double(in.u8()) / 200;
+          fovea::var_attention(Q, K, V, O, {.p = p, .sink_keys = sinks, .target_keys = targets,
+                                            .attention = softmax_options_used});
+          identity_calibration = p == 0.0;
+        }
+        break;
+      }
       default: {  // routing's strictly causal decode over a cache of K
         fovea::routing_centroids mu(std::max<index_t>(H, 1), 1 + in.u8() % 4,
                                     std::max<index_t>(D, 1));
@@ -590,6 +634,21 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     // only inputs whose products and sums stay far from it.
     if (!other_options && tame && (!scale || *scale < 1e6))
       check_tolerance(got, want.out, naive.out);
+  } else if ((kernel == 20 || (kernel == 21 && !(flags & 4)) || (kernel == 22 && identity_calibration)) &&
+             tame && (!scale || *scale < 1e6)) {
+    // the head-sparse mode: weight x softmax (0 exactly where the weight is 0); prob_mod's
+    // identity and ACT / VAR that move nothing: softmax attention
+    auto want = fovea::test::reference_softmax<double>(Q, K, V, softmax_options_used);
+    auto naive = fovea::test::reference_softmax<float>(Q, K, V, softmax_options_used);
+    if (kernel == 20)
+      for (std::size_t r = 0; r < std::size_t(B * H * Sq); ++r)
+        for (index_t e = 0; e < Dv; ++e) {
+          const std::size_t at = r * std::size_t(Dv) + std::size_t(e);
+          if (row_weights[r] == 0.f && got[at] != 0.f) fail("a skipped row was written nonzero");
+          want.out[at] *= row_weights[r];
+          naive.out[at] *= row_weights[r];
+        }
+    if (kernel != 20 || moderate) check_tolerance(got, want.out, naive.out);
   } else if (kernel == 14 && hip_over_cache) {  // the same call on the dequantized values
     fovea::hip_options o = *hip_over_cache;
     o.k_scale = o.v_scale = {};

@@ -494,6 +494,17 @@ TEST(ProbMod, TheIdentityIsSoftmaxAttentionAndThreadsChangeNoBit) {
     else
       EXPECT_EQ(first, out) << threads;
   }
+  // Huge logits (|s| ~ 1e12, found by the fuzzer): p is taken against the row's max, not
+  // against an fp32 lse, which cannot hold log(Sk) next to 1e12.
+  {
+    attention_inputs<float> huge(shape{1, 2, 1, 13, 13, 6, 6}, 0, 21);
+    for (index_t d = 0; d < 6; ++d) huge.q[3 * 6 + d] = 4e11f * float(d % 2 ? 1 : -1);
+    std::vector<float> a(2 * 13 * 6), b(a.size());
+    softmax_attention(huge.qv(), huge.kv(), huge.vv(), bhsd(a.data(), 1, 2, 13, 6));
+    softmax_attention_prob_mod(huge.qv(), huge.kv(), huge.vv(), bhsd(b.data(), 1, 2, 13, 6),
+                               keep_probability{});
+    for (std::size_t e = 0; e < a.size(); ++e) ASSERT_NEAR(b[e], a[e], 1e-5 * (1 + std::abs(a[e]))) << e;
+  }
   // bf16 q, k, v and out (fp32 inside): the identity within bf16's rounding of the output.
   std::vector<bfloat16> qb(in.q.begin(), in.q.end()), kb(in.k.begin(), in.k.end()),
       vb(in.v.begin(), in.v.end()), ob(plain.size()), pb(plain.size());

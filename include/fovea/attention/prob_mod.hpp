@@ -1,11 +1,10 @@
 // A post-softmax hook (FlexAttention's and ONNX's prob_mod): a user functor applied to
-// each normalised probability before P V. Two passes on the dense engine: the rows' lse
-// first (QK^T only: a call with no value columns), then the tiles again with p = exp(s -
-// lse) final, so each probability can be changed before it multiplies its value row.
+// each normalised probability before P V. Each prefill tile walks its keys twice: QK^T
+// for the rows' max and sum, then QK^T again with p = exp(s - max) / sum final, so each
+// probability can be changed before it multiplies its value row.
 #pragma once
 
 #include <type_traits>
-#include <vector>
 
 #include "../core/storage.hpp"
 #include "../core/tensor_view.hpp"
@@ -27,35 +26,21 @@ namespace fovea {
 ///
 ///   q: (B, H, Sq, D)  k: (B, Hk, Sk, D)  v: (B, Hk, Sk, Dv)  out: (B, H, Sq, Dv)
 ///
-/// q and out in float, bf16 or fp16 (fp32 accumulation: the second pass reads the first's
-/// fp32 lse), k and v in any cache type softmax_attention takes. Cost: ~1.5x
-/// softmax_attention plus the functor per visible (query, key) pair; every call takes the
-/// prefill tiles (decoding too: the lse pass is the decode path, the second is not).
+/// Every storage and cache type softmax_attention takes (fp32 accumulation; double for
+/// double). Cost: ~1.5x softmax_attention plus the functor per visible
+/// (query, key) pair; every call takes the prefill tiles (decoding too: a tile of a few
+/// queries per head, K and V read per query head).
 /// NaN in a row's logits makes its lse NaN and the row NaN. Bitwise the same for every
 /// thread count. Bad input throws fovea::error as softmax_attention does, before any write.
 template <class Backend = default_backend, class TQ, class TK, class TV, class TO, class ProbMod,
           class ScoreMod = identity_score_mod, class MaskMod = keep_all_mask_mod>
-requires detail::mixed_attention_types<TQ, TK, TV, TO> &&
-         std::is_same_v<accumulator_t<TO>, float>
+requires detail::mixed_attention_types<TQ, TK, TV, TO>
 void softmax_attention_prob_mod(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v,
                                 tensor_view<TO, 4> out, ProbMod prob_mod,
                                 const softmax_options& options = {},
                                 const custom_variant<ScoreMod, MaskMod>& custom = {}) {
   auto problem = detail::make_softmax_problem<TO>(q, k, v, out, options);
-  const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2);
-  // 1. Each row's lse: the same call with no value columns.
-  std::vector<float> own_lse;
-  tensor_view<float, 3> lse = options.lse;
-  if (!lse.data()) {
-    own_lse.assign(std::size_t(B * H * Sq), 0.f);
-    lse = view<float, 3>(own_lse.data(), {B, H, Sq});
-  }
-  softmax_options first = options;
-  first.lse = lse;
-  softmax_attention<Backend>(q, k, slice(v, 3, 0, 0), slice(out, 3, 0, 0), first, custom);
-  // 2. p = exp(s - lse) through prob_mod, then P V.
-  problem.given_lse = lse;
-  problem.lse = {};
+  problem.prob_mod = true;
   const custom_variant<detail::prob_pass<ScoreMod, ProbMod>, MaskMod> pass{
       {custom.score_mod, prob_mod}, custom.mask_mod};
   detail::run_dense<Backend>(std::span<const decltype(problem)>(&problem, 1), pass,

@@ -47,15 +47,15 @@ struct dense_problem {
   /// weight is 0 is never computed and is written 0 (lse -inf); any other row's output is
   /// multiplied by its weight.
   tensor_view<const float, 3> row_weights;
-  /// (B, H, Sq) or empty: a prob_mod call's second pass. Each row's lse is known, so the
-  /// tile takes p = exp(s - lse) directly (no running max, no rescale, no sum) and hands
-  /// it to the prob_pass score_mod's prob_mod before P V. Prefill tiles over whole keys.
-  tensor_view<const float, 3> given_lse;
+  /// A prob_mod call (its score_mod a prob_pass): each prefill tile walks its keys twice,
+  /// for the rows' max and sum, then for the normalised probabilities through the prob_mod
+  /// before P V; so prefill tiles over whole keys only (no decode path, no key split).
+  bool prob_mod = false;
 
   index_t batch() const noexcept { return q.extent(0); }
   index_t heads() const noexcept { return q.extent(1); }
   index_t queries() const noexcept { return q.extent(2); }
-  bool decode() const noexcept { return queries() <= decode_max_queries && !given_lse.data(); }
+  bool decode() const noexcept { return queries() <= decode_max_queries && !prob_mod; }
 };
 
 /// Fixed chunking of Sk for the decode path: at most 64 chunks of >= 512 keys.
@@ -175,7 +175,7 @@ dense_plan plan_dense(std::span<const dense_problem<S, K, V>> problems) {
       lay.width = BQ;
       lay.tiles = (Sq + BQ - 1) / BQ;
       if (B * H * lay.tiles <= split_prefill_max_tiles && pr.keys >= split_prefill_min_keys &&
-          !pr.given_lse.data()) {
+          !pr.prob_mod) {
         lay.chunk_keys = split_prefill_chunk_keys<prefill_buf::BK>(pr.keys);
         lay.chunks = (pr.keys + lay.chunk_keys - 1) / lay.chunk_keys;
         lay.partials = plan.partial_total;
@@ -283,14 +283,6 @@ void run_prefill_task(const dense_problem<S, K, V>& pr, const dense_layout& lay,
   tile_options how{.with_lse = pr.lse.data() != nullptr,
                    .stream_kv = pr.queries() <= BQ && pr.terms.group == 1,
                    .ahead = &ahead};
-  float given[BQ];  // a prob_mod pass: each column's lse, and no sink (it is in the lse)
-  if (pr.given_lse.data()) {
-    for (index_t c = 0; c < cols.count; ++c) {
-      given[c] = pr.given_lse(tk.b, tk.head, cols.pos[c]);
-      cols.sink[c] = -std::numeric_limits<T>::infinity();
-    }
-    how.given_lse = given;
-  }
   if (lay.chunks > 1) {  // this task's chunk of the keys, kept as partial states
     how.from = tk.chunk * lay.chunk_keys;
     how.to = how.from + lay.chunk_keys;

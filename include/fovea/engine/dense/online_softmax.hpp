@@ -58,23 +58,41 @@ inline bool online_softmax_update(const T* s, T* p, index_t ld, index_t keys, T*
   return rescale;
 }
 
-/// p = exp(s - m) for one tile of `keys` logit rows whose rows' normalisers m are known
-/// (a prob_mod pass: m is each row's lse, so p is final); -inf logits give exactly 0.
+/// p = exp(s - m) * inv for one tile of `keys` logit rows whose rows' max m and 1 / sum
+/// `inv` are final (a prob_mod tile's second walk: p is the normalised probability; -inf
+/// logits give exactly 0).
 template <class T, class Backend, int Vectors>
-inline void known_lse_probabilities(const T* s, T* p, index_t ld, index_t keys, const T* m) noexcept {
+inline void normalised_probabilities(const T* s, T* p, index_t ld, index_t keys, const T* m,
+                                     const T* inv) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width;
-  const auto neg_inf = V::broadcast(-std::numeric_limits<T>::infinity());
-  typename V::type ref[Vectors];
+  typename V::type ref[Vectors], scale[Vectors];
 #pragma GCC unroll 8
-  for (int x = 0; x < Vectors; ++x) {  // a row that sees no key (lse -inf): every p is 0
-    const auto mx = V::load(m + x * W);
-    ref[x] = V::select(V::equal(mx, neg_inf), V::broadcast(T(0)), mx);
-  }
+  for (int x = 0; x < Vectors; ++x) ref[x] = V::load(m + x * W), scale[x] = V::load(inv + x * W);
   for (index_t j = 0; j < keys; ++j)
 #pragma GCC unroll 8
     for (int x = 0; x < Vectors; ++x)
-      V::store(p + j * ld + x * W, V::exp(V::sub(V::load(s + j * ld + x * W), ref[x])));
+      V::store(p + j * ld + x * W,
+               V::mul(V::exp(V::sub(V::load(s + j * ld + x * W), ref[x])), scale[x]));
+}
+
+/// A prob_mod tile's rows after its first walk over the keys (m, l: the online state):
+/// m becomes the reference the probabilities are taken against (the max with the sink,
+/// 0 for a row that saw nothing), inv 1 / sum (sink included; 0 for a row that saw
+/// nothing), and l the row's lse.
+template <class T>
+inline void normalisers(index_t columns, const T* sink, T* m, T* l, T* inv) noexcept {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  for (index_t c = 0; c < columns; ++c) {
+    T m_all = m[c], total = l[c];
+    if (sink[c] != -inf) {
+      m_all = m[c] > sink[c] ? m[c] : (m[c] != m[c] ? m[c] : sink[c]);
+      total = (m[c] == -inf ? T(0) : l[c] * std::exp(m[c] - m_all)) + std::exp(sink[c] - m_all);
+    }
+    m[c] = m_all == -inf ? T(0) : m_all;
+    inv[c] = total == T(0) ? T(0) : T(1) / total;
+    l[c] = total == T(0) ? -inf : m_all + std::log(total);
+  }
 }
 
 /// The same update for logits laid out [column][key] (keys contiguous): row c is

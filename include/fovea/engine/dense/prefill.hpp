@@ -111,26 +111,24 @@ template <class Backend, class T, class ScoreMod, class MaskMod, class KeyOf>
 void attend_keys(const query_columns<T>& cols, row_block<T> k, row_block<T> v, index_t keys,
                  KeyOf&& key_of, tile_cuts cuts, const key_band& band,
                  const custom_variant<ScoreMod, MaskMod>& custom, index_t D, index_t Dv,
-                 prefill_buffers<T, Backend>& buf, paced_prefetch* pace = nullptr,
-                 bool given_lse = false) noexcept {
+                 prefill_buffers<T, Backend>& buf, paced_prefetch* pace = nullptr) noexcept {
   using traits = tile_traits<T, Backend>;
   constexpr index_t BQ = traits::block_q;
   constexpr int QV = traits::query_vectors, RB = traits::row_block;
   gemm_rows<T, Backend, RB, QV, false>(keys, k.data, k.stride, 1, buf.q_t, BQ, buf.s, BQ, D, pace);
   const bool masked = apply_logits<Backend>(cols, custom, band, cuts, buf.s, BQ, key_of, keys);
   if constexpr (is_prob_pass<ScoreMod>) {
-    if (given_lse) {  // p = exp(s - lse), then the user's prob_mod on every visible one
-      known_lse_probabilities<T, Backend, QV>(buf.s, buf.p, BQ, keys, buf.m);
-      for (index_t r = 0; r < keys; ++r)
-        for (index_t c = 0; c < cols.count; ++c)
-          if (buf.s[r * BQ + c] != -std::numeric_limits<T>::infinity())
-            buf.p[r * BQ + c] = T(custom.score_mod.prob_mod(buf.p[r * BQ + c], cols.batch,
-                                                            cols.head[c], cols.pos[c], key_of(r)));
-    }
-  }
-  if (!given_lse &&
-      online_softmax_update<T, Backend, QV>(buf.s, buf.p, BQ, keys, buf.m, buf.l, buf.alpha))
+    // The rows' max m and 1 / sum (in alpha) are final: p = exp(s - m) / sum, then the
+    // user's prob_mod on every visible one.
+    normalised_probabilities<T, Backend, QV>(buf.s, buf.p, BQ, keys, buf.m, buf.alpha);
+    for (index_t r = 0; r < keys; ++r)
+      for (index_t c = 0; c < cols.count; ++c)
+        if (buf.s[r * BQ + c] != -std::numeric_limits<T>::infinity())
+          buf.p[r * BQ + c] = T(custom.score_mod.prob_mod(buf.p[r * BQ + c], cols.batch,
+                                                          cols.head[c], cols.pos[c], key_of(r)));
+  } else if (online_softmax_update<T, Backend, QV>(buf.s, buf.p, BQ, keys, buf.m, buf.l, buf.alpha)) {
     rescale_rows<T, Backend, QV>(buf.acc, BQ, Dv, buf.alpha);
+  }
   if (masked && !all_finite<T, Backend>(v.data, v.stride, keys, Dv))
     accumulate_skipping_masked(v.data, v.stride, keys, Dv, buf.s, buf.p, BQ, 1, BQ, buf.acc, BQ, 1);
   else
@@ -145,12 +143,14 @@ void attend_keys(const query_columns<T>& cols, row_block<T> k, row_block<T> v, i
 /// time into the (now free) logit buffers and scaled there with vector lanes.
 template <class Backend, class T, class Emit>
 void finish_tile(const query_columns<T>& cols, index_t Dv, prefill_buffers<T, Backend>& buf,
-                 Emit&& emit, bool with_lse = true) noexcept {
+                 Emit&& emit, bool with_lse = true, bool normalised = false) noexcept {
   using V = vec<T, Backend>;
   constexpr index_t BQ = prefill_buffers<T, Backend>::BQ, BK = prefill_buffers<T, Backend>::BK;
   constexpr int W = V::width;
   auto finish = [&](index_t c, T* row) {
-    const row_result<T> r = finish_row(buf.m[c], buf.l[c], cols.sink[c], with_lse);
+    // (normalised: a prob_mod tile, whose p were final and whose lse is in l)
+    const row_result<T> r = normalised ? row_result<T>{T(1), with_lse ? buf.l[c] : T(0)}
+                                       : finish_row(buf.m[c], buf.l[c], cols.sink[c], with_lse);
     if (r.factor == T(0)) {  // no key seen: exactly 0, whatever the accumulator holds
       std::fill(row, row + Dv, T(0));
     } else {
@@ -197,8 +197,6 @@ struct tile_options {
   bool stream_kv = false;
   index_t from = 0, to = std::numeric_limits<index_t>::max();
   paced_prefetch* ahead = nullptr;
-  /// A prob_mod pass: each column's lse (the row's normaliser, known); null otherwise.
-  const float* given_lse = nullptr;
 };
 
 /// Loads the columns `cols` (query rows q_row(c), length D) and attends them over the keys
@@ -209,11 +207,23 @@ void prefill_keys(const query_columns<T>& cols, QueryRow&& q_row, const kv_sourc
                   index_t Dv, prefill_buffers<T, Backend>& buf, const tile_options& how) noexcept {
   constexpr index_t BK = prefill_buffers<T, Backend>::BK;
   start_tile(cols, q_row, D, Dv, buf);
-  if (how.given_lse)  // m = lse and l = 1: p = exp(s - lse) is final, and so is the row
-    for (index_t c = 0; c < prefill_buffers<T, Backend>::BQ; ++c)
-      buf.m[c] = c < cols.count ? T(how.given_lse[c]) : T(0), buf.l[c] = T(1);
   const auto visible = band.keys_for(cols.first_pos, cols.last_pos + 1);
   const index_t first = std::max(visible.first, how.from), last = std::min(visible.second, how.to);
+  if constexpr (is_prob_pass<ScoreMod>) {  // a first walk for the rows' max and sum (QK^T only)
+    using traits = tile_traits<T, Backend>;
+    constexpr index_t BQ = traits::block_q;
+    constexpr int QV = traits::query_vectors, RB = traits::row_block;
+    for (index_t j0 = first; j0 < last; j0 += BK) {
+      const index_t keys = std::min(BK, last - j0);
+      const auto k = rows_for_kernel<T>(kv, true, j0, keys, D, D, buf.stage_k);
+      gemm_rows<T, Backend, RB, QV, false>(keys, k.data, k.stride, 1, buf.q_t, BQ, buf.s, BQ, D);
+      const tile_cuts cuts{!band.covers(cols.first_pos, cols.last_pos + 1, j0, j0 + keys)};
+      apply_logits<Backend>(cols, custom, band, cuts, buf.s, BQ, [j0](index_t r) { return j0 + r; },
+                            keys);
+      online_softmax_update<T, Backend, QV>(buf.s, buf.p, BQ, keys, buf.m, buf.l, buf.alpha);
+    }
+    normalisers(cols.count, cols.sink, buf.m, buf.l, buf.alpha);
+  }
   paced_prefetch* ahead = how.ahead;
   for (index_t j0 = first; j0 < last;) {
     const index_t keys = std::min(BK, last - j0);  // pages are gathered: the same tiles
@@ -230,7 +240,7 @@ void prefill_keys(const query_columns<T>& cols, QueryRow&& q_row, const kv_sourc
     const tile_cuts cuts{!band.covers(cols.first_pos, cols.last_pos + 1, j0, j0 + keys)};
     attend_keys(
         cols, k, v, keys, [j0](index_t r) { return j0 + r; }, cuts, band, custom, D, Dv, buf,
-        pace.empty() ? nullptr : &pace, how.given_lse != nullptr);
+        pace.empty() ? nullptr : &pace);
     pace.finish();
     ahead = nullptr;
     j0 += keys;
@@ -247,7 +257,7 @@ void prefill_tile(const query_columns<T>& cols, QueryRow&& q_row, const kv_sourc
                   index_t Dv, prefill_buffers<T, Backend>& buf, Emit&& emit,
                   const tile_options& how = {}) noexcept {
   prefill_keys(cols, q_row, kv, band, custom, D, Dv, buf, how);
-  finish_tile(cols, Dv, buf, emit, how.with_lse);
+  finish_tile(cols, Dv, buf, emit, how.with_lse, is_prob_pass<ScoreMod>);
 }
 
 /// Each column's online-softmax state (m, l, then its Dv unnormalised outputs) at
