@@ -692,7 +692,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         return m;
       };
       const double logit_scale = scale ? *scale : 1.0 / std::sqrt(double(std::max<index_t>(D, 1)));
-      const double terms = largest(dout) * largest(v) * double(std::max<index_t>(Sk, 1)) *
+      // (dq sums over keys; dk and dv over the query rows of a key/value head's group)
+      const index_t summed = std::max({Sk, Sq * (Hk > 0 ? H / Hk : 1), index_t(1)});
+      const double terms = largest(dout) * largest(v) * double(summed) *
                            std::max({1.0, largest(q), largest(k)}) * std::max(1.0, logit_scale);
       const double floor = 1e-6 * terms;
       check_tolerance(dense(grad_q, B, H, Sq, D), want.dq, naive.dq, floor);

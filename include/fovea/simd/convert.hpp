@@ -22,7 +22,7 @@ template <class S, class T>
 void convert_row(const S* src, T* dst, index_t n) noexcept {
   index_t i = 0;
   if constexpr (std::is_same_v<S, T>) {
-    std::memcpy(dst, src, sizeof(T) * std::size_t(n));
+    if (n > 0) std::memcpy(dst, src, sizeof(T) * std::size_t(n));  // (null rows of width 0)
     return;
   } else if constexpr (std::is_same_v<S, bfloat16> && std::is_same_v<T, float>) {
 #if defined(__AVX512F__)
