@@ -151,6 +151,26 @@ T key_probabilities(const dense_problem<T>& pr, const custom_variant<ScoreMod, M
   return sum;
 }
 
+/// softmax_attention with options o, its lse written to o.lse or, when none is given, to
+/// `own` (sized here); returns the lse's view.
+template <class Backend, class ScoreMod, class MaskMod>
+tensor_view<float, 3> attention_with_lse(tensor_view<const float, 4> q, tensor_view<const float, 4> k,
+                                         tensor_view<const float, 4> v, tensor_view<float, 4> out,
+                                         const softmax_options& o,
+                                         const custom_variant<ScoreMod, MaskMod>& custom,
+                                         std::vector<float>& own) {
+  tensor_view<float, 3> lse = o.lse;
+  if (!lse.data()) {
+    const index_t B = q.extent(0), H = q.extent(1), Sq = q.extent(2);
+    own.assign(std::size_t(B * H * Sq), 0.f);
+    lse = view<float, 3>(own.data(), {B, H, Sq});
+  }
+  softmax_options plain = o;
+  plain.lse = lse;
+  softmax_attention<Backend>(q, k, v, out, plain, custom);
+  return lse;
+}
+
 /// Runs body(b, h, i, tile, pv) over the rows of the chosen heads, in parallel by (b, h);
 /// tile holds `keys` x W values, pv Dv.
 template <class Backend, class T, class Body>
@@ -267,14 +287,7 @@ void act_attention(tensor_view<const float, 4> q, tensor_view<const float, 4> k,
 
   // 1. The plain call, with the lse.
   std::vector<float> own_lse;
-  tensor_view<float, 3> lse = o.lse;
-  if (!lse.data()) {
-    own_lse.assign(std::size_t(B * H * Sq), 0.f);
-    lse = view<float, 3>(own_lse.data(), {B, H, Sq});
-  }
-  softmax_options plain = o;
-  plain.lse = lse;
-  softmax_attention<Backend>(q, k, v, out, plain);
+  const auto lse = detail::attention_with_lse<Backend>(q, k, v, out, o, custom_variant<>{}, own_lse);
   if (B * H * Sq == 0 || Sk == 0) return;
   std::vector<T> row_lse(std::size_t(B * H * Sq));
   for (index_t b = 0; b < B; ++b)
@@ -351,14 +364,7 @@ void var_attention(tensor_view<const float, 4> q, tensor_view<const float, 4> k,
   const int threads = detail::resolve_threads(o.threads);
 
   std::vector<float> own_lse;
-  tensor_view<float, 3> lse = o.lse;
-  if (!lse.data()) {
-    own_lse.assign(std::size_t(B * H * Sq), 0.f);
-    lse = view<float, 3>(own_lse.data(), {B, H, Sq});
-  }
-  softmax_options plain = o;
-  plain.lse = lse;
-  softmax_attention<Backend>(q, k, v, out, plain, custom);
+  const auto lse = detail::attention_with_lse<Backend>(q, k, v, out, o, custom, own_lse);
   if (B * H * Sq == 0 || Sk == 0 || options.sink_keys.empty()) return;
 
   // The chosen heads over the targets alone (normalised among them), with their lse.
