@@ -198,10 +198,10 @@ std::vector<double> act_reference(const sink_case& c, const softmax_options& o, 
         }
       for (index_t i = 0; i < c.Sq; ++i) {
         auto p = P[i];
-        double C = 0;
-        for (index_t j = 0; j < c.Sk; ++j) C += in_J[j] ? p[j] : 0.0;
-        if (1 - C > 1e-12)
-          for (index_t j = 0; j < c.Sk; ++j) p[j] *= in_J[j] ? beta : (1 - beta * C) / (1 - C);
+        double C = 0, L = 0;  // L: the keys' mass (below 1 with a sink logit)
+        for (index_t j = 0; j < c.Sk; ++j) C += in_J[j] ? p[j] : 0.0, L += p[j];
+        if (L - C > 1e-5 * L)
+          for (index_t j = 0; j < c.Sk; ++j) p[j] *= in_J[j] ? beta : (L - beta * C) / (L - C);
         const auto row = c.mix(p, b, h);
         std::copy(row.begin(), row.end(), out.begin() + ((b * c.H + h) * c.Sq + i) * c.D);
       }
@@ -291,6 +291,26 @@ TEST(ACT, ColumnSumsAreTheAttentionEachKeyReceives) {
     }
 }
 
+// Rows that see only calibrated sinks keep their attention (nothing else can take the
+// mass); 1 - C computed from fp32 probabilities is rounding there, not a weight.
+TEST(ACT, RowsThatSeeOnlyTheSinksAreLeftAsTheyAre) {
+  const index_t S = 8, D = 8;
+  const auto q = uniform<float>(S * D, 1, -2.0, 2.0), k = uniform<float>(S * D, 2, -2.0, 2.0),
+             v = uniform<float>(S * D, 3, -1.0, 1.0);
+  const auto Q = bhsd<const float>(q.data(), 1, 1, S, D), K = bhsd<const float>(k.data(), 1, 1, S, D),
+             V = bhsd<const float>(v.data(), 1, 1, S, D);
+  act_options ao{.threshold = 1e-6, .beta = 0.2};  // every key a sink, all but key 0 in J
+  ao.attention.window_left = 1, ao.attention.window_right = 0;  // each row sees 2 keys
+  std::vector<float> out(S * D), plain(S * D);
+  act_attention(Q, K, V, bhsd(out.data(), 1, 1, S, D), ao);
+  softmax_attention(Q, K, V, bhsd(plain.data(), 1, 1, S, D), ao.attention);
+  sink_case c(1, 1, 1, S, S, D, 1);
+  c.q = q, c.k = k, c.v = v;
+  expect_near(out, act_reference(c, ao.attention, ao.threshold, ao.beta, {true}));
+  for (index_t i = 2; i < S; ++i)  // rows 2.. see keys i - 1 and i, both calibrated sinks
+    for (index_t d = 0; d < D; ++d) EXPECT_EQ(out[i * D + d], plain[i * D + d]) << i;
+}
+
 TEST(ACT, ThreadCountNeverChangesABit) {
   const sink_case c(2, 4, 2, 150, 150, 16, 3);
   std::vector<float> first;
@@ -334,14 +354,17 @@ std::vector<double> var_reference(const sink_case& c, const softmax_options& o, 
 TEST(VAR, MovesAFractionOfTheSinksAttentionToTheTargets) {
   std::uint64_t seed = 300;
   const std::vector<index_t> sinks = {0, 7}, some = {0, 3};
+  std::vector<float> sink_logits = {1.0f, -0.5f, 2.0f, 0.0f};
   for (auto [Sq, Sk] : {std::pair<index_t, index_t>{96, 96}, {5, 60}, {1, 200}})
-    for (int variant = 0; variant < 3; ++variant) {
+    for (int variant = 0; variant < 4; ++variant) {
       const sink_case c(2, 4, 2, Sq, Sk, 16, seed += 10);
       std::vector<std::uint8_t> targets(Sk, 0);  // "image tokens": keys [10, 50)
       for (index_t j = 10; j < std::min<index_t>(50, Sk); ++j) targets[j] = 1;
       var_options vo{.p = 0.6, .sink_keys = sinks, .target_keys = targets};
       vo.attention.causal = variant >= 1;
       if (variant == 2) vo.heads = some;
+      if (variant == 3)  // a sink logit (options.sinks) is in every row's denominator, not a target
+        vo.attention.sinks = view<const float, 1>(sink_logits.data(), {c.H});
       SCOPED_TRACE(testing::Message() << "Sq " << Sq << " Sk " << Sk << " variant " << variant);
       std::vector<float> out(c.B * c.H * Sq * c.D, -7.f);
       var_attention(c.Q(), c.K(), c.V(), bhsd(out.data(), c.B, c.H, Sq, c.D), vo);

@@ -343,6 +343,28 @@ TEST(LinearRecurrenceBadInput, NamesTheArgumentAndWritesNothing) {
   expect_error("options.state_in: extent 3 (value dim) is 3",
                {.state_in = bhsd<const float>(state.data(), B, Hk, D, 3)});
   expect_error("options.scale", {.scale = -1.0});
+  // A final state over the call's own inputs (found by a new-user trial: head 0's state
+  // overwrote head 1's decays before they were read); in place over state_in is allowed.
+  std::vector<float> shared(B * Hk * S * D + D * D, 0.25f), st(D * D + 1, 0.25f), st_out(D * D);
+  st.pop_back();
+  const auto decay_dims = bhsd<const float>(shared.data(), B, Hk, S, D);
+  expect_error("options.state_out: memory overlaps options.decay",
+               {.rule = update_rule::gated, .decay = decay_dims,
+                .state_out = bhsd(shared.data() + 8, B, Hk, D, D)});
+  expect_error("options.state_out: memory overlaps options.beta",
+               {.rule = update_rule::delta, .beta = bhsd<const float>(shared.data(), B, Hk, S, 1),
+                .state_out = bhsd(shared.data() + 4, B, Hk, D, D)});
+  expect_error("options.state_out: memory overlaps options.state_in",
+               {.state_in = bhsd<const float>(shared.data(), B, Hk, D, D),
+                .state_out = bhsd(shared.data() + 1, B, Hk, D, D)});
+  linear_recurrence(Q, K, V, O, {.state_in = bhsd<const float>(st.data(), B, Hk, D, D),
+                                 .state_out = bhsd(st_out.data(), B, Hk, D, D)});
+  const std::vector<float> apart = out;
+  linear_recurrence(Q, K, V, O, {.state_in = bhsd<const float>(st.data(), B, Hk, D, D),
+                                 .state_out = bhsd(st.data(), B, Hk, D, D)});  // in place
+  EXPECT_EQ(out, apart);
+  EXPECT_EQ(st, st_out);
+  std::fill(out.begin(), out.end(), -7.f);
   try {  // k with a different token count
     linear_recurrence(Q, bhsd<const float>(k.data(), B, Hk, S - 1, D),
                       bhsd<const float>(v.data(), B, Hk, S - 1, D), O);

@@ -13,7 +13,8 @@
 // other keys' relative weights, so the calibrated row is the plain row rescaled plus a
 // correction over the few keys that change:
 //   ACT: p'_j = beta p_j on the calibrated sinks J, p'_k = f p_k elsewhere, with
-//        f = (1 - beta C) / (1 - C), C = sum_J p_j:  o' = f o + (beta - f) sum_J p_j v_j;
+//        f = (L - beta C) / (L - C), C = sum_J p_j, L the keys' mass (1 but a sink
+//        logit's share):  o' = f o + (beta - f) sum_J p_j v_j;
 //   VAR: p'_j = (1 - p) p_j on the sinks J, p'_k = p_k (1 + p S / T) on the targets
 //        (S = sum_J p_j, T their mass):  o' = o - p sum_J p_j v_j + p S o_T
 // (o_T the attention restricted to the targets). So each is the plain call with its lse,
@@ -252,9 +253,12 @@ std::vector<T> column_sums(const tensor_view<const T, 4>& q, const tensor_view<c
 /// multiplied by beta in every row, and the attention removed is given to the row's other
 /// keys in proportion to their weights:
 ///   a_j = (1 / Sq) sum_i p_ij;  J = {j : a_j > threshold} minus its smallest index;
-///   p'_ij = beta p_ij (j in J),  p'_ik = p_ik (1 - beta C_i) / (1 - C_i) (k not in J),
-///   C_i = sum_{j in J} p_ij.
-/// A row whose whole attention is on J (1 - C_i = 0 in the compute type) is left as it is.
+///   p'_ij = beta p_ij (j in J),  p'_ik = p_ik (L_i - beta C_i) / (L_i - C_i) (k not in J),
+///   C_i = sum_{j in J} p_ij,  L_i = sum over every key of p_ik (1, or 1 minus a sink
+///   logit's share with options.sinks: the removed mass goes to keys, not to the sink).
+/// A row whose attention outside J, L_i - C_i, is within rounding of 0 (64 eps (|J| + 1)
+/// L_i) is left as it is; the correction's relative error grows as eps L_i / (L_i - C_i)
+/// for rows that keep little attention outside J.
 ///
 ///   q: (B, H, Sq, D)  k: (B, Hk, Sk, D)  v: (B, Hk, Sk, Dv)  out: (B, H, Sq, Dv)
 ///
@@ -312,10 +316,14 @@ void act_attention(tensor_view<const float, 4> q, tensor_view<const float, 4> k,
   detail::for_chosen_rows<Backend>(pr, on, most, threads, [&](index_t b, index_t h, index_t i, T* tile, T* pv) {
     const auto& J = calibrated[std::size_t(b * H + h)];
     if (J.empty()) return;
-    const T C = detail::key_probabilities<Backend>(pr, custom_variant<>{}, b, h, i,
-                                                   row_lse[std::size_t((b * H + h) * Sq + i)], J, tile, pv);
-    if (!(T(1) - C > T(0))) return;  // nothing else to give the mass to (or NaN)
-    const T f = (T(1) - beta * C) / (T(1) - C);
+    const T lse_i = row_lse[std::size_t((b * H + h) * Sq + i)];
+    const T C = detail::key_probabilities<Backend>(pr, custom_variant<>{}, b, h, i, lse_i, J, tile, pv);
+    // The keys' mass L (all of it, but a sink logit's share) and R = L - C outside J. A row
+    // whose R is within rounding of 0 has no other key to give the mass to (or is NaN).
+    const T L = pr.terms.sinks.data() ? T(1) - std::exp(T(pr.terms.sinks(h)) - lse_i) : T(1);
+    const T R = L - C;
+    if (!(R > T(64) * std::numeric_limits<T>::epsilon() * T(J.size() + 1) * L)) return;
+    const T f = (L - beta * C) / R;
     T* row = out.ptr(b, h, i, 0);
     for (index_t d = 0; d < Dv; ++d) row[d] = f * row[d] + (beta - f) * pv[d];
   });
@@ -372,7 +380,8 @@ void var_attention(tensor_view<const float, 4> q, tensor_view<const float, 4> k,
   std::vector<float> target_lse(std::size_t(B * H * Sq)), rows(std::size_t(B * H * Sq));
   for (index_t bh = 0; bh < B * H; ++bh)
     std::fill_n(rows.begin() + bh * Sq, Sq, on[std::size_t(bh % H)] ? 1.f : 0.f);
-  softmax_options over_targets = o;
+  softmax_options over_targets = o;  // (a sink logit is no target: o_T is normalised over them)
+  over_targets.sinks = {};
   over_targets.mask = view<const std::uint8_t, 4>(options.target_keys.data(), {1, 1, 1, Sk});
   over_targets.lse = view<float, 3>(target_lse.data(), {B, H, Sq});
   head_sparse_attention<Backend>(q, k, v, view<T, 4>(targets.data(), {B, H, Sq, Dv}),

@@ -189,6 +189,14 @@ void check_state(const tensor_view<T, 4>& state, const char* name, index_t B, in
             state.extent(r), ", expected ", want[r]);
 }
 
+/// An output state that is exactly its input's view (decoding in place), or separate.
+inline void check_in_place(const tensor_view<float, 4>& out, const char* out_name,
+                           const tensor_view<const float, 4>& in, const char* in_name) {
+  const bool same = out.data() == in.data() && out.extents() == in.extents() &&
+                    out.strides() == in.strides();
+  if (!same) check_no_alias(out, out_name, in, in_name);
+}
+
 /// A state written by the call: one-to-one, overlapping none of q, k, v, out.
 template <class TQ, class TK, class TV, class TO>
 void check_state_out(const tensor_view<float, 4>& state, const char* name,

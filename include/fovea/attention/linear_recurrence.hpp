@@ -37,7 +37,8 @@ struct linear_recurrence_options {
   /// Delta rules: beta_t, (B, Hk, S, 1) per head or (B, 1, S, 1) shared by all heads; finite.
   tensor_view<const float, 4> beta{};
   tensor_view<const float, 4> state_in{};  ///< optional (B, Hk, Dk, Dv); zero when absent
-  tensor_view<float, 4> state_out{};       ///< optional out (B, Hk, Dk, Dv): the final state
+  /// optional out (B, Hk, Dk, Dv): the final state; state_in's own view (in place) or apart
+  tensor_view<float, 4> state_out{};
   std::optional<double> scale{};           ///< default 1/sqrt(Dk); finite, > 0
   int threads = 0;                         ///< 0: all OpenMP offers; 1: serial
 };
@@ -84,6 +85,9 @@ recurrence_problem<T> make_recurrence_problem(const tensor_view<const T, 4>& q,
   check_no_alias(out, "out", o.decay, "options.decay");
   check_no_alias(out, "out", o.beta, "options.beta");
   check_no_alias(out, "out", o.state_in, "options.state_in");
+  check_no_alias(o.state_out, "options.state_out", o.decay, "options.decay");
+  check_no_alias(o.state_out, "options.state_out", o.beta, "options.beta");
+  check_in_place(o.state_out, "options.state_out", o.state_in, "options.state_in");
   recurrence_problem<T> pr;
   pr.q = q, pr.k = k, pr.v = v, pr.out = out;
   pr.decay = o.decay, pr.beta = o.beta, pr.state_in = o.state_in, pr.state_out = o.state_out;
@@ -109,8 +113,10 @@ recurrence_problem<T> make_recurrence_problem(const tensor_view<const T, 4>& q,
 /// 16 tokens (the UT transform for the delta rules: T = (I + tril(diag(beta) K K^T, -1))^-1,
 /// W = T diag(beta) K, U = T diag(beta) V; Yang et al. 2024, "Parallelizing Linear
 /// Transformers with the Delta Rule over Sequence Length", and Gated DeltaNet), with the
-/// cumulative decays kept in log space: every factor is exp of a difference <= 0, so a
-/// decay of exp(-20) per token or stronger underflows to 0 and never overflows. Per-key-
+/// cumulative decays kept in log space: for decays g <= 0 (the usual case; positive ones
+/// are computed too, and grow the state as the definition does) every factor is exp of a
+/// difference <= 0, so a decay of exp(-20) per token or stronger underflows to 0 and never
+/// overflows. Per-key-
 /// dimension decays (Kimi Linear's KDA) are chunked too: the pair factors exp(g_t + ... )
 /// per dimension are folded into the keys and queries about the chunk's midpoint, and a
 /// chunk ends early where a dimension's cumulative decay spreads more than 40 (in log

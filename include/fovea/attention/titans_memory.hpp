@@ -40,13 +40,6 @@ struct titans_memory_options {
 
 namespace detail {
 
-/// An output state that is exactly its input's view (decoding in place), or separate.
-inline void check_in_place(const tensor_view<float, 4>& out, const char* out_name,
-                           const tensor_view<const float, 4>& in, const char* in_name) {
-  const bool same = out.data() == in.data() && out.extents() == in.extents() &&
-                    out.strides() == in.strides();
-  if (!same) check_no_alias(out, out_name, in, in_name);
-}
 
 template <class T>
 titans_problem<T> make_titans_problem(const tensor_view<const T, 4>& q,
