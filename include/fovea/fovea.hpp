@@ -17,6 +17,7 @@
 #include "attention/agent.hpp"
 #include "attention/block_sparse.hpp"
 #include "attention/calibration.hpp"
+#include "attention/dhsa.hpp"
 #include "attention/dynamic_mask.hpp"
 #include "attention/hip.hpp"
 #include "attention/routing.hpp"

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <span>
 #include <vector>
 
 #include "../../core/parallel.hpp"
@@ -33,6 +34,20 @@ struct sparse_rows {
   index_t block_q = 64;
   bool per_query_head = true;
   index_t max_pieces = 0;  ///< the most pieces any selection has
+  /// Empty, or blocks of variable size: block n holds queries [starts[n], starts[n + 1])
+  /// (non-decreasing, 0 first, Sq last; empty blocks are skipped). block_q is then unused.
+  std::span<const index_t> query_starts{};
+
+  index_t blocks(index_t Sq) const noexcept {
+    return query_starts.empty() ? (Sq + block_q - 1) / block_q : index_t(query_starts.size()) - 1;
+  }
+  index_t first_query(index_t block) const noexcept {
+    return query_starts.empty() ? block * block_q : query_starts[block];
+  }
+  index_t queries_in(index_t block, index_t Sq) const noexcept {
+    return query_starts.empty() ? std::min(block_q, Sq - block * block_q)
+                                : query_starts[block + 1] - query_starts[block];
+  }
 };
 
 /// Appends [first, last) to a sorted piece list, merging with the previous piece when they
@@ -131,10 +146,10 @@ void run_sparse(const dense_problem<S, K, V>& pr, const sparse_rows& rows, Selec
   const index_t B = pr.batch(), H = pr.heads(), Sq = pr.queries(), Hk = pr.kv.heads();
   const index_t D = pr.q.extent(3), Dv = pr.out.extent(3);
   if (B * H * Sq == 0) return;
-  const index_t group = H / Hk, bq = rows.block_q;
+  const index_t group = H / Hk;
   const index_t selection_heads = rows.per_query_head ? H : Hk;
   const index_t stacked = rows.per_query_head ? 1 : group;  // query heads per selection
-  const index_t blocks = (Sq + bq - 1) / bq;
+  const index_t blocks = rows.blocks(Sq);
 
   struct task {
     index_t b, head, block, chunk;
@@ -143,7 +158,7 @@ void run_sparse(const dense_problem<S, K, V>& pr, const sparse_rows& rows, Selec
   for (index_t b = 0; b < B; ++b)
     for (index_t h = 0; h < selection_heads; ++h)
       for (index_t blk = blocks; blk-- > 0;) {  // later blocks see more keys: first
-        const index_t columns = stacked * std::min(bq, Sq - blk * bq);
+        const index_t columns = stacked * rows.queries_in(blk, Sq);
         for (index_t ch = 0; ch * BQ < columns; ++ch) work.push_back({b, h, blk, ch});
       }
 
@@ -153,7 +168,7 @@ void run_sparse(const dense_problem<S, K, V>& pr, const sparse_rows& rows, Selec
 
   parallel_for(index_t(work.size()), used, [&](index_t i, int thread) {
     const task& tk = work[i];
-    const index_t i0 = tk.block * bq, positions = std::min(bq, Sq - i0);
+    const index_t i0 = rows.first_query(tk.block), positions = rows.queries_in(tk.block, Sq);
     const index_t h0 = rows.per_query_head ? tk.head : tk.head * group;
     const index_t columns = stacked * positions;
     query_columns<T> cols;
