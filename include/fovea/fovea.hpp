@@ -20,6 +20,7 @@
 #include "attention/dhsa.hpp"
 #include "attention/dynamic_mask.hpp"
 #include "attention/hip.hpp"
+#include "attention/landmark.hpp"
 #include "attention/routing.hpp"
 #include "attention/linear.hpp"
 #include "attention/linear_recurrence.hpp"

@@ -47,6 +47,7 @@ struct dhsa_options {
 /// key chunks its queries attend to. Reusable across decode steps: keys appended after the
 /// last boundary join the last chunk (the open chunk), and so do queries past it.
 struct dhsa_selection {
+  dhsa_selection() = default;  // not an aggregate: {.member = ...} names the options
   index_t batches = 0, heads = 0;
   std::vector<index_t> boundaries;   ///< chunk starts, C + 1 entries
   std::vector<std::int32_t> offsets;  ///< (batches * heads * C) + 1 entries, CSR

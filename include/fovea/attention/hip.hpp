@@ -42,6 +42,7 @@ struct hip_options {
 /// What hip_select chose: per (batch, query head, query block) the sorted first keys of up
 /// to max_blocks key blocks of block_size_k keys. Reusable across decode steps.
 struct hip_selection {
+  hip_selection() = default;  // not an aggregate: {.member = ...} names the options
   index_t batches = 0, heads = 0, query_blocks = 0, max_blocks = 0;
   index_t block_size_q = 0, block_size_k = 0;
   std::vector<std::int32_t> starts;  ///< (batches, heads, query_blocks, max_blocks); -1 unused
