@@ -23,7 +23,7 @@ inline fovea::tensor_view<float, 4> O, o_t, O_new, bias_out;
 inline fovea::tensor_view<const float, 2> b, W_dt;
 inline fovea::tensor_view<const float, 1> A_dt;
 inline fovea::tensor_view<const float, 4> G, Beta, g_t, b_t, Eta, Theta, Alpha, theta_t;
-inline fovea::tensor_view<float, 4> M, U, dQ, dK, dV;
+inline fovea::tensor_view<float, 4> M, U, dQ, dK, dV, landmarks;
 inline fovea::tensor_view<const float, 4> dO;
 inline fovea::tensor_view<float, 3> L;
 inline fovea::tensor_view<const float, 3> router_weights, row_weights;
