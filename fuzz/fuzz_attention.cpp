@@ -85,7 +85,7 @@ void check_tolerance(const std::vector<float>& got, const std::vector<double>& w
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   bytes in{data, size};
-  const int kernel = in.u8() % 23;
+  const int kernel = in.u8() % 25;
   const index_t B = in.u8() % 3, H = in.u8() % 5, Sq = in.u8() % 41, Sk = in.u8() % 41;
   const index_t D = in.u8() % 10, Dv = in.u8() % 10;
   const std::uint8_t hk_pick = in.u8(), layout = in.u8() % 8, flags = in.u8();
@@ -198,6 +198,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   std::optional<fovea::hip_options> hip_over_cache;  // kernel 14 ran HiP: its options
   std::vector<float> dma_bias, row_weights;
   bool identity_calibration = false;  // kernel 22 with beta 1 / p 0: softmax attention itself
+  std::optional<fovea::dhsa_selection> dhsa_chosen;          // kernel 23: what DHSA kept
+  std::optional<fovea::landmark_options> landmark_used;      // kernel 24: its options
+  std::vector<index_t> chunk_starts;
   bool backward_ran = false;
   bool threw = false;
   try {
@@ -596,6 +599,28 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         }
         break;
       }
+      case 23: {  // DHSA: equal chunks or boundaries from the bytes (maybe invalid), N_b
+        fovea::dhsa_options o{.causal = causal, .chunk_size = index_t(in.u8() % 12) - 1,
+                              .top_keys = index_t(in.u8() % 40) - 1, .scale = scale,
+                              .threads = 1 + (flags & 1)};
+        if (flags & 4) {
+          for (index_t at = 0; at < Sk; at += 1 + in.u8() % 9) chunk_starts.push_back(at);
+          if (!(flags & 8)) chunk_starts.push_back(Sk);  // else an error (no last entry)
+          o.boundaries = chunk_starts;
+        }
+        fovea::dhsa_attention(Q, K, V, O, o);
+        dhsa_chosen = fovea::dhsa_select(Q, K, o);
+        break;
+      }
+      case 24: {  // Landmark: block size, top_k, local blocks from the bytes (maybe invalid)
+        fovea::landmark_options o{.block_size = index_t(in.u8() % 9) - 1,
+                                  .top_k = index_t(in.u8() % 6) - 1,
+                                  .local_blocks = index_t(in.u8() % 3), .grouped = (flags & 4) != 0,
+                                  .scale = scale, .threads = 1 + (flags & 1)};
+        fovea::landmark_attention(Q, K, V, O, o);
+        landmark_used = o;
+        break;
+      }
       default: {  // routing's strictly causal decode over a cache of K
         fovea::routing_centroids mu(std::max<index_t>(H, 1), 1 + in.u8() % 4,
                                     std::max<index_t>(D, 1));
@@ -649,6 +674,45 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           naive.out[at] *= row_weights[r];
         }
     if (kernel != 20 || moderate) check_tolerance(got, want.out, naive.out);
+  } else if (kernel == 23 && dhsa_chosen && tame && (!scale || *scale < 1e6)) {
+    // DHSA: dense attention over exactly the chunks it kept
+    const fovea::dhsa_selection& sel = *dhsa_chosen;
+    const index_t off = Sk - Sq;
+    const auto kept = fovea::with_mask_mod([&](index_t b, index_t h, index_t i, index_t j) {
+      if (i + off < 0) return false;
+      const auto c = sel.kept(b, h, sel.chunk_of(i + off));
+      return std::binary_search(c.begin(), c.end(), std::int32_t(sel.chunk_of(j)));
+    });
+    const fovea::softmax_options o{.causal = causal, .scale = scale};
+    check_tolerance(got, fovea::test::reference_softmax<double>(Q, K, V, o, kept).out,
+                    fovea::test::reference_softmax<float>(Q, K, V, o, kept).out);
+  } else if (kernel == 24 && landmark_used) {
+    // a reused selection gives the same bits; the flat softmax is dense attention over
+    // the retrieved blocks and the local keys
+    const fovea::landmark_options& o = *landmark_used;
+    const fovea::landmark_selection sel = fovea::landmark_select(Q, K, o);
+    std::vector<float> again(out.size(), -12345.f);
+    const auto A2 = make(again.data(), H, Sq, Dv);
+    fovea::landmark_attention(Q, K, V, A2, sel, o);
+    for (index_t b = 0; b < B; ++b)
+      for (index_t h = 0; h < H; ++h)
+        for (index_t i = 0; i < Sq; ++i)
+          for (index_t e = 0; e < Dv; ++e)
+            if (std::memcmp(&A2(b, h, i, e), &O(b, h, i, e), sizeof(float)) != 0)
+              fail("Landmark with its own selection differs from one call");
+    if (!o.grouped && tame && (!scale || *scale < 1e6)) {
+      const index_t off = Sk - Sq, L = o.block_size;
+      const auto seen = fovea::with_mask_mod([&](index_t b, index_t h, index_t i, index_t j) {
+        const index_t p = i + off;
+        const index_t local = p < 0 ? 0 : std::max<index_t>(0, p / L - (o.local_blocks - 1));
+        if (j >= local * L) return true;
+        const auto r = sel.retrieved(b, h, i);
+        return std::binary_search(r.begin(), r.end(), std::int32_t(j / L));
+      });
+      const fovea::softmax_options so{.causal = true, .scale = scale};
+      check_tolerance(got, fovea::test::reference_softmax<double>(Q, K, V, so, seen).out,
+                      fovea::test::reference_softmax<float>(Q, K, V, so, seen).out);
+    }
   } else if (kernel == 14 && hip_over_cache) {  // the same call on the dequantized values
     fovea::hip_options o = *hip_over_cache;
     o.k_scale = o.v_scale = {};
