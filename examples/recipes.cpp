@@ -29,14 +29,16 @@ int main() {
   const double gaam = seconds([&] {
     y = recipes::gaussian_adaptive(x, heads, random(heads, 2, 0.1f), random(heads, 2, 1.f));
   });
-  std::printf("Gaussian Adaptive Attention, S=%ld F=%ld, 2 Gaussians per head: %.2f ms, "
-              "|y| mean %.4f\n",
-              long(S), long(F), gaam * 1e3, y.cwiseAbs().mean());
+  std::printf(
+      "Gaussian Adaptive Attention, S=%ld F=%ld, 2 Gaussians per head: %.2f ms, "
+      "|y| mean %.4f\n",
+      long(S), long(F), gaam * 1e3, y.cwiseAbs().mean());
 
   const float w_scale = 1.f / std::sqrt(float(F));
-  const recipes::rcmha_weights w{random(F, F, w_scale), random(F, F, w_scale), random(F, F, w_scale),
-                                 random(3, F, 0.5f),    random(3, F, 0.5f),    random(3, F, 0.5f),
-                                 random(F, F, w_scale), random(heads, D, 0.1f), random(heads, D, 0.1f)};
+  const recipes::rcmha_weights w{
+      random(F, F, w_scale), random(F, F, w_scale),  random(F, F, w_scale),
+      random(3, F, 0.5f),    random(3, F, 0.5f),     random(3, F, 0.5f),
+      random(F, F, w_scale), random(heads, D, 0.1f), random(heads, D, 0.1f)};
   const double rcmha = seconds([&] { y = recipes::rcmha_attention(x, w, heads); });
   std::printf("RCMHA, S=%ld F=%ld H=%ld, kernel 3, causal: %.2f ms, output |y| mean %.4f\n",
               long(S), long(F), long(heads), rcmha * 1e3, y.cwiseAbs().mean());

@@ -33,8 +33,8 @@ using index = Eigen::Index;
 /// (+ eps); for each Gaussian, y = (x - (mu_f + delta)) / sqrt(var_f) and
 /// N(y) = exp(-y^2 / (2 c^2)) / sqrt(2 pi c^2); the mixture (their product) is divided by
 /// its sum over the tokens (at least eps); the result is x times the mixture.
-inline matrix gaussian_adaptive(const matrix& x, index heads, const matrix& delta,
-                                const matrix& c, float eps = 1e-8f) {
+inline matrix gaussian_adaptive(const matrix& x, index heads, const matrix& delta, const matrix& c,
+                                float eps = 1e-8f) {
   const index S = x.rows(), F = x.cols(), per_head = F / heads;
   matrix out(S, F);
   for (index f = 0; f < F; ++f) {
@@ -46,7 +46,8 @@ inline matrix gaussian_adaptive(const matrix& x, index heads, const matrix& delt
     for (index g = 0; g < delta.cols(); ++g) {
       const float cg = c(h, g);
       const Eigen::ArrayXf y = (column - (mean + delta(h, g))) / std::sqrt(var);
-      mixture *= (-y.square() / (2 * cg * cg)).exp() / std::sqrt(2 * std::numbers::pi_v<float> * cg * cg);
+      mixture *=
+          (-y.square() / (2 * cg * cg)).exp() / std::sqrt(2 * std::numbers::pi_v<float> * cg * cg);
     }
     mixture /= std::max(mixture.sum(), eps);
     out.col(f) = (column * mixture).matrix();

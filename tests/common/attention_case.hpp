@@ -58,6 +58,19 @@ inline std::string describe(const shape& s, unsigned features) {
   return o.str();
 }
 
+/// Expects call() to throw fovea::error whose message names `name`, and every element of
+/// `output` to still hold `sentinel` (nothing written before the error).
+template <class Call, class T>
+void expect_error_naming(Call&& call, const char* name, const std::vector<T>& output, T sentinel) {
+  try {
+    call();
+    ADD_FAILURE() << "no error for " << name;
+  } catch (const fovea::error& e) {
+    EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+  }
+  for (const T& x : output) ASSERT_EQ(x, sentinel) << name;
+}
+
 /// A score_mod and a mask_mod that depend on every index, for the custom-variant paths.
 struct test_score_mod {
   template <class S>

@@ -2,6 +2,8 @@
 // the same inputs, written out term by term (no Eigen, no fovea): Gaussian Adaptive
 // Attention, RCMHA's convolved Q/K/V and Transformer-XL relative logits, and the global
 // context query.
+#include "../../examples/recipes.hpp"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -9,8 +11,6 @@
 #include <numbers>
 #include <random>
 #include <vector>
-
-#include "../../examples/recipes.hpp"
 
 namespace {
 
@@ -71,11 +71,12 @@ TEST(Recipes, RcmhaIsConvolvedAttentionWithTransformerXlTerms) {
   const index S = 70, F = 32, heads = 4, D = F / heads, kernel = 3;
   const matrix x = random_matrix(S, F, 1.f, gen);
   const float ws = 1.f / std::sqrt(float(F));
-  const recipes::rcmha_weights w{random_matrix(F, F, ws, gen),      random_matrix(F, F, ws, gen),
-                                 random_matrix(F, F, ws, gen),      random_matrix(kernel, F, 0.5f, gen),
-                                 random_matrix(kernel, F, 0.5f, gen), random_matrix(kernel, F, 0.5f, gen),
-                                 random_matrix(F, F, ws, gen),      random_matrix(heads, D, 0.5f, gen),
-                                 random_matrix(heads, D, 0.5f, gen)};
+  const recipes::rcmha_weights w{
+      random_matrix(F, F, ws, gen),        random_matrix(F, F, ws, gen),
+      random_matrix(F, F, ws, gen),        random_matrix(kernel, F, 0.5f, gen),
+      random_matrix(kernel, F, 0.5f, gen), random_matrix(kernel, F, 0.5f, gen),
+      random_matrix(F, F, ws, gen),        random_matrix(heads, D, 0.5f, gen),
+      random_matrix(heads, D, 0.5f, gen)};
   const matrix got = recipes::rcmha_attention(x, w, heads);
 
   auto project_conv = [&](const matrix& W, const matrix& filter) {
@@ -107,14 +108,16 @@ TEST(Recipes, RcmhaIsConvolvedAttentionWithTransformerXlTerms) {
         double s = 0;
         for (index d = 0; d < D; ++d) {
           const index f = h * D + d;
-          s += q[i][f] * k[j][f] + double(w.u(h, d)) * k[j][f] + (q[i][f] + w.v(h, d)) * rel[i - j][f];
+          s += q[i][f] * k[j][f] + double(w.u(h, d)) * k[j][f] +
+               (q[i][f] + w.v(h, d)) * rel[i - j][f];
         }
         logit[j] = s / std::sqrt(double(D));
         top = std::max(top, logit[j]);
       }
       for (index j = 0; j <= i; ++j) z += std::exp(logit[j] - top);
       for (index j = 0; j <= i; ++j)
-        for (index d = 0; d < D; ++d) want[i][h * D + d] += std::exp(logit[j] - top) / z * v[j][h * D + d];
+        for (index d = 0; d < D; ++d)
+          want[i][h * D + d] += std::exp(logit[j] - top) / z * v[j][h * D + d];
     }
   EXPECT_LT(relative_error(got, want), 2e-5);
 }

@@ -14,6 +14,7 @@
 #include "../core/storage.hpp"
 #include "../core/tensor_view.hpp"
 #include "../core/validate.hpp"
+#include "../engine/kv/kv_source.hpp"
 
 namespace fovea::detail {
 
@@ -131,6 +132,26 @@ index_t check_qkvo(const tensor_view<const T, 4>& q, const tensor_view<const K, 
   check_extent(v, 2, Sk, "v", "keys of k");
   check_output(out, q, k, "k", v, "v");
   return Hk == 0 || H == 0 ? 1 : H / Hk;  // >= 1: callers divide by it
+}
+
+/// The checks of a front-end that selects keys from q and k alone (hip_select,
+/// dhsa_select, landmark_select): q and k rows, k's blocks, batch, head dim, GQA heads,
+/// k's scales. Returns the key/value layout of k, for the selection to read.
+template <class S, class K>
+kv_layout<K, K> check_selection_inputs(const tensor_view<const S, 4>& q,
+                                       const tensor_view<const K, 4>& k,
+                                       const tensor_view<const float, 3>& k_scale) {
+  check_rows(q, "q");
+  check_rows(k, "k");
+  check_blocks(k, "k");
+  check_extent(k, 0, q.extent(0), "k", "batch of q");
+  check_extent(k, 3, q.extent(3), "k", "head dim of q");
+  require(q.extent(3) >= 1, "q: extent 3 (dim) is ", q.extent(3), ", expected at least 1");
+  require(k.extent(1) >= 1 ? q.extent(1) % k.extent(1) == 0 : q.extent(1) == 0,
+          "k: extent 1 (heads) is ", k.extent(1), ", which does not divide the ", q.extent(1),
+          " heads of q");
+  check_cache_scales<K>(k_scale, "options.k_scale", k.extent(0), k.extent(1), k.extent(2));
+  return {k, k, {}, k_scale, {}};
 }
 
 /// Whether an optional view was given (a default view has neither data nor extents).

@@ -37,10 +37,10 @@ struct dhsa_options {
   index_t chunk_size = 64;
   /// N_b: the most keys a query keeps (its own chunk counted in full).
   index_t top_keys = 2048;
-  std::optional<double> scale{};  ///< attention logit scale; default 1/sqrt(D)
-  tensor_view<float, 3> lse{};    ///< out, optional (B, H, Sq)
+  std::optional<double> scale{};                     ///< attention logit scale; default 1/sqrt(D)
+  tensor_view<float, 3> lse{};                       ///< out, optional (B, H, Sq)
   tensor_view<const float, 3> k_scale{}, v_scale{};  ///< int8 / fp8 caches, as softmax_options
-  int threads = 0;                ///< 0: all OpenMP offers; 1: serial
+  int threads = 0;                                   ///< 0: all OpenMP offers; 1: serial
 };
 
 /// What dhsa_select chose: per (batch, query head, query chunk) the sorted indices of the
@@ -49,7 +49,7 @@ struct dhsa_options {
 struct dhsa_selection {
   dhsa_selection() = default;  // not an aggregate: {.member = ...} names the options
   index_t batches = 0, heads = 0;
-  std::vector<index_t> boundaries;   ///< chunk starts, C + 1 entries
+  std::vector<index_t> boundaries;    ///< chunk starts, C + 1 entries
   std::vector<std::int32_t> offsets;  ///< (batches * heads * C) + 1 entries, CSR
   std::vector<std::int32_t> indices;  ///< per row: increasing key-chunk indices
 
@@ -86,18 +86,19 @@ inline std::vector<index_t> dhsa_boundaries(const dhsa_options& o, index_t Sk) {
   require(b.back() == Sk, "options.boundaries: last entry is ", b.back(),
           ", expected the key count ", Sk);
   for (std::size_t c = 1; c < b.size(); ++c)
-    require(b[c] > b[c - 1], "options.boundaries: entry ", c, " (", b[c],
-            ") is not above entry ", c - 1, " (", b[c - 1], ")");
+    require(b[c] > b[c - 1], "options.boundaries: entry ", c, " (", b[c], ") is not above entry ",
+            c - 1, " (", b[c - 1], ")");
   return {b.begin(), b.end()};
 }
 
 /// The engine's query blocks: block 0 holds the queries before every chunk (positions
 /// below 0 when Sq > Sk: they see no key), block c + 1 the queries of chunk c.
-inline std::vector<index_t> dhsa_query_starts(const std::vector<index_t>& boundaries,
-                                              index_t Sq, index_t Sk) {
+inline std::vector<index_t> dhsa_query_starts(const std::vector<index_t>& boundaries, index_t Sq,
+                                              index_t Sk) {
   const index_t off = Sk - Sq, chunks = index_t(boundaries.size()) - 1;
   std::vector<index_t> starts{0};
-  for (index_t c = 0; c < chunks; ++c) starts.push_back(std::clamp(boundaries[c] - off, index_t(0), Sq));
+  for (index_t c = 0; c < chunks; ++c)
+    starts.push_back(std::clamp(boundaries[c] - off, index_t(0), Sq));
   starts.push_back(Sq);
   return starts;
 }
@@ -162,7 +163,7 @@ dhsa_selection run_dhsa_select(const tensor_view<const S, 4>& q, const kv_layout
     for (index_t a = 0; a < C; ++a) {
       auto& row = kept[std::size_t(bh * C + a)];
       if (query_first[a] == query_first[a + 1]) continue;  // no query in this chunk
-      const index_t last = o.causal ? a : C - 1;         // key chunks in the causal range
+      const index_t last = o.causal ? a : C - 1;           // key chunks in the causal range
       order.clear();
       for (index_t c = 0; c <= last; ++c) {
         if (c == a) continue;
@@ -208,7 +209,8 @@ inline void check_dhsa_selection(const dhsa_selection& s, index_t B, index_t H, 
   for (index_t r = 0; r < B * H * C; ++r) {
     require(s.offsets[r] <= s.offsets[r + 1], "selection: offsets decrease at row ", r);
     for (index_t e = s.offsets[r]; e < s.offsets[r + 1]; ++e)
-      require(s.indices[e] >= 0 && s.indices[e] < C && (e == s.offsets[r] || s.indices[e] > s.indices[e - 1]),
+      require(s.indices[e] >= 0 && s.indices[e] < C &&
+                  (e == s.offsets[r] || s.indices[e] > s.indices[e - 1]),
               "selection: row ", r, " entry ", e - s.offsets[r], " is ", s.indices[e],
               ", expected increasing chunks in [0, ", C, ")");
   }
@@ -236,17 +238,6 @@ void run_dhsa_attention(const dense_problem<S, K, V>& pr, const dhsa_selection& 
   run_sparse<Backend>(pr, rows, select, custom_variant<>{}, threads);
 }
 
-inline softmax_options dhsa_softmax_options(const dhsa_options& o) {
-  softmax_options so;
-  so.causal = o.causal;
-  so.scale = o.scale;
-  so.lse = o.lse;
-  so.k_scale = o.k_scale;
-  so.v_scale = o.v_scale;
-  so.threads = o.threads;
-  return so;
-}
-
 }  // namespace detail
 
 /// DHSA's key selection for every (batch, query head, query chunk), from q and k only.
@@ -265,26 +256,14 @@ inline softmax_options dhsa_softmax_options(const dhsa_options& o) {
 /// dequantized for the sums). Throws fovea::error naming the argument for misshapen q, k,
 /// scales, boundaries or options.
 template <class Backend = default_backend, class TQ, class TK>
-requires detail::mixed_attention_types<TQ, TK, TK, std::remove_const_t<TQ>>
-dhsa_selection dhsa_select(tensor_view<TQ, 4> q, tensor_view<TK, 4> k,
-                           const dhsa_options& options = {}) {
+requires detail::mixed_attention_types<TQ, TK, TK, std::remove_const_t<TQ>> dhsa_selection
+dhsa_select(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, const dhsa_options& options = {}) {
   using S = std::remove_const_t<TQ>;
   using K = std::remove_const_t<TK>;
   detail::check_dhsa_options(options);
   const tensor_view<const S, 4> qc = q;
   const tensor_view<const K, 4> kc = k;
-  detail::check_rows(qc, "q");
-  detail::check_rows(kc, "k");
-  detail::check_blocks(kc, "k");
-  detail::check_extent(kc, 0, q.extent(0), "k", "batch of q");
-  detail::check_extent(kc, 3, q.extent(3), "k", "head dim of q");
-  detail::require(q.extent(3) >= 1, "q: extent 3 (dim) is ", q.extent(3), ", expected at least 1");
-  detail::require(kc.extent(1) >= 1 ? q.extent(1) % kc.extent(1) == 0 : q.extent(1) == 0,
-                  "k: extent 1 (heads) is ", kc.extent(1), ", which does not divide the ",
-                  q.extent(1), " heads of q");
-  detail::check_cache_scales<K>(options.k_scale, "options.k_scale", kc.extent(0), kc.extent(1),
-                                kc.extent(2));
-  const detail::kv_layout<K, K> kv{kc, kc, {}, options.k_scale, {}};
+  const auto kv = detail::check_selection_inputs(qc, kc, options.k_scale);
   return detail::run_dhsa_select<Backend>(qc, kv, options,
                                           detail::dhsa_boundaries(options, kc.extent(2)),
                                           detail::resolve_threads(options.threads));
@@ -301,7 +280,8 @@ void dhsa_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 
                     tensor_view<TO, 4> out, const dhsa_selection& selection,
                     const dhsa_options& options = {}) {
   detail::check_dhsa_options(options);
-  const auto pr = detail::make_softmax_problem<TO>(q, k, v, out, detail::dhsa_softmax_options(options));
+  const auto pr = detail::make_softmax_problem<TO>(
+      q, k, v, out, detail::sparse_softmax_options(options, options.causal));
   detail::check_dhsa_selection(selection, q.extent(0), q.extent(1), k.extent(2));
   detail::run_dhsa_attention<Backend>(pr, selection, detail::resolve_threads(options.threads));
 }
@@ -312,7 +292,8 @@ requires detail::mixed_attention_types<TQ, TK, TV, TO>
 void dhsa_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v,
                     tensor_view<TO, 4> out, const dhsa_options& options = {}) {
   detail::check_dhsa_options(options);
-  const auto pr = detail::make_softmax_problem<TO>(q, k, v, out, detail::dhsa_softmax_options(options));
+  const auto pr = detail::make_softmax_problem<TO>(
+      q, k, v, out, detail::sparse_softmax_options(options, options.causal));
   const int threads = detail::resolve_threads(options.threads);
   using K = std::remove_const_t<TK>;
   const detail::kv_layout<K, K> keys{pr.kv.k, pr.kv.k, {}, pr.kv.k_scale, {}};

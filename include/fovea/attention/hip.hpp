@@ -86,21 +86,6 @@ inline hip_params check_hip_options(const hip_options& o) {
   return p;
 }
 
-/// The engine problem of a HiP call: causal band, the scale, lse, cache scales.
-template <class T, class KS, class VS>
-auto make_hip_problem(const tensor_view<const T, 4>& q, const tensor_view<KS, 4>& k,
-                      const tensor_view<VS, 4>& v, const tensor_view<T, 4>& out,
-                      const hip_options& o) {
-  softmax_options so;
-  so.causal = o.causal;
-  so.scale = o.scale;
-  so.lse = o.lse;
-  so.k_scale = o.k_scale;
-  so.v_scale = o.v_scale;
-  so.threads = o.threads;
-  return make_softmax_problem<T>(q, k, v, out, so);
-}
-
 /// The search reads keys of any cache type (quantized rows dequantized as they are
 /// scored), with their scales as the problem's kv_layout holds them.
 template <class Backend, class S, class K>
@@ -250,18 +235,7 @@ hip_selection hip_select(tensor_view<TQ, 4> q, tensor_view<TK, 4> k,
   const detail::hip_params p = detail::check_hip_options(options);
   const tensor_view<const S, 4> qc = q;
   const tensor_view<const K, 4> kc = k;
-  detail::check_rows(qc, "q");
-  detail::check_rows(kc, "k");
-  detail::check_blocks(kc, "k");
-  detail::check_extent(kc, 0, q.extent(0), "k", "batch of q");
-  detail::check_extent(kc, 3, q.extent(3), "k", "head dim of q");
-  detail::require(q.extent(3) >= 1, "q: extent 3 (dim) is ", q.extent(3), ", expected at least 1");
-  detail::require(kc.extent(1) >= 1 ? q.extent(1) % kc.extent(1) == 0 : q.extent(1) == 0,
-                  "k: extent 1 (heads) is ", kc.extent(1), ", which does not divide the ",
-                  q.extent(1), " heads of q");
-  detail::check_cache_scales<K>(options.k_scale, "options.k_scale", kc.extent(0), kc.extent(1),
-                                kc.extent(2));
-  const detail::kv_layout<K, K> kv{kc, kc, {}, options.k_scale, {}};
+  const auto kv = detail::check_selection_inputs(qc, kc, options.k_scale);
   return detail::run_hip_select<Backend>(qc, kv, p, detail::resolve_threads(options.threads));
 }
 
@@ -275,7 +249,8 @@ void hip_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4
                    tensor_view<TO, 4> out, const hip_selection& selection,
                    const hip_options& options = {}) {
   const detail::hip_params p = detail::check_hip_options(options);
-  const auto pr = detail::make_hip_problem<TO>(q, k, v, out, options);
+  const auto pr = detail::make_softmax_problem<TO>(
+      q, k, v, out, detail::sparse_softmax_options(options, options.causal));
   detail::check_selection(selection, p, q.extent(0), q.extent(1), q.extent(2), k.extent(2));
   detail::run_hip_attention<Backend>(pr, selection, p, detail::resolve_threads(options.threads));
 }
@@ -288,7 +263,8 @@ requires detail::mixed_attention_types<TQ, TK, TV, TO>
 void hip_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 4> v,
                    tensor_view<TO, 4> out, const hip_options& options = {}) {
   const detail::hip_params p = detail::check_hip_options(options);
-  const auto pr = detail::make_hip_problem<TO>(q, k, v, out, options);
+  const auto pr = detail::make_softmax_problem<TO>(
+      q, k, v, out, detail::sparse_softmax_options(options, options.causal));
   const int threads = detail::resolve_threads(options.threads);
   using K = std::remove_const_t<TK>;
   const detail::kv_layout<K, K> keys{pr.kv.k, pr.kv.k, {}, pr.kv.k_scale, {}};

@@ -30,17 +30,17 @@
 namespace fovea {
 
 struct landmark_options {
-  index_t block_size = 64;    ///< L: keys per block, one landmark each
-  index_t top_k = 8;          ///< blocks a query retrieves
-  index_t local_blocks = 1;   ///< the query's own block and the local_blocks - 1 before it
-  bool grouped = true;        ///< the paper's grouped softmax; false: one flat softmax
+  index_t block_size = 64;   ///< L: keys per block, one landmark each
+  index_t top_k = 8;         ///< blocks a query retrieves
+  index_t local_blocks = 1;  ///< the query's own block and the local_blocks - 1 before it
+  bool grouped = true;       ///< the paper's grouped softmax; false: one flat softmax
   /// (B, Hk, >= C, D), C the blocks the last query may retrieve: one landmark key per
   /// block (entries past C are not read). Empty: each block's mean key, computed here.
   tensor_view<const float, 4> landmarks{};
   std::optional<double> scale{};  ///< logit scale of keys and landmarks; default 1/sqrt(D)
   tensor_view<float, 3> lse{};    ///< out, optional (B, H, Sq)
   tensor_view<const float, 3> k_scale{}, v_scale{};  ///< int8 / fp8 caches, as softmax_options
-  int threads = 0;                ///< 0: all OpenMP offers; 1: serial
+  int threads = 0;                                   ///< 0: all OpenMP offers; 1: serial
 };
 
 /// What landmark_select retrieved: per (batch, query head, query) up to top_k block indices,
@@ -188,18 +188,19 @@ struct landmark_bias {
 template <class Backend, class S, class K>
 void retrieve_for_query(const tensor_view<const S, 4>& q, const kv_layout<K, K>& kv,
                         const landmark_rows<accumulator_t<S>, K>& lm, const landmark_options& o,
-                        const landmark_geometry& geo, accumulator_t<S> scale, index_t b,
-                        index_t hk, index_t i, accumulator_t<S>* work, landmark_selection& sel,
+                        const landmark_geometry& geo, accumulator_t<S> scale, index_t b, index_t hk,
+                        index_t i, accumulator_t<S>* work, landmark_selection& sel,
                         accumulator_t<S>* offsets, bool select) {
   using T = accumulator_t<S>;
   const index_t H = q.extent(1), D = q.extent(3), group = H / kv.heads(), L = geo.L;
   const index_t candidates = geo.first_local(i);
-  T* const rows = work;                  // group x D: the query rows in T
-  T* const scores = rows + group * D;    // group x C
+  T* const rows = work;                     // group x D: the query rows in T
+  T* const scores = rows + group * D;       // group x C
   T* const staged = scores + group * lm.C;  // L x D
-  T* const logits = staged + L * D;      // L
-  T* const landmark_row = logits + L;    // D
-  for (index_t g = 0; g < group; ++g) load_row(q.ptr(b, hk * group + g, i, 0), 1.0f, rows + g * D, D);
+  T* const logits = staged + L * D;         // L
+  T* const landmark_row = logits + L;       // D
+  for (index_t g = 0; g < group; ++g)
+    load_row(q.ptr(b, hk * group + g, i, 0), 1.0f, rows + g * D, D);
   if (select) {
     for (index_t c = 0; c < candidates; ++c) {
       const T* landmark = lm.row(b, hk, c, staged);
@@ -217,8 +218,9 @@ void retrieve_for_query(const tensor_view<const S, 4>& q, const kv_layout<K, K>&
       for (index_t c = 0; c < candidates; ++c)
         if (!std::isnan(s[c])) order.push_back(std::int32_t(c));
       const index_t keep = std::min<index_t>(o.top_k, index_t(order.size()));
-      std::partial_sort(order.begin(), order.begin() + keep, order.end(),
-                        [s](std::int32_t x, std::int32_t y) { return s[x] > s[y] || (s[x] == s[y] && x < y); });
+      std::partial_sort(
+          order.begin(), order.begin() + keep, order.end(),
+          [s](std::int32_t x, std::int32_t y) { return s[x] > s[y] || (s[x] == s[y] && x < y); });
       std::sort(order.begin(), order.begin() + keep);
       std::copy_n(order.begin(), keep, chosen);
       sel.counts[row] = std::int32_t(keep);
@@ -273,7 +275,8 @@ void run_landmark_queries(const tensor_view<const S, 4>& q, const kv_layout<K, K
   });
 }
 
-inline landmark_selection empty_selection(index_t B, index_t H, index_t Sq, const landmark_options& o) {
+inline landmark_selection empty_selection(index_t B, index_t H, index_t Sq,
+                                          const landmark_options& o) {
   landmark_selection sel;
   sel.batches = B, sel.heads = H, sel.queries = Sq, sel.top_k = o.top_k;
   sel.block_size = o.block_size;
@@ -284,8 +287,8 @@ inline landmark_selection empty_selection(index_t B, index_t H, index_t Sq, cons
 
 inline void check_landmark_selection(const landmark_selection& s, const landmark_options& o,
                                      index_t B, index_t H, index_t Sq, index_t Sk) {
-  require(s.batches == B && s.heads == H && s.queries == Sq, "selection: is for (", s.batches,
-          ", ", s.heads, ", ", s.queries, ") queries, expected (", B, ", ", H, ", ", Sq, ")");
+  require(s.batches == B && s.heads == H && s.queries == Sq, "selection: is for (", s.batches, ", ",
+          s.heads, ", ", s.queries, ") queries, expected (", B, ", ", H, ", ", Sq, ")");
   require(s.block_size == o.block_size, "selection: block size ", s.block_size,
           " differs from options.block_size (", o.block_size, ")");
   require(s.top_k >= 0 && index_t(s.counts.size()) == B * H * Sq &&
@@ -293,12 +296,12 @@ inline void check_landmark_selection(const landmark_selection& s, const landmark
           "selection: blocks/counts sizes do not match its extents");
   const index_t complete = Sk / o.block_size;
   for (index_t r = 0; r < index_t(s.counts.size()); ++r) {
-    require(s.counts[r] >= 0 && s.counts[r] <= s.top_k, "selection: count ", r, " is ",
-            s.counts[r], ", expected 0 to ", s.top_k);
+    require(s.counts[r] >= 0 && s.counts[r] <= s.top_k, "selection: count ", r, " is ", s.counts[r],
+            ", expected 0 to ", s.top_k);
     const std::int32_t* b = s.blocks.data() + r * s.top_k;
     for (index_t m = 0; m < s.counts[r]; ++m)
-      require(b[m] >= 0 && b[m] < complete && (m == 0 || b[m] > b[m - 1]), "selection: block ",
-              m, " of row ", r, " is ", b[m], ", expected increasing blocks in [0, ", complete, ")");
+      require(b[m] >= 0 && b[m] < complete && (m == 0 || b[m] > b[m - 1]), "selection: block ", m,
+              " of row ", r, " is ", b[m], ", expected increasing blocks in [0, ", complete, ")");
   }
 }
 
@@ -324,21 +327,10 @@ void run_landmark_attention(const dense_problem<S, K, V>& pr, landmark_selection
   };
   const sparse_rows rows{1, true, sel.top_k + 1};
   if (o.grouped)
-    run_sparse<Backend>(pr, rows, pieces_for, with_score_mod(landmark_bias<T>{&sel, offsets.data(), geo}),
-                        threads);
+    run_sparse<Backend>(pr, rows, pieces_for,
+                        with_score_mod(landmark_bias<T>{&sel, offsets.data(), geo}), threads);
   else
     run_sparse<Backend>(pr, rows, pieces_for, custom_variant<>{}, threads);
-}
-
-inline softmax_options landmark_softmax_options(const landmark_options& o) {
-  softmax_options so;
-  so.causal = true;
-  so.scale = o.scale;
-  so.lse = o.lse;
-  so.k_scale = o.k_scale;
-  so.v_scale = o.v_scale;
-  so.threads = o.threads;
-  return so;
 }
 
 }  // namespace detail
@@ -388,30 +380,17 @@ void landmark_means(tensor_view<TK, 4> k, tensor_view<float, 4> landmarks, index
 /// top_k by score (ties to the lower block; NaN scores never kept), stored increasing.
 /// Throws fovea::error naming the argument for misshapen q, k, landmarks or options.
 template <class Backend = default_backend, class TQ, class TK>
-requires detail::mixed_attention_types<TQ, TK, TK, std::remove_const_t<TQ>>
-landmark_selection landmark_select(tensor_view<TQ, 4> q, tensor_view<TK, 4> k,
-                                   const landmark_options& options = {}) {
+requires detail::mixed_attention_types<TQ, TK, TK, std::remove_const_t<TQ>> landmark_selection
+landmark_select(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, const landmark_options& options = {}) {
   using S = std::remove_const_t<TQ>;
   using K = std::remove_const_t<TK>;
   detail::check_landmark_options(options);
   const tensor_view<const S, 4> qc = q;
   const tensor_view<const K, 4> kc = k;
-  detail::check_rows(qc, "q");
-  detail::check_rows(kc, "k");
-  detail::check_blocks(kc, "k");
-  detail::check_extent(kc, 0, q.extent(0), "k", "batch of q");
-  detail::check_extent(kc, 3, q.extent(3), "k", "head dim of q");
-  detail::require(q.extent(3) >= 1, "q: extent 3 (dim) is ", q.extent(3), ", expected at least 1");
-  detail::require(kc.extent(1) >= 1 ? q.extent(1) % kc.extent(1) == 0 : q.extent(1) == 0,
-                  "k: extent 1 (heads) is ", kc.extent(1), ", which does not divide the ",
-                  q.extent(1), " heads of q");
-  detail::check_cache_scales<K>(options.k_scale, "options.k_scale", kc.extent(0), kc.extent(1),
-                                kc.extent(2));
-  const detail::kv_layout<K, K> kv{kc, kc, {}, options.k_scale, {}};
+  const auto kv = detail::check_selection_inputs(qc, kc, options.k_scale);
   const detail::landmark_geometry geo{options.block_size, options.local_blocks,
                                       kc.extent(2) - q.extent(2)};
-  landmark_selection sel =
-      detail::empty_selection(q.extent(0), q.extent(1), q.extent(2), options);
+  landmark_selection sel = detail::empty_selection(q.extent(0), q.extent(1), q.extent(2), options);
   using T = accumulator_t<S>;
   const T scale = T(options.scale.value_or(1.0 / std::sqrt(double(q.extent(3)))));
   detail::run_landmark_queries<Backend>(qc, kv, options, geo, scale, sel, nullptr, true,
@@ -437,7 +416,7 @@ void landmark_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<
                         const landmark_options& options = {}) {
   detail::check_landmark_options(options);
   const auto pr =
-      detail::make_softmax_problem<TO>(q, k, v, out, detail::landmark_softmax_options(options));
+      detail::make_softmax_problem<TO>(q, k, v, out, detail::sparse_softmax_options(options, true));
   detail::check_landmark_selection(selection, options, q.extent(0), q.extent(1), q.extent(2),
                                    k.extent(2));
   landmark_selection sel = selection;
@@ -452,9 +431,8 @@ void landmark_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<
                         tensor_view<TO, 4> out, const landmark_options& options = {}) {
   detail::check_landmark_options(options);
   const auto pr =
-      detail::make_softmax_problem<TO>(q, k, v, out, detail::landmark_softmax_options(options));
-  landmark_selection sel =
-      detail::empty_selection(q.extent(0), q.extent(1), q.extent(2), options);
+      detail::make_softmax_problem<TO>(q, k, v, out, detail::sparse_softmax_options(options, true));
+  landmark_selection sel = detail::empty_selection(q.extent(0), q.extent(1), q.extent(2), options);
   detail::run_landmark_attention<Backend>(pr, sel, options, true,
                                           detail::resolve_threads(options.threads));
 }

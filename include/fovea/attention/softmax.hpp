@@ -145,6 +145,20 @@ inline tensor_view<const float, 3> sequence_scales(const tensor_view<const float
   return cut;
 }
 
+/// The softmax_options of a sparse front-end's call (HiP, DHSA, Landmark): its causality,
+/// scale, lse, cache scales and threads; no other modifier.
+template <class Options>
+softmax_options sparse_softmax_options(const Options& o, bool causal) {
+  softmax_options so;
+  so.causal = causal;
+  so.scale = o.scale;
+  so.lse = o.lse;
+  so.k_scale = o.k_scale;
+  so.v_scale = o.v_scale;
+  so.threads = o.threads;
+  return so;
+}
+
 template <class T, class KS, class VS, class K = std::remove_const_t<KS>,
           class V = std::remove_const_t<VS>>
 dense_problem<T, K, V> make_softmax_problem(const tensor_view<const T, 4>& q,
