@@ -393,6 +393,58 @@ TYPED_TEST(CacheAttention, HipMatchesTheOracleOverItsSelection) {
     }
 }
 
+/// DHSA and Landmark over every cache pair: the selections are those made on the
+/// dequantized keys, bit for bit (chunk sums and block means of the same float rows), and
+/// attention equals the f64 oracle on the dequantized values over exactly the selection
+/// (Landmark's flat softmax; its grouped form against the float call on the dequantized
+/// values, bit for bit).
+TYPED_TEST(CacheAttention, DhsaAndLandmarkSelectWhatTheDequantizedKeysGive) {
+  using K = typename TypeParam::key;
+  using V = typename TypeParam::value;
+  const shape_case s{1, 4, 2, 96, 200, 64, 32};
+  const auto q = normal<float>(s.B * s.H * s.Sq * s.D, 41);
+  const auto kc = make_cache<K>(normal<float>(s.B * s.Hk * s.Sk * s.D, 42), s.B, s.Hk, s.Sk, s.D, false);
+  const auto vc = make_cache<V>(normal<float>(s.B * s.Hk * s.Sk * s.Dv, 43), s.B, s.Hk, s.Sk, s.Dv, false);
+  const auto Q = bhsd<const float>(q.data(), s.B, s.H, s.Sq, s.D);
+  const auto Kc = view_of(kc, s.B, s.Hk, s.Sk, s.D, false);
+  const auto Vc = view_of(vc, s.B, s.Hk, s.Sk, s.Dv, false);
+  const auto Kd = bhsd<const float>(kc.values.data(), s.B, s.Hk, s.Sk, s.D);
+  const auto Vd = bhsd<const float>(vc.values.data(), s.B, s.Hk, s.Sk, s.Dv);
+  std::vector<float> out(s.B * s.H * s.Sq * s.Dv), on_float(out.size());
+  const softmax_options ref{.causal = true};
+  auto expect_oracle = [&](const auto& visible) {
+    const auto want = reference_softmax<double>(Q, Kd, Vd, ref, with_mask_mod(visible));
+    const auto naive = reference_softmax<float>(Q, Kd, Vd, ref, with_mask_mod(visible));
+    EXPECT_TRUE(within_tolerance<float>(std::vector<double>(out.begin(), out.end()), want.out,
+                                        naive.out));
+  };
+
+  dhsa_options d{.chunk_size = 24, .top_keys = 72, .k_scale = kc.scale_view, .v_scale = vc.scale_view};
+  const dhsa_selection chosen = dhsa_select(Q, Kc, d);
+  EXPECT_EQ(chosen.indices, dhsa_select(Q, Kd, dhsa_options{.chunk_size = 24, .top_keys = 72}).indices);
+  dhsa_attention(Q, Kc, Vc, bhsd(out.data(), s.B, s.H, s.Sq, s.Dv), d);
+  expect_oracle([&](index_t b, index_t h, index_t i, index_t j) {
+    const auto c = chosen.kept(b, h, chosen.chunk_of(i + s.Sk - s.Sq));
+    return std::binary_search(c.begin(), c.end(), std::int32_t(chosen.chunk_of(j)));
+  });
+
+  landmark_options l{.block_size = 16, .top_k = 3, .grouped = false, .k_scale = kc.scale_view,
+                     .v_scale = vc.scale_view};
+  const landmark_selection sel = landmark_select(Q, Kc, l);
+  EXPECT_EQ(sel.blocks, landmark_select(Q, Kd, landmark_options{.block_size = 16, .top_k = 3}).blocks);
+  landmark_attention(Q, Kc, Vc, bhsd(out.data(), s.B, s.H, s.Sq, s.Dv), l);
+  expect_oracle([&](index_t b, index_t h, index_t i, index_t j) {
+    const index_t local = (i + s.Sk - s.Sq) / 16;
+    const auto r = sel.retrieved(b, h, i);
+    return j >= local * 16 || std::binary_search(r.begin(), r.end(), std::int32_t(j / 16));
+  });
+  l.grouped = true;
+  landmark_attention(Q, Kc, Vc, bhsd(out.data(), s.B, s.H, s.Sq, s.Dv), l);
+  landmark_attention(Q, Kd, Vd, bhsd(on_float.data(), s.B, s.H, s.Sq, s.Dv),
+                     landmark_options{.block_size = 16, .top_k = 3});
+  EXPECT_EQ(0, std::memcmp(out.data(), on_float.data(), 4 * out.size())) << "grouped";
+}
+
 /// Paged caches with a scrambled table give the contiguous result bit for bit (both
 /// paths), the scales of int8 caches indexed (page, head, slot).
 TYPED_TEST(CacheAttention, PagedEqualsContiguous) {
