@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "../common/attention_case.hpp"
 #include "../common/random.hpp"
 #include "../common/reference.hpp"
 #include "../common/sparse_case.hpp"
@@ -590,6 +591,133 @@ TEST(CacheAttention, EveryEngineEqualsItsCallOnDequantizedValues) {
     hip_attention(Q, Kd, Vd, W, hip);
     same("hip_attention");
   }
+}
+
+/// int8 caches with per-channel scales (ONNX Runtime's (Hk, 1, D) k_scale, KIVI's keys):
+/// quantize by its definition bit for bit; attention over them equals the same call on
+/// their dequantized values bit for bit (prefill and decode, GQA, broadcast channels, row
+/// scales or none, varlen, paged, KV cache, block-sparse); bad channel scales are named.
+TEST(CacheAttention, PerChannelInt8Scales) {
+  const index_t H = 4, Hk = 2, D = 64, Dv = 32, sk = 300;
+  auto channels = uniform<float>(Hk * D, 51, 0.05, 3.0);
+  const auto C = view<const float>(channels.data(), {Hk, D});
+  const auto x = normal<float>(Hk * sk * D, 52);
+  const auto X = bhsd<const float>(x.data(), 1, Hk, sk, D);
+  std::vector<std::int8_t> k8(Hk * sk * D);
+  std::vector<float> k_rows(Hk * sk), kd(Hk * sk * D);
+  quantize(X, bhsd(k8.data(), 1, Hk, sk, D), view<float>(k_rows.data(), {1, Hk, sk}), C);
+  for (index_t h = 0; h < Hk; ++h)  // the definition: y = x / channel, then int8 rows of y
+    for (index_t t = 0; t < sk; ++t) {
+      float amax = 0, y[64];
+      for (index_t d = 0; d < D; ++d) {
+        y[d] = x[(h * sk + t) * D + d] / channels[h * D + d];
+        amax = std::max(amax, std::fabs(y[d]));
+      }
+      const float scale = amax / 127.0f;
+      ASSERT_EQ(k_rows[h * sk + t], scale);
+      for (index_t d = 0; d < D; ++d)
+        ASSERT_EQ(k8[(h * sk + t) * D + d],
+                  std::int8_t(std::clamp(std::nearbyint(y[d] * (1.0f / scale)), -127.f, 127.f)));
+    }
+  const auto K8 = bhsd<const std::int8_t>(k8.data(), 1, Hk, sk, D);
+  const auto KS = view<const float>(k_rows.data(), {1, Hk, sk});
+  dequantize(K8, bhsd(kd.data(), 1, Hk, sk, D), KS, C);
+  // Values: int8 codes with one channel row broadcast over the heads and no row scales.
+  const auto v8 = [&] {
+    std::vector<std::int8_t> v(Hk * sk * Dv);
+    const auto r = normal<float>(v.size(), 53, 40.0);
+    for (std::size_t i = 0; i < v.size(); ++i) v[i] = std::int8_t(std::clamp(r[i], -127.f, 127.f));
+    return v;
+  }();
+  const auto v_channels = uniform<float>(Dv, 54, 0.01, 0.05);
+  const auto VC = view<const float>(v_channels.data(), {1, Dv});
+  const auto V8 = bhsd<const std::int8_t>(v8.data(), 1, Hk, sk, Dv);
+  std::vector<float> vd(Hk * sk * Dv);
+  dequantize(V8, bhsd(vd.data(), 1, Hk, sk, Dv), {}, VC);
+  for (index_t d = 0; d < Dv; ++d) ASSERT_EQ(vd[d], float(v8[d]) * v_channels[d]);
+  const auto Kd = bhsd<const float>(kd.data(), 1, Hk, sk, D);
+  const auto Vd = bhsd<const float>(vd.data(), 1, Hk, sk, Dv);
+  softmax_options o{.causal = true, .k_scale = KS, .k_channel_scale = C, .v_channel_scale = VC};
+  for (const index_t sq : {1, 5, 130}) {
+    SCOPED_TRACE("Sq " + std::to_string(sq));
+    const auto q = normal<float>(H * sq * D, 55);
+    const auto Q = bhsd<const float>(q.data(), 1, H, sq, D);
+    std::vector<float> got(H * sq * Dv, -1.f), want(got.size(), -2.f);
+    const auto O = bhsd(got.data(), 1, H, sq, Dv), W = bhsd(want.data(), 1, H, sq, Dv);
+    auto same = [&](const char* what) {
+      EXPECT_EQ(0, std::memcmp(got.data(), want.data(), 4 * got.size())) << what;
+    };
+    softmax_attention(Q, K8, V8, O, o);
+    softmax_attention(Q, Kd, Vd, W, {.causal = true});
+    same("softmax_attention");
+    const std::int32_t cu_q[] = {0, std::int32_t(sq)}, cu_k[] = {0, std::int32_t(sk)};
+    softmax_attention_varlen(slice(Q, 0, 0, 1), slice(K8, 0, 0, 1), slice(V8, 0, 0, 1), O, cu_q,
+                             cu_k, o);
+    same("varlen");
+    const std::int32_t lengths[] = {std::int32_t(sk)};
+    softmax_attention_kvcache(Q, K8, V8, O, lengths, o);
+    same("kvcache");
+    const std::vector<std::int32_t> offsets{0, 2, 4}, indices{0, 2, 1, 3};
+    const block_sparse_layout layout{.block_q = 256, .block_k = 64, .heads = Hk,
+                                     .offsets = offsets, .indices = indices};
+    block_sparse_attention(Q, K8, V8, O, layout, o);
+    block_sparse_attention(Q, Kd, Vd, W, layout, {.causal = true});
+    same("block_sparse_attention");
+  }
+  // Paged: pages of 50 keys, scrambled; row scales indexed (page, head, slot).
+  const index_t page = 50, pages = sk / page;
+  std::vector<std::int8_t> kp(pages * Hk * page * D), vp(pages * Hk * page * Dv);
+  std::vector<float> kps(pages * Hk * page);
+  std::vector<std::int32_t> table(pages);
+  for (index_t p = 0; p < pages; ++p) table[p] = std::int32_t((p * 5 + 2) % pages);
+  for (index_t p = 0; p < pages; ++p)
+    for (index_t h = 0; h < Hk; ++h)
+      for (index_t s = 0; s < page; ++s) {
+        const index_t t = p * page + s, slot = (table[p] * Hk + h) * page + s;
+        std::copy_n(&k8[(h * sk + t) * D], D, &kp[slot * D]);
+        std::copy_n(&v8[(h * sk + t) * Dv], Dv, &vp[slot * Dv]);
+        kps[slot] = k_rows[h * sk + t];
+      }
+  const auto q = normal<float>(H * D, 56);
+  const auto Q = bhsd<const float>(q.data(), 1, H, 1, D);
+  std::vector<float> got(H * Dv), want(H * Dv);
+  softmax_options paged = o;
+  paged.k_scale = view<const float>(kps.data(), {pages, Hk, page});
+  const std::int32_t lengths[] = {std::int32_t(sk)};
+  softmax_attention_paged(Q, bhsd<const std::int8_t>(kp.data(), pages, Hk, page, D),
+                          bhsd<const std::int8_t>(vp.data(), pages, Hk, page, Dv),
+                          bhsd(got.data(), 1, H, 1, Dv),
+                          view<const std::int32_t>(table.data(), {1, pages}), lengths, paged);
+  softmax_attention(Q, Kd, Vd, bhsd(want.data(), 1, H, 1, Dv), {.causal = true});
+  EXPECT_EQ(0, std::memcmp(got.data(), want.data(), 4 * got.size())) << "paged";
+
+  // Bad channel scales: named, nothing written.
+  std::vector<float> out(H * Dv, -7.f);
+  const auto O = bhsd(out.data(), 1, H, 1, Dv);
+  auto expect_error = [&](auto&& call, const char* name) {
+    expect_error_naming(call, name, out, -7.f);
+  };
+  softmax_options bad = o;
+  bad.k_channel_scale = view<const float>(channels.data(), {Hk, D - 1});
+  expect_error([&] { softmax_attention(Q, K8, V8, O, bad); }, "options.k_channel_scale");
+  bad.k_channel_scale = view<const float>(channels.data(), {3, D});
+  expect_error([&] { softmax_attention(Q, K8, V8, O, bad); }, "options.k_channel_scale");
+  bad.k_channel_scale = view<const float>(channels.data(), {Hk, D / 2}, {D, 2});
+  expect_error([&] { softmax_attention(Q, K8, V8, O, bad); }, "options.k_channel_scale");
+  bad = o;
+  bad.v_channel_scale = {};
+  expect_error([&] { softmax_attention(Q, K8, V8, O, bad); }, "options.v_scale");
+  expect_error([&] { softmax_attention(Q, Kd, Vd, O, {.k_channel_scale = C}); },
+               "options.k_channel_scale");
+  channels[3] = 0.f;
+  std::vector<std::int8_t> spare(k8.size(), 5);
+  try {
+    quantize(X, bhsd(spare.data(), 1, Hk, sk, D), view<float>(k_rows.data(), {1, Hk, sk}), C);
+    ADD_FAILURE() << "a zero channel scale was accepted";
+  } catch (const fovea::error& e) {
+    EXPECT_NE(std::string(e.what()).find("channels"), std::string::npos) << e.what();
+  }
+  for (std::int8_t c : spare) ASSERT_EQ(c, 5);
 }
 
 /// MLA-shaped decode: H query heads over one key/value head whose rows hold 576 values;

@@ -67,15 +67,16 @@ void check_blocks(const tensor_view<S, 4>& c, std::string_view name) {
 /// (optional, default 1; every scale finite); empty for the other types.
 template <class S>
 void check_cache_scales(const tensor_view<const float, 3>& s, std::string_view name,
-                        index_t rows, index_t Hk, index_t slots) {
+                        index_t rows, index_t Hk, index_t slots, bool per_channel = false) {
   const bool given = s.data() != nullptr || !s.empty();
   if constexpr (!is_scaled_v<S>) {
     require(!given, name, ": given for a ", cache_type_name<S>(),
             " cache, which has no separate scales");
   } else {
     if (!given) {
-      require(!std::is_same_v<std::remove_const_t<S>, std::int8_t>, name,
-              ": an int8 cache needs its scales, (", rows, "|1, ", Hk, "|1, ", slots, "|1)");
+      require(!std::is_same_v<std::remove_const_t<S>, std::int8_t> || per_channel, name,
+              ": an int8 cache needs its scales, (", rows, "|1, ", Hk, "|1, ", slots,
+              "|1), or per-channel scales");
       return;
     }
     check_data(s, name);
@@ -132,6 +133,23 @@ index_t check_qkvo(const tensor_view<const T, 4>& q, const tensor_view<const K, 
   check_extent(v, 2, Sk, "v", "keys of k");
   check_output(out, q, k, "k", v, "v");
   return Hk == 0 || H == 0 ? 1 : H / Hk;  // >= 1: callers divide by it
+}
+
+/// Per-channel scales of a cache of type S with Hk heads of D columns: none, or for int8
+/// a (Hk|1, D) view with contiguous rows (ONNX Runtime's per-channel k_scale, KIVI's keys).
+template <class S>
+void check_channel_scales(const tensor_view<const float, 2>& s, std::string_view name, index_t Hk,
+                          index_t D) {
+  if (s.data() == nullptr && s.empty()) return;
+  require(std::is_same_v<std::remove_const_t<S>, std::int8_t>, name, ": given for a ",
+          cache_type_name<S>(), " cache; per-channel scales apply to int8 caches");
+  check_data(s, name);
+  require(s.data() != nullptr, name, ": data is null");
+  require(s.extent(0) == 1 || s.extent(0) == Hk, name, ": extent 0 (heads) is ", s.extent(0),
+          ", expected 1 (broadcast) or ", Hk);
+  require(s.extent(1) == D, name, ": extent 1 (channels) is ", s.extent(1), ", expected ", D);
+  require(s.extent(1) <= 1 || s.stride(1) == 1, name, ": stride 1 is ", s.stride(1),
+          ", expected 1 (contiguous rows)");
 }
 
 /// The checks of a front-end that selects keys from q and k alone (hip_select,

@@ -52,7 +52,7 @@ void softmax_attention_kvcache(tensor_view<TQ, 4> q, tensor_view<TK, 4> k_cache,
   check_sequence_terms(options, B, H, ck.extent(1), Sq, capacity, out);
   check_head_options(options, B, H);
   check_lse(options, B, H, Sq, cq, ck, cv, out);
-  check_scales<K, V>(options, B, ck.extent(1), capacity);
+  check_scales<K, V>(options, B, ck.extent(1), capacity, ck.extent(3), cv.extent(3));
   std::vector<dense_problem<T, K, V>> problems(B);
   for (index_t b = 0; b < B; ++b) {
     const index_t sk = seqlens_k[b];
@@ -64,6 +64,8 @@ void softmax_attention_kvcache(tensor_view<TQ, 4> q, tensor_view<TK, 4> k_cache,
     pr.kv.v = slice(slice(cv, 0, b, 1), 2, 0, sk);
     pr.kv.k_scale = sequence_scales(options.k_scale, b, 0);
     pr.kv.v_scale = sequence_scales(options.v_scale, b, 0);
+    pr.kv.k_channel_scale = options.k_channel_scale;
+    pr.kv.v_channel_scale = options.v_channel_scale;
     pr.batch_base = b;
     apply_options(pr, sequence_options(options, b, 0, Sq, 0, sk), scale, group, Sq, sk);
   }

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "../core/cache_types.hpp"
 #include "../core/error.hpp"
@@ -193,6 +194,45 @@ void quantize(tensor_view<SS, 4> src, tensor_view<std::int8_t, 4> cache,
         scales(b, h, t) = detail::quantize_row(x.ptr(b, h, t, 0), x.extent(3), cache.ptr(b, h, t, 0));
 }
 
+/// Quantizes src into an int8 cache with given per-channel scales channels (H|1, D), every
+/// one finite and nonzero (ONNX Runtime's per-channel k_scale, KIVI's per-channel keys), and
+/// one scale per row written to scales (B, H, S): with y = x / channel (in float), scale =
+/// max |y| / 127 and q = y / scale rounded to nearest (ties to even); value = q * scale *
+/// channel. Read it with options.k_channel_scale = channels and k_scale = scales.
+template <class SS>
+requires is_storage_type_v<SS>
+void quantize(tensor_view<SS, 4> src, tensor_view<std::int8_t, 4> cache,
+              tensor_view<float, 3> scales, tensor_view<const float, 2> channels) {
+  using S = std::remove_const_t<SS>;
+  const tensor_view<const S, 4> x = src;
+  const index_t D = x.extent(3);
+  detail::check_channel_scales<std::int8_t>(channels, "channels", x.extent(1), D);
+  detail::require(channels.data() != nullptr, "channels: not given");
+  for (index_t h = 0; h < channels.extent(0); ++h)
+    for (index_t d = 0; d < D; ++d)
+      detail::require(std::isfinite(channels(h, d)) && channels(h, d) != 0, "channels: scale (", h,
+                      ", ", d, ") is ", channels(h, d), ", expected finite and nonzero");
+  detail::check_quantize(x, cache, "src", "cache");
+  detail::check_no_alias(cache, "cache", x, "src");
+  detail::check_data(scales, "scales");
+  for (std::size_t r = 0; r < 3; ++r)
+    detail::require(scales.extent(r) == x.extent(r), "scales: extent ", r, " is ", scales.extent(r),
+                    ", expected ", x.extent(r), " (one scale per (batch, head, token) of src)");
+  detail::check_one_to_one(scales, "scales");
+  detail::check_no_alias(scales, "scales", x, "src");
+  detail::check_no_alias(scales, "scales", cache, "cache");
+  std::vector<float> y(static_cast<std::size_t>(D));
+  for (index_t b = 0; b < x.extent(0); ++b)
+    for (index_t h = 0; h < x.extent(1); ++h) {
+      const float* c = channels.ptr(channels.extent(0) == 1 ? 0 : h, 0);
+      for (index_t t = 0; t < x.extent(2); ++t) {
+        const S* in = x.ptr(b, h, t, 0);
+        for (index_t d = 0; d < D; ++d) y[d] = detail::as_float(in[d]) / c[d];
+        scales(b, h, t) = detail::quantize_row(y.data(), D, cache.ptr(b, h, t, 0));
+      }
+    }
+}
+
 /// The values of a quantized cache (B, H, S, D) into dst of the same shape (float,
 /// double, bf16 or fp16): value = d * q (block_q8_0), q * scale (int8, fp8; scales as
 /// for softmax_options::k_scale, required for int8, default 1 for fp8). Exactly the
@@ -212,6 +252,35 @@ void dequantize(tensor_view<CC, 4> cache, tensor_view<D, 4> dst,
       for (index_t t = 0; t < c.extent(2); ++t)
         detail::dequantize_row(c.ptr(b, h, t, 0), detail::scale_at(scales, b, h, t), c.extent(3),
                                dst.ptr(b, h, t, 0));
+}
+
+/// The values of an int8 cache with per-channel scales channels (H|1, D) (and per-row
+/// scales, optional: 1): value = q * scale * channel, the values softmax_attention
+/// computes with under options.k_channel_scale / v_channel_scale.
+template <class CC, class D>
+requires(std::is_same_v<std::remove_const_t<CC>, std::int8_t> && is_storage_type_v<D> &&
+         !std::is_const_v<D>)
+void dequantize(tensor_view<CC, 4> cache, tensor_view<D, 4> dst, tensor_view<const float, 3> scales,
+                tensor_view<const float, 2> channels) {
+  const tensor_view<const std::int8_t, 4> c = cache;
+  detail::check_quantize(tensor_view<const D, 4>(dst), c, "dst", "cache");
+  detail::check_one_to_one(dst, "dst");
+  detail::check_no_alias(dst, "dst", c, "cache");
+  detail::check_channel_scales<std::int8_t>(channels, "channels", c.extent(1), c.extent(3));
+  detail::check_cache_scales<std::int8_t>(scales, "scales", c.extent(0), c.extent(1), c.extent(2),
+                                          channels.data() != nullptr);
+  for (index_t b = 0; b < c.extent(0); ++b)
+    for (index_t h = 0; h < c.extent(1); ++h)
+      for (index_t t = 0; t < c.extent(2); ++t) {
+        const std::int8_t* row = c.ptr(b, h, t, 0);
+        const float scale = detail::scale_at(scales, b, h, t);
+        const float* ch =
+            channels.data() ? channels.ptr(channels.extent(0) == 1 ? 0 : h, 0) : nullptr;
+        for (index_t d = 0; d < c.extent(3); ++d) {
+          const float value = float(row[d]) * scale;
+          dst(b, h, t, d) = D(ch ? value * ch[d] : value);
+        }
+      }
 }
 
 }  // namespace fovea

@@ -49,6 +49,12 @@ struct softmax_options {
   /// broadcast: per tensor (1, 1, 1), per head (1, Hk, 1) (vLLM's fp8), per token and
   /// head (B, Hk, Sk) (ONNX Runtime's and KIVI's int8). Required for int8; fp8 default 1.
   tensor_view<const float, 3> k_scale{}, v_scale{};
+  /// Per-channel scales of int8 key / value caches, (Hk|1, D) and (Hk|1, Dv): value =
+  /// stored value * scale(row) * channel_scale(head, column) (ONNX Runtime's per-channel
+  /// k_scale of shape (Hk, 1, D) viewed as (Hk, D); KIVI quantizes keys per channel). With
+  /// them, k_scale / v_scale may be left empty (1). Contiguous, varlen, paged and KV-cache
+  /// calls and block_sparse_attention take them.
+  tensor_view<const float, 2> k_channel_scale{}, v_channel_scale{};
   int threads = 0;                             ///< 0: all OpenMP offers; 1: serial
 };
 
@@ -129,9 +135,14 @@ void apply_options(dense_problem<S, K, V>& pr, const softmax_options& o, double 
 /// k_scale and v_scale for caches of K and V with `rows` (batch or pages), Hk heads and
 /// `slots` (keys or page size).
 template <class K, class V>
-void check_scales(const softmax_options& o, index_t rows, index_t Hk, index_t slots) {
-  check_cache_scales<K>(o.k_scale, "options.k_scale", rows, Hk, slots);
-  check_cache_scales<V>(o.v_scale, "options.v_scale", rows, Hk, slots);
+void check_scales(const softmax_options& o, index_t rows, index_t Hk, index_t slots, index_t D,
+                  index_t Dv) {
+  check_channel_scales<K>(o.k_channel_scale, "options.k_channel_scale", Hk, D);
+  check_channel_scales<V>(o.v_channel_scale, "options.v_channel_scale", Hk, Dv);
+  check_cache_scales<K>(o.k_scale, "options.k_scale", rows, Hk, slots,
+                        o.k_channel_scale.data() != nullptr);
+  check_cache_scales<V>(o.v_scale, "options.v_scale", rows, Hk, slots,
+                        o.v_channel_scale.data() != nullptr);
 }
 
 /// A scale view cut to batch row b (unless broadcast) from key `first` (unless
@@ -177,7 +188,7 @@ dense_problem<T, K, V> make_softmax_problem(const tensor_view<const T, 4>& q,
   check_lse(o, B, H, Sq, q, k, v, out);
   check_no_alias(out, "out", o.bias, "options.bias");
   check_no_alias(out, "out", o.mask, "options.mask");
-  check_scales<K, V>(o, B, Hk, Sk);
+  check_scales<K, V>(o, B, Hk, Sk, D, v.extent(3));
 
   dense_problem<T, K, V> pr;
   pr.q = q;
@@ -187,6 +198,8 @@ dense_problem<T, K, V> make_softmax_problem(const tensor_view<const T, 4>& q,
   pr.kv.v = v;
   pr.kv.k_scale = o.k_scale;
   pr.kv.v_scale = o.v_scale;
+  pr.kv.k_channel_scale = o.k_channel_scale;
+  pr.kv.v_channel_scale = o.v_channel_scale;
   apply_options(pr, o, scale, group, Sq, Sk);
   return pr;
 }

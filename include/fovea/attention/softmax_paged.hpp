@@ -57,7 +57,7 @@ void run_paged(const tensor_view<const T, 4>& cq, const tensor_view<const K, 4>&
                const custom_variant<ScoreMod, MaskMod>& custom, index_t B, Rows&& rows) {
   const index_t H = cq.extent(1), Hk = ck.extent(1);
   const double scale = check_scalar_options(options, cq.extent(3));
-  check_scales<K, V>(options, ck.extent(0), Hk, ck.extent(2));
+  check_scales<K, V>(options, ck.extent(0), Hk, ck.extent(2), ck.extent(3), cv.extent(3));
   std::vector<dense_problem<T, K, V>> problems(B);
   for (index_t b = 0; b < B; ++b) {
     const auto [qb, q0, sq] = rows(b);
@@ -70,6 +70,8 @@ void run_paged(const tensor_view<const T, 4>& cq, const tensor_view<const K, 4>&
     pr.kv.table = slice(block_table, 0, b, 1);
     pr.kv.k_scale = options.k_scale;
     pr.kv.v_scale = options.v_scale;
+    pr.kv.k_channel_scale = options.k_channel_scale;
+    pr.kv.v_channel_scale = options.v_channel_scale;
     pr.batch_base = b;
     // bias and mask: batch row qb (unpacked calls) or the packed rows; keys from 0
     const index_t bias_row = cq.extent(0) == 1 ? -1 : qb;

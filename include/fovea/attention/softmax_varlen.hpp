@@ -122,7 +122,7 @@ void softmax_attention_varlen(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor
   const auto [group, sequences, scale] =
       check_varlen_call(cq, ck, cv, out, cu_seqlens_q, cu_seqlens_k, options);
   check_lse(options, 1, q.extent(1), q.extent(2), cq, ck, cv, out);
-  check_scales<K, V>(options, 1, k.extent(1), k.extent(2));
+  check_scales<K, V>(options, 1, k.extent(1), k.extent(2), k.extent(3), v.extent(3));
 
   std::vector<dense_problem<T, K, V>> problems(sequences);
   for (index_t b = 0; b < sequences; ++b) {
@@ -136,6 +136,8 @@ void softmax_attention_varlen(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor
     pr.kv.v = slice(cv, 2, k0, sk);
     pr.kv.k_scale = sequence_scales(options.k_scale, 0, k0);
     pr.kv.v_scale = sequence_scales(options.v_scale, 0, k0);
+    pr.kv.k_channel_scale = options.k_channel_scale;
+    pr.kv.v_channel_scale = options.v_channel_scale;
     pr.batch_base = b;
     apply_options(pr, sequence_options(options, -1, q0, sq, k0, sk), scale, group, sq, sk);
   }

@@ -28,6 +28,9 @@ struct kv_source {
   const std::int32_t* pages = nullptr;  ///< block-table row; null: contiguous
   index_t page_size = 0;
   row_scales k_scales{}, v_scales{};
+  /// Per-channel scales of an int8 cache (one per column of this head), or null.
+  const float* k_channels = nullptr;
+  const float* v_channels = nullptr;
 
   /// How many of `want` keys starting at j share one stride (all, unless a page ends).
   index_t run(index_t j, index_t want) const noexcept {
@@ -61,13 +64,15 @@ struct kv_source {
 
 /// The keys/values of a whole problem: (B, Hk, Sk, D) views, or paged caches viewed as
 /// (pages, Hk, page_size, D) with a block table (B, max_pages); the scales of scaled
-/// caches as (B|pages|1, Hk|1, Sk|page_size|1) views (empty: 1).
+/// caches as (B|pages|1, Hk|1, Sk|page_size|1) views (empty: 1); an int8 cache's
+/// per-channel scales as (Hk|1, D) views (empty: none).
 template <class K, class V = K>
 struct kv_layout {
   tensor_view<const K, 4> k;
   tensor_view<const V, 4> v;
   tensor_view<const std::int32_t, 2> table{};  ///< empty: contiguous
   tensor_view<const float, 3> k_scale{}, v_scale{};
+  tensor_view<const float, 2> k_channel_scale{}, v_channel_scale{};
 
   kv_source<K, V> source(index_t b, index_t hk) const noexcept {
     constexpr index_t kb = values_per_element<K>::value, vb = values_per_element<V>::value;
@@ -85,6 +90,8 @@ struct kv_layout {
     s.v_stride = v.stride(2) / vb;
     s.k_scales = scales_of(k_scale, row, hk);
     s.v_scales = scales_of(v_scale, row, hk);
+    s.k_channels = channels_of(k_channel_scale, hk);
+    s.v_channels = channels_of(v_channel_scale, hk);
     return s;
   }
   index_t heads() const noexcept { return k.extent(1); }
@@ -92,6 +99,11 @@ struct kv_layout {
   index_t value_dim() const noexcept { return v.extent(3); }
 
  private:
+  /// Row hk of a (Hk|1, D) view (rows contiguous, checked by the front-end), or null.
+  static const float* channels_of(const tensor_view<const float, 2>& s, index_t hk) {
+    if (s.data() == nullptr) return nullptr;
+    return s.data() + (s.extent(0) == 1 ? 0 : hk * s.stride(0));
+  }
   /// Extent-1 dimensions broadcast.
   static row_scales scales_of(const tensor_view<const float, 3>& s, index_t row, index_t hk) {
     if (s.data() == nullptr) return {};

@@ -7,7 +7,9 @@
 #include <algorithm>
 
 #include "../../core/tensor_view.hpp"
+#include "../../simd/backend.hpp"
 #include "../../simd/dequantize.hpp"
+#include "../../simd/row_math.hpp"
 #include "kv_source.hpp"
 
 namespace fovea::detail {
@@ -26,13 +28,17 @@ void for_rows(const kv_source<K, V>& kv, bool keys, index_t j, index_t rows, F&&
     for (index_t r = 0; r < rows; ++r) f(r, kv.v_row(j + r), kv.v_scale(j + r));
 }
 
-/// dst[r][0, padded) = row j + r in T (converted or dequantized); zeros past `cols`.
+/// dst[r][0, padded) = row j + r in T (converted or dequantized: q * row scale, times the
+/// column's scale when the cache has per-channel scales); zeros past `cols`.
 template <class K, class V, class T>
 void stage_rows(const kv_source<K, V>& kv, bool keys, index_t j, index_t rows, index_t cols,
                 index_t padded, T* dst) noexcept {
+  const float* channels = keys ? kv.k_channels : kv.v_channels;
   for_rows(kv, keys, j, rows, [&](index_t r, const auto* src, float scale) {
     T* out = dst + r * padded;
     load_row(src, scale, out, cols);
+    if constexpr (std::is_same_v<T, float>)
+      if (channels) mul_row<float, default_backend>(out, channels, cols);
     if (padded > cols) std::fill(out + cols, out + padded, T(0));
   });
 }
