@@ -422,11 +422,17 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           else if (type == 2) run(fovea::e4m3{}, one_scale);
           else run(fovea::e5m2{}, one_scale);
         };
-        std::vector<float> k_scales, v_scales;
+        std::vector<float> k_scales, v_scales, k_channels;
         quantized(kt, K, quantized_k, o.k_scale, [&](auto Kq) {
           k_scales = scale_store;
           if (o.k_scale.data() && kt == 1) o.k_scale = fovea::view<const float>(k_scales.data(), {K.extent(0), K.extent(1), K.extent(2)});
           else if (o.k_scale.data()) o.k_scale = fovea::view<const float>(&k_scales.back(), {1, 1, 1});
+          if ((flags & 64) && !(flags & 32) && D > 0) {  // per-channel scales (int8; else an error)
+            k_channels.resize(D);
+            for (index_t d = 0; d < D; ++d) k_channels[d] = 0.25f * float(1 + in.u8() % 8);
+            o.k_channel_scale = fovea::view<const float>(k_channels.data(), {1, D});
+            for (index_t i = 0; i < B * Hk * Sk * D; ++i) quantized_k[i] *= k_channels[i % D];
+          }
           quantized(vt, V, quantized_v, o.v_scale, [&](auto Vq) {
             v_scales = scale_store;
             if (o.v_scale.data() && vt == 1) o.v_scale = fovea::view<const float>(v_scales.data(), {V.extent(0), V.extent(1), V.extent(2)});
