@@ -80,6 +80,39 @@ void BM_decode(benchmark::State& state, index_t sq, index_t sk, int threads) {
                                               benchmark::Counter::kIs1000);
 }
 
+/// Decode over int8 K/V with per-channel scales (and row scales): value = q * row * channel.
+void BM_decode_channels(benchmark::State& state, index_t sk, int threads) {
+  const index_t H = 32, Hk = 8, D = 128;
+  std::vector<float> q(H * D), o(H * D), x(Hk * sk * D), channels(Hk * D), scales[2];
+  std::vector<std::int8_t> codes[2];
+  std::mt19937 gen(3);
+  std::normal_distribution<float> dist;
+  for (float& e : q) e = dist(gen);
+  for (index_t i = 0; i < Hk * D; ++i) channels[i] = 0.5f + float(i % 7) / 4;
+  const auto C = fovea::view<const float>(channels.data(), {Hk, D});
+  for (int m = 0; m < 2; ++m) {
+    for (float& e : x) e = dist(gen);
+    codes[m].resize(x.size());
+    scales[m].resize(Hk * sk);
+    fovea::quantize(fovea::bhsd<const float>(x.data(), 1, Hk, sk, D),
+                    fovea::bhsd(codes[m].data(), 1, Hk, sk, D), fovea::view(scales[m].data(), {1, Hk, sk}), C);
+  }
+  const fovea::softmax_options opt{.causal = true,
+                                   .k_scale = fovea::view<const float>(scales[0].data(), {1, Hk, sk}),
+                                   .v_scale = fovea::view<const float>(scales[1].data(), {1, Hk, sk}),
+                                   .k_channel_scale = C, .v_channel_scale = C, .threads = threads};
+  const auto Q = fovea::bhsd<const float>(q.data(), 1, H, 1, D);
+  for (auto _ : state) {
+    fovea::softmax_attention(Q, fovea::bhsd<const std::int8_t>(codes[0].data(), 1, Hk, sk, D),
+                             fovea::bhsd<const std::int8_t>(codes[1].data(), 1, Hk, sk, D),
+                             fovea::bhsd(o.data(), 1, H, 1, D), opt);
+    benchmark::DoNotOptimize(o.data());
+  }
+  state.counters["GB/s"] = benchmark::Counter(2.0 * double(Hk * sk * (D + 4)),
+                                              benchmark::Counter::kIsIterationInvariantRate,
+                                              benchmark::Counter::kIs1000);
+}
+
 /// Prefill: N queries and keys of one head, D = 128, causal.
 template <class C>
 void BM_prefill(benchmark::State& state, index_t n, int threads) {
@@ -155,6 +188,8 @@ int main(int argc, char** argv) {
   add_type<fovea::block_q8_0>(types[3], thread_counts, n);
   add_type<std::int8_t>(types[4], thread_counts, n);
   add_type<fovea::e4m3>(types[5], thread_counts, n);
+  fovea::bench::add("decode/int8_channel/Sq=1/Sk=32768/H=32/Hk=8/D=128/threads=1",
+                    BM_decode_channels, index_t(32768), 1);
   const index_t mla_keys = quick ? 8192 : 32768;
   const std::string mla = "/H=128/Sk=" + std::to_string(mla_keys) + "/threads=1";
   fovea::bench::add("mla/fp32" + mla, BM_mla<float>, index_t(128), mla_keys, 1);
@@ -173,7 +208,7 @@ int main(int argc, char** argv) {
   std::printf(
       "| decode, fp32 q, Sq=1, Sk=32768, H=32, Hk=8, D=128 | threads | ms | GB/s of cache | of "
       "1-thread read | vs fp32 | vs bf16 | vs 1 thread |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
-  for (const char* type : types)
+  for (const char* type : {"fp32", "bf16", "fp16", "q8_0", "int8", "int8_channel", "e4m3"})
     for (int threads : thread_counts) {
       const std::string tail = "/Sq=1/Sk=32768/H=32/Hk=8/D=128/threads=" + std::to_string(threads);
       const auto* r = find(std::string("decode/") + type + tail);

@@ -44,16 +44,6 @@ void add_row(const S* x, T* acc, index_t n) noexcept {
   for (; i < n; ++i) acc[i] += T(x[i]);
 }
 
-/// x[0, n) *= y[0, n), element by element, with vector lanes.
-template <class T, class Backend>
-void mul_row(T* x, const T* y, index_t n) noexcept {
-  using V = vec<T, Backend>;
-  const index_t whole = n - n % V::width;
-  for (index_t i = 0; i < whole; i += V::width)
-    V::store(x + i, V::mul(V::load(x + i), V::load(y + i)));
-  for (index_t i = whole; i < n; ++i) x[i] *= y[i];
-}
-
 /// True when rows [0, rows) x [0, cols) of a strided matrix hold only finite values.
 template <class T, class Backend, class S>
 bool all_finite(const S* data, index_t row_stride, index_t rows, index_t cols) noexcept {

@@ -7,9 +7,7 @@
 #include <algorithm>
 
 #include "../../core/tensor_view.hpp"
-#include "../../simd/backend.hpp"
 #include "../../simd/dequantize.hpp"
-#include "../../simd/row_math.hpp"
 #include "kv_source.hpp"
 
 namespace fovea::detail {
@@ -36,9 +34,15 @@ void stage_rows(const kv_source<K, V>& kv, bool keys, index_t j, index_t rows, i
   const float* channels = keys ? kv.k_channels : kv.v_channels;
   for_rows(kv, keys, j, rows, [&](index_t r, const auto* src, float scale) {
     T* out = dst + r * padded;
-    load_row(src, scale, out, cols);
-    if constexpr (std::is_same_v<T, float>)
-      if (channels) mul_row<float, default_backend>(out, channels, cols);
+    using S = std::remove_cv_t<std::remove_pointer_t<decltype(src)>>;
+    if constexpr (std::is_same_v<S, std::int8_t>) {
+      if (channels)
+        dequantize_row(src, scale, channels, out, cols);
+      else
+        load_row(src, scale, out, cols);
+    } else {
+      load_row(src, scale, out, cols);
+    }
     if (padded > cols) std::fill(out + cols, out + padded, T(0));
   });
 }
