@@ -124,6 +124,21 @@ void check_quantize(const tensor_view<const S, 4>& src, const tensor_view<C, 4>&
             ") is ", cache.extent(r), ", expected ", src.extent(r), " as ", src_name);
 }
 
+/// src and an int8 cache of one shape, one scale per row of src to write.
+template <class S>
+void check_int8_quantize(const tensor_view<const S, 4>& x, const tensor_view<std::int8_t, 4>& cache,
+                         const tensor_view<float, 3>& scales) {
+  check_quantize(x, cache, "src", "cache");
+  check_no_alias(cache, "cache", x, "src");
+  check_data(scales, "scales");
+  for (std::size_t r = 0; r < 3; ++r)
+    require(scales.extent(r) == x.extent(r), "scales: extent ", r, " is ", scales.extent(r),
+            ", expected ", x.extent(r), " (one scale per (batch, head, token) of src)");
+  check_one_to_one(scales, "scales");
+  check_no_alias(scales, "scales", x, "src");
+  check_no_alias(scales, "scales", cache, "cache");
+}
+
 }  // namespace detail
 
 /// Quantizes src (B, H, S, D) of float / double / bf16 / fp16 into a block_q8_0 cache of
@@ -179,15 +194,7 @@ void quantize(tensor_view<SS, 4> src, tensor_view<std::int8_t, 4> cache,
               tensor_view<float, 3> scales) {
   using S = std::remove_const_t<SS>;
   const tensor_view<const S, 4> x = src;
-  detail::check_quantize(x, cache, "src", "cache");
-  detail::check_no_alias(cache, "cache", x, "src");
-  detail::check_data(scales, "scales");
-  for (std::size_t r = 0; r < 3; ++r)
-    detail::require(scales.extent(r) == x.extent(r), "scales: extent ", r, " is ", scales.extent(r),
-            ", expected ", x.extent(r), " (one scale per (batch, head, token) of src)");
-  detail::check_one_to_one(scales, "scales");
-  detail::check_no_alias(scales, "scales", x, "src");
-  detail::check_no_alias(scales, "scales", cache, "cache");
+  detail::check_int8_quantize(x, cache, scales);
   for (index_t b = 0; b < x.extent(0); ++b)
     for (index_t h = 0; h < x.extent(1); ++h)
       for (index_t t = 0; t < x.extent(2); ++t)
@@ -212,15 +219,7 @@ void quantize(tensor_view<SS, 4> src, tensor_view<std::int8_t, 4> cache,
     for (index_t d = 0; d < D; ++d)
       detail::require(std::isfinite(channels(h, d)) && channels(h, d) != 0, "channels: scale (", h,
                       ", ", d, ") is ", channels(h, d), ", expected finite and nonzero");
-  detail::check_quantize(x, cache, "src", "cache");
-  detail::check_no_alias(cache, "cache", x, "src");
-  detail::check_data(scales, "scales");
-  for (std::size_t r = 0; r < 3; ++r)
-    detail::require(scales.extent(r) == x.extent(r), "scales: extent ", r, " is ", scales.extent(r),
-                    ", expected ", x.extent(r), " (one scale per (batch, head, token) of src)");
-  detail::check_one_to_one(scales, "scales");
-  detail::check_no_alias(scales, "scales", x, "src");
-  detail::check_no_alias(scales, "scales", cache, "cache");
+  detail::check_int8_quantize(x, cache, scales);
   std::vector<float> y(static_cast<std::size_t>(D));
   for (index_t b = 0; b < x.extent(0); ++b)
     for (index_t h = 0; h < x.extent(1); ++h) {
