@@ -709,6 +709,47 @@ TEST(CacheAttention, PerChannelInt8Scales) {
   expect_error([&] { softmax_attention(Q, K8, V8, O, bad); }, "options.v_scale");
   expect_error([&] { softmax_attention(Q, Kd, Vd, O, {.k_channel_scale = C}); },
                "options.k_channel_scale");
+  // Scales inside out's memory (out would overwrite what it reads): named.
+  std::vector<float> shared(H * Dv + Hk * D + Hk * sk, -7.f);
+  const auto O2 = bhsd(shared.data(), 1, H, 1, Dv);
+  std::copy(channels.begin(), channels.end(), shared.begin() + H * Dv / 2);
+  bad = o;
+  bad.k_channel_scale = view<const float>(shared.data() + H * Dv / 2, {Hk, D});
+  try {
+    softmax_attention(Q, K8, V8, O2, bad);
+    ADD_FAILURE() << "out over k_channel_scale accepted";
+  } catch (const fovea::error& e) {
+    EXPECT_NE(std::string(e.what()).find("options.k_channel_scale"), std::string::npos);
+  }
+  bad = o;
+  bad.k_scale = view<const float>(shared.data() + 1, {1, Hk, sk});
+  try {
+    softmax_attention(Q, K8, V8, O2, bad);
+    ADD_FAILURE() << "out over k_scale accepted";
+  } catch (const fovea::error& e) {
+    EXPECT_NE(std::string(e.what()).find("options.k_scale"), std::string::npos);
+  }
+  // quantize writing its scales over the channels it reads; dequantize over its scales
+  std::vector<float> both(Hk * sk + Hk * D);
+  std::copy(channels.begin(), channels.end(), both.begin());
+  std::vector<std::int8_t> codes(k8.size(), 5);
+  try {
+    quantize(X, bhsd(codes.data(), 1, Hk, sk, D), view<float>(both.data(), {1, Hk, sk}),
+             view<const float>(both.data(), {Hk, D}));
+    ADD_FAILURE() << "scales over channels accepted";
+  } catch (const fovea::error& e) {
+    EXPECT_NE(std::string(e.what()).find("channels"), std::string::npos) << e.what();
+  }
+  for (std::int8_t c : codes) ASSERT_EQ(c, 5);
+  std::vector<float> dst_and_scales(Hk * sk * D);
+  std::copy(k_rows.begin(), k_rows.end(), dst_and_scales.begin());
+  try {
+    dequantize(K8, bhsd(dst_and_scales.data(), 1, Hk, sk, D),
+               view<const float>(dst_and_scales.data(), {1, Hk, sk}), C);
+    ADD_FAILURE() << "dst over scales accepted";
+  } catch (const fovea::error& e) {
+    EXPECT_NE(std::string(e.what()).find("scales"), std::string::npos) << e.what();
+  }
   channels[3] = 0.f;
   std::vector<std::int8_t> spare(k8.size(), 5);
   try {

@@ -289,6 +289,10 @@ TEST(DhsaBadInput, NamesTheArgumentAndWritesNothing) {
   wrong.boundaries.back() = 31;
   expect_error([&] { dhsa_attention(in.qv(), in.kv(), in.vv(), O, wrong); }, "selection");
   expect_error([&] { dhsa_select(in.qv(), bhsd<const float>(in.k.data(), 1, 3, 20, 8)); }, "k");
+  // A selection made with the last query only keeps nothing for the earlier chunks.
+  const dhsa_selection last_only =
+      dhsa_select(slice(in.qv(), 2, 29, 1), in.kv(), {.chunk_size = 8});
+  expect_error([&] { dhsa_attention(in.qv(), in.kv(), in.vv(), O, last_only); }, "selection");
 }
 
 }  // namespace

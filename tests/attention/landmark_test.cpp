@@ -261,6 +261,20 @@ TEST(LandmarkDecode, AReusedSelectionAndKeptLandmarks) {
   }
 }
 
+// A top_k beyond the blocks there are: every block, and no allocation for the rest.
+TEST(LandmarkTopK, BeyondTheBlocksRetrievesEveryBlock) {
+  const shape s{1, 4, 2, 100, 100, 8, 8};
+  const attention_inputs<float> in(s, 0, 9);
+  std::vector<float> huge(s.H * s.Sq * s.Dv), every(huge.size());
+  landmark_options o{.block_size = 10, .top_k = index_t(1) << 40};
+  landmark_attention(in.qv(), in.kv(), in.vv(), bhsd(huge.data(), 1, 4, 100, 8), o);
+  const landmark_selection sel = landmark_select(in.qv(), in.kv(), o);
+  EXPECT_EQ(sel.top_k, 9);  // the last query's candidates: blocks 0 .. 8
+  o.top_k = 9;
+  landmark_attention(in.qv(), in.kv(), in.vv(), bhsd(every.data(), 1, 4, 100, 8), o);
+  EXPECT_EQ(huge, every);
+}
+
 TEST(LandmarkThreads, ThreadCountNeverChangesABit) {
   const shape s{2, 4, 2, 100, 400, 32, 32};
   const attention_inputs<float> in(s, 0, 8);
@@ -321,6 +335,24 @@ TEST(LandmarkBadInput, NamesTheArgumentAndWritesNothing) {
   wrong.blocks[0] = 40, wrong.counts[0] = std::max(wrong.counts[0], 1);
   expect_error([&] { landmark_attention(in.qv(), in.kv(), in.vv(), O, wrong, {.block_size = 8}); },
                "selection");
+  o.landmarks = view<const float, 4>(nullptr, {1, 2, 8, 8});
+  expect_error([&] { landmark_attention(in.qv(), in.kv(), in.vv(), O, o); }, "options.landmarks");
+  std::vector<float> shared(out.size() + 2 * 8 * 8);  // out's buffer also holding landmarks
+  o.landmarks = view<const float, 4>(shared.data() + 8, {1, 2, 8, 8});
+  std::fill(shared.begin(), shared.begin() + out.size(), -7.f);
+  try {
+    landmark_attention(in.qv(), in.kv(), in.vv(), bhsd(shared.data(), 1, 4, 30, 8), o);
+    ADD_FAILURE() << "out over options.landmarks accepted";
+  } catch (const fovea::error& e) {
+    EXPECT_NE(std::string(e.what()).find("options.landmarks"), std::string::npos) << e.what();
+  }
+  std::vector<float> keys(in.k);  // landmark_means writing into the keys it reads
+  expect_error(
+      [&] {
+        landmark_means(bhsd<const float>(keys.data(), 1, 2, 64, 8),
+                       view<float, 4>(keys.data(), {1, 2, 8, 8}), 8);
+      },
+      "landmarks");
   std::vector<float> lm(2 * 9 * 8);
   expect_error(
       [&] {

@@ -30,7 +30,10 @@
 namespace fovea {
 
 struct dhsa_options {
-  bool causal = true;  ///< bottom-right aligned, as softmax_options::causal
+  /// true: bottom-right aligned, as softmax_options::causal. false: a query sees its kept
+  /// chunks whole; queries still sit at key positions i + Sk - Sq (chunks are of positions),
+  /// so with Sq > Sk the first Sq - Sk queries belong to no chunk and see no key.
+  bool causal = true;
   /// Chunk starts over the key positions: 0 = b_0 < b_1 < ... < b_C = Sk (C + 1 entries),
   /// shared by every batch row and head. Empty: chunks of chunk_size keys (the last shorter).
   std::span<const index_t> boundaries{};
@@ -194,7 +197,8 @@ dhsa_selection run_dhsa_select(const tensor_view<const S, 4>& q, const kv_layout
 }
 
 /// A selection made for these shapes: same batches and heads, boundaries within the keys.
-inline void check_dhsa_selection(const dhsa_selection& s, index_t B, index_t H, index_t Sk) {
+inline void check_dhsa_selection(const dhsa_selection& s, index_t B, index_t H, index_t Sq,
+                                 index_t Sk) {
   require(s.batches == B && s.heads == H, "selection: is for ", s.batches, " batch rows and ",
           s.heads, " heads, expected ", B, " and ", H);
   const index_t C = s.chunks();
@@ -214,6 +218,15 @@ inline void check_dhsa_selection(const dhsa_selection& s, index_t B, index_t H, 
               "selection: row ", r, " entry ", e - s.offsets[r], " is ", s.indices[e],
               ", expected increasing chunks in [0, ", C, ")");
   }
+  // A chunk that holds queries now but held none when the selection was made kept nothing.
+  const std::vector<index_t> starts = dhsa_query_starts(s.boundaries, Sq, Sk);
+  for (index_t c = 0; c < C; ++c)
+    if (starts[c + 2] > starts[c + 1])
+      for (index_t r = 0; r < B * H; ++r)
+        require(s.offsets[r * C + c + 1] > s.offsets[r * C + c], "selection: query chunk ", c,
+                " of row ", r,
+                " has queries but keeps no chunk (the selection was made without "
+                "them: select with the queries it will attend)");
 }
 
 /// Every query chunk attends to its kept key chunks (the last one open to Sk).
@@ -282,7 +295,7 @@ void dhsa_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<TV, 
   detail::check_dhsa_options(options);
   const auto pr = detail::make_softmax_problem<TO>(
       q, k, v, out, detail::sparse_softmax_options(options, options.causal));
-  detail::check_dhsa_selection(selection, q.extent(0), q.extent(1), k.extent(2));
+  detail::check_dhsa_selection(selection, q.extent(0), q.extent(1), q.extent(2), k.extent(2));
   detail::run_dhsa_attention<Backend>(pr, selection, detail::resolve_threads(options.threads));
 }
 

@@ -52,7 +52,7 @@ void softmax_attention_kvcache(tensor_view<TQ, 4> q, tensor_view<TK, 4> k_cache,
   check_sequence_terms(options, B, H, ck.extent(1), Sq, capacity, out);
   check_head_options(options, B, H);
   check_lse(options, B, H, Sq, cq, ck, cv, out);
-  check_scales<K, V>(options, B, ck.extent(1), capacity, ck.extent(3), cv.extent(3));
+  check_scales<K, V>(options, B, ck.extent(1), capacity, ck.extent(3), cv.extent(3), out);
   std::vector<dense_problem<T, K, V>> problems(B);
   for (index_t b = 0; b < B; ++b) {
     const index_t sk = seqlens_k[b];

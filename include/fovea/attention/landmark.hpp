@@ -121,8 +121,10 @@ landmark_rows<T, K> make_landmarks(const kv_layout<K, K>& kv, const landmark_opt
   lm.D = kv.dim();
   lm.Hk = kv.heads();
   const index_t D = lm.D, L = o.block_size;
-  if (o.landmarks.data() != nullptr) {
+  if (is_given(o.landmarks)) {
     const auto& g = o.landmarks;
+    require(g.data() != nullptr || g.extent(0) * g.extent(1) * g.extent(2) * g.extent(3) == 0,
+            "options.landmarks: data is null");
     require(g.extent(0) == B && g.extent(1) == lm.Hk && g.extent(2) >= C && g.extent(3) == D,
             "options.landmarks: is (", g.extent(0), ", ", g.extent(1), ", ", g.extent(2), ", ",
             g.extent(3), "), expected (", B, ", ", lm.Hk, ", >= ", C, ", ", D, ")");
@@ -187,10 +189,10 @@ struct landmark_bias {
 /// `offsets`, also each retrieved block's s_c - lse_c for the query.
 template <class Backend, class S, class K>
 void retrieve_for_query(const tensor_view<const S, 4>& q, const kv_layout<K, K>& kv,
-                        const landmark_rows<accumulator_t<S>, K>& lm, const landmark_options& o,
-                        const landmark_geometry& geo, accumulator_t<S> scale, index_t b, index_t hk,
-                        index_t i, accumulator_t<S>* work, landmark_selection& sel,
-                        accumulator_t<S>* offsets, bool select) {
+                        const landmark_rows<accumulator_t<S>, K>& lm, const landmark_geometry& geo,
+                        accumulator_t<S> scale, index_t b, index_t hk, index_t i,
+                        accumulator_t<S>* work, landmark_selection& sel, accumulator_t<S>* offsets,
+                        bool select) {
   using T = accumulator_t<S>;
   const index_t H = q.extent(1), D = q.extent(3), group = H / kv.heads(), L = geo.L;
   const index_t candidates = geo.first_local(i);
@@ -217,7 +219,7 @@ void retrieve_for_query(const tensor_view<const S, 4>& q, const kv_layout<K, K>&
       order.clear();
       for (index_t c = 0; c < candidates; ++c)
         if (!std::isnan(s[c])) order.push_back(std::int32_t(c));
-      const index_t keep = std::min<index_t>(o.top_k, index_t(order.size()));
+      const index_t keep = std::min<index_t>(sel.top_k, index_t(order.size()));
       std::partial_sort(
           order.begin(), order.begin() + keep, order.end(),
           [s](std::int32_t x, std::int32_t y) { return s[x] > s[y] || (s[x] == s[y] && x < y); });
@@ -269,18 +271,22 @@ void run_landmark_queries(const tensor_view<const S, 4>& q, const kv_layout<K, K
   const int used = int(std::min<index_t>(std::max(threads, 1), std::max<index_t>(1, tasks)));
   const scratch_slices<T> work(used, group * D + group * C + geo.L * D + geo.L + D);
   parallel_for(tasks, used, [&](index_t t, int thread) {
-    retrieve_for_query<Backend>(q, kv, lm, o, geo, scale, t / (Hk * Sq), t / Sq % Hk, t % Sq,
+    retrieve_for_query<Backend>(q, kv, lm, geo, scale, t / (Hk * Sq), t / Sq % Hk, t % Sq,
                                 work.slice(thread), sel, offsets ? offsets->data() : nullptr,
                                 select);
   });
 }
 
-inline landmark_selection empty_selection(index_t B, index_t H, index_t Sq,
+/// No block retrieved yet; room for top_k blocks per query, or for every block the last
+/// query may retrieve when there are fewer.
+inline landmark_selection empty_selection(index_t B, index_t H, index_t Sq, index_t Sk,
                                           const landmark_options& o) {
   landmark_selection sel;
-  sel.batches = B, sel.heads = H, sel.queries = Sq, sel.top_k = o.top_k;
+  const landmark_geometry geo{o.block_size, o.local_blocks, Sk - Sq};
+  sel.batches = B, sel.heads = H, sel.queries = Sq;
+  sel.top_k = std::min(o.top_k, retrievable_blocks(geo, Sq));
   sel.block_size = o.block_size;
-  sel.blocks.assign(std::size_t(B * H * Sq * o.top_k), -1);
+  sel.blocks.assign(std::size_t(B * H * Sq * sel.top_k), -1);
   sel.counts.assign(std::size_t(B * H * Sq), 0);
   return sel;
 }
@@ -356,6 +362,9 @@ void landmark_means(tensor_view<TK, 4> k, tensor_view<float, 4> landmarks, index
                   ", <= ", kc.extent(2) / block_size, " complete blocks, ", D, ")");
   detail::require(first_block >= 0, "first_block: is ", first_block, ", expected >= 0");
   detail::check_cache_scales<K>(k_scale, "k_scale", B, Hk, kc.extent(2));
+  detail::check_one_to_one(landmarks, "landmarks");
+  detail::check_no_alias(landmarks, "landmarks", kc, "k");
+  detail::check_no_alias(landmarks, "landmarks", k_scale, "k_scale");
   const detail::kv_layout<K, K> kv{kc, kc, {}, k_scale, {}};
   const detail::scratch_slices<float> work(1, (block_size + 1) * D);
   float* const staged = work.slice(0);
@@ -390,7 +399,8 @@ landmark_select(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, const landmark_optio
   const auto kv = detail::check_selection_inputs(qc, kc, options.k_scale);
   const detail::landmark_geometry geo{options.block_size, options.local_blocks,
                                       kc.extent(2) - q.extent(2)};
-  landmark_selection sel = detail::empty_selection(q.extent(0), q.extent(1), q.extent(2), options);
+  landmark_selection sel =
+      detail::empty_selection(q.extent(0), q.extent(1), q.extent(2), k.extent(2), options);
   using T = accumulator_t<S>;
   const T scale = T(options.scale.value_or(1.0 / std::sqrt(double(q.extent(3)))));
   detail::run_landmark_queries<Backend>(qc, kv, options, geo, scale, sel, nullptr, true,
@@ -417,6 +427,7 @@ void landmark_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<
   detail::check_landmark_options(options);
   const auto pr =
       detail::make_softmax_problem<TO>(q, k, v, out, detail::sparse_softmax_options(options, true));
+  detail::check_no_alias(out, "out", options.landmarks, "options.landmarks");
   detail::check_landmark_selection(selection, options, q.extent(0), q.extent(1), q.extent(2),
                                    k.extent(2));
   landmark_selection sel = selection;
@@ -432,7 +443,9 @@ void landmark_attention(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor_view<
   detail::check_landmark_options(options);
   const auto pr =
       detail::make_softmax_problem<TO>(q, k, v, out, detail::sparse_softmax_options(options, true));
-  landmark_selection sel = detail::empty_selection(q.extent(0), q.extent(1), q.extent(2), options);
+  detail::check_no_alias(out, "out", options.landmarks, "options.landmarks");
+  landmark_selection sel =
+      detail::empty_selection(q.extent(0), q.extent(1), q.extent(2), k.extent(2), options);
   detail::run_landmark_attention<Backend>(pr, sel, options, true,
                                           detail::resolve_threads(options.threads));
 }

@@ -205,7 +205,8 @@ void quantize(tensor_view<SS, 4> src, tensor_view<std::int8_t, 4> cache,
 /// one finite and nonzero (ONNX Runtime's per-channel k_scale, KIVI's per-channel keys), and
 /// one scale per row written to scales (B, H, S): with y = x / channel (in float), scale =
 /// max |y| / 127 and q = y / scale rounded to nearest (ties to even); value = q * scale *
-/// channel. Read it with options.k_channel_scale = channels and k_scale = scales.
+/// channel. A row whose y holds NaN or Inf (x non-finite, or x / channel beyond the float
+/// range for a tiny channel) gets scale NaN, as int8 rows do. Read it with options.k_channel_scale = channels and k_scale = scales.
 template <class SS>
 requires is_storage_type_v<SS>
 void quantize(tensor_view<SS, 4> src, tensor_view<std::int8_t, 4> cache,
@@ -215,6 +216,8 @@ void quantize(tensor_view<SS, 4> src, tensor_view<std::int8_t, 4> cache,
   const index_t D = x.extent(3);
   detail::check_channel_scales<std::int8_t>(channels, "channels", x.extent(1), D);
   detail::require(channels.data() != nullptr, "channels: not given");
+  detail::check_no_alias(scales, "scales", channels, "channels");
+  detail::check_no_alias(cache, "cache", channels, "channels");
   for (index_t h = 0; h < channels.extent(0); ++h)
     for (index_t d = 0; d < D; ++d)
       detail::require(std::isfinite(channels(h, d)) && channels(h, d) != 0, "channels: scale (", h,
@@ -246,6 +249,7 @@ void dequantize(tensor_view<CC, 4> cache, tensor_view<D, 4> dst,
   detail::check_one_to_one(dst, "dst");
   detail::check_no_alias(dst, "dst", c, "cache");
   detail::check_cache_scales<C>(scales, "scales", c.extent(0), c.extent(1), c.extent(2));
+  detail::check_no_alias(dst, "dst", scales, "scales");
   for (index_t b = 0; b < c.extent(0); ++b)
     for (index_t h = 0; h < c.extent(1); ++h)
       for (index_t t = 0; t < c.extent(2); ++t)
@@ -266,6 +270,8 @@ void dequantize(tensor_view<CC, 4> cache, tensor_view<D, 4> dst, tensor_view<con
   detail::check_one_to_one(dst, "dst");
   detail::check_no_alias(dst, "dst", c, "cache");
   detail::check_channel_scales<std::int8_t>(channels, "channels", c.extent(1), c.extent(3));
+  detail::check_no_alias(dst, "dst", scales, "scales");
+  detail::check_no_alias(dst, "dst", channels, "channels");
   detail::check_cache_scales<std::int8_t>(scales, "scales", c.extent(0), c.extent(1), c.extent(2),
                                           channels.data() != nullptr);
   for (index_t b = 0; b < c.extent(0); ++b)

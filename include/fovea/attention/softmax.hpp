@@ -134,9 +134,13 @@ void apply_options(dense_problem<S, K, V>& pr, const softmax_options& o, double 
 
 /// k_scale and v_scale for caches of K and V with `rows` (batch or pages), Hk heads and
 /// `slots` (keys or page size).
-template <class K, class V>
+template <class K, class V, class T>
 void check_scales(const softmax_options& o, index_t rows, index_t Hk, index_t slots, index_t D,
-                  index_t Dv) {
+                  index_t Dv, const tensor_view<T, 4>& out) {
+  check_no_alias(out, "out", o.k_scale, "options.k_scale");
+  check_no_alias(out, "out", o.v_scale, "options.v_scale");
+  check_no_alias(out, "out", o.k_channel_scale, "options.k_channel_scale");
+  check_no_alias(out, "out", o.v_channel_scale, "options.v_channel_scale");
   check_channel_scales<K>(o.k_channel_scale, "options.k_channel_scale", Hk, D);
   check_channel_scales<V>(o.v_channel_scale, "options.v_channel_scale", Hk, Dv);
   check_cache_scales<K>(o.k_scale, "options.k_scale", rows, Hk, slots,
@@ -188,7 +192,7 @@ dense_problem<T, K, V> make_softmax_problem(const tensor_view<const T, 4>& q,
   check_lse(o, B, H, Sq, q, k, v, out);
   check_no_alias(out, "out", o.bias, "options.bias");
   check_no_alias(out, "out", o.mask, "options.mask");
-  check_scales<K, V>(o, B, Hk, Sk, D, v.extent(3));
+  check_scales<K, V>(o, B, Hk, Sk, D, v.extent(3), out);
 
   dense_problem<T, K, V> pr;
   pr.q = q;

@@ -57,7 +57,7 @@ void run_paged(const tensor_view<const T, 4>& cq, const tensor_view<const K, 4>&
                const custom_variant<ScoreMod, MaskMod>& custom, index_t B, Rows&& rows) {
   const index_t H = cq.extent(1), Hk = ck.extent(1);
   const double scale = check_scalar_options(options, cq.extent(3));
-  check_scales<K, V>(options, ck.extent(0), Hk, ck.extent(2), ck.extent(3), cv.extent(3));
+  check_scales<K, V>(options, ck.extent(0), Hk, ck.extent(2), ck.extent(3), cv.extent(3), out);
   std::vector<dense_problem<T, K, V>> problems(B);
   for (index_t b = 0; b < B; ++b) {
     const auto [qb, q0, sq] = rows(b);

@@ -122,7 +122,7 @@ void softmax_attention_varlen(tensor_view<TQ, 4> q, tensor_view<TK, 4> k, tensor
   const auto [group, sequences, scale] =
       check_varlen_call(cq, ck, cv, out, cu_seqlens_q, cu_seqlens_k, options);
   check_lse(options, 1, q.extent(1), q.extent(2), cq, ck, cv, out);
-  check_scales<K, V>(options, 1, k.extent(1), k.extent(2), k.extent(3), v.extent(3));
+  check_scales<K, V>(options, 1, k.extent(1), k.extent(2), k.extent(3), v.extent(3), out);
 
   std::vector<dense_problem<T, K, V>> problems(sequences);
   for (index_t b = 0; b < sequences; ++b) {
