@@ -410,16 +410,10 @@ struct dma_kept {
 /// The softmax options a dynamic_mask_options call runs with.
 inline softmax_options dma_softmax_options(const dynamic_mask_options& options,
                                            tensor_view<const float, 4> bias) {
-  softmax_options o;
-  o.causal = options.causal;
-  o.scale = options.scale;
+  softmax_options o = sparse_softmax_options(options, options.causal);
   o.softcap = options.softcap;
   o.bias = bias;
   o.mask = options.mask;
-  o.lse = options.lse;
-  o.k_scale = options.k_scale;
-  o.v_scale = options.v_scale;
-  o.threads = options.threads;
   return o;
 }
 
