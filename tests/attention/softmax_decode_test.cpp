@@ -54,6 +54,11 @@ TYPED_TEST(SoftmaxDecode, EveryFeature) {
     check_features<T, Backend>(s, (1u << f) | feature::causal, 50 + f);
   }
   check_features<T, Backend>(s, all_features & ~feature::top_left, 99);
+  // 32 heads on one key/value head x 2 queries: 64 stacked columns, the prefill tile
+  const shape many{1, 32, 1, 2, 700, 24, 20};
+  for (unsigned f = 0; f < 13; ++f)
+    check_features<T, Backend>(many, (1u << f) | feature::causal, 150 + f);
+  check_features<T, Backend>(many, all_features & ~feature::top_left, 199);
 }
 
 TYPED_TEST(SoftmaxDecode, ThreadCountNeverChangesABit) {
@@ -61,24 +66,28 @@ TYPED_TEST(SoftmaxDecode, ThreadCountNeverChangesABit) {
   using Backend = typename TestFixture::Backend;
   expect_thread_invariant<T, Backend>(
       attention_inputs<T>({2, 8, 2, 4, 5000, 32, 32}, feature::alibi | feature::sinks, 3));
+  expect_thread_invariant<T, Backend>(  // 32 stacked columns: the prefill tile
+      attention_inputs<T>({1, 64, 2, 1, 5000, 32, 32}, feature::alibi | feature::sinks, 4));
 }
 
 TYPED_TEST(SoftmaxDecode, NanInMaskedFutureKeysDoesNotLeak) {
   using T = typename TestFixture::T;
   using Backend = typename TestFixture::Backend;
-  const shape s{1, 4, 1, 4, 600, 16, 16};
-  attention_inputs<T> in(s, 0, 5);
-  for (index_t j = 597; j < 600; ++j)  // hidden from all but the last queries
-    for (index_t d = 0; d < 16; ++d)
-      in.k[j * 16 + d] = in.v[j * 16 + d] = std::numeric_limits<T>::quiet_NaN();
-  std::vector<T> out(s.H * s.Sq * s.Dv);
-  auto ov = bhsd(out.data(), 1, s.H, s.Sq, s.Dv);
-  softmax_attention<Backend>(in.qv(), in.kv(), in.vv(), ov, {.causal = true, .threads = 1});
-  for (index_t h = 0; h < s.H; ++h)
-    for (index_t d = 0; d < s.Dv; ++d) {
-      EXPECT_TRUE(std::isfinite(double(ov(0, h, 0, d))));  // sees keys < 597
-      EXPECT_TRUE(std::isnan(double(ov(0, h, 3, d))));     // sees them all
-    }
+  for (const index_t H : {4, 16}) {  // 16 or 64 stacked columns (decode or prefill tile)
+    const shape s{1, H, 1, 4, 600, 16, 16};
+    attention_inputs<T> in(s, 0, 5);
+    for (index_t j = 597; j < 600; ++j)  // hidden from all but the last queries
+      for (index_t d = 0; d < 16; ++d)
+        in.k[j * 16 + d] = in.v[j * 16 + d] = std::numeric_limits<T>::quiet_NaN();
+    std::vector<T> out(s.H * s.Sq * s.Dv);
+    auto ov = bhsd(out.data(), 1, s.H, s.Sq, s.Dv);
+    softmax_attention<Backend>(in.qv(), in.kv(), in.vv(), ov, {.causal = true, .threads = 1});
+    for (index_t h = 0; h < s.H; ++h)
+      for (index_t d = 0; d < s.Dv; ++d) {
+        EXPECT_TRUE(std::isfinite(double(ov(0, h, 0, d))));  // sees keys < 597
+        EXPECT_TRUE(std::isnan(double(ov(0, h, 3, d))));     // sees them all
+      }
+  }
 }
 
 // ---- varlen --------------------------------------------------------------------------

@@ -172,5 +172,170 @@ TYPED_TEST(SoftmaxLowPrecision, PagedDecodeMatchesContiguous) {
   }
 }
 
+// bf16 arithmetic (AVX512-BF16 targets): an all-bf16 call, or a float one over bf16 keys
+// and values with options.bf16_products, computes Q K^T and P V in bf16 pairs (vdpbf16ps;
+// the probabilities rounded to bf16 for P V). Elsewhere the same calls run in fp32.
+constexpr bool pairs_here = detail::bf16_pairs_apply<float, default_backend>();
+
+struct pair_shape {
+  index_t B, H, Hk, Sq, Sk, D, Dv;
+  bool bshd;
+};
+
+template <class S>
+tensor_view<S, 4> laid_out(S* p, index_t B, index_t H, index_t S_, index_t D, bool by_seq) {
+  return by_seq ? bshd(p, B, S_, H, D) : bhsd(p, B, H, S_, D);
+}
+
+// Odd key counts (a last key pair with one key), D = 2 (one pair), pair counts off the
+// tile (D = 34), value widths off the vector (24, 33), GQA, both layouts, causal or not,
+// the lse; 1 and 2 threads bitwise; against the f64 oracle with the bf16 rule.
+TEST(SoftmaxBf16Pairs, PrefillMatchesTheOracleOverAwkwardShapes) {
+  for (const auto s : {pair_shape{1, 4, 2, 100, 101, 64, 64, false},
+                       pair_shape{1, 2, 1, 70, 33, 2, 24, false},
+                       pair_shape{2, 4, 4, 65, 65, 34, 33, true},
+                       pair_shape{1, 8, 2, 130, 200, 128, 128, true},
+                       pair_shape{1, 2, 2, 17, 1, 16, 16, false}})
+    for (const bool causal : {false, true}) {
+      SCOPED_TRACE("Sq " + std::to_string(s.Sq) + " Sk " + std::to_string(s.Sk) + " D " +
+                   std::to_string(s.D) + " Dv " + std::to_string(s.Dv) + (causal ? " causal" : ""));
+      const auto q = rounded<bfloat16>(s.B * s.H * s.Sq * s.D, 11),
+                 k = rounded<bfloat16>(s.B * s.Hk * s.Sk * s.D, 12),
+                 v = rounded<bfloat16>(s.B * s.Hk * s.Sk * s.Dv, 13);
+      const auto Q = laid_out<const bfloat16>(q.data(), s.B, s.H, s.Sq, s.D, s.bshd);
+      const auto K = laid_out<const bfloat16>(k.data(), s.B, s.Hk, s.Sk, s.D, s.bshd);
+      const auto V = laid_out<const bfloat16>(v.data(), s.B, s.Hk, s.Sk, s.Dv, s.bshd);
+      std::vector<bfloat16> out(s.B * s.H * s.Sq * s.Dv), serial;
+      std::vector<float> lse(s.B * s.H * s.Sq), serial_lse;
+      for (const int threads : {1, 2}) {
+        softmax_attention(Q, K, V, laid_out(out.data(), s.B, s.H, s.Sq, s.Dv, s.bshd),
+                          {.causal = causal,
+                           .lse = view<float, 3>(lse.data(), {s.B, s.H, s.Sq}),
+                           .threads = threads});
+        if (threads == 1) {
+          serial = out, serial_lse = lse;
+        } else {
+          EXPECT_EQ(0, std::memcmp(serial.data(), out.data(), 2 * out.size())) << "thread variant";
+          EXPECT_EQ(0, std::memcmp(serial_lse.data(), lse.data(), 4 * lse.size()));
+        }
+      }
+      const softmax_options o{.causal = causal};
+      const auto want = reference_softmax<double>(Q, K, V, o);
+      const auto naive = reference_softmax<float>(Q, K, V, o);
+      // out in bhsd order, as the oracle gives it
+      std::vector<double> got;
+      const auto O = laid_out<const bfloat16>(out.data(), s.B, s.H, s.Sq, s.Dv, s.bshd);
+      for (index_t b = 0; b < s.B; ++b)
+        for (index_t h = 0; h < s.H; ++h)
+          for (index_t i = 0; i < s.Sq; ++i)
+            for (index_t d = 0; d < s.Dv; ++d) got.push_back(double(float(O(b, h, i, d))));
+      EXPECT_TRUE(within_tolerance<float>(got, want.out, naive.out, storage_rounding<bfloat16>()));
+      // exact bf16 products summed in fp32: the lse is as accurate as an fp32 call's
+      for (std::size_t r = 0; r < lse.size(); ++r)
+        if (std::isinf(want.lse[r]))
+          EXPECT_EQ(lse[r], want.lse[r]) << "row " << r;  // sees no key: -inf
+        else
+          EXPECT_NEAR(lse[r], want.lse[r], 1e-5 * (1 + std::abs(want.lse[r]))) << "row " << r;
+    }
+}
+
+// A float call over bf16 keys and values with bf16_products is the bf16 call's arithmetic
+// exactly (prefill and decode: its output rounded to bf16 is the bf16 call's); without it,
+// the fp32 call's. Where the target has AVX512-BF16 the two differ (pairs summed in
+// another order, P rounded to bf16 in prefill); elsewhere bf16_products changes nothing.
+TEST(SoftmaxBf16Pairs, TakenWhereTheTargetHasThemAndOnlyWhenAsked) {
+  const index_t H = 8, Hk = 2, Sk = 300, D = 64;
+  for (const index_t Sq : {1, 3, 200}) {
+    SCOPED_TRACE("Sq " + std::to_string(Sq));
+    const auto q = rounded<bfloat16>(H * Sq * D, 21), k = rounded<bfloat16>(Hk * Sk * D, 22),
+               v = rounded<bfloat16>(Hk * Sk * D, 23);
+    const std::vector<float> qf(q.begin(), q.end()), kf(k.begin(), k.end()),
+        vf(v.begin(), v.end());
+    const auto K = bhsd<const bfloat16>(k.data(), 1, Hk, Sk, D),
+               V = bhsd<const bfloat16>(v.data(), 1, Hk, Sk, D);
+    std::vector<bfloat16> out16(H * Sq * D);
+    std::vector<float> out32(H * Sq * D), opted(H * Sq * D), mixed(H * Sq * D);
+    const softmax_options o{.causal = true, .threads = 1};
+    softmax_attention(bhsd<const bfloat16>(q.data(), 1, H, Sq, D), K, V,
+                      bhsd(out16.data(), 1, H, Sq, D), o);
+    softmax_attention(bhsd<const float>(qf.data(), 1, H, Sq, D),
+                      bhsd<const float>(kf.data(), 1, Hk, Sk, D),
+                      bhsd<const float>(vf.data(), 1, Hk, Sk, D), bhsd(out32.data(), 1, H, Sq, D), o);
+    softmax_options with = o;
+    with.bf16_products = true;
+    softmax_attention(bhsd<const float>(qf.data(), 1, H, Sq, D), K, V,
+                      bhsd(opted.data(), 1, H, Sq, D), with);
+    softmax_attention(bhsd<const float>(qf.data(), 1, H, Sq, D), K, V,
+                      bhsd(mixed.data(), 1, H, Sq, D), o);
+    index_t opted_as_bf16 = 0;
+    for (std::size_t i = 0; i < out16.size(); ++i) {
+      const auto bits = [](bfloat16 x) { return Eigen::numext::bit_cast<std::uint16_t>(x); };
+      opted_as_bf16 += bits(out16[i]) == bits(bfloat16(opted[i]));
+    }
+    EXPECT_EQ(opted_as_bf16, index_t(out16.size())) << "bf16_products is not the bf16 arithmetic";
+    EXPECT_EQ(0, std::memcmp(mixed.data(), out32.data(), 4 * out32.size()))
+        << "a float call over bf16 keys computes as the fp32 call unless asked";
+    const bool differs = std::memcmp(opted.data(), mixed.data(), 4 * mixed.size()) != 0;
+    EXPECT_EQ(differs, pairs_here) << "bf16 pairs taken where the target has them, only there";
+  }
+}
+
+// A paged bf16 prefill gathers the tiles that span pages and computes the same pairs as
+// a contiguous call; a masked key's NaN value never reaches a row, a visible one does.
+TEST(SoftmaxBf16Pairs, PagedGathersTheSamePairsAndMaskedNanStaysOut) {
+  const index_t H = 4, Hk = 2, D = 64, page = 16, pages = 40, Sk = 600, Sq = 70;
+  const auto q = rounded<bfloat16>(H * Sq * D, 31), kc = rounded<bfloat16>(pages * page * Hk * D, 32),
+             vc = rounded<bfloat16>(pages * page * Hk * D, 33);
+  std::vector<std::int32_t> table(pages);
+  for (index_t p = 0; p < pages; ++p) table[p] = std::int32_t((p * 7) % pages);
+  const std::vector<std::int32_t> lens{std::int32_t(Sk)};
+  const auto kview = paged_hnd(kc.data(), pages, page, Hk, D),
+             vview = paged_hnd(vc.data(), pages, page, Hk, D);
+  std::vector<bfloat16> k(Hk * Sk * D), v(Hk * Sk * D);
+  for (index_t h = 0; h < Hk; ++h)
+    for (index_t j = 0; j < Sk; ++j)
+      for (index_t d = 0; d < D; ++d) {
+        k[(h * Sk + j) * D + d] = kview(table[j / page], h, j % page, d);
+        v[(h * Sk + j) * D + d] = vview(table[j / page], h, j % page, d);
+      }
+  std::vector<bfloat16> paged(H * Sq * D), contiguous(H * Sq * D);
+  const auto Q = bhsd<const bfloat16>(q.data(), 1, H, Sq, D);
+  softmax_attention(Q, bhsd<const bfloat16>(k.data(), 1, Hk, Sk, D),
+                    bhsd<const bfloat16>(v.data(), 1, Hk, Sk, D), bhsd(contiguous.data(), 1, H, Sq, D),
+                    {.causal = true});
+  softmax_attention_paged(Q, kview, vview, bhsd(paged.data(), 1, H, Sq, D),
+                          view<const std::int32_t, 2>(table.data(), {1, pages}),
+                          std::span<const std::int32_t>(lens), {.causal = true});
+  EXPECT_EQ(0, std::memcmp(contiguous.data(), paged.data(), 2 * paged.size()));
+
+  // The last key's value NaN: causal, only the last query sees it and its rows are NaN;
+  // the others (some of which meet that key masked in their last tile) match the oracle.
+  auto nan_v = v;
+  for (index_t h = 0; h < Hk; ++h)
+    for (index_t d = 0; d < D; ++d)
+      nan_v[(h * Sk + Sk - 1) * D + d] = bfloat16(std::numeric_limits<float>::quiet_NaN());
+  const auto K = bhsd<const bfloat16>(k.data(), 1, Hk, Sk, D);
+  const auto V = bhsd<const bfloat16>(v.data(), 1, Hk, Sk, D);
+  std::vector<bfloat16> nan_out(H * Sq * D);
+  softmax_attention(Q, K, bhsd<const bfloat16>(nan_v.data(), 1, Hk, Sk, D),
+                    bhsd(nan_out.data(), 1, H, Sq, D), {.causal = true});
+  const auto want = reference_softmax<double>(Q, K, V, {.causal = true});
+  const auto naive = reference_softmax<float>(Q, K, V, {.causal = true});
+  std::vector<double> got, want_seen, naive_seen;
+  for (index_t h = 0; h < H; ++h)
+    for (index_t i = 0; i < Sq; ++i)
+      for (index_t d = 0; d < D; ++d) {
+        const index_t at = (h * Sq + i) * D + d;
+        if (i == Sq - 1) {
+          EXPECT_TRUE(std::isnan(float(nan_out[at]))) << "row " << h << "," << i;
+        } else {
+          got.push_back(double(float(nan_out[at])));
+          want_seen.push_back(want.out[at]);
+          naive_seen.push_back(naive.out[at]);
+        }
+      }
+  EXPECT_TRUE(within_tolerance<float>(got, want_seen, naive_seen, storage_rounding<bfloat16>()));
+}
+
 }  // namespace
 }  // namespace fovea::test

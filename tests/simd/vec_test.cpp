@@ -114,5 +114,76 @@ TYPED_TEST(VectorApi, TransposeBlockMovesEveryElement) {
   }
 }
 
+#if FOVEA_HAS_BF16_DOT
+// bf16 pairs (AVX512-BF16): rows rounded to nearest even as Eigen's bfloat16 rounds them,
+// interleaved pair by pair, nothing written past n; and the micro-kernel's vdpbf16ps
+// products equal fp32 sums of the same bf16 products.
+TEST(Bf16Pairs, InterleaveRoundsAndStopsAtN) {
+  for (const index_t n : {1, 5, 16, 21, 64}) {
+    std::vector<float> first(n), second(n);
+    for (index_t i = 0; i < n; ++i) {
+      first[i] = 1.0f + float(i) / 3.0f;        // not bf16 values: rounded
+      second[i] = -0.001f * float(i * i + 1);
+    }
+    first[0] = std::numeric_limits<float>::quiet_NaN();
+    std::vector<detail::bf16_pair> from_float(n + 3, {0xDEADBEEF}), from_bf16(n + 3, {0xDEADBEEF}),
+        alone(n + 3, {0xDEADBEEF});
+    std::vector<bfloat16> first16(first.begin(), first.end()), second16(second.begin(), second.end());
+    detail::interleave_bf16_pairs(first.data(), second.data(), n, from_float.data());
+    detail::interleave_bf16_pairs(first16.data(), second16.data(), n, from_bf16.data());
+    detail::interleave_bf16_pairs(first.data(), nullptr, n, alone.data());
+    auto bits = [](bfloat16 x) { return std::uint32_t(Eigen::numext::bit_cast<std::uint16_t>(x)); };
+    for (index_t i = 0; i < n; ++i) {
+      SCOPED_TRACE("n " + std::to_string(n) + " i " + std::to_string(i));
+      if (i == 0) {  // NaN stays NaN (quieted), in the low half
+        EXPECT_EQ(from_float[0].bits & 0x7F80u, 0x7F80u);
+        EXPECT_NE(from_float[0].bits & 0x7Fu, 0u);
+        EXPECT_EQ(from_float[0].bits >> 16, bits(second16[0]));
+        continue;
+      }
+      EXPECT_EQ(from_float[i].bits, bits(first16[i]) | bits(second16[i]) << 16);
+      EXPECT_EQ(from_bf16[i].bits, bits(first16[i]) | bits(second16[i]) << 16);
+      EXPECT_EQ(alone[i].bits, bits(first16[i]));
+    }
+    for (index_t i = n; i < n + 3; ++i) {
+      EXPECT_EQ(from_float[i].bits, 0xDEADBEEFu) << "written past n";
+      EXPECT_EQ(from_bf16[i].bits, 0xDEADBEEFu) << "written past n";
+      EXPECT_EQ(alone[i].bits, 0xDEADBEEFu) << "written past n";
+    }
+  }
+}
+
+TEST(Bf16Pairs, MicroKernelSumsThePairProducts) {
+  using Backend = default_backend;
+  constexpr int Rows = 3, Vectors = 2, W = 16;
+  const index_t depth = 5;  // pairs
+  std::vector<bfloat16> a(Rows * 2 * depth + 1), b(depth * 2 * Vectors * W);
+  for (std::size_t i = 0; i < a.size(); ++i) a[i] = bfloat16(std::sin(float(i)) * 4.0f);
+  for (std::size_t i = 0; i < b.size(); ++i) b[i] = bfloat16(std::cos(float(3 * i)));
+  // B as pair rows: pair (p, n) = (b[2p][n], b[2p + 1][n]); A rows start at an odd element
+  std::vector<detail::bf16_pair> bp(depth * Vectors * W);
+  for (index_t p = 0; p < depth; ++p)
+    detail::interleave_bf16_pairs(&b[(2 * p) * Vectors * W], &b[(2 * p + 1) * Vectors * W],
+                                  Vectors * W, &bp[p * Vectors * W]);
+  const bfloat16* rows = a.data() + 1;
+  struct odd_rows {
+    const bfloat16* a;
+    const detail::bf16_pair* operator()(index_t r) const noexcept {
+      return reinterpret_cast<const detail::bf16_pair*>(a + r * 2 * depth);
+    }
+  };
+  std::vector<float> c(Rows * Vectors * W, 1.0f);
+  detail::gemm_rows<float, Backend, Rows, Vectors, true>(Rows, odd_rows{rows}, 1, bp.data(),
+                                                         Vectors * W, c.data(), Vectors * W, depth);
+  for (int r = 0; r < Rows; ++r)
+    for (int n = 0; n < Vectors * W; ++n) {
+      double want = 1;
+      for (index_t k = 0; k < 2 * depth; ++k)
+        want += double(float(rows[r * 2 * depth + k])) * double(float(b[k * Vectors * W + n]));
+      EXPECT_NEAR(c[r * Vectors * W + n], want, 1e-5 * (1 + std::abs(want))) << r << "," << n;
+    }
+}
+#endif
+
 }  // namespace
 }  // namespace fovea::test

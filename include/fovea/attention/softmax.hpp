@@ -55,6 +55,12 @@ struct softmax_options {
   /// them, k_scale / v_scale may be left empty (1). Contiguous, varlen, paged and KV-cache
   /// calls and block_sparse_attention take them.
   tensor_view<const float, 2> k_channel_scale{}, v_channel_scale{};
+  /// float q and out over bf16 keys and values: compute Q K^T and P V in bf16 pairs as a
+  /// bf16 call does (q and the probabilities rounded to bf16, exact products summed in
+  /// fp32; AVX512-BF16 vdpbf16ps, twice the multiply-adds of fp32 FMAs) where the target
+  /// has AVX512-BF16 and D is even; the error is then a bf16 call's (~2^-9 relative in
+  /// the logits and the P V terms). Ignored elsewhere, and for other types.
+  bool bf16_products = false;
   int threads = 0;                             ///< 0: all OpenMP offers; 1: serial
 };
 
@@ -130,6 +136,7 @@ void apply_options(dense_problem<S, K, V>& pr, const softmax_options& o, double 
   pr.terms.alibi = widen(o.alibi_slopes, pr.terms.widened_alibi);
   pr.terms.sinks = o.sinks;
   pr.terms.group = group;
+  pr.bf16_products = o.bf16_products;
 }
 
 /// k_scale and v_scale for caches of K and V with `rows` (batch or pages), Hk heads and

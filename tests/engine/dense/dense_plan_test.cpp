@@ -70,6 +70,25 @@ TEST(DensePlan, DecodeChunksKeysByLengthOnly) {
   }
 }
 
+TEST(DensePlan, DecodeWithManyHeadsPerKvHeadRunsThePrefillTile) {
+  const index_t D = 16, Sk = 2000;
+  constexpr index_t BQ = detail::tile_traits<float, default_backend>::block_q;
+  for (const auto& [H, Sq] : {std::pair<index_t, index_t>{16, 1}, {32, 1}, {8, 4}, {128, 1}, {16, 16}}) {
+    SCOPED_TRACE("H " + std::to_string(H) + " Sq " + std::to_string(Sq));
+    std::vector<float> q(H * Sq * D), kv(Sk * D), out(H * Sq * D);
+    const auto pr = problem(q, kv, out, 1, H, 1, Sq, Sk, D);
+    const auto plan = detail::plan_dense<default_backend>(std::span(&pr, 1));
+    const auto& lay = plan.layouts[0];
+    EXPECT_TRUE(lay.decode);
+    EXPECT_EQ(lay.gemm, H * Sq >= detail::decode_gemm_columns);
+    if (lay.gemm) {
+      EXPECT_EQ(lay.width, BQ);
+    }
+    EXPECT_EQ(lay.tiles, (H * Sq + lay.width - 1) / lay.width);
+    expect_covering(plan);
+  }
+}
+
 TEST(DensePlan, PrefillSplitsKeysOnlyForFewTilesOverManyKeys) {
   const index_t D = 8;
   {  // one tile of queries over 8192 keys: split into chunks, merged

@@ -23,7 +23,7 @@
 #include "online_softmax.hpp"
 #include "prefill.hpp"
 #include "query_columns.hpp"
-#include "score_bf16.hpp"
+#include "../../simd/bf16_pairs.hpp"
 #include "../kv/stage.hpp"
 #include "../tile/tile_traits.hpp"
 
@@ -268,12 +268,14 @@ constexpr index_t partial_size(index_t Dv) noexcept {
 /// Attends the columns `cols` (query rows already in buf.q) over keys [first, last) and
 /// stores each column's partial state at partials + c * partial_size(Dv). Keys up to
 /// `stream_end` may be prefetched (the next chunks of the same stream); `alone`: no other
-/// thread is reading memory for this call (see decode_value_group).
+/// thread is reading memory for this call (see decode_value_group); `use_pairs`: bf16 keys
+/// are scored in bf16 pairs (the queries rounded to bf16) when D is a multiple of 32.
 template <class Backend, class T, class KS, class VS, class ScoreMod, class MaskMod>
 void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, const key_band& band,
                   const custom_variant<ScoreMod, MaskMod>& custom, index_t D, index_t Dv,
                   index_t first, index_t last, index_t stream_end, bool alone,
-                  decode_buffers<T, Backend>& buf, T* partials) noexcept {
+                  [[maybe_unused]] bool use_pairs, decode_buffers<T, Backend>& buf,
+                  T* partials) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width;
   constexpr index_t ld = decode_buffers<T, Backend>::BK;
@@ -284,7 +286,7 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
   [[maybe_unused]] bool pairs_ready = false;  // bf16 keys read in place in whole 32-element steps
 #if FOVEA_HAS_BF16_DOT
   if constexpr (bf16_dot_applies<T, Backend, KS>()) {
-    pairs_ready = D % bf16_pair_dot<Backend>::step == 0;
+    pairs_ready = use_pairs && D % bf16_pair_dot<Backend>::step == 0;
     constexpr index_t CQ = score_block_columns<T, Backend>();
     if (pairs_ready)
       for (index_t c = 0; c < (n + CQ - 1) / CQ * CQ; ++c)

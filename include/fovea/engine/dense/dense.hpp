@@ -51,12 +51,33 @@ struct dense_problem {
   /// for the rows' max and sum, then for the normalised probabilities through the prob_mod
   /// before P V; so prefill tiles over whole keys only (no decode path, no key split).
   bool prob_mod = false;
+  /// float q over bf16 keys and values: products in bf16 pairs as a bf16 call computes them
+  /// (softmax_options::bf16_products).
+  bool bf16_products = false;
 
   index_t batch() const noexcept { return q.extent(0); }
   index_t heads() const noexcept { return q.extent(1); }
   index_t queries() const noexcept { return q.extent(2); }
   bool decode() const noexcept { return queries() <= decode_max_queries && !prob_mod; }
 };
+
+/// Whether a problem's products run in bf16 pairs (AVX512-BF16 vdpbf16ps, fp32 sums): bf16
+/// keys and values with D even under bf16 queries, or float ones whose caller opted in, on
+/// an AVX512-BF16 target; not in a prob_mod call (its two walks score in fp32).
+template <class Backend, class S, class K, class V>
+bool uses_bf16_pairs(const dense_problem<S, K, V>& pr) noexcept {
+  if constexpr (bf16_pairs_apply<accumulator_t<S>, Backend>() && std::is_same_v<K, bfloat16> &&
+                std::is_same_v<V, bfloat16>)
+    return (std::is_same_v<S, bfloat16> || pr.bf16_products) && pr.q.extent(3) % 2 == 0 &&
+           !pr.prob_mod;
+  return false;
+}
+
+/// Decode problems with at least this many stacked columns per key/value head take the
+/// prefill tile (dense_layout::gemm): its micro-kernel computes 6 keys x BQ columns per
+/// depth step from one load of each operand, where the decode tile's dot products reduce
+/// lanes per 4 keys x 4 columns and load each key vector once per 4 columns.
+inline constexpr index_t decode_gemm_columns = 32;
 
 /// Fixed chunking of Sk for the decode path: at most 64 chunks of >= 512 keys.
 template <index_t BK>
@@ -94,6 +115,10 @@ struct dense_task {
 /// wait at `partials` for the merge (every decode tile; prefill tiles with chunks > 1).
 struct dense_layout {
   bool decode = false;
+  /// decode: the stacked columns run through the prefill tile (a GEMM with M = query heads
+  /// x positions; many heads per key/value head, as MLA's 16 to 128) instead of the decode
+  /// tile's dot products.
+  bool gemm = false;
   index_t columns = 0;  ///< decode: stacked (query head, position) columns
   index_t width = 0, tiles = 0, chunk_keys = 0, chunks = 1, partials = 0;
   /// Head-sparse problems: the first of this problem's lists in dense_plan::selected (one
@@ -197,10 +222,11 @@ dense_plan plan_dense(std::span<const dense_problem<S, K, V>> problems) {
       if (lay.chunks > 1) plan.partial_total += B * H * lay.tiles * per_tile;
       continue;
     }
-    plan.scratch = std::max(plan.scratch, decode_buf::size(D, Dv));
     lay.decode = true;
     lay.columns = (H / Hk) * Sq;
-    lay.width = lay.columns <= W ? W : wide;
+    lay.gemm = lay.columns >= decode_gemm_columns;
+    plan.scratch = std::max(plan.scratch, lay.gemm ? prefill_buf::size(D, Dv) : decode_buf::size(D, Dv));
+    lay.width = lay.gemm ? BQ : lay.columns <= W ? W : wide;
     lay.tiles = (lay.columns + lay.width - 1) / lay.width;
     lay.chunk_keys = decode_chunk_keys<decode_block_k>(pr.keys);
     lay.chunks = std::max<index_t>(1, (pr.keys + lay.chunk_keys - 1) / lay.chunk_keys);
@@ -281,6 +307,7 @@ void run_prefill_task(const dense_problem<S, K, V>& pr, const dense_layout& lay,
   const auto kv = pr.kv.source(tk.b, tk.head / pr.terms.group);
   auto q_row = [&](index_t c) { return pr.q.ptr(tk.b, tk.head, cols.pos[c], 0); };
   tile_options how{.with_lse = pr.lse.data() != nullptr,
+                   .bf16_pairs = uses_bf16_pairs<Backend>(pr),
                    .stream_kv = pr.queries() <= BQ && pr.terms.group == 1,
                    .ahead = &ahead};
   if (lay.chunks > 1) {  // this task's chunk of the keys, kept as partial states
@@ -310,6 +337,18 @@ void run_decode_task(const dense_problem<S, K, V>& pr, const dense_layout& lay, 
   const index_t D = pr.q.extent(3), Dv = pr.out.extent(3);
   query_columns<T> cols;
   decode_columns(pr, lay, rows, tk.b, tk.head, tk.tile, cols);
+  const index_t c0 = tk.chunk * lay.chunk_keys;
+  T* states = partials + tk.partials + tk.chunk * lay.width * partial_size<T>(Dv);
+  const auto kv = pr.kv.source(tk.b, tk.head);
+  if (lay.gemm) {  // the prefill tile over this chunk's keys, its states kept
+    prefill_buffers<T, Backend> buf(scratch, D, Dv);
+    prefill_keys(cols, [&](index_t c) { return pr.q.ptr(tk.b, cols.head[c], cols.pos[c], 0); },
+                 kv, pr.band, custom, D, Dv, buf,
+                 {.bf16_pairs = uses_bf16_pairs<Backend>(pr), .stream_kv = true, .from = c0,
+                  .to = c0 + lay.chunk_keys});
+    store_partials(cols, Dv, buf, states, partial_size<T>(Dv));
+    return;
+  }
   decode_buffers<T, Backend> buf(scratch, D, Dv);
   constexpr index_t CQ = score_block_columns<T, Backend>();
   for (index_t c = 0; c < (cols.count + CQ - 1) / CQ * CQ; ++c) {  // zero-padded rows
@@ -319,12 +358,9 @@ void run_decode_task(const dense_problem<S, K, V>& pr, const dense_layout& lay, 
     std::fill(q + n, q + buf.dq, T(0));
   }
   const auto [first, last] = pr.band.keys_for(cols.first_pos, cols.last_pos + 1);
-  const index_t c0 = tk.chunk * lay.chunk_keys;
   const index_t lo = std::max(first, c0), hi = std::min(last, c0 + lay.chunk_keys);
-  T* states = partials + tk.partials + tk.chunk * lay.width * partial_size<T>(Dv);
-  const auto kv = pr.kv.source(tk.b, tk.head);
-  decode_chunk<Backend>(cols, kv, pr.band, custom, D, Dv, lo, std::max(lo, hi), last, alone, buf,
-                        states);
+  decode_chunk<Backend>(cols, kv, pr.band, custom, D, Dv, lo, std::max(lo, hi), last, alone,
+                        uses_bf16_pairs<Backend>(pr), buf, states);
 }
 
 /// Merges the chunk states of one tile in chunk order and writes its rows (and lse).

@@ -10,6 +10,7 @@
 
 #include "../../core/scratch.hpp"
 #include "../../core/tensor_view.hpp"
+#include "../../simd/bf16_pairs.hpp"
 #include "../../simd/prefetch.hpp"
 #include "../../simd/row_math.hpp"
 #include "../../simd/transpose.hpp"
@@ -50,11 +51,22 @@ struct prefill_buffers {
   using traits = tile_traits<T, Backend>;
   static constexpr index_t BQ = traits::block_q, BK = traits::block_k;
 
+  /// Whether the tile can compute in bf16 pairs (then it has the buffers for them).
+  static constexpr bool pairs = bf16_pairs_apply<T, Backend>();
+  static_assert(!pairs || sizeof(bf16_pair) == sizeof(T));
+
   static index_t size(index_t D, index_t Dv) noexcept {
+    const index_t pair_buffers = pairs ? round_to_line<T>((D + 1) / 2 * BQ) +
+                                             round_to_line<T>(BK / 2 * BQ) +
+                                             round_to_line<T>(BK / 2 * Dv)
+                                       : 0;
     return round_to_line<T>(D * BQ) + 2 * BK * BQ + round_to_line<T>(Dv * BQ) + 3 * BQ +
-           round_to_line<T>(BK * D) + round_to_line<T>(BK * Dv);
+           round_to_line<T>(BK * D) + round_to_line<T>(BK * Dv) + pair_buffers;
   }
   T *q_t, *s, *p, *acc, *m, *l, *alpha, *stage_k, *stage_v;
+  /// The bf16 pair tile's operands (when `pairs`): queries transposed [D/2][BQ], the
+  /// probabilities [BK/2][BQ] and the values [BK/2][Dv], each pair two consecutive rows.
+  bf16_pair *q_pairs = nullptr, *p_pairs = nullptr, *v_pairs = nullptr;
   prefill_buffers(T* work, index_t D, index_t Dv) noexcept {
     q_t = work;                                    // [D][BQ]  queries transposed
     s = q_t + round_to_line<T>(D * BQ);            // [BK][BQ] logits
@@ -65,6 +77,11 @@ struct prefill_buffers {
     alpha = l + BQ;                                // [BQ] rescale factors
     stage_k = alpha + BQ;                          // [BK][D]  keys in T, when staged
     stage_v = stage_k + round_to_line<T>(BK * D);  // [BK][Dv]
+    if constexpr (pairs) {
+      q_pairs = reinterpret_cast<bf16_pair*>(stage_v + round_to_line<T>(BK * Dv));
+      p_pairs = q_pairs + round_to_line<T>((D + 1) / 2 * BQ);
+      v_pairs = p_pairs + round_to_line<T>(BK / 2 * BQ);
+    }
   }
 };
 
@@ -104,18 +121,17 @@ constexpr index_t attend_ticks(index_t keys, index_t Dv) noexcept {
   return std::max<index_t>(1, keys / RB + Dv / RB);
 }
 
-/// One step of the online softmax over `keys` keys: rows k (D long) and v (Dv long) in the
-/// compute type, key key_of(r) in row r, needing the checks `cuts`; pace->tick() between
-/// the products' micro-kernel calls.
+/// The online softmax over a tile's logits (buf.s, `keys` rows): the logit modifiers,
+/// then the probabilities into buf.p and the accumulator rescaled (or, in a prob_mod
+/// tile's second walk, the final probabilities through the prob_mod). Returns whether
+/// any logit was masked.
 template <class Backend, class T, class ScoreMod, class MaskMod, class KeyOf>
-void attend_keys(const query_columns<T>& cols, row_block<T> k, row_block<T> v, index_t keys,
-                 KeyOf&& key_of, tile_cuts cuts, const key_band& band,
-                 const custom_variant<ScoreMod, MaskMod>& custom, index_t D, index_t Dv,
-                 prefill_buffers<T, Backend>& buf, paced_prefetch* pace = nullptr) noexcept {
+bool softmax_step(const query_columns<T>& cols, index_t keys, KeyOf&& key_of, tile_cuts cuts,
+                  const key_band& band, const custom_variant<ScoreMod, MaskMod>& custom,
+                  index_t Dv, prefill_buffers<T, Backend>& buf) noexcept {
   using traits = tile_traits<T, Backend>;
   constexpr index_t BQ = traits::block_q;
-  constexpr int QV = traits::query_vectors, RB = traits::row_block;
-  gemm_rows<T, Backend, RB, QV, false>(keys, k.data, k.stride, 1, buf.q_t, BQ, buf.s, BQ, D, pace);
+  constexpr int QV = traits::query_vectors;
   const bool masked = apply_logits<Backend>(cols, custom, band, cuts, buf.s, BQ, key_of, keys);
   if constexpr (is_prob_pass<ScoreMod>) {
     // The rows' max m and 1 / sum (in alpha) are final: p = exp(s - m) / sum, then the
@@ -129,12 +145,70 @@ void attend_keys(const query_columns<T>& cols, row_block<T> k, row_block<T> v, i
   } else if (online_softmax_update<T, Backend, QV>(buf.s, buf.p, BQ, keys, buf.m, buf.l, buf.alpha)) {
     rescale_rows<T, Backend, QV>(buf.acc, BQ, Dv, buf.alpha);
   }
+  return masked;
+}
+
+/// One step of the online softmax over `keys` keys: rows k (D long) and v (Dv long) in the
+/// compute type, key key_of(r) in row r, needing the checks `cuts`; pace->tick() between
+/// the products' micro-kernel calls.
+template <class Backend, class T, class ScoreMod, class MaskMod, class KeyOf>
+void attend_keys(const query_columns<T>& cols, row_block<T> k, row_block<T> v, index_t keys,
+                 KeyOf&& key_of, tile_cuts cuts, const key_band& band,
+                 const custom_variant<ScoreMod, MaskMod>& custom, index_t D, index_t Dv,
+                 prefill_buffers<T, Backend>& buf, paced_prefetch* pace = nullptr) noexcept {
+  using traits = tile_traits<T, Backend>;
+  constexpr index_t BQ = traits::block_q;
+  constexpr int QV = traits::query_vectors, RB = traits::row_block;
+  gemm_rows<T, Backend, RB, QV, false>(keys, k.data, k.stride, 1, buf.q_t, BQ, buf.s, BQ, D, pace);
+  const bool masked = softmax_step(cols, keys, key_of, cuts, band, custom, Dv, buf);
   if (masked && !all_finite<T, Backend>(v.data, v.stride, keys, Dv))
     accumulate_skipping_masked(v.data, v.stride, keys, Dv, buf.s, buf.p, BQ, 1, BQ, buf.acc, BQ, 1);
   else
     gemm_rows<T, Backend, RB, QV, true>(Dv, v.data, 1, v.stride, buf.p, BQ, buf.acc, BQ, keys,
                                         pace);
 }
+
+#if FOVEA_HAS_BF16_DOT
+/// attend_keys in bf16 pairs (AVX512-BF16), for bf16 keys and values under queries already
+/// in buf.q_pairs: S = K Q^T over the D / 2 pairs of each key row, read in place (`k`,
+/// rows `k_stride` elements apart, D even); the probabilities rounded to bf16 and P V over
+/// pairs of consecutive keys, the value rows `v` interleaved into buf.v_pairs (a masked
+/// key's non-finite value is skipped as in attend_keys, in fp32).
+template <class Backend, class T, class ScoreMod, class MaskMod, class KeyOf>
+void attend_keys_bf16(const query_columns<T>& cols, const bfloat16* k, index_t k_stride,
+                      const bfloat16* v, index_t v_stride, index_t keys, KeyOf&& key_of,
+                      tile_cuts cuts, const key_band& band,
+                      const custom_variant<ScoreMod, MaskMod>& custom, index_t D, index_t Dv,
+                      prefill_buffers<T, Backend>& buf, paced_prefetch* pace = nullptr) noexcept {
+  using traits = tile_traits<T, Backend>;
+  constexpr index_t BQ = traits::block_q;
+  constexpr int QV = traits::query_vectors, RB = traits::row_block;
+  struct key_rows {  // (any stride: a row may start at an odd element)
+    const bfloat16* k;
+    index_t stride;
+    const bf16_pair* operator()(index_t r) const noexcept {
+      return reinterpret_cast<const bf16_pair*>(k + r * stride);
+    }
+  };
+  gemm_rows<T, Backend, RB, QV, false>(keys, key_rows{k, k_stride}, 1, buf.q_pairs, BQ, buf.s, BQ,
+                                       D / 2, pace);
+  const bool masked = softmax_step(cols, keys, key_of, cuts, band, custom, Dv, buf);
+  if (masked && !all_finite<T, Backend>(v, v_stride, keys, Dv)) {
+    accumulate_skipping_masked(v, v_stride, keys, Dv, buf.s, buf.p, BQ, 1, BQ, buf.acc, BQ, 1);
+    return;
+  }
+  const index_t pairs = (keys + 1) / 2;
+  for (index_t i = 0; i < pairs; ++i) {
+    const bool whole = 2 * i + 1 < keys;
+    interleave_bf16_pairs(buf.p + 2 * i * BQ, whole ? buf.p + (2 * i + 1) * BQ : nullptr, BQ,
+                          buf.p_pairs + i * BQ);
+    interleave_bf16_pairs(v + 2 * i * v_stride, whole ? v + (2 * i + 1) * v_stride : nullptr, Dv,
+                          buf.v_pairs + i * Dv);
+  }
+  gemm_rows<T, Backend, RB, QV, true>(Dv, buf.v_pairs, 1, Dv, buf.p_pairs, BQ, buf.acc, BQ, pairs,
+                                      pace);
+}
+#endif
 
 /// Hands each column's finished output row (`const T*`, Dv values: the accumulator
 /// divided by the row's sum and multiplied by the column's weight, exactly 0 for a row
@@ -194,6 +268,9 @@ void finish_tile(const query_columns<T>& cols, index_t Dv, prefill_buffers<T, Ba
 /// tile's products and finished after it.
 struct tile_options {
   bool with_lse = true;
+  /// Products in bf16 pairs (bf16 keys and values, D even, a tile with pair buffers; see
+  /// attend_keys_bf16): the queries and probabilities rounded to bf16.
+  bool bf16_pairs = false;
   bool stream_kv = false;
   index_t from = 0, to = std::numeric_limits<index_t>::max();
   paced_prefetch* ahead = nullptr;
@@ -205,13 +282,19 @@ template <class Backend, class T, class K, class V, class ScoreMod, class MaskMo
 void prefill_keys(const query_columns<T>& cols, QueryRow&& q_row, const kv_source<K, V>& kv,
                   const key_band& band, const custom_variant<ScoreMod, MaskMod>& custom, index_t D,
                   index_t Dv, prefill_buffers<T, Backend>& buf, const tile_options& how) noexcept {
-  constexpr index_t BK = prefill_buffers<T, Backend>::BK;
+  constexpr index_t BQ = prefill_buffers<T, Backend>::BQ, BK = prefill_buffers<T, Backend>::BK;
   start_tile(cols, q_row, D, Dv, buf);
+#if FOVEA_HAS_BF16_DOT
+  if constexpr (prefill_buffers<T, Backend>::pairs)
+    if (how.bf16_pairs)  // rows 2i and 2i + 1 of the transposed queries, as pairs
+      for (index_t i = 0; i < D / 2; ++i)
+        interleave_bf16_pairs(buf.q_t + 2 * i * BQ, buf.q_t + (2 * i + 1) * BQ, BQ,
+                              buf.q_pairs + i * BQ);
+#endif
   const auto visible = band.keys_for(cols.first_pos, cols.last_pos + 1);
   const index_t first = std::max(visible.first, how.from), last = std::min(visible.second, how.to);
   if constexpr (is_prob_pass<ScoreMod>) {  // a first walk for the rows' max and sum (QK^T only)
     using traits = tile_traits<T, Backend>;
-    constexpr index_t BQ = traits::block_q;
     constexpr int QV = traits::query_vectors, RB = traits::row_block;
     for (index_t j0 = first; j0 < last; j0 += BK) {
       const index_t keys = std::min(BK, last - j0);
@@ -235,12 +318,29 @@ void prefill_keys(const query_columns<T>& cols, QueryRow&& q_row, const kv_sourc
       pace_rows(pace, kv, false, j0 + keys, next, Dv, prefetch_kind::l1);
     }
     pace.pace(attend_ticks<T, Backend>(keys, Dv));
-    const auto k = rows_for_kernel<T>(kv, true, j0, keys, D, D, buf.stage_k);
-    const auto v = rows_for_kernel<T>(kv, false, j0, keys, Dv, Dv, buf.stage_v);
     const tile_cuts cuts{!band.covers(cols.first_pos, cols.last_pos + 1, j0, j0 + keys)};
-    attend_keys(
-        cols, k, v, keys, [j0](index_t r) { return j0 + r; }, cuts, band, custom, D, Dv, buf,
-        pace.empty() ? nullptr : &pace);
+    auto key_of = [j0](index_t r) { return j0 + r; };
+    paced_prefetch* ticks = pace.empty() ? nullptr : &pace;
+    bool in_pairs = false;
+#if FOVEA_HAS_BF16_DOT
+    // bf16 rows read in place (or gathered, when they span pages) by the pair products
+    if constexpr (prefill_buffers<T, Backend>::pairs && std::is_same_v<K, bfloat16> &&
+                  std::is_same_v<V, bfloat16>)
+      if ((in_pairs = how.bf16_pairs))
+        with_rows(kv, true, j0, keys, D, D, buf.stage_k, [&](const auto* k, index_t k_stride) {
+          with_rows(kv, false, j0, keys, Dv, Dv, buf.stage_v, [&](const auto* v, index_t v_stride) {
+            if constexpr (std::is_same_v<std::remove_cvref_t<decltype(*k)>, bfloat16> &&
+                          std::is_same_v<std::remove_cvref_t<decltype(*v)>, bfloat16>)
+              attend_keys_bf16(cols, k, k_stride, v, v_stride, keys, key_of, cuts, band, custom,
+                               D, Dv, buf, ticks);
+          });
+        });
+#endif
+    if (!in_pairs) {
+      const auto k = rows_for_kernel<T>(kv, true, j0, keys, D, D, buf.stage_k);
+      const auto v = rows_for_kernel<T>(kv, false, j0, keys, Dv, Dv, buf.stage_v);
+      attend_keys(cols, k, v, keys, key_of, cuts, band, custom, D, Dv, buf, ticks);
+    }
     pace.finish();
     ahead = nullptr;
     j0 += keys;

@@ -2,13 +2,15 @@
 //   C[rows x N] (= or +=) A[rows x depth] * B[depth x N],  N = Vectors SIMD widths,
 // A read by broadcast through (row, column) strides, B and C row-major, B in the compute
 // type or a storage type converted as it is loaded. With queries along N, Q K^T is
-// C = K * Q^T and P V is O^T += V^T * P^T: neither K nor V is copied.
+// C = K * Q^T and P V is O^T += V^T * P^T: neither K nor V is copied. With A and B in bf16
+// pairs (depth counted in pairs) the products are AVX512-BF16's vdpbf16ps.
 #pragma once
 
 #include <type_traits>
 #include <utility>
 
 #include "../../core/tensor_view.hpp"
+#include "../../simd/bf16_pairs.hpp"
 #include "../../simd/convert.hpp"
 #include "../../simd/prefetch.hpp"
 #include "../../simd/vec.hpp"
@@ -29,10 +31,36 @@ struct listed_rows {
   const TA* operator()(index_t r) const noexcept { return rows[r]; }
 };
 
+/// The micro-kernel's products: B's rows loaded as vectors of T (converted from their
+/// storage type), A's elements broadcast, fused multiply-adds.
+template <class T, class Backend, class TA, class TB>
+struct fma_product {
+  using V = vec<T, Backend>;
+  using a_reg = typename V::type;
+  using b_reg = typename V::type;
+  static b_reg load_b(const TB* p) noexcept { return load_as<T, Backend>(p); }
+  static a_reg broadcast_a(const TA* p) noexcept { return V::broadcast(T(*p)); }
+  static typename V::type fma(a_reg a, b_reg b, typename V::type acc) noexcept {
+    return V::fma(a, b, acc);
+  }
+  static void pin(b_reg& x) noexcept { V::pin(x); }
+};
+
+/// bf16 pairs (A and B both bf16_pair, depth counted in pairs): vdpbf16ps.
+template <class T, class Backend, class TA, class TB>
+using product_for =
+#if FOVEA_HAS_BF16_DOT
+    std::conditional_t<std::is_same_v<TB, bf16_pair>, pair_product<Backend>,
+                       fma_product<T, Backend, TA, TB>>;
+#else
+    fma_product<T, Backend, TA, TB>;
+#endif
+
 template <class T, class Backend, int Rows, int Vectors, bool Accumulate, class TA, class TB>
 inline void micro_kernel_body(const TA* const* a_rows, index_t a_col, const TB* b, index_t ldb,
                               T* c, index_t ldc, index_t depth) noexcept {
   using V = vec<T, Backend>;
+  using P = product_for<T, Backend, TA, TB>;
   constexpr int W = V::width;
   // The row pointers as locals: read through a_rows, clang reloads all of them from
   // memory at every depth step (the pinning asm counts as a memory access for it), six
@@ -47,17 +75,17 @@ inline void micro_kernel_body(const TA* const* a_rows, index_t a_col, const TB* 
     for (int x = 0; x < Vectors; ++x)
       acc[r][x] = Accumulate ? V::load(c + r * ldc + x * W) : V::broadcast(T(0));
   for (index_t p = 0; p < depth; ++p) {
-    typename V::type bp[Vectors];
+    typename P::b_reg bp[Vectors];
 #pragma GCC unroll 8
     for (int x = 0; x < Vectors; ++x) {
-      bp[x] = load_as<T, Backend>(b + p * ldb + x * W);
-      V::pin(bp[x]);
+      bp[x] = P::load_b(b + p * ldb + x * W);
+      P::pin(bp[x]);
     }
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
-      const auto ar = V::broadcast(T(a[r][p * a_col]));
+      const auto ar = P::broadcast_a(a[r] + p * a_col);
 #pragma GCC unroll 8
-      for (int x = 0; x < Vectors; ++x) acc[r][x] = V::fma(ar, bp[x], acc[r][x]);
+      for (int x = 0; x < Vectors; ++x) acc[r][x] = P::fma(ar, bp[x], acc[r][x]);
     }
   }
 #pragma GCC unroll 16
