@@ -9,6 +9,7 @@
 #include <fovea/core/build_info.hpp>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -45,6 +46,20 @@ benchmark::internal::Benchmark* add(const std::string& name, Args&&... args) {
   return benchmark::RegisterBenchmark(name.c_str(), std::forward<Args>(args)...)
       ->Unit(benchmark::kMillisecond)
       ->UseRealTime();
+}
+
+/// One object per key, made on first use and kept for the process: inputs of hundreds of
+/// MB that every call of a benchmark (Google Benchmark calls it several times per
+/// repetition) and every repetition share. On a virtual machine memory the guest has just
+/// touched is slow for its first second or so of passes (seen here: decode over a 256 MB
+/// fp32 cache allocated afresh in each call, 25 ms at the default 0.5 s per repetition,
+/// 12.5 ms with 2 s, and from the start when the memory had been used before).
+template <class T, class Key, class Make>
+const T& kept(const Key& key, Make&& make) {
+  static std::map<Key, std::unique_ptr<T>> made;
+  auto& slot = made[key];
+  if (!slot) slot = std::make_unique<T>(make());
+  return *slot;
 }
 
 struct result {
