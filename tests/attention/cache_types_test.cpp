@@ -281,11 +281,19 @@ struct pair_types {
   using key = K;
   using value = V;
 };
+#if defined(FOVEA_TEST_SANITIZE)
+// Under ASan + UBSan, every reading path once as keys and once as values (q8_0, int8, fp8,
+// float, fp16, bf16): the eight pairs took ~5 minutes of a CI run to compile there.
+using cache_pairs =
+    ::testing::Types<pair_types<block_q8_0, bfloat16>, pair_types<std::int8_t, std::int8_t>,
+                     pair_types<half, block_q8_0>, pair_types<float, e4m3>>;
+#else
 using cache_pairs =
     ::testing::Types<pair_types<block_q8_0, block_q8_0>, pair_types<block_q8_0, bfloat16>,
                      pair_types<std::int8_t, std::int8_t>, pair_types<e4m3, e4m3>,
                      pair_types<e5m2, e5m2>, pair_types<bfloat16, bfloat16>,
                      pair_types<half, block_q8_0>, pair_types<float, e4m3>>;
+#endif
 struct pair_names {
   template <class P>
   static std::string GetName(int) {
