@@ -85,7 +85,7 @@ void check_tolerance(const std::vector<float>& got, const std::vector<double>& w
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   bytes in{data, size};
-  const int kernel = in.u8() % 25;
+  const int kernel = in.u8() % 26;
   const index_t B = in.u8() % 3, H = in.u8() % 5, Sq = in.u8() % 41, Sk = in.u8() % 41;
   const index_t D = in.u8() % 10, Dv = in.u8() % 10;
   const std::uint8_t hk_pick = in.u8(), layout = in.u8() % 8, flags = in.u8();
@@ -201,6 +201,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   std::optional<fovea::dhsa_selection> dhsa_chosen;          // kernel 23: what DHSA kept
   std::optional<fovea::landmark_options> landmark_used;      // kernel 24: its options
   std::vector<index_t> chunk_starts;
+  std::vector<fovea::bfloat16> bf16_q, bf16_k, bf16_v, bf16_out;  // kernel 25's storage
+  bool bf16_ran = false;
   bool backward_ran = false;
   bool threw = false;
   try {
@@ -455,6 +457,43 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         });
         break;
       }
+      case 25: {  // bf16 arithmetic: q, k, v and out bf16 (flags & 4, or an aliased out: float
+                  // q and out over bf16 k and v with bf16_products); the inputs rounded to
+                  // bf16 first, checked below against the references on the rounded values
+        for (auto* x : {&k, &v})
+          for (float& e : *x) e = float(fovea::bfloat16(e));
+        if (!aliased)  // (an aliased call must throw before writing q: q_before is checked)
+          for (float& e : q) e = float(fovea::bfloat16(e));
+        auto to_bf16 = [](const std::vector<float>& x, std::vector<fovea::bfloat16>& to) {
+          to.resize(x.size());
+          for (std::size_t i = 0; i < x.size(); ++i) to[i] = fovea::bfloat16(x[i]);
+        };
+        to_bf16(k, bf16_k);
+        to_bf16(v, bf16_v);
+        // the float view's layout over the bf16 copy
+        auto like = [](const auto& view, const float* base, auto* copy) {
+          using T = std::remove_pointer_t<decltype(copy)>;
+          return fovea::view<T, 4>(
+              copy + (view.data() - base), {view.extent(0), view.extent(1), view.extent(2), view.extent(3)},
+              {view.stride(0), view.stride(1), view.stride(2), view.stride(3)});
+        };
+        const auto Kb = like(K, k.data(), static_cast<const fovea::bfloat16*>(bf16_k.data()));
+        const auto Vb = like(V, v.data(), static_cast<const fovea::bfloat16*>(bf16_v.data()));
+        const bool all_bf16 = !(flags & 4) && !aliased;
+        const fovea::softmax_options o{.causal = causal, .scale = scale,
+                                       .bf16_products = !all_bf16, .threads = 1 + (flags & 8 ? 1 : 0)};
+        if (all_bf16) {
+          to_bf16(q, bf16_q);
+          bf16_out.assign(out.size(), fovea::bfloat16(-2.0f));  // a sentinel bf16 holds exactly
+          fovea::softmax_attention(like(Q, q.data(), static_cast<const fovea::bfloat16*>(bf16_q.data())),
+                                   Kb, Vb, like(O, out.data(), bf16_out.data()), o);
+          for (std::size_t i = 0; i < out.size(); ++i) out[i] = float(bf16_out[i]);  // read via O
+        } else {
+          fovea::softmax_attention(Q, Kb, Vb, O, o);
+        }
+        bf16_ran = true;
+        break;
+      }
       case 15: {  // the backward, after fovea's forward; checked below against the f64 gradients
         std::vector<float> lse(B * H * Sq + 1);
         fovea::softmax_options o{.causal = causal, .scale = scale};
@@ -644,6 +683,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (threw) {
     for (float x : out)
       if (x != -12345.f) fail("output written before fovea::error");
+    for (fovea::bfloat16 x : bf16_out)
+      if (float(x) != -2.0f) fail("bf16 output written before fovea::error");
     if (aliased && std::memcmp(q.data(), q_before.data(), q.size() * 4) != 0)
       fail("aliased input written before fovea::error");
     return 0;
@@ -719,6 +760,18 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       check_tolerance(got, fovea::test::reference_softmax<double>(Q, K, V, so, seen).out,
                       fovea::test::reference_softmax<float>(Q, K, V, so, seen).out);
     }
+  } else if (kernel == 25 && bf16_ran && tame && (!scale || *scale < 1e6)) {
+    // bf16 arithmetic on the rounded values: the probabilities rounded to bf16 move an
+    // output by at most 2^-9 max |v| (they sum to 1), a bf16 output by 2^-9 of itself
+    const fovea::softmax_options o{.causal = causal, .scale = scale};
+    const auto want = fovea::test::reference_softmax<double>(Q, K, V, o);
+    const auto naive = fovea::test::reference_softmax<float>(Q, K, V, o);
+    double v_max = 0, out_max = 0;
+    for (float e : v)
+      if (std::isfinite(e)) v_max = std::max(v_max, double(std::abs(e)));
+    for (double e : want.out)
+      if (std::isfinite(e)) out_max = std::max(out_max, std::abs(e));
+    check_tolerance(got, want.out, naive.out, std::ldexp(v_max + out_max, -8));
   } else if (kernel == 14 && hip_over_cache) {  // the same call on the dequantized values
     fovea::hip_options o = *hip_over_cache;
     o.k_scale = o.v_scale = {};

@@ -51,6 +51,19 @@ inline __m128i fp8_as_half(__m128i bytes16) noexcept {
                         _mm_and_si128(nan, _mm_set1_epi16(0x7FFF)));
   }
 }
+/// fp8_as_half for 16 codes (zero-extended to 16 bits each) at once.
+template <class F8>
+inline __m256i fp8_as_half(__m256i bytes16) noexcept {
+  if constexpr (std::is_same_v<F8, e5m2>) {
+    return _mm256_slli_epi16(bytes16, 8);
+  } else {
+    const __m256i mag = _mm256_and_si256(bytes16, _mm256_set1_epi16(0x7F));
+    const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(bytes16, _mm256_set1_epi16(0x80)), 8);
+    const __m256i nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7F));
+    return _mm256_or_si256(_mm256_or_si256(sign, _mm256_slli_epi16(mag, 7)),
+                           _mm256_and_si256(nan, _mm256_set1_epi16(0x7FFF)));
+  }
+}
 #endif
 
 /// dst[0, n) = the values of src (n values; for block_q8_0 n % 32 == 0), times `scale`
@@ -105,15 +118,20 @@ void dequantize_row(const S* src, float scale, float* dst, index_t n) noexcept {
     const float factor = std::is_same_v<S, e4m3> ? scale * 256.0f : scale;
 #if defined(__AVX512F__)
     const __m512 vs16 = _mm512_set1_ps(factor);
-    for (; i + 16 <= n; i += 16) {
+    for (; i + 16 <= n; i += 16) {  // 16 codes per step in 256-bit integer lanes
       const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-      const __m128i lo = fp8_as_half<S>(_mm_cvtepu8_epi16(raw));
-      const __m128i hi = fp8_as_half<S>(_mm_cvtepu8_epi16(_mm_srli_si128(raw, 8)));
-      const __m256i halves = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+      const __m256i halves = fp8_as_half<S>(_mm256_cvtepu8_epi16(raw));
       _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_cvtph_ps(halves), vs16));
     }
 #endif
     const __m256 vs = _mm256_set1_ps(factor);
+    for (; i + 16 <= n; i += 16) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      const __m256i halves = fp8_as_half<S>(_mm256_cvtepu8_epi16(raw));
+      _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(halves)), vs));
+      _mm256_storeu_ps(dst + i + 8,
+                       _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1)), vs));
+    }
     for (; i + 8 <= n; i += 8) {
       const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i));
       _mm256_storeu_ps(dst + i,
