@@ -66,8 +66,8 @@ TYPED_TEST(SoftmaxDecode, ThreadCountNeverChangesABit) {
   using Backend = typename TestFixture::Backend;
   expect_thread_invariant<T, Backend>(
       attention_inputs<T>({2, 8, 2, 4, 5000, 32, 32}, feature::alibi | feature::sinks, 3));
-  expect_thread_invariant<T, Backend>(  // 32 stacked columns: the prefill tile
-      attention_inputs<T>({1, 64, 2, 1, 5000, 32, 32}, feature::alibi | feature::sinks, 4));
+  expect_thread_invariant<T, Backend>(  // 64 stacked columns: the prefill tile
+      attention_inputs<T>({1, 128, 2, 1, 5000, 32, 32}, feature::alibi | feature::sinks, 4));
 }
 
 TYPED_TEST(SoftmaxDecode, NanInMaskedFutureKeysDoesNotLeak) {

@@ -73,7 +73,7 @@ TEST(DensePlan, DecodeChunksKeysByLengthOnly) {
 TEST(DensePlan, DecodeWithManyHeadsPerKvHeadRunsThePrefillTile) {
   const index_t D = 16, Sk = 2000;
   constexpr index_t BQ = detail::tile_traits<float, default_backend>::block_q;
-  for (const auto& [H, Sq] : {std::pair<index_t, index_t>{16, 1}, {32, 1}, {8, 4}, {128, 1}, {16, 16}}) {
+  for (const auto& [H, Sq] : {std::pair<index_t, index_t>{16, 1}, {32, 1}, {64, 1}, {8, 4}, {128, 1}, {16, 16}}) {
     SCOPED_TRACE("H " + std::to_string(H) + " Sq " + std::to_string(Sq));
     std::vector<float> q(H * Sq * D), kv(Sk * D), out(H * Sq * D);
     const auto pr = problem(q, kv, out, 1, H, 1, Sq, Sk, D);
