@@ -244,40 +244,43 @@ TEST(SoftmaxBf16Pairs, PrefillMatchesTheOracleOverAwkwardShapes) {
 // the fp32 call's. Where the target has AVX512-BF16 the two differ (pairs summed in
 // another order, P rounded to bf16 in prefill); elsewhere bf16_products changes nothing.
 TEST(SoftmaxBf16Pairs, TakenWhereTheTargetHasThemAndOnlyWhenAsked) {
-  const index_t H = 8, Hk = 2, Sk = 300, D = 64;
-  for (const index_t Sq : {1, 3, 200}) {
-    SCOPED_TRACE("Sq " + std::to_string(Sq));
-    const auto q = rounded<bfloat16>(H * Sq * D, 21), k = rounded<bfloat16>(Hk * Sk * D, 22),
-               v = rounded<bfloat16>(Hk * Sk * D, 23);
-    const std::vector<float> qf(q.begin(), q.end()), kf(k.begin(), k.end()),
-        vf(v.begin(), v.end());
-    const auto K = bhsd<const bfloat16>(k.data(), 1, Hk, Sk, D),
-               V = bhsd<const bfloat16>(v.data(), 1, Hk, Sk, D);
-    std::vector<bfloat16> out16(H * Sq * D);
-    std::vector<float> out32(H * Sq * D), opted(H * Sq * D), mixed(H * Sq * D);
-    const softmax_options o{.causal = true, .threads = 1};
-    softmax_attention(bhsd<const bfloat16>(q.data(), 1, H, Sq, D), K, V,
-                      bhsd(out16.data(), 1, H, Sq, D), o);
-    softmax_attention(bhsd<const float>(qf.data(), 1, H, Sq, D),
-                      bhsd<const float>(kf.data(), 1, Hk, Sk, D),
-                      bhsd<const float>(vf.data(), 1, Hk, Sk, D), bhsd(out32.data(), 1, H, Sq, D), o);
-    softmax_options with = o;
-    with.bf16_products = true;
-    softmax_attention(bhsd<const float>(qf.data(), 1, H, Sq, D), K, V,
-                      bhsd(opted.data(), 1, H, Sq, D), with);
-    softmax_attention(bhsd<const float>(qf.data(), 1, H, Sq, D), K, V,
-                      bhsd(mixed.data(), 1, H, Sq, D), o);
-    index_t opted_as_bf16 = 0;
-    for (std::size_t i = 0; i < out16.size(); ++i) {
-      const auto bits = [](bfloat16 x) { return Eigen::numext::bit_cast<std::uint16_t>(x); };
-      opted_as_bf16 += bits(out16[i]) == bits(bfloat16(opted[i]));
+  const index_t H = 8, Hk = 2, Sk = 300;
+  // D = 48 and 2: decode scores them in fp32 (not whole 32-element pair steps), on q
+  // rounded to bf16 all the same (a new-user trial found it unrounded there)
+  for (const index_t D : {64, 48, 2})
+    for (const index_t Sq : {1, 3, 200}) {
+      SCOPED_TRACE("D " + std::to_string(D) + " Sq " + std::to_string(Sq));
+      const auto qf = normal<float>(H * Sq * D, 21);  // not bf16 values: rounded by the calls
+      const std::vector<bfloat16> q(qf.begin(), qf.end());
+      const auto k = rounded<bfloat16>(Hk * Sk * D, 22), v = rounded<bfloat16>(Hk * Sk * D, 23);
+      const std::vector<float> kf(k.begin(), k.end()), vf(v.begin(), v.end());
+      const auto K = bhsd<const bfloat16>(k.data(), 1, Hk, Sk, D),
+                 V = bhsd<const bfloat16>(v.data(), 1, Hk, Sk, D);
+      std::vector<bfloat16> out16(H * Sq * D);
+      std::vector<float> out32(H * Sq * D), opted(H * Sq * D), mixed(H * Sq * D);
+      const softmax_options o{.causal = true, .threads = 1};
+      softmax_attention(bhsd<const bfloat16>(q.data(), 1, H, Sq, D), K, V,
+                        bhsd(out16.data(), 1, H, Sq, D), o);
+      softmax_attention(bhsd<const float>(qf.data(), 1, H, Sq, D),
+                        bhsd<const float>(kf.data(), 1, Hk, Sk, D),
+                        bhsd<const float>(vf.data(), 1, Hk, Sk, D), bhsd(out32.data(), 1, H, Sq, D), o);
+      softmax_options with = o;
+      with.bf16_products = true;
+      softmax_attention(bhsd<const float>(qf.data(), 1, H, Sq, D), K, V,
+                        bhsd(opted.data(), 1, H, Sq, D), with);
+      softmax_attention(bhsd<const float>(qf.data(), 1, H, Sq, D), K, V,
+                        bhsd(mixed.data(), 1, H, Sq, D), o);
+      index_t opted_as_bf16 = 0;
+      for (std::size_t i = 0; i < out16.size(); ++i) {
+        const auto bits = [](bfloat16 x) { return Eigen::numext::bit_cast<std::uint16_t>(x); };
+        opted_as_bf16 += bits(out16[i]) == bits(bfloat16(opted[i]));
+      }
+      EXPECT_EQ(opted_as_bf16, index_t(out16.size())) << "bf16_products is not the bf16 arithmetic";
+      EXPECT_EQ(0, std::memcmp(mixed.data(), out32.data(), 4 * out32.size()))
+          << "a float call over bf16 keys computes as the fp32 call unless asked";
+      const bool differs = std::memcmp(opted.data(), mixed.data(), 4 * mixed.size()) != 0;
+      EXPECT_EQ(differs, pairs_here) << "bf16 pairs taken where the target has them, only there";
     }
-    EXPECT_EQ(opted_as_bf16, index_t(out16.size())) << "bf16_products is not the bf16 arithmetic";
-    EXPECT_EQ(0, std::memcmp(mixed.data(), out32.data(), 4 * out32.size()))
-        << "a float call over bf16 keys computes as the fp32 call unless asked";
-    const bool differs = std::memcmp(opted.data(), mixed.data(), 4 * mixed.size()) != 0;
-    EXPECT_EQ(differs, pairs_here) << "bf16 pairs taken where the target has them, only there";
-  }
 }
 
 // A paged bf16 prefill gathers the tiles that span pages and computes the same pairs as

@@ -55,11 +55,13 @@ struct softmax_options {
   /// them, k_scale / v_scale may be left empty (1). Contiguous, varlen, paged and KV-cache
   /// calls and block_sparse_attention take them.
   tensor_view<const float, 2> k_channel_scale{}, v_channel_scale{};
-  /// float q and out over bf16 keys and values: compute Q K^T and P V in bf16 pairs as a
-  /// bf16 call does (q and the probabilities rounded to bf16, exact products summed in
-  /// fp32; AVX512-BF16 vdpbf16ps, twice the multiply-adds of fp32 FMAs) where the target
-  /// has AVX512-BF16 and D is even; the error is then a bf16 call's (~2^-9 relative in
-  /// the logits and the P V terms). Ignored elsewhere, and for other types.
+  /// float q and out over bf16 keys and values: compute as a bf16 call on bf16(q) does
+  /// (q rounded to bf16; Q K^T and P V in bf16 pairs, the probabilities rounded to bf16,
+  /// exact products summed in fp32: AVX512-BF16 vdpbf16ps, twice the multiply-adds of fp32
+  /// FMAs; denormal inputs count as 0) where the target has AVX512-BF16 and D is even; the
+  /// output rounded to bf16 is then the bf16 call's bit for bit, and its error against the
+  /// float q grows as ~2^-9 |q| |k| per logit. Ignored elsewhere (q not rounded), and for
+  /// other types.
   bool bf16_products = false;
   int threads = 0;                             ///< 0: all OpenMP offers; 1: serial
 };

@@ -353,10 +353,15 @@ void run_decode_task(const dense_problem<S, K, V>& pr, const dense_layout& lay, 
   }
   decode_buffers<T, Backend> buf(scratch, D, Dv);
   constexpr index_t CQ = score_block_columns<T, Backend>();
+  // float queries with bf16_products are bf16 queries: rounded here too, for the head
+  // dims the decode tile scores in fp32 (D % 32 != 0), so the call is the bf16 call's
+  const bool round_q = std::is_same_v<S, float> && uses_bf16_pairs<Backend>(pr);
   for (index_t c = 0; c < (cols.count + CQ - 1) / CQ * CQ; ++c) {  // zero-padded rows
     T* q = buf.q + c * buf.dq;
     const index_t n = c < cols.count ? D : 0;
     if (n > 0) convert_row(pr.q.ptr(tk.b, cols.head[c], cols.pos[c], 0), q, n);
+    if (round_q)
+      for (index_t d = 0; d < n; ++d) q[d] = T(bfloat16(q[d]));
     std::fill(q + n, q + buf.dq, T(0));
   }
   const auto [first, last] = pr.band.keys_for(cols.first_pos, cols.last_pos + 1);
