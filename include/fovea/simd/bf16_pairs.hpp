@@ -42,27 +42,21 @@ constexpr bool bf16_pairs_apply() noexcept {
 
 #if FOVEA_HAS_BF16_DOT
 
+/// Mask of the first min(16, max(0, left)) lanes.
+inline __mmask16 first_lanes(index_t left) noexcept {
+  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
+
 /// dst[i] = the bf16 pair (x[2i], x[2i + 1]), i < bf16_pairs(n); zeros past n.
 inline void to_bf16_pairs(const float* x, index_t n, std::uint32_t* dst) noexcept {
   for (index_t d = 0; d < n; d += 32) {
-    auto lanes = [&](index_t from) {
-      const index_t left = n - from;
-      return left >= 16  ? __mmask16(0xFFFF)
-             : left <= 0 ? __mmask16(0)
-                         : __mmask16((1u << left) - 1);
-    };
-    const __m512 lo = _mm512_maskz_loadu_ps(lanes(d), x + d);
-    const __m512 hi = _mm512_maskz_loadu_ps(lanes(d + 16), x + d + 16);
+    const __m512 lo = _mm512_maskz_loadu_ps(first_lanes(n - d), x + d);
+    const __m512 hi = _mm512_maskz_loadu_ps(first_lanes(n - d - 16), x + d + 16);
     _mm512_storeu_si512(dst + d / 2, __m512i(_mm512_cvtne2ps_pbh(hi, lo)));
   }
 }
 inline void to_bf16_pairs(const float* x, index_t n, bf16_pair* dst) noexcept {
   to_bf16_pairs(x, n, reinterpret_cast<std::uint32_t*>(dst));
-}
-
-/// Mask of the first min(16, max(0, left)) lanes.
-inline __mmask16 first_lanes(index_t left) noexcept {
-  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
 }
 
 /// dst[i] = the pair (first[i], second[i]) for i < n (second null: zeros), one pair per

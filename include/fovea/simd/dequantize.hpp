@@ -36,22 +36,9 @@ inline float dequantized(e4m3 x, float scale) noexcept { return to_float(x) * sc
 inline float dequantized(e5m2 x, float scale) noexcept { return to_float(x) * scale; }
 
 #if defined(__AVX2__) && defined(__F16C__)
-/// 8 fp8 codes as fp16 bit patterns: e5m2 is fp16's top byte; e4m3's exponent and
-/// mantissa shifted into fp16's give the value / 256 (normals and subnormals alike), its
-/// NaN code made an fp16 NaN.
-template <class F8>
-inline __m128i fp8_as_half(__m128i bytes16) noexcept {
-  if constexpr (std::is_same_v<F8, e5m2>) {
-    return _mm_slli_epi16(bytes16, 8);
-  } else {
-    const __m128i mag = _mm_and_si128(bytes16, _mm_set1_epi16(0x7F));
-    const __m128i sign = _mm_slli_epi16(_mm_and_si128(bytes16, _mm_set1_epi16(0x80)), 8);
-    const __m128i nan = _mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7F));
-    return _mm_or_si128(_mm_or_si128(sign, _mm_slli_epi16(mag, 7)),
-                        _mm_and_si128(nan, _mm_set1_epi16(0x7FFF)));
-  }
-}
-/// fp8_as_half for 16 codes (zero-extended to 16 bits each) at once.
+/// 16 fp8 codes (zero-extended to 16 bits each) as fp16 bit patterns: e5m2 is fp16's top
+/// byte; e4m3's exponent and mantissa shifted into fp16's give the value / 256 (normals
+/// and subnormals alike), its NaN code made an fp16 NaN.
 template <class F8>
 inline __m256i fp8_as_half(__m256i bytes16) noexcept {
   if constexpr (std::is_same_v<F8, e5m2>) {
@@ -132,10 +119,10 @@ void dequantize_row(const S* src, float scale, float* dst, index_t n) noexcept {
       _mm256_storeu_ps(dst + i + 8,
                        _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1)), vs));
     }
-    for (; i + 8 <= n; i += 8) {
+    for (; i + 8 <= n; i += 8) {  // (the upper 8 lanes zero)
       const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i));
-      _mm256_storeu_ps(dst + i,
-                       _mm256_mul_ps(_mm256_cvtph_ps(fp8_as_half<S>(_mm_cvtepu8_epi16(raw))), vs));
+      const __m256i halves = fp8_as_half<S>(_mm256_cvtepu8_epi16(raw));
+      _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(halves)), vs));
     }
 #endif
   }
