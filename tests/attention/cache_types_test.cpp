@@ -87,15 +87,22 @@ TEST(CacheTypes, Fp8RoundsToNearestEvenAndSaturates) {
   EXPECT_TRUE(std::isnan(to_float(to_e5m2(nan_f))));
 }
 
+/// x / d rounded (ties to even) as llama.cpp computes it, x times 1 / d, except where
+/// 1 / d overflows: there x / d (0 * inf would be NaN).
+std::int8_t quantized(float x, float d) {
+  const float id = d ? 1 / d : 0;
+  return std::int8_t(std::clamp(std::nearbyint(std::isinf(id) ? x / d : x * id), -127.f, 127.f));
+}
+
 /// llama.cpp's quantize_row_q8_0_ref, with ties to even: d = amax / 127 (stored fp16),
 /// q = round(x / d) with d in fp32.
 block_q8_0 q8_0_definition(const float* x) {
   float amax = 0;
   for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float d = amax / 127, id = d ? 1 / d : 0;
+  const float d = amax / 127;
   block_q8_0 b;
   b.d = half(d);
-  for (int i = 0; i < 32; ++i) b.qs[i] = std::int8_t(std::nearbyint(x[i] * id));
+  for (int i = 0; i < 32; ++i) b.qs[i] = quantized(x[i], d);
   return b;
 }
 
@@ -104,6 +111,10 @@ TEST(CacheTypes, QuantizeMatchesTheDefinitionsBitwise) {
   auto x = normal<float>(B * H * S * D, 11, 2.0);
   x[5] = 0;  // zero rows and blocks
   std::fill(x.begin() + D * 3, x.begin() + D * 4, 0.0f);
+  // Rows so small that 1 / scale overflows (scale ~1e-40, subnormal), holding a zero: the
+  // reciprocal gave 0 * inf = NaN (undefined as an int8) and +-127 for every other value.
+  for (index_t i = D * 4; i < D * 6; ++i) x[i] *= 1e-38f;
+  x[D * 4 + 7] = 0;
   const auto X = bhsd<const float>(x.data(), B, H, S, D);
 
   std::vector<block_q8_0> q8(x.size() / 32);
@@ -120,9 +131,8 @@ TEST(CacheTypes, QuantizeMatchesTheDefinitionsBitwise) {
     float amax = 0;
     for (index_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[r * D + d]));
     ASSERT_EQ(scales[r], amax / 127) << r;
-    const float inv = amax ? 1 / (amax / 127) : 0;
     for (index_t d = 0; d < D; ++d)
-      ASSERT_EQ(i8[r * D + d], std::int8_t(std::nearbyint(x[r * D + d] * inv))) << r << " " << d;
+      ASSERT_EQ(i8[r * D + d], quantized(x[r * D + d], amax / 127)) << r << " " << d;
   }
 
   const std::vector<float> head_scales{0.01f, 0.02f, 0.5f};
@@ -624,8 +634,7 @@ TEST(CacheAttention, PerChannelInt8Scales) {
       const float scale = amax / 127.0f;
       ASSERT_EQ(k_rows[h * sk + t], scale);
       for (index_t d = 0; d < D; ++d)
-        ASSERT_EQ(k8[(h * sk + t) * D + d],
-                  std::int8_t(std::clamp(std::nearbyint(y[d] * (1.0f / scale)), -127.f, 127.f)));
+        ASSERT_EQ(k8[(h * sk + t) * D + d], quantized(y[d], scale));
     }
   const auto K8 = bhsd<const std::int8_t>(k8.data(), 1, Hk, sk, D);
   const auto KS = view<const float>(k_rows.data(), {1, Hk, sk});

@@ -31,6 +31,22 @@ inline std::int8_t round_int8(float x) noexcept {
   return std::int8_t(std::clamp(std::nearbyint(x), -127.0f, 127.0f));
 }
 
+/// x / scale rounded to an int8, the way llama.cpp rounds: x times the reciprocal of the
+/// scale. A scale so small that its reciprocal overflows (below ~2.9e-39, i.e. rows whose
+/// largest magnitude is below ~3.7e-37) divides instead, where x * inf would give NaN for
+/// x = 0 and +-127 for every nonzero x. A zero scale (an all-zero row) gives 0.
+class int8_rounder {
+ public:
+  explicit int8_rounder(float scale) noexcept
+      : scale_(scale), inverse_(scale != 0 ? 1.0f / scale : 0.0f) {}
+  std::int8_t operator()(float x) const noexcept {
+    return round_int8(std::isinf(inverse_) ? x / scale_ : x * inverse_);
+  }
+
+ private:
+  float scale_, inverse_;
+};
+
 /// Quantizes n values (n % 32 == 0) into n / 32 blocks as llama.cpp's
 /// quantize_row_q8_0_ref does (d = max |x| / 127 stored as fp16; q = x / d rounded with
 /// d in fp32), except that ties round to even. A block holding NaN or Inf gets d = NaN:
@@ -52,9 +68,10 @@ void quantize_row(const S* x, index_t n, block_q8_0* out) noexcept {
       std::fill(blk.qs, blk.qs + block_q8_0::size, std::int8_t(0));
       continue;
     }
-    const float d = amax / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
+    const float d = amax / 127.0f;
+    const int8_rounder round(d);
     blk.d = half(d);
-    for (int i = 0; i < block_q8_0::size; ++i) blk.qs[i] = round_int8(as_float(in[i]) * id);
+    for (int i = 0; i < block_q8_0::size; ++i) blk.qs[i] = round(as_float(in[i]));
   }
 }
 
@@ -73,8 +90,9 @@ float quantize_row(const S* x, index_t n, std::int8_t* out) noexcept {
     std::fill(out, out + n, std::int8_t(0));
     return std::numeric_limits<float>::quiet_NaN();
   }
-  const float scale = amax / 127.0f, inverse = scale != 0 ? 1.0f / scale : 0.0f;
-  for (index_t i = 0; i < n; ++i) out[i] = round_int8(as_float(x[i]) * inverse);
+  const float scale = amax / 127.0f;
+  const int8_rounder round(scale);
+  for (index_t i = 0; i < n; ++i) out[i] = round(as_float(x[i]));
   return scale;
 }
 

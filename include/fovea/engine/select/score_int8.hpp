@@ -59,11 +59,16 @@ inline float quantise_int8(const float* x, index_t n, std::uint32_t* dst,
     std::fill(dst, dst + int8_quads(n), 0u);
     return scale;
   }
-  const __m512 inverse = _mm512_set1_ps(scale > 0 ? 1 / scale : 0);
+  // x times 1 / scale, or x / scale where the reciprocal overflows (a row below ~3.7e-37,
+  // whose zeros would otherwise become 0 * inf = NaN and read as -128).
+  const float reciprocal = scale > 0 ? 1 / scale : 0;
+  const bool divide = std::isinf(reciprocal);
+  const __m512 inverse = _mm512_set1_ps(reciprocal), divisor = _mm512_set1_ps(scale);
   __m512i total = _mm512_setzero_si512();
   for (index_t d = 0; d < int8_quads(n) * 4; d += 16) {
+    const __m512 in = _mm512_maskz_loadu_ps(lanes(d), x + d);
     const __m512i v =
-        _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(d), x + d), inverse));
+        _mm512_cvtps_epi32(divide ? _mm512_div_ps(in, divisor) : _mm512_mul_ps(in, inverse));
     total = _mm512_add_epi32(total, v);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d / 4), _mm512_cvtsepi32_epi8(v));
   }
