@@ -67,8 +67,9 @@ const cache<C>& kept_cache(index_t Hk, index_t S, index_t D, unsigned seed) {
                                       [&] { return cache<C>(Hk, S, D, seed); });
 }
 
-/// Decode: Sq queries of H = 32 heads against Sk keys of Hk = 8 heads, D = 128.
-template <class C>
+/// Decode: Sq queries of H = 32 heads against Sk keys of Hk = 8 heads, D = 128 (Q8Products:
+/// with options.q8_0_products, integer logits against q quantized to q8_0).
+template <class C, bool Q8Products = false>
 void BM_decode(benchmark::State& state, index_t sq, index_t sk, int threads) {
   const index_t H = 32, Hk = 8, D = 128;
   std::vector<float> q(H * sq * D), o(H * sq * D);
@@ -80,7 +81,8 @@ void BM_decode(benchmark::State& state, index_t sq, index_t sk, int threads) {
   const auto Q = fovea::bhsd<const float>(q.data(), 1, H, sq, D);
   const auto O = fovea::bhsd(o.data(), 1, H, sq, D);
   const fovea::softmax_options opt{.causal = true, .k_scale = k.scale_view,
-                                   .v_scale = v.scale_view, .threads = threads};
+                                   .v_scale = v.scale_view, .q8_0_products = Q8Products,
+                                   .threads = threads};
   for (auto _ : state) {
     fovea::softmax_attention(Q, k.view(Hk, sk, D), v.view(Hk, sk, D), O, opt);
     benchmark::DoNotOptimize(o.data());
@@ -240,6 +242,10 @@ int main(int argc, char** argv) {
   add_type<fovea::bfloat16>(types[1], thread_counts, n);
   add_type<fovea::half>(types[2], thread_counts, n);
   add_type<fovea::block_q8_0>(types[3], thread_counts, n);
+  for (int threads : thread_counts)
+    fovea::bench::add("decode/q8_0_products/Sq=1/Sk=32768/H=32/Hk=8/D=128/threads=" +
+                          std::to_string(threads),
+                      BM_decode<fovea::block_q8_0, true>, index_t(1), index_t(32768), threads);
   add_type<std::int8_t>(types[4], thread_counts, n);
   add_type<fovea::e4m3>(types[5], thread_counts, n);
   fovea::bench::add("decode/int8_channel/Sq=1/Sk=32768/H=32/Hk=8/D=128/threads=1",
@@ -268,7 +274,8 @@ int main(int argc, char** argv) {
   std::printf(
       "| decode, fp32 q, Sq=1, Sk=32768, H=32, Hk=8, D=128 | threads | ms | GB/s of cache | of "
       "1-thread read | vs fp32 | vs bf16 | vs 1 thread |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
-  for (const char* type : {"fp32", "bf16", "fp16", "q8_0", "int8", "int8_channel", "e4m3"})
+  for (const char* type :
+       {"fp32", "bf16", "fp16", "q8_0", "q8_0_products", "int8", "int8_channel", "e4m3"})
     for (int threads : thread_counts) {
       const std::string tail = "/Sq=1/Sk=32768/H=32/Hk=8/D=128/threads=" + std::to_string(threads);
       const auto* r = find(std::string("decode/") + type + tail);

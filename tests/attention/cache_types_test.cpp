@@ -824,6 +824,196 @@ TEST(CacheAttention, LowPrecisionQueriesOverQ80) {
   }
 }
 
+// ---- q8_0 integer products (softmax_options::q8_0_products) -----------------------------
+
+/// Bits of a float, with every NaN the same (NaN payloads are not part of the definition).
+std::uint32_t bits_of(float x) {
+  if (x != x) return 0x7FC00000u;
+  std::uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+
+/// The decode logits of q8_0_scores (16 keys at once with AVX512-VNNI on an AVX-512
+/// backend, one at a time on the others) are the definition in score_q8_0.hpp bit for bit:
+/// key counts around the 16-key groups, column counts, head dims, contiguous and paged rows
+/// (scrambled table, pages of 8), zero, subnormal, huge and NaN block scales, zero query
+/// blocks.
+template <class Backend>
+void expect_q8_0_logits_are_the_definition() {
+  const index_t ld = 256;
+  std::uint64_t seed = 70;
+  for (const index_t D : {32, 96, 128})
+    for (const index_t keys : {1, 15, 16, 17, 50, 256})
+      for (const index_t columns : {1, 4, 7})
+        for (const bool paged : {false, true}) {
+          SCOPED_TRACE("D " + std::to_string(D) + " keys " + std::to_string(keys) + " columns " +
+                       std::to_string(columns) + (paged ? " paged" : ""));
+          const index_t blocks = D / 32, page = 8, pages = (keys + page - 1) / page;
+          auto x = normal<float>(pages * page * D, ++seed, 3.0);
+          std::vector<block_q8_0> rows(pages * page * blocks);
+          quantize(bhsd<const float>(x.data(), 1, 1, pages * page, D),
+                   bhsd(rows.data(), 1, 1, pages * page, D));
+          rows[0].d = half(0.0f);  // a zero scale, then subnormal, huge and NaN ones
+          if (rows.size() > 5) rows[5].d = half(3e-6f);
+          if (rows.size() > 9) rows[9].d = half(60000.0f);
+          if (rows.size() > 40) rows[40].d = half(nan_f);
+          auto qx = normal<float>(columns * D, ++seed);
+          std::fill(qx.begin(), qx.begin() + 32, 0.0f);  // column 0's first block: zeros
+          std::vector<block_q8_0> q_rows(columns * blocks);
+          std::vector<float> q_scales(columns * blocks);
+          std::vector<std::int32_t> q_sums(columns * blocks);
+          detail::quantize_queries_q8_0(qx.data(), D, columns, D, q_rows.data(), q_scales.data(),
+                                        q_sums.data());
+          const detail::q8_0_queries q{q_rows.data(), q_scales.data(), q_sums.data(), blocks};
+          std::vector<std::int32_t> table(pages);
+          for (index_t p = 0; p < pages; ++p) table[p] = std::int32_t((p * 5 + 2) % pages);
+          detail::kv_source<block_q8_0> kv{.k = rows.data(), .v = rows.data(), .k_stride = blocks,
+                                           .v_stride = blocks};
+          if (paged) {  // slot s of page p at rows[(p * page + s) * blocks]
+            kv.k_page_stride = kv.v_page_stride = page * blocks;
+            kv.pages = table.data();
+            kv.page_size = page;
+          }
+          std::vector<float> s(columns * ld, -7.0f);
+          detail::q8_0_scores<Backend>(kv, 0, keys, q, columns, s.data(), ld,
+                                       detail::spread_prefetch<block_q8_0, block_q8_0, 16>(
+                                           kv, 16, keys, D, D, true, false));
+          for (index_t c = 0; c < columns; ++c)
+            for (index_t j = 0; j < keys; ++j) {
+              const float want = detail::q8_0_logit(kv.k_row(j), q_rows.data() + c * blocks,
+                                                    q_scales.data() + c * blocks, blocks);
+              ASSERT_EQ(bits_of(s[c * ld + j]), bits_of(want)) << "column " << c << " key " << j;
+            }
+        }
+}
+
+TEST(Q8_0Products, LogitsAreTheDefinitionBitwise) {
+  expect_q8_0_logits_are_the_definition<default_backend>();
+  expect_q8_0_logits_are_the_definition<scalar>();
+}
+
+/// A query row quantized to q8_0 and read back: the query the q8_0 products score.
+std::vector<float> q8_0_rounded(const std::vector<float>& q, index_t rows, index_t D) {
+  std::vector<block_q8_0> blocks(q.size() / 32);
+  std::vector<float> back(q.size());
+  quantize(bhsd<const float>(q.data(), 1, 1, rows, D), bhsd(blocks.data(), 1, 1, rows, D));
+  dequantize(bhsd<const block_q8_0>(blocks.data(), 1, 1, rows, D), bhsd(back.data(), 1, 1, rows, D));
+  return back;
+}
+
+/// Decode with q8_0_products equals the f64 oracle on q rounded to q8_0 and the
+/// dequantized cache, under the tolerance rule: GQA 1/4/8 and 64 stacked columns (which
+/// would take the prefill tile without the option), Sq 1 and 3, Sk around the 16-key groups
+/// and the chunks, both layouts, causal or not, q8_0 and bf16 values; 1 and 2 threads
+/// bitwise; paged bitwise equal to contiguous. Prefill (Sq > 16) is the call without the
+/// option, bit for bit.
+TEST(Q8_0Products, DecodeMatchesTheOracleOnQuantizedQueries) {
+  for (const auto s : {shape_case{1, 8, 8, 1, 1, 64, 64}, shape_case{2, 8, 2, 1, 17, 64, 32},
+                       shape_case{1, 8, 1, 3, 513, 128, 128}, shape_case{1, 64, 1, 1, 300, 32, 32},
+                       shape_case{1, 32, 8, 1, 4099, 128, 128}, shape_case{1, 4, 1, 40, 150, 64, 64}})
+    for (const bool layout : {false, true})
+      for (const bool causal : {false, true})
+        for (const bool bf16_values : {false, true}) {
+          SCOPED_TRACE("H " + std::to_string(s.H) + " Hk " + std::to_string(s.Hk) + " Sq " +
+                       std::to_string(s.Sq) + " Sk " + std::to_string(s.Sk) + " D " +
+                       std::to_string(s.D) + (layout ? " bshd" : " bhsd") +
+                       (causal ? " causal" : "") + (bf16_values ? " bf16 values" : ""));
+          const auto q = normal<float>(s.B * s.H * s.Sq * s.D, 21, 2.0);
+          const auto kc = make_cache<block_q8_0>(normal<float>(s.B * s.Hk * s.Sk * s.D, 22), s.B,
+                                                 s.Hk, s.Sk, s.D, layout);
+          const auto vx = normal<float>(s.B * s.Hk * s.Sk * s.Dv, 23);
+          const auto Q = bhsd<const float>(q.data(), s.B, s.H, s.Sq, s.D);
+          const auto K = view_of(kc, s.B, s.Hk, s.Sk, s.D, layout);
+          std::vector<float> out(s.B * s.H * s.Sq * s.Dv), serial, plain(out.size());
+          std::vector<float> values;
+          auto run = [&](const auto& vc, softmax_options o, std::vector<float>& dst) {
+            softmax_attention(Q, K, view_of(vc, s.B, s.Hk, s.Sk, s.Dv, layout),
+                              bhsd(dst.data(), s.B, s.H, s.Sq, s.Dv), o);
+          };
+          auto calls = [&](const auto& vc) {
+            values = vc.values;
+            for (const int threads : {1, 2}) {
+              run(vc, {.causal = causal, .q8_0_products = true, .threads = threads}, out);
+              if (threads == 1) serial = out;
+            }
+            run(vc, {.causal = causal, .threads = 1}, plain);
+          };
+          if (bf16_values)
+            calls(make_cache<bfloat16>(vx, s.B, s.Hk, s.Sk, s.Dv, layout));
+          else
+            calls(make_cache<block_q8_0>(vx, s.B, s.Hk, s.Sk, s.Dv, layout));
+          EXPECT_EQ(0, std::memcmp(serial.data(), out.data(), 4 * out.size())) << "thread variant";
+          if (s.Sq > detail::decode_max_queries) {
+            EXPECT_EQ(0, std::memcmp(plain.data(), out.data(), 4 * out.size())) << "prefill";
+            continue;
+          }
+          const auto qr = q8_0_rounded(q, s.B * s.H * s.Sq, s.D);
+          const auto Qr = bhsd<const float>(qr.data(), s.B, s.H, s.Sq, s.D);
+          const auto Kd = bhsd<const float>(kc.values.data(), s.B, s.Hk, s.Sk, s.D);
+          const auto Vd = bhsd<const float>(values.data(), s.B, s.Hk, s.Sk, s.Dv);
+          const softmax_options ref{.causal = causal};
+          const auto want = reference_softmax<double>(Qr, Kd, Vd, ref);
+          const auto naive = reference_softmax<float>(Qr, Kd, Vd, ref);
+          EXPECT_TRUE(within_tolerance<float>(std::vector<double>(out.begin(), out.end()),
+                                              want.out, naive.out));
+          // and it is not the call without the option (q is rounded; one key gives its value)
+          if (s.Sk > 1) EXPECT_NE(0, std::memcmp(plain.data(), out.data(), 4 * out.size()));
+        }
+}
+
+/// q8_0_products over a paged cache (scrambled table) is the contiguous call bit for bit;
+/// a NaN block scale poisons the rows that see it and nothing else; a NaN in q poisons its
+/// row; a masked key's NaN scale changes nothing.
+TEST(Q8_0Products, PagedNanAndMasks) {
+  const index_t H = 8, Hk = 2, D = 64, page = 16, pages = 48, sk = 700;
+  const auto q = normal<float>(H * D, 31);
+  const auto kx = normal<float>(Hk * sk * D, 32), vx = normal<float>(Hk * sk * D, 33);
+  auto kc = make_cache<block_q8_0>(kx, 1, Hk, sk, D, false);
+  const auto vc = make_cache<block_q8_0>(vx, 1, Hk, sk, D, false);
+  std::vector<std::int32_t> table(pages);
+  for (index_t p = 0; p < pages; ++p) table[p] = std::int32_t((p * 7 + 3) % pages);
+  std::vector<block_q8_0> kp(pages * page * Hk * D / 32), vp(pages * page * Hk * D / 32);
+  const auto KP = paged_nhd(kp.data(), pages, page, Hk, D);
+  const auto VP = paged_nhd(vp.data(), pages, page, Hk, D);
+  const std::vector<std::int32_t> zero{0}, lens{std::int32_t(sk)};
+  append_kv_paged(bhsd<const float>(kx.data(), 1, Hk, sk, D), bhsd<const float>(vx.data(), 1, Hk, sk, D),
+                  KP, VP, view<const std::int32_t>(table.data(), {1, pages}), zero);
+  const auto Q = bhsd<const float>(q.data(), 1, H, 1, D);
+  std::vector<float> contiguous(H * D), paged(H * D);
+  const softmax_options o{.q8_0_products = true};
+  softmax_attention(Q, view_of(kc, 1, Hk, sk, D, false), view_of(vc, 1, Hk, sk, D, false),
+                    bhsd(contiguous.data(), 1, H, 1, D), o);
+  softmax_attention_paged(Q, tensor_view<const block_q8_0, 4>(KP), tensor_view<const block_q8_0, 4>(VP),
+                          bhsd(paged.data(), 1, H, 1, D),
+                          view<const std::int32_t>(table.data(), {1, pages}), lens, o);
+  EXPECT_EQ(0, std::memcmp(contiguous.data(), paged.data(), 4 * paged.size()));
+
+  // key 650 of kv head 1: a NaN scale in its second block
+  kc.data[(1 * sk + 650) * (D / 32) + 1].d = half(nan_f);
+  std::vector<float> out(H * D);
+  std::vector<std::uint8_t> keep(sk, 1);
+  for (const bool masked : {false, true}) {
+    keep[650] = masked ? 0 : 1;
+    softmax_attention(Q, view_of(kc, 1, Hk, sk, D, false), view_of(vc, 1, Hk, sk, D, false),
+                      bhsd(out.data(), 1, H, 1, D),
+                      {.mask = view<const std::uint8_t>(keep.data(), {1, 1, 1, sk}, {0, 0, 0, 1}),
+                       .q8_0_products = true});
+    for (index_t h = 0; h < H; ++h)
+      for (index_t d = 0; d < D; ++d) {
+        const bool poisoned = !masked && h >= 4;  // the query heads of kv head 1
+        ASSERT_EQ(std::isnan(out[h * D + d]), poisoned) << "head " << h << (masked ? " masked" : "");
+      }
+  }
+  kc.data[(1 * sk + 650) * (D / 32) + 1].d = half(1.0f);
+  auto qn = q;
+  qn[2 * D + 40] = nan_f;  // head 2's query
+  softmax_attention(bhsd<const float>(qn.data(), 1, H, 1, D), view_of(kc, 1, Hk, sk, D, false),
+                    view_of(vc, 1, Hk, sk, D, false), bhsd(out.data(), 1, H, 1, D), o);
+  for (index_t h = 0; h < H; ++h)
+    EXPECT_EQ(std::isnan(out[h * D]), h == 2) << "head " << h;
+}
+
 /// A NaN block scale (q8_0) or row scale (int8) poisons the rows that see its key, on
 /// both paths; hidden by the causal band, it leaks nowhere.
 TEST(CacheAttention, NanScalesPoisonTheRowsThatSeeThem) {

@@ -63,6 +63,16 @@ struct softmax_options {
   /// float q grows as ~2^-9 |q| |k| per logit. Ignored elsewhere (q not rounded), and for
   /// other types.
   bool bf16_products = false;
+  /// Queries over block_q8_0 keys: decode (Sq <= 16) computes its logits as llama.cpp's
+  /// CPU attention does over a q8_0 cache: each query row quantized to q8_0 blocks as
+  /// fovea::quantize writes them (d_q = fp16(max |q| / 127) per 32 values), each block's
+  /// dot product with the key block summed exactly in int32, the blocks combined in fp32 as
+  /// logit = fma(isum_b, d_q,b * d_k,b, logit) in block order (AVX512-VNNI vpdpbusd, 16 keys
+  /// at once; the same integers and bits on every other target, computed one key at a time
+  /// there, slower than the default). The logit's error against the unquantized q then
+  /// grows by up to sum_b d_q,b / 2 * |k_b|_1 (half a query step per value); a block of q
+  /// holding NaN or Inf makes its row's logits NaN. Values and prefill (Sq > 16) as without.
+  bool q8_0_products = false;
   int threads = 0;                             ///< 0: all OpenMP offers; 1: serial
 };
 
@@ -139,6 +149,7 @@ void apply_options(dense_problem<S, K, V>& pr, const softmax_options& o, double 
   pr.terms.sinks = o.sinks;
   pr.terms.group = group;
   pr.bf16_products = o.bf16_products;
+  pr.q8_0_products = o.q8_0_products;
 }
 
 /// k_scale and v_scale for caches of K and V with `rows` (batch or pages), Hk heads and

@@ -23,6 +23,7 @@
 #include "online_softmax.hpp"
 #include "prefill.hpp"
 #include "query_columns.hpp"
+#include "score_q8_0.hpp"
 #include "../../simd/bf16_pairs.hpp"
 #include "../kv/stage.hpp"
 #include "../tile/tile_traits.hpp"
@@ -236,15 +237,24 @@ struct decode_buffers {
   static constexpr int W = vec<T, Backend>::width;
 
   static index_t padded(index_t n) noexcept { return (n + W - 1) / W * W; }
+  /// Elements of T holding the query rows as q8_0 (blocks, their scales and sums).
+  static index_t q8_0_size(index_t D) noexcept {
+    const index_t blocks = capacity * (D / block_q8_0::size);
+    const index_t bytes = blocks * index_t(sizeof(block_q8_0) + sizeof(float) + sizeof(std::int32_t));
+    return round_to_line<T>((bytes + index_t(sizeof(T)) - 1) / index_t(sizeof(T)));
+  }
   static index_t size(index_t D, index_t Dv) noexcept {
     const index_t dq = padded(D), dvp = padded(Dv);
     return round_to_line<T>(capacity * dq) + 2 * BK * capacity + round_to_line<T>(capacity * dvp) +
            3 * capacity + round_to_line<T>(BK * dq) + round_to_line<T>(BK * dvp) +
-           round_to_line<T>(capacity * bf16_pairs(dq));
+           round_to_line<T>(capacity * bf16_pairs(dq)) + q8_0_size(D);
   }
   index_t dq, dvp;
   T *q, *s, *p, *acc, *m, *l, *alpha, *stage_k, *stage_v;
   std::uint32_t* q_pairs;  ///< [capacity][bf16_pairs(dq)] query rows for bf16_pair_dot
+  float* q8_0_scales;      ///< [capacity][D / 32] the query rows as q8_0 (q8_0_products)
+  std::int32_t* q8_0_sums;
+  block_q8_0* q8_0_rows;
   decode_buffers(T* work, index_t D, index_t Dv) noexcept : dq(padded(D)), dvp(padded(Dv)) {
     q = work;                                    // [capacity][dq] query rows
     s = q + round_to_line<T>(capacity * dq);     // [capacity][BK] logits
@@ -256,7 +266,15 @@ struct decode_buffers {
     stage_k = alpha + capacity;                     // [BK][dq]
     stage_v = stage_k + round_to_line<T>(BK * dq);  // [BK][dvp]
     q_pairs = reinterpret_cast<std::uint32_t*>(stage_v + round_to_line<T>(BK * dvp));
+    const index_t blocks = capacity * (D / block_q8_0::size);
+    q8_0_scales = reinterpret_cast<float*>(stage_v + round_to_line<T>(BK * dvp) +
+                                           round_to_line<T>(capacity * bf16_pairs(dq)));
+    q8_0_sums = reinterpret_cast<std::int32_t*>(q8_0_scales + blocks);
+    q8_0_rows = reinterpret_cast<block_q8_0*>(q8_0_sums + blocks);
+    q8_0_blocks = D / block_q8_0::size;
   }
+  index_t q8_0_blocks;
+  q8_0_queries q8_0() const noexcept { return {q8_0_rows, q8_0_scales, q8_0_sums, q8_0_blocks}; }
 };
 
 /// A partial state as stored between the chunk pass and the merge: m, l, acc[Dv].
@@ -265,16 +283,50 @@ constexpr index_t partial_size(index_t Dv) noexcept {
   return Dv + 2;
 }
 
+/// The products a decode tile may use instead of fp32 ones on converted rows.
+struct decode_products {
+  bool bf16_pairs = false;  ///< bf16 keys in bf16 pairs (queries rounded to bf16), D % 32 == 0
+  bool q8_0 = false;        ///< q8_0 keys in integers against q8_0 queries (score_q8_0.hpp)
+};
+
+/// Logits of the q8_0 key rows [j0, j0 + keys) against the quantized query rows c <
+/// columns into s[c * ld + r]: 16 keys at a time with AVX512-VNNI on an AVX-512 backend
+/// (prefetch.start(r, n, blocks) before keys [r, r + n), step() per block), one at a time
+/// elsewhere; the same bits either way.
+template <class Backend, class VS, class Prefetch>
+void q8_0_scores(const kv_source<block_q8_0, VS>& kv, index_t j0, index_t keys,
+                 const q8_0_queries& q, index_t columns, float* s, index_t ld,
+                 [[maybe_unused]] Prefetch&& prefetch) noexcept {
+#if FOVEA_HAS_INT8_DOT
+  if constexpr (sizeof(typename vec<float, Backend>::type) == 64) {
+    for (index_t r0 = 0; r0 < keys; r0 += 16) {
+      const index_t n = std::min<index_t>(16, keys - r0);
+      prefetch.start(r0, n, q.blocks);
+      const block_q8_0* rows[16];
+      for (index_t r = 0; r < 16; ++r) rows[r] = kv.k_row(j0 + r0 + std::min(r, n - 1));
+      q8_0_logits_16(rows, q, columns, s + r0, ld, prefetch);
+    }
+    return;
+  }
+#endif
+  for (index_t r = 0; r < keys; ++r) {
+    const block_q8_0* row = kv.k_row(j0 + r);
+    for (index_t c = 0; c < columns; ++c)
+      s[c * ld + r] = q8_0_logit(row, q.rows + c * q.blocks, q.scales + c * q.blocks, q.blocks);
+  }
+}
+
 /// Attends the columns `cols` (query rows already in buf.q) over keys [first, last) and
 /// stores each column's partial state at partials + c * partial_size(Dv). Keys up to
 /// `stream_end` may be prefetched (the next chunks of the same stream); `alone`: no other
-/// thread is reading memory for this call (see decode_value_group); `use_pairs`: bf16 keys
-/// are scored in bf16 pairs (the queries rounded to bf16) when D is a multiple of 32.
+/// thread is reading memory for this call (see decode_value_group); `products`: bf16 keys
+/// are scored in bf16 pairs (the queries rounded to bf16) when D is a multiple of 32, q8_0
+/// keys in integers against the queries quantized to q8_0.
 template <class Backend, class T, class KS, class VS, class ScoreMod, class MaskMod>
 void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, const key_band& band,
                   const custom_variant<ScoreMod, MaskMod>& custom, index_t D, index_t Dv,
                   index_t first, index_t last, index_t stream_end, bool alone,
-                  [[maybe_unused]] bool use_pairs, decode_buffers<T, Backend>& buf,
+                  [[maybe_unused]] decode_products products, decode_buffers<T, Backend>& buf,
                   T* partials) noexcept {
   using V = vec<T, Backend>;
   constexpr int W = V::width;
@@ -286,13 +338,16 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
   [[maybe_unused]] bool pairs_ready = false;  // bf16 keys read in place in whole 32-element steps
 #if FOVEA_HAS_BF16_DOT
   if constexpr (bf16_dot_applies<T, Backend, KS>()) {
-    pairs_ready = use_pairs && D % bf16_pair_dot<Backend>::step == 0;
+    pairs_ready = products.bf16_pairs && D % bf16_pair_dot<Backend>::step == 0;
     constexpr index_t CQ = score_block_columns<T, Backend>();
     if (pairs_ready)
       for (index_t c = 0; c < (n + CQ - 1) / CQ * CQ; ++c)
         to_bf16_pairs(buf.q + c * dq, D, buf.q_pairs + c * bf16_pairs(dq));
   }
 #endif
+  constexpr bool q8_0_keys = std::is_same_v<KS, block_q8_0> && std::is_same_v<T, float>;
+  if constexpr (q8_0_keys)
+    if (products.q8_0) quantize_queries_q8_0(buf.q, dq, n, D, buf.q8_0_rows, buf.q8_0_scales, buf.q8_0_sums);
 
   // Staged rows (dequantized, in cache) go through P V with 8 accumulators with 16
   // registers (AVX2: 16 spill to the stack; q8_0 Sk = 32768, D = 128: 9% faster); rows
@@ -308,7 +363,10 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
       return spread_prefetch<KS, VS, W>(kv, j + distance, stream_end, D, Dv, !short_rows,
                                         short_rows && !values_in_pv);
     };
-    if constexpr (is_quantized_v<KS>) {
+    if (q8_0_keys && products.q8_0) {
+      if constexpr (q8_0_keys)
+        q8_0_scores<Backend>(kv, j0, keys, buf.q8_0(), n, buf.s, ld, prefetch_from(j0));
+    } else if constexpr (is_quantized_v<KS>) {
       for (index_t r0 = 0; r0 < keys; r0 += decode_strip) {
         const index_t rows = std::min(decode_strip, keys - r0);
         stage_rows(kv, true, j0 + r0, rows, D, dq, buf.stage_k);

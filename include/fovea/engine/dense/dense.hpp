@@ -54,6 +54,9 @@ struct dense_problem {
   /// float q over bf16 keys and values: products in bf16 pairs as a bf16 call computes them
   /// (softmax_options::bf16_products).
   bool bf16_products = false;
+  /// float (or bf16 / fp16) q over q8_0 keys: decode logits in integers against q
+  /// quantized to q8_0 (softmax_options::q8_0_products).
+  bool q8_0_products = false;
 
   index_t batch() const noexcept { return q.extent(0); }
   index_t heads() const noexcept { return q.extent(1); }
@@ -70,6 +73,15 @@ bool uses_bf16_pairs(const dense_problem<S, K, V>& pr) noexcept {
                 std::is_same_v<V, bfloat16>)
     return (std::is_same_v<S, bfloat16> || pr.bf16_products) && pr.q.extent(3) % 2 == 0 &&
            !pr.prob_mod;
+  return false;
+}
+
+/// Whether a problem's decode logits are q8_0 integer products (score_q8_0.hpp): q8_0
+/// keys under queries of an fp32 compute type whose caller opted in; not in a prob_mod call.
+template <class S, class K, class V>
+bool uses_q8_0_products(const dense_problem<S, K, V>& pr) noexcept {
+  if constexpr (std::is_same_v<accumulator_t<S>, float> && std::is_same_v<K, block_q8_0>)
+    return pr.q8_0_products && !pr.prob_mod;
   return false;
 }
 
@@ -226,7 +238,8 @@ dense_plan plan_dense(std::span<const dense_problem<S, K, V>> problems) {
     }
     lay.decode = true;
     lay.columns = (H / Hk) * Sq;
-    lay.gemm = lay.columns >= decode_gemm_columns;
+    // (q8_0 products are the decode tile's: every decode problem of the call scores so)
+    lay.gemm = lay.columns >= decode_gemm_columns && !uses_q8_0_products(pr);
     plan.scratch = std::max(plan.scratch, lay.gemm ? prefill_buf::size(D, Dv) : decode_buf::size(D, Dv));
     lay.width = lay.gemm ? BQ : lay.columns <= W ? W : wide;
     lay.tiles = (lay.columns + lay.width - 1) / lay.width;
@@ -367,7 +380,8 @@ void run_decode_task(const dense_problem<S, K, V>& pr, const dense_layout& lay, 
   const auto [first, last] = pr.band.keys_for(cols.first_pos, cols.last_pos + 1);
   const index_t lo = std::max(first, c0), hi = std::min(last, c0 + lay.chunk_keys);
   decode_chunk<Backend>(cols, kv, pr.band, custom, D, Dv, lo, std::max(lo, hi), last, alone,
-                        uses_bf16_pairs<Backend>(pr), buf, states);
+                        {.bf16_pairs = uses_bf16_pairs<Backend>(pr), .q8_0 = uses_q8_0_products(pr)},
+                        buf, states);
 }
 
 /// Merges the chunk states of one tile in chunk order and writes its rows (and lse).

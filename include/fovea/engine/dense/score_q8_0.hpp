@@ -1,0 +1,137 @@
+// Decode logits of q8_0 key rows in integers (softmax_options::q8_0_products), as
+// llama.cpp's CPU attention scores a q8_0 cache: each query row is quantized to q8_0
+// blocks exactly as fovea::quantize writes them (llama.cpp's vec_dot_type for q8_0 keys),
+// each block's dot product is summed exactly in int32, and the blocks are combined in fp32,
+// in block order:
+//   logit = fma(float(isum_b), d_q,b * d_k,b, logit)   for b = 0, 1, ..., D / 32 - 1
+// (from 0; the d's are the blocks' fp16 scales as fp32). The operations are the same on
+// every target, so every target gives the same bits: AVX512-VNNI scores 16 keys at once
+// (their 4-byte quads transposed in registers, the keys as vpdpbusd's unsigned operand:
+// k XOR 0x80 = k + 128, with 128 times the query block's sum taken off); elsewhere
+// q8_0_logit computes the same integers one key at a time.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "../../core/cache_types.hpp"
+#include "../../core/quantized_rows.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../select/score_int8.hpp"  // FOVEA_HAS_INT8_DOT
+
+namespace fovea::detail {
+
+/// Query rows quantized to q8_0, `blocks` blocks per row, with each block's scale as fp32
+/// and the sum of its 32 values.
+struct q8_0_queries {
+  const block_q8_0* rows;
+  const float* scales;
+  const std::int32_t* sums;
+  index_t blocks;
+};
+
+/// Quantizes `columns` query rows (dq apart, D % 32 == 0 long) into q8_0 rows as
+/// fovea::quantize does, with their scales and block sums.
+inline void quantize_queries_q8_0(const float* q, index_t dq, index_t columns, index_t D,
+                                  block_q8_0* rows, float* scales, std::int32_t* sums) noexcept {
+  const index_t blocks = D / block_q8_0::size;
+  for (index_t c = 0; c < columns; ++c) {
+    block_q8_0* row = rows + c * blocks;
+    quantize_row(q + c * dq, D, row);
+    for (index_t b = 0; b < blocks; ++b) {
+      scales[c * blocks + b] = float(row[b].d);
+      std::int32_t sum = 0;
+      for (int i = 0; i < block_q8_0::size; ++i) sum += row[b].qs[i];
+      sums[c * blocks + b] = sum;
+    }
+  }
+}
+
+/// The logit of one key row against one quantized query row (the definition above).
+inline float q8_0_logit(const block_q8_0* key, const block_q8_0* query, const float* query_scales,
+                        index_t blocks) noexcept {
+  float logit = 0;
+  for (index_t b = 0; b < blocks; ++b) {
+    std::int32_t sum = 0;
+    for (int i = 0; i < block_q8_0::size; ++i)
+      sum += std::int32_t(key[b].qs[i]) * std::int32_t(query[b].qs[i]);
+    logit = std::fma(float(sum), float(key[b].d) * query_scales[b], logit);
+  }
+  return logit;
+}
+
+#if FOVEA_HAS_INT8_DOT
+
+/// t[i] = quad i of the 32-byte blocks of 16 rows, lane r = row r, XOR 0x80 per byte (the
+/// unsigned operand of vpdpbusd), from the rows' block `b`. rows[8] loads are paired per
+/// register as [rows 0-3, 8-11 | rows 4-7, 12-15] halves so that, after the 8 x 8 dword
+/// transposes within each 256-bit half, one 128-bit shuffle per quad puts the rows in
+/// lane order.
+[[gnu::always_inline]] inline void transposed_quads(const block_q8_0* const* rows, index_t b,
+                                                    __m512i (&t)[8]) noexcept {
+  constexpr int low[8] = {0, 1, 2, 3, 8, 9, 10, 11}, high[8] = {4, 5, 6, 7, 12, 13, 14, 15};
+  __m512i a[8], c[8];
+#pragma GCC unroll 8
+  for (int r = 0; r < 8; ++r)
+    t[r] = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[low[r]][b].qs))),
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[high[r]][b].qs)), 1);
+#pragma GCC unroll 4
+  for (int r = 0; r < 8; r += 2) {  // [x0 y0 x1 y1] per 128-bit lane
+    a[r] = _mm512_unpacklo_epi32(t[r], t[r + 1]);
+    a[r + 1] = _mm512_unpackhi_epi32(t[r], t[r + 1]);
+  }
+#pragma GCC unroll 2
+  for (int g = 0; g < 8; g += 4) {  // quads 0..3 (and 4..7 in the upper 128-bit lanes)
+    c[g + 0] = _mm512_unpacklo_epi64(a[g + 0], a[g + 2]);
+    c[g + 1] = _mm512_unpackhi_epi64(a[g + 0], a[g + 2]);
+    c[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
+    c[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
+  }
+  const __m512i offset = _mm512_set1_epi32(int(0x80808080u));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_xor_si512(_mm512_shuffle_i32x4(c[i], c[i + 4], 0x88), offset);
+    t[i + 4] = _mm512_xor_si512(_mm512_shuffle_i32x4(c[i], c[i + 4], 0xDD), offset);
+  }
+}
+
+/// s[c * ld + r] (r < 16; lanes past the real rows are written too) = the logits of the 16
+/// key rows `rows` against the quantized query rows c < columns. prefetch.step() is
+/// called once per block.
+template <class Prefetch>
+void q8_0_logits_16(const block_q8_0* const* rows, const q8_0_queries& q, index_t columns, float* s,
+                    index_t ld, Prefetch& prefetch) noexcept {
+  alignas(64) std::int64_t offsets[16];  // the rows' bytes from rows[0], for the scale gathers
+  const char* base = reinterpret_cast<const char*>(rows[0]);
+  for (int r = 0; r < 16; ++r) offsets[r] = reinterpret_cast<const char*>(rows[r]) - base;
+  const __m512i off_lo = _mm512_load_si512(offsets), off_hi = _mm512_load_si512(offsets + 8);
+  for (index_t b = 0; b < q.blocks; ++b) {
+    prefetch.step();
+    __m512i t[8];
+    transposed_quads(rows, b, t);
+    const char* at = base + b * index_t(sizeof(block_q8_0));  // d is each block's first field
+    const __m512i d = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_i64gather_epi32(off_lo, at, 1)),
+                                         _mm512_i64gather_epi32(off_hi, at, 1), 1);
+    const __m512 key_scales = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d));
+    for (index_t c = 0; c < columns; ++c) {
+      const block_q8_0& qb = q.rows[c * q.blocks + b];
+      __m512i sum = _mm512_set1_epi32(-128 * q.sums[c * q.blocks + b]);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        std::int32_t quad;
+        std::memcpy(&quad, qb.qs + 4 * i, sizeof quad);
+        dpbusd(sum, t[i], _mm512_set1_epi32(quad));
+      }
+      const __m512 factor = _mm512_mul_ps(key_scales, _mm512_set1_ps(q.scales[c * q.blocks + b]));
+      float* out = s + c * ld;
+      const __m512 before = b == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(out);
+      _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), factor, before));
+    }
+  }
+}
+
+#endif
+
+}  // namespace fovea::detail
