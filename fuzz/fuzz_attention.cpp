@@ -196,6 +196,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   fovea::softmax_options softmax_options_used;
   fovea::dynamic_mask_options dma_options_used;
   std::optional<fovea::hip_options> hip_over_cache;  // kernel 14 ran HiP: its options
+  bool q8_0_queries = false;  // kernel 14: decode logits against q rounded to q8_0
+  bool q8_0_beyond_range = false;  // ... and q beyond q8_0's fp16 scales (65504 * 127)
   std::vector<float> dma_bias, row_weights;
   bool identity_calibration = false;  // kernel 22 with beta 1 / p 0: softmax attention itself
   std::optional<fovea::dhsa_selection> dhsa_chosen;          // kernel 23: what DHSA kept
@@ -395,6 +397,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         quantized_k.assign(k.size(), 0.f);
         quantized_v.assign(v.size(), 0.f);
         fovea::softmax_options o{.causal = causal, .scale = scale, .threads = 1 + (flags & 1)};
+        o.q8_0_products = flags & 16;  // decode over q8_0 keys scores q rounded to q8_0
+        q8_0_queries = (flags & 16) && kt == 0 && Sq <= 16;
+        for (index_t b = 0; b < B && q8_0_queries; ++b)
+          for (index_t h = 0; h < H; ++h)
+            for (index_t i = 0; i < Sq; ++i)
+              for (index_t d = 0; d < D; ++d) q8_0_beyond_range |= std::abs(Q(b, h, i, d)) >= 8e6f;
         auto quantized = [&](int type, const fovea::tensor_view<const float, 4>& x,
                              std::vector<float>& values, fovea::tensor_view<const float, 3>& scale_view,
                              auto&& attend) {
@@ -781,12 +789,21 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                          fovea::bhsd(again.data(), B, H, Sq, Dv), o);
     if (!got.empty() && std::memcmp(got.data(), again.data(), got.size() * sizeof(float)) != 0)
       fail("HiP over a quantized cache differs from HiP over its dequantized values");
-  } else if (kernel == 14 && tame && (!scale || *scale < 1e6)) {  // on the dequantized values
+  } else if (kernel == 14 && tame && (!scale || *scale < 1e6) &&
+             !q8_0_beyond_range) {  // on the dequantized values
     const fovea::softmax_options o{.causal = causal, .scale = scale};
     const auto Kd = fovea::bhsd<const float>(quantized_k.data(), B, Hk, Sk, D);
     const auto Vd = fovea::bhsd<const float>(quantized_v.data(), B, Hk, Sk, Dv);
-    const auto want = fovea::test::reference_softmax<double>(Q, Kd, Vd, o);
-    const auto naive = fovea::test::reference_softmax<float>(Q, Kd, Vd, o);
+    std::vector<fovea::block_q8_0> q_blocks(q8_0_queries ? B * H * Sq * D / 32 : 0);
+    std::vector<float> q_rounded(q8_0_queries ? B * H * Sq * D : 0);
+    const auto Qr = fovea::bhsd<const float>(q_rounded.data(), B, H, Sq, D);
+    if (q8_0_queries) {  // the query the q8_0 products score: q rounded to q8_0
+      fovea::quantize(Q, fovea::bhsd(q_blocks.data(), B, H, Sq, D));
+      fovea::dequantize(fovea::bhsd<const fovea::block_q8_0>(q_blocks.data(), B, H, Sq, D),
+                        fovea::bhsd(q_rounded.data(), B, H, Sq, D));
+    }
+    const auto want = fovea::test::reference_softmax<double>(q8_0_queries ? Qr : Q, Kd, Vd, o);
+    const auto naive = fovea::test::reference_softmax<float>(q8_0_queries ? Qr : Q, Kd, Vd, o);
     check_tolerance(got, want.out, naive.out);
   } else if ((kernel == 15 || kernel == 19) && backward_ran && moderate && (!scale || *scale < 1e3)) {
     const auto dO = fovea::bhsd<const float>(dout.data(), B, H, Sq, Dv);

@@ -893,6 +893,37 @@ TEST(Q8_0Products, LogitsAreTheDefinitionBitwise) {
   expect_q8_0_logits_are_the_definition<scalar>();
 }
 
+#if FOVEA_HAS_Q8_0_VALUES
+/// Decode's P V over q8_0 value rows converted in registers equals the staged path
+/// (dequantize_row into a buffer, then gemm_wide) bit for bit: column counts 1 to 9, odd
+/// block counts, rows from anywhere, huge scales.
+TEST(Q8_0Values, EqualTheStagedPathBitwise) {
+  using B = simd<>;
+  std::uint64_t seed = 90;
+  for (const index_t Dv : {32, 96, 128, 512})
+    for (const index_t columns : {1, 3, 4, 5, 9})
+      for (const index_t keys : {1, 7, 32}) {
+        SCOPED_TRACE("Dv " + std::to_string(Dv) + " columns " + std::to_string(columns) +
+                     " keys " + std::to_string(keys));
+        const index_t blocks = Dv / 32, ld = 40;
+        auto x = normal<float>(2 * keys * Dv, ++seed);
+        std::vector<block_q8_0> v(2 * keys * blocks);
+        quantize(bhsd<const float>(x.data(), 1, 1, 2 * keys, Dv), bhsd(v.data(), 1, 1, 2 * keys, Dv));
+        v[blocks].d = half(65000.0f);
+        std::vector<const block_q8_0*> rows(keys);
+        for (index_t j = 0; j < keys; ++j) rows[j] = v.data() + ((j * 7) % (2 * keys)) * blocks;
+        const auto p = uniform<float>(columns * ld, ++seed, 0.0, 1.0);
+        const auto start = normal<float>(columns * Dv, ++seed);
+        std::vector<float> fused = start, staged = start, stage(keys * Dv);
+        detail::q8_0_values(rows.data(), keys, Dv, p.data(), ld, columns, fused.data(), Dv);
+        for (index_t j = 0; j < keys; ++j) detail::dequantize_row(rows[j], 1.0f, stage.data() + j * Dv, Dv);
+        detail::gemm_wide<float, B, 2, 8, true>(columns, Dv / 16, p.data(), ld, 1, stage.data(), Dv,
+                                                staged.data(), Dv, keys);
+        ASSERT_EQ(0, std::memcmp(fused.data(), staged.data(), 4 * fused.size()));
+      }
+}
+#endif
+
 /// A query row quantized to q8_0 and read back: the query the q8_0 products score.
 std::vector<float> q8_0_rounded(const std::vector<float>& q, index_t rows, index_t D) {
   std::vector<block_q8_0> blocks(q.size() / 32);

@@ -38,8 +38,13 @@ elseif(MODE STREQUAL "add_subdirectory")
 elseif(MODE STREQUAL "include_flags")
   # The flags the README documents for plain -I use, plus -Wall -Wextra -Werror: every
   # family warning-clean, natively (and run), and for AVX-512 with BF16 and VNNI (compiled
-  # only: this machine need not run it).
-  foreach(arch native sapphirerapids)
+  # only: this machine need not run it), unless native has them already.
+  execute_process(COMMAND ${CXX} -march=native -dM -E -x c++ /dev/null OUTPUT_VARIABLE macros)
+  set(archs native)
+  if(NOT macros MATCHES "__AVX512BF16__" OR NOT macros MATCHES "__AVX512VNNI__")
+    list(APPEND archs sapphirerapids)
+  endif()
+  foreach(arch ${archs})
     run(${CXX} -std=c++20 -O2 -march=${arch} -fopenmp -Wall -Wextra -Werror -I${SOURCE}/include
         -isystem /usr/include/eigen3 ${SOURCE}/tests/consumers/every_family.cpp
         -o ${WORK}/every_family-${arch})

@@ -24,6 +24,7 @@
 #include "prefill.hpp"
 #include "query_columns.hpp"
 #include "score_q8_0.hpp"
+#include "values_q8_0.hpp"
 #include "../../simd/bf16_pairs.hpp"
 #include "../kv/stage.hpp"
 #include "../tile/tile_traits.hpp"
@@ -404,6 +405,17 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
     if constexpr (is_quantized_v<VS>) {
       for (index_t r0 = 0; r0 < keys; r0 += decode_strip) {
         const index_t rows = std::min(decode_strip, keys - r0);
+#if FOVEA_HAS_Q8_0_VALUES
+        if constexpr (std::is_same_v<VS, block_q8_0> && std::is_same_v<T, float> &&
+                      W == 16) {  // converted in registers (values_q8_0.hpp): the same bits
+          const block_q8_0* value_rows[decode_strip];
+          for (index_t r = 0; r < rows; ++r) value_rows[r] = kv.v_row(j0 + r0 + r);
+          if (!masked || q8_0_scales_finite(value_rows, rows, Dv / block_q8_0::size)) {
+            q8_0_values(value_rows, rows, Dv, buf.p + r0, ld, n, buf.acc, dvp);
+            continue;
+          }
+        }
+#endif
         stage_rows(kv, false, j0 + r0, rows, Dv, dvp, buf.stage_v);
         if (masked && !all_finite<T, Backend>(buf.stage_v, dvp, rows, Dv))
           accumulate_skipping_masked(buf.stage_v, dvp, rows, Dv, buf.s + r0, buf.p + r0, 1, ld, n,
