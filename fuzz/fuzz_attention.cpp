@@ -87,7 +87,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   bytes in{data, size};
   const int kernel = in.u8() % 26;
   const index_t B = in.u8() % 3, H = in.u8() % 5, Sq = in.u8() % 41, Sk = in.u8() % 41;
-  const index_t D = in.u8() % 10, Dv = in.u8() % 10;
+  // Head dims up to 9; the quantized-cache kernel also 32 and 64 (q8_0 wants whole blocks)
+  auto head_dim = [&](std::uint8_t pick) -> index_t {
+    return kernel == 14 && pick >= 200 ? 32 * (1 + pick % 2) : pick % 10;
+  };
+  const index_t D = head_dim(in.u8()), Dv = head_dim(in.u8());
   const std::uint8_t hk_pick = in.u8(), layout = in.u8() % 8, flags = in.u8();
   const index_t Hk = hk_pick % 4 == 0 ? H : hk_pick % 4 == 1 ? 1 : (hk_pick % 4 == 2 ? 2 : 3);
 

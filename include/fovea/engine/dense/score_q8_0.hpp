@@ -97,23 +97,40 @@ inline float q8_0_logit(const block_q8_0* key, const block_q8_0* query, const fl
   }
 }
 
+/// The byte offsets of 16 rows from rows[0], as two vectors of 8 (for the scale gathers).
+struct row_offsets {
+  __m512i low, high;
+  /// Rows anywhere (paged): from the pointers.
+  static row_offsets of(const block_q8_0* const* rows) noexcept {
+    alignas(64) std::int64_t at[16];
+    const char* base = reinterpret_cast<const char*>(rows[0]);
+    for (int r = 0; r < 16; ++r) at[r] = reinterpret_cast<const char*>(rows[r]) - base;
+    return {_mm512_load_si512(at), _mm512_load_si512(at + 8)};
+  }
+  /// Rows `bytes` apart, lanes from n on repeating row n - 1: in registers (through memory,
+  /// as above, the vector loads wait for the scalar stores to retire).
+  static row_offsets strided(index_t bytes, index_t n) noexcept {
+    const __m512i last = _mm512_set1_epi64(n - 1), step = _mm512_set1_epi64(bytes);
+    const __m512i low = _mm512_min_epi64(_mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), last);
+    const __m512i high = _mm512_min_epi64(_mm512_set_epi64(15, 14, 13, 12, 11, 10, 9, 8), last);
+    return {_mm512_mul_epu32(low, step), _mm512_mul_epu32(high, step)};
+  }
+};
+
 /// s[c * ld + r] (r < 16; lanes past the real rows are written too) = the logits of the 16
-/// key rows `rows` against the quantized query rows c < columns. prefetch.step() is
-/// called once per block.
+/// key rows `rows` (at `offsets` bytes from rows[0]) against the quantized query rows c <
+/// columns. prefetch.step() is called once per block.
 template <class Prefetch>
-void q8_0_logits_16(const block_q8_0* const* rows, const q8_0_queries& q, index_t columns, float* s,
-                    index_t ld, Prefetch& prefetch) noexcept {
-  alignas(64) std::int64_t offsets[16];  // the rows' bytes from rows[0], for the scale gathers
+void q8_0_logits_16(const block_q8_0* const* rows, const row_offsets& offsets, const q8_0_queries& q,
+                    index_t columns, float* s, index_t ld, Prefetch& prefetch) noexcept {
   const char* base = reinterpret_cast<const char*>(rows[0]);
-  for (int r = 0; r < 16; ++r) offsets[r] = reinterpret_cast<const char*>(rows[r]) - base;
-  const __m512i off_lo = _mm512_load_si512(offsets), off_hi = _mm512_load_si512(offsets + 8);
   for (index_t b = 0; b < q.blocks; ++b) {
     prefetch.step();
     __m512i t[8];
     transposed_quads(rows, b, t);
     const char* at = base + b * index_t(sizeof(block_q8_0));  // d is each block's first field
-    const __m512i d = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_i64gather_epi32(off_lo, at, 1)),
-                                         _mm512_i64gather_epi32(off_hi, at, 1), 1);
+    const __m512i d = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_i64gather_epi32(offsets.low, at, 1)),
+                                         _mm512_i64gather_epi32(offsets.high, at, 1), 1);
     const __m512 key_scales = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d));
     for (index_t c = 0; c < columns; ++c) {
       const block_q8_0& qb = q.rows[c * q.blocks + b];
