@@ -915,7 +915,7 @@ TEST(Q8_0Values, EqualTheStagedPathBitwise) {
         const auto p = uniform<float>(columns * ld, ++seed, 0.0, 1.0);
         const auto start = normal<float>(columns * Dv, ++seed);
         std::vector<float> fused = start, staged = start, stage(keys * Dv);
-        detail::q8_0_values(rows.data(), keys, Dv, p.data(), ld, columns, fused.data(), Dv);
+        detail::q8_0_values<B>(rows.data(), keys, Dv, p.data(), ld, columns, fused.data(), Dv);
         for (index_t j = 0; j < keys; ++j) detail::dequantize_row(rows[j], 1.0f, stage.data() + j * Dv, Dv);
         detail::gemm_wide<float, B, 2, 8, true>(columns, Dv / 16, p.data(), ld, 1, stage.data(), Dv,
                                                 staged.data(), Dv, keys);

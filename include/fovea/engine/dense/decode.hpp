@@ -415,7 +415,7 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
           const block_q8_0* value_rows[decode_strip];
           for (index_t r = 0; r < rows; ++r) value_rows[r] = kv.v_row(j0 + r0 + r);
           if (!masked || q8_0_scales_finite(value_rows, rows, Dv / block_q8_0::size)) {
-            q8_0_values(value_rows, rows, Dv, buf.p + r0, ld, n, buf.acc, dvp);
+            q8_0_values<Backend>(value_rows, rows, Dv, buf.p + r0, ld, n, buf.acc, dvp);
             continue;
           }
         }
