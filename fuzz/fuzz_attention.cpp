@@ -201,7 +201,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   fovea::dynamic_mask_options dma_options_used;
   std::optional<fovea::hip_options> hip_over_cache;  // kernel 14 ran HiP: its options
   bool q8_0_queries = false;  // kernel 14: decode logits against q rounded to q8_0
-  bool q8_0_beyond_range = false;  // ... and q beyond q8_0's fp16 scales (65504 * 127)
+  bool q8_0_beyond_range = false;  // ... and q or k beyond q8_0's fp16 scales (65504 * 127)
   std::vector<float> dma_bias, row_weights;
   bool identity_calibration = false;  // kernel 22 with beta 1 / p 0: softmax attention itself
   std::optional<fovea::dhsa_selection> dhsa_chosen;          // kernel 23: what DHSA kept
@@ -407,6 +407,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           for (index_t h = 0; h < H; ++h)
             for (index_t i = 0; i < Sq; ++i)
               for (index_t d = 0; d < D; ++d) q8_0_beyond_range |= std::abs(Q(b, h, i, d)) >= 8e6f;
+        for (index_t b = 0; b < B && q8_0_queries; ++b)  // keys too: an infinite key scale
+          for (index_t h = 0; h < Hk; ++h)                // is NaN to the integer products,
+            for (index_t j = 0; j < Sk; ++j)              // +-inf or NaN to the dequantized
+              for (index_t d = 0; d < D; ++d) q8_0_beyond_range |= std::abs(K(b, h, j, d)) >= 8e6f;
         auto quantized = [&](int type, const fovea::tensor_view<const float, 4>& x,
                              std::vector<float>& values, fovea::tensor_view<const float, 3>& scale_view,
                              auto&& attend) {

@@ -846,9 +846,10 @@ void expect_q8_0_logits_are_the_definition() {
   for (const index_t D : {32, 96, 128})
     for (const index_t keys : {1, 15, 16, 17, 50, 256})
       for (const index_t columns : {1, 4, 7})
-        for (const bool paged : {false, true}) {
+        for (const int layout : {0, 1, 2}) {  // contiguous, paged, reversed (a negative stride)
+          const bool paged = layout == 1;
           SCOPED_TRACE("D " + std::to_string(D) + " keys " + std::to_string(keys) + " columns " +
-                       std::to_string(columns) + (paged ? " paged" : ""));
+                       std::to_string(columns) + (paged ? " paged" : layout == 2 ? " reversed" : ""));
           const index_t blocks = D / 32, page = 8, pages = (keys + page - 1) / page;
           auto x = normal<float>(pages * page * D, ++seed, 3.0);
           std::vector<block_q8_0> rows(pages * page * blocks);
@@ -858,6 +859,7 @@ void expect_q8_0_logits_are_the_definition() {
           if (rows.size() > 5) rows[5].d = half(3e-6f);
           if (rows.size() > 9) rows[9].d = half(60000.0f);
           if (rows.size() > 40) rows[40].d = half(nan_f);
+          if (rows.size() > 22) rows[22].d = half(HUGE_VALF);  // beyond q8_0's range: NaN
           auto qx = normal<float>(columns * D, ++seed);
           std::fill(qx.begin(), qx.begin() + 32, 0.0f);  // column 0's first block: zeros
           std::vector<block_q8_0> q_rows(columns * blocks);
@@ -874,6 +876,10 @@ void expect_q8_0_logits_are_the_definition() {
             kv.k_page_stride = kv.v_page_stride = page * blocks;
             kv.pages = table.data();
             kv.page_size = page;
+          }
+          if (layout == 2) {  // key j at rows[(keys - 1 - j) * blocks]
+            kv.k = kv.v = rows.data() + (keys - 1) * blocks;
+            kv.k_stride = kv.v_stride = -blocks;
           }
           std::vector<float> s(columns * ld, -7.0f);
           detail::q8_0_scores<Backend>(kv, 0, keys, q, columns, s.data(), ld,
@@ -1020,11 +1026,13 @@ TEST(Q8_0Products, PagedNanAndMasks) {
                           view<const std::int32_t>(table.data(), {1, pages}), lens, o);
   EXPECT_EQ(0, std::memcmp(contiguous.data(), paged.data(), 4 * paged.size()));
 
-  // key 650 of kv head 1: a NaN scale in its second block
-  kc.data[(1 * sk + 650) * (D / 32) + 1].d = half(nan_f);
+  // key 650 of kv head 1: a NaN or infinite scale in its second block (an infinite one
+  // counts as NaN: its dequantized values, 0 * inf among them, would poison the logit too)
   std::vector<float> out(H * D);
   std::vector<std::uint8_t> keep(sk, 1);
+  for (const float bad : {nan_f, HUGE_VALF, -HUGE_VALF})
   for (const bool masked : {false, true}) {
+    kc.data[(1 * sk + 650) * (D / 32) + 1].d = half(bad);
     keep[650] = masked ? 0 : 1;
     softmax_attention(Q, view_of(kc, 1, Hk, sk, D, false), view_of(vc, 1, Hk, sk, D, false),
                       bhsd(out.data(), 1, H, 1, D),
@@ -1033,7 +1041,8 @@ TEST(Q8_0Products, PagedNanAndMasks) {
     for (index_t h = 0; h < H; ++h)
       for (index_t d = 0; d < D; ++d) {
         const bool poisoned = !masked && h >= 4;  // the query heads of kv head 1
-        ASSERT_EQ(std::isnan(out[h * D + d]), poisoned) << "head " << h << (masked ? " masked" : "");
+        ASSERT_EQ(std::isnan(out[h * D + d]), poisoned)
+            << "head " << h << " scale " << bad << (masked ? " masked" : "");
       }
   }
   kc.data[(1 * sk + 650) * (D / 32) + 1].d = half(1.0f);
@@ -1043,6 +1052,14 @@ TEST(Q8_0Products, PagedNanAndMasks) {
                     view_of(vc, 1, Hk, sk, D, false), bhsd(out.data(), 1, H, 1, D), o);
   for (index_t h = 0; h < H; ++h)
     EXPECT_EQ(std::isnan(out[h * D]), h == 2) << "head " << h;
+  // a query block beyond q8_0's range (|q| > 65504 * 127: its fp16 scale is infinite)
+  // poisons its row, as its dequantized values would; it does not look masked
+  qn = q;
+  qn[5 * D + 3] = 2e7f;
+  softmax_attention(bhsd<const float>(qn.data(), 1, H, 1, D), view_of(kc, 1, Hk, sk, D, false),
+                    view_of(vc, 1, Hk, sk, D, false), bhsd(out.data(), 1, H, 1, D), o);
+  for (index_t h = 0; h < H; ++h)
+    EXPECT_EQ(std::isnan(out[h * D]), h == 5) << "head " << h;
 }
 
 /// A NaN block scale (q8_0) or row scale (int8) poisons the rows that see its key, on

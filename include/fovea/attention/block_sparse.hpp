@@ -75,7 +75,8 @@ inline index_t check_layout(const block_sparse_layout& l, index_t B, index_t H, 
 /// lists for them; inside those blocks every softmax_options modifier (causal, window,
 /// bias, mask, ALiBi, soft-cap) and the variant apply as in softmax_attention, and sinks
 /// and lse likewise. Key blocks not listed are never loaded. A full layout gives exactly
-/// softmax_attention's result. Same shapes, storage types (k and v of any cache type,
+/// softmax_attention's result (without options.q8_0_products, which this call does not
+/// read: it scores q8_0 keys dequantized, in fp32). Same shapes, storage types (k and v of any cache type,
 /// options.k_scale / v_scale) and guarantees as softmax_attention.
 template <class Backend = default_backend, class TQ, class TK, class TV, class TO,
           class ScoreMod = identity_score_mod, class MaskMod = keep_all_mask_mod>

@@ -17,7 +17,8 @@ namespace fovea {
 /// Softmax attention whose probabilities pass through prob_mod before P V:
 ///   p_ij = softmax_j(logits of row i)   (every option of softmax_attention: band, bias,
 ///                                        mask, ALiBi, soft-cap, sinks in the denominator,
-///                                        the user's score_mod / mask_mod)
+///                                        the user's score_mod / mask_mod; not
+///                                        q8_0_products: the logits are fp32 ones)
 ///   out_i = sum_j prob_mod(p_ij, b, h, i, j) v_j
 /// prob_mod(p, b, h, q_idx, k_idx) -> the new weight (h the query head); it is called only
 /// for visible keys (a hidden key's weight stays 0) and nothing is renormalised after it:

@@ -67,11 +67,19 @@ struct softmax_options {
   /// CPU attention does over a q8_0 cache: each query row quantized to q8_0 blocks as
   /// fovea::quantize writes them (d_q = fp16(max |q| / 127) per 32 values), each block's
   /// dot product with the key block summed exactly in int32, the blocks combined in fp32 as
-  /// logit = fma(isum_b, d_q,b * d_k,b, logit) in block order (AVX512-VNNI vpdpbusd, 16 keys
-  /// at once; the same integers and bits on every other target, computed one key at a time
-  /// there, slower than the default). The logit's error against the unquantized q then
-  /// grows by up to sum_b d_q,b / 2 * |k_b|_1 (half a query step per value); a block of q
-  /// holding NaN or Inf makes its row's logits NaN. Values and prefill (Sq > 16) as without.
+  /// logit = fma(isum_b, d_q,b * d_k,b, logit) in block order, an infinite d (a block
+  /// beyond q8_0's range, |x| > 65504 * 127) taken as NaN. With AVX512-VNNI in an AVX-512
+  /// build, vpdpbusd scores 16 keys at once; every other target (AVX-VNNI's 256-bit form
+  /// included) computes the same integers one key at a time, slower than the default: the
+  /// same logits, bit for bit. The result is softmax attention with q replaced by its
+  /// q8_0 rounding, under the tolerance rule; each query value moves by up to half a step
+  /// d_q / 2 plus fp16's rounding of d_q (see block_q8_0's bound in core/cache_types.hpp:
+  /// blocks with max |q| below ~3.8e-6 become 0). A block of q holding NaN or Inf, or
+  /// beyond q8_0's range, makes its row NaN; so does a key block whose scale is NaN or
+  /// infinite, for the rows that see the key. Read by softmax_attention and its varlen,
+  /// paged and KV-cache forms (decode problems with 64 or more stacked heads included);
+  /// prefill, other key types, block_sparse_attention, prob_mod calls and the selection
+  /// families (HiP, DHSA, Landmark, dynamic-mask) compute as without it.
   bool q8_0_products = false;
   int threads = 0;                             ///< 0: all OpenMP offers; 1: serial
 };

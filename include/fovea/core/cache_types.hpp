@@ -4,8 +4,13 @@
 // that define its values (the vector paths in simd/dequantize.hpp give the same bits).
 //
 // Error bounds (x a value before quantization, x' after it):
-//   block_q8_0  |x - x'| <= d / 2 + |x| * 2^-11 per block, d = fp16(max |x| / 127);
-//               the relative error of a block's largest value is <= 2^-8.
+//   block_q8_0  |x - x'| <= d / 2 + |x| * 2^-11 per block, d = fp16(max |x| / 127), for
+//               d in fp16's normal range (max |x| >= 127 * 2^-14 ~ 7.8e-3): the values are
+//               rounded with d in fp32 and read back with d in fp16. Below it d is an fp16
+//               subnormal, off by up to 2^-25 absolute, so |x - x'| <= d / 2 + 127 * 2^-25;
+//               a block with max |x| < ~3.8e-6 gets d = 0 and reads as zeros. Above
+//               65504 * 127 ~ 8.3e6, d is infinite (values read as +-inf, 0 * inf = NaN).
+//               The relative error of a block's largest value is <= 2^-8 (normal d).
 //   int8 rows   |x - x'| <= scale / 2, scale = max |x| / 127 per (token, head).
 //   e4m3        |x - x'| <= |x| * 2^-4 (3 mantissa bits) for |x| / scale in [2^-6, 448];
 //               below, the absolute step is scale * 2^-10; beyond 448 * scale: saturates.

@@ -306,7 +306,7 @@ void q8_0_scores(const kv_source<block_q8_0, VS>& kv, index_t j0, index_t keys,
       const block_q8_0* rows[16];
       for (index_t r = 0; r < 16; ++r) rows[r] = kv.k_row(j0 + r0 + std::min(r, n - 1));
       const index_t row_bytes = kv.k_stride * index_t(sizeof(block_q8_0));
-      const row_offsets offsets = kv.pages || row_bytes >= (index_t(1) << 32)
+      const row_offsets offsets = kv.pages || row_bytes < 0 || row_bytes >= (index_t(1) << 32)
                                       ? row_offsets::of(rows)
                                       : row_offsets::strided(row_bytes, n);
       q8_0_logits_16(rows, offsets, q, columns, s + r0, ld, prefetch);

@@ -4,7 +4,10 @@
 // each block's dot product is summed exactly in int32, and the blocks are combined in fp32,
 // in block order:
 //   logit = fma(float(isum_b), d_q,b * d_k,b, logit)   for b = 0, 1, ..., D / 32 - 1
-// (from 0; the d's are the blocks' fp16 scales as fp32). The operations are the same on
+// (from 0; the d's are the blocks' fp16 scales as fp32, an infinite one taken as NaN: so a
+// block beyond q8_0's range poisons its logits, as its dequantized values, 0 * inf among
+// them, would, instead of giving +-inf, which would hide the key or fill the row). The
+// operations are the same on
 // every target, so every target gives the same bits: AVX512-VNNI scores 16 keys at once
 // (their 4-byte quads transposed in registers, the keys as vpdpbusd's unsigned operand:
 // k XOR 0x80 = k + 128, with 128 times the query block's sum taken off); elsewhere
@@ -14,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "../../core/cache_types.hpp"
 #include "../../core/quantized_rows.hpp"
@@ -22,8 +26,13 @@
 
 namespace fovea::detail {
 
-/// Query rows quantized to q8_0, `blocks` blocks per row, with each block's scale as fp32
-/// and the sum of its 32 values.
+/// A block's scale as the integer products use it: fp32, NaN unless finite.
+inline float product_scale(float d) noexcept {
+  return std::isfinite(d) ? d : std::numeric_limits<float>::quiet_NaN();
+}
+
+/// Query rows quantized to q8_0, `blocks` blocks per row, with each block's scale as the
+/// products use it (product_scale) and the sum of its 32 values.
 struct q8_0_queries {
   const block_q8_0* rows;
   const float* scales;
@@ -40,7 +49,7 @@ inline void quantize_queries_q8_0(const float* q, index_t dq, index_t columns, i
     block_q8_0* row = rows + c * blocks;
     quantize_row(q + c * dq, D, row);
     for (index_t b = 0; b < blocks; ++b) {
-      scales[c * blocks + b] = float(row[b].d);
+      scales[c * blocks + b] = product_scale(float(row[b].d));
       std::int32_t sum = 0;
       for (int i = 0; i < block_q8_0::size; ++i) sum += row[b].qs[i];
       sums[c * blocks + b] = sum;
@@ -56,7 +65,7 @@ inline float q8_0_logit(const block_q8_0* key, const block_q8_0* query, const fl
     std::int32_t sum = 0;
     for (int i = 0; i < block_q8_0::size; ++i)
       sum += std::int32_t(key[b].qs[i]) * std::int32_t(query[b].qs[i]);
-    logit = std::fma(float(sum), float(key[b].d) * query_scales[b], logit);
+    logit = std::fma(float(sum), product_scale(float(key[b].d)) * query_scales[b], logit);
   }
   return logit;
 }
@@ -131,7 +140,10 @@ void q8_0_logits_16(const block_q8_0* const* rows, const row_offsets& offsets, c
     const char* at = base + b * index_t(sizeof(block_q8_0));  // d is each block's first field
     const __m512i d = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_i64gather_epi32(offsets.low, at, 1)),
                                          _mm512_i64gather_epi32(offsets.high, at, 1), 1);
-    const __m512 key_scales = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d));
+    __m512 key_scales = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d));
+    key_scales = _mm512_mask_mov_ps(  // product_scale: infinities become NaN
+        key_scales, _mm512_cmp_ps_mask(_mm512_sub_ps(key_scales, key_scales), _mm512_setzero_ps(), _CMP_UNORD_Q),
+        _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
     for (index_t c = 0; c < columns; ++c) {
       const block_q8_0& qb = q.rows[c * q.blocks + b];
       __m512i sum = _mm512_set1_epi32(-128 * q.sums[c * q.blocks + b]);
