@@ -995,7 +995,9 @@ TEST(Q8_0Products, DecodeMatchesTheOracleOnQuantizedQueries) {
           EXPECT_TRUE(within_tolerance<float>(std::vector<double>(out.begin(), out.end()),
                                               want.out, naive.out));
           // and it is not the call without the option (q is rounded; one key gives its value)
-          if (s.Sk > 1) EXPECT_NE(0, std::memcmp(plain.data(), out.data(), 4 * out.size()));
+          if (s.Sk > 1) {
+            EXPECT_NE(0, std::memcmp(plain.data(), out.data(), 4 * out.size()));
+          }
         }
 }
 
