@@ -11,8 +11,7 @@
 #include "../common/attention_case.hpp"
 #include "../common/configs.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::agent_test {
 
 /// softmax(scale * x y^T + bias) z for one (row set x) in Acc; bias(i, j) or 0.
 template <class Acc, class Bias>
@@ -381,5 +380,4 @@ TYPED_TEST(AgentAttention, GridPoolingAndDepthwiseConv) {
   bad("options.dwc_weight", wrong);
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::agent_test

@@ -9,8 +9,7 @@
 
 #include "../common/random.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::api_test {
 
 TEST(Api, ViewsFromBracedLists) {
   std::vector<float> x(24);
@@ -102,5 +101,4 @@ TEST(Api, ErrorMessagesGiveEveryNumber) {
       << rows;
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::api_test

@@ -13,8 +13,7 @@
 
 #include "../common/attention_case.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::bad_input_test {
 
 using cview = tensor_view<const float, 4>;
 using mview = tensor_view<float, 4>;
@@ -174,5 +173,4 @@ TEST(BadInputMatrix, ScalesAndKernelOptionsAreNamed) {
                   [&] { linear_attention(Q, Q, Q, O, {.threads = -1}); });
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::bad_input_test

@@ -11,8 +11,7 @@
 #include "../common/configs.hpp"
 #include "../common/sparse_case.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::block_sparse_test {
 
 template <class C>
 class BlockSparse : public ::testing::Test {};
@@ -200,5 +199,4 @@ TEST(BlockSparseArguments, BadLayoutsNameTheField) {
   expect_bad("layout.partial", [](owned_layout& l) { l.partial.pop_back(); });
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::block_sparse_test

@@ -20,8 +20,7 @@
 #include "../common/sparse_case.hpp"
 #include "../common/tolerance.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::cache_types_test {
 
 constexpr float nan_f = std::numeric_limits<float>::quiet_NaN();
 
@@ -1197,5 +1196,4 @@ TEST(CacheAttention, BadInputNamesTheArgumentAndWritesNothing) {
   static_assert(detail::mixed_attention_types<const half, const e5m2, const std::int8_t, half>);
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::cache_types_test

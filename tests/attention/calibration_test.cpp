@@ -14,8 +14,7 @@
 #include "../common/random.hpp"
 #include "../common/reference.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::calibration_test {
 
 /// out[b][h][i] by the definition: p = softmax(scale q.k over the keys row i sees
 /// (causal: bottom-right)), p_0 *= gamma_h, renormalised; 0 for a row whose sum is 0.
@@ -541,5 +540,4 @@ TEST(ProbMod, TheIdentityIsSoftmaxAttentionAndThreadsChangeNoBit) {
     ASSERT_NEAR(float(ob[e]), float(pb[e]), 1e-2 * (1 + std::abs(float(pb[e]))));
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::calibration_test

@@ -9,8 +9,7 @@
 
 #include "../common/random.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::contract_test {
 
 template <class F>
 void run_contract() {
@@ -73,5 +72,4 @@ void run_contract() {
 TEST(Contract, FloatViews) { run_contract<float>(); }
 TEST(Contract, DoubleViews) { run_contract<double>(); }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::contract_test

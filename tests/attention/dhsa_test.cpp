@@ -18,8 +18,7 @@
 #include "../common/configs.hpp"
 #include "../common/random.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::dhsa_test {
 
 template <class C>
 class Dhsa : public ::testing::Test {};
@@ -295,5 +294,4 @@ TEST(DhsaBadInput, NamesTheArgumentAndWritesNothing) {
   expect_error([&] { dhsa_attention(in.qv(), in.kv(), in.vv(), O, last_only); }, "selection");
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::dhsa_test

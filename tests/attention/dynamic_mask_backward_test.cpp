@@ -21,8 +21,7 @@
 #include "../common/reference_dma.hpp"
 #include "../common/tolerance.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::dynamic_mask_backward_test {
 
 struct dma_shape {
   index_t B, H, Hk, Sq, Sk, D, Dv;
@@ -516,5 +515,4 @@ TEST(DynamicMaskBackward, BadInputNamesTheArgumentAndWritesNothing) {
   }
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::dynamic_mask_backward_test

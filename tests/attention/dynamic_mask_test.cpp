@@ -14,8 +14,7 @@
 #include "../common/configs.hpp"
 #include "../common/reference_dma.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::dynamic_mask_test {
 
 template <class C>
 class DynamicMask : public ::testing::Test {};
@@ -286,5 +285,4 @@ TEST(DynamicMaskArguments, BadInputNamesTheArgument) {
   });
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::dynamic_mask_test

@@ -14,8 +14,7 @@
 
 #include "../common/random.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::extremes_test {
 
 using cview = tensor_view<const float, 4>;
 using mview = tensor_view<float, 4>;
@@ -158,5 +157,4 @@ TEST(Extremes, UnseenPoisonedKeysNeverLeak) {
   }
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::extremes_test

@@ -14,8 +14,7 @@
 #include "../common/configs.hpp"
 #include "../common/sparse_case.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::hip_test {
 
 template <class C>
 class Hip : public ::testing::Test {};
@@ -243,5 +242,4 @@ TEST(HipSelect, KthLargestMatchesASort) {
   }
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::hip_test

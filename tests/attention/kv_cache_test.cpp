@@ -14,8 +14,7 @@
 
 #include "../common/random.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::kv_cache_test {
 
 constexpr index_t H = 4, Hk = 2, D = 24, Dv = 20;
 
@@ -410,5 +409,4 @@ TEST(KvCache, BiasAndSlopesInHalfAndBf16) {
   }
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::kv_cache_test

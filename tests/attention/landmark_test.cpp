@@ -16,8 +16,7 @@
 #include "../common/configs.hpp"
 #include "../common/random.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::landmark_test {
 
 template <class C>
 class Landmark : public ::testing::Test {};
@@ -361,5 +360,4 @@ TEST(LandmarkBadInput, NamesTheArgumentAndWritesNothing) {
       "landmarks");
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::landmark_test

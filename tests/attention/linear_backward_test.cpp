@@ -19,8 +19,7 @@
 #include "../common/reference_linear.hpp"
 #include "../common/tolerance.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::linear_backward_test {
 
 struct grad_case {
   index_t B = 1, H = 2, Hk = 1, Sq = 70, Sk = 70, D = 7, Dv = 5;
@@ -424,5 +423,4 @@ TEST(LinearBackwardBadInput, NamesTheArgumentAndWritesNothing) {
   });
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::linear_backward_test

@@ -15,8 +15,7 @@
 #include "../common/random.hpp"
 #include "../common/tolerance.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::linear_recurrence_test {
 
 struct recurrence_case {
   index_t B = 1, H = 2, Hk = 1, S = 65, Dk = 16, Dv = 12;
@@ -374,5 +373,4 @@ TEST(LinearRecurrenceBadInput, NamesTheArgumentAndWritesNothing) {
   }
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::linear_recurrence_test

@@ -10,8 +10,7 @@
 #include "../common/configs.hpp"
 #include "../common/reference_linear.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::linear_test {
 
 template <class C>
 class LinearAttention : public ::testing::Test {
@@ -293,5 +292,4 @@ TYPED_TEST(LinearAttention, FavorFeatures) {
   });
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::linear_test

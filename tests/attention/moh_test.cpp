@@ -17,8 +17,7 @@
 #include "../common/configs.hpp"
 #include "../common/random.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::moh_test {
 
 /// Row weights (B, H, Sq): about a third exactly 0, the rest in [0.1, 2] (one negative).
 std::vector<float> some_row_weights(const shape& s, std::uint64_t seed) {
@@ -225,5 +224,4 @@ TEST(MixtureOfHeads, BadInputNamesTheArgumentAndWritesNothing) {
   }, "row_weights");
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::moh_test

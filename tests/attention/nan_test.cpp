@@ -18,8 +18,7 @@
 #include "../common/attention_case.hpp"
 #include "../common/configs.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::nan_test {
 
 constexpr double nan = std::numeric_limits<double>::quiet_NaN();
 constexpr double inf = std::numeric_limits<double>::infinity();
@@ -343,5 +342,4 @@ TEST(NaNPropagationEntryPoints, HipKeepsANaNRepresentative) {
     }
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::nan_test

@@ -14,8 +14,7 @@
 #include "../common/attention_case.hpp"
 #include "../common/configs.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::routing_test {
 
 template <class C>
 class Routing : public ::testing::Test {};
@@ -392,5 +391,4 @@ TYPED_TEST(Routing, DecodeStepsAttendToTheirClustersEarlierKeys) {
                fovea::error);  // the cache has routed more keys than k holds
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::routing_test

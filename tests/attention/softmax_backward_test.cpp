@@ -18,8 +18,7 @@
 #include "../common/reference_backward.hpp"
 #include "../common/tolerance.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::softmax_backward_test {
 
 struct shape_case {
   index_t B, H, Hk, Sq, Sk, D, Dv;
@@ -756,5 +755,4 @@ TEST(SoftmaxBackward, BadInputNamesTheArgumentAndWritesNothing) {
   }, "grads.dalibi_slopes: extent 0 is 2, expected 1");
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::softmax_backward_test

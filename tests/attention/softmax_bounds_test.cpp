@@ -11,8 +11,7 @@
 #include "../common/guarded.hpp"
 #include "../common/random.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::softmax_bounds_test {
 
 template <class C>
 class SoftmaxBounds : public ::testing::Test {};
@@ -51,5 +50,4 @@ TYPED_TEST(SoftmaxBounds, ReadsNothingOutsideTheViews) {
       }
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::softmax_bounds_test

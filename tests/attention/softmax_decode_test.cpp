@@ -12,8 +12,7 @@
 #include "../common/attention_case.hpp"
 #include "../common/configs.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::softmax_decode_test {
 
 template <class C>
 class SoftmaxDecode : public ::testing::Test {
@@ -244,5 +243,4 @@ TYPED_TEST(SoftmaxDecode, PagedRejectsBadTables) {
   call({10, 16});  // valid: only the first page of row 1 is read
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::softmax_decode_test

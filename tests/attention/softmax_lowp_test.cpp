@@ -13,8 +13,7 @@
 #include "../common/reference.hpp"
 #include "../common/tolerance.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::softmax_lowp_test {
 
 template <class S, class Backend>
 struct lowp_config {
@@ -342,5 +341,4 @@ TEST(SoftmaxBf16Pairs, PagedGathersTheSamePairsAndMaskedNanStaysOut) {
   EXPECT_TRUE(within_tolerance<float>(got, want_seen, naive_seen, storage_rounding<bfloat16>()));
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::softmax_lowp_test

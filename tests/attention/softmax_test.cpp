@@ -12,8 +12,7 @@
 #include "../common/attention_case.hpp"
 #include "../common/configs.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::softmax_test {
 
 
 template <class C>
@@ -508,5 +507,4 @@ TYPED_TEST(SoftmaxAttention, BadInputThrowsNamingTheArgumentAndWritesNothing) {
       });
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::softmax_test

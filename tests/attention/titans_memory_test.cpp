@@ -16,8 +16,7 @@
 #include "../common/random.hpp"
 #include "../common/tolerance.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::titans_memory_test {
 
 struct titans_case {
   index_t B = 1, H = 2, Hk = 1, S = 65, Dk = 16, Dv = 12, chunk = 16;
@@ -373,5 +372,4 @@ TEST(TitansMemoryBadInput, NamesTheArgumentAndWritesNothing) {
   expect_error("options.threads", {.theta = G, .threads = -1});
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::titans_memory_test

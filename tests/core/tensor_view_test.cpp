@@ -5,8 +5,7 @@
 #include <fovea/fovea.hpp>
 #include <vector>
 
-namespace fovea {
-namespace {
+namespace fovea::tensor_view_test {
 
 TEST(TensorView, BhsdAndBshdAddressTheSameLogicalElement) {
   std::vector<float> mem(2 * 3 * 5 * 7);
@@ -51,5 +50,4 @@ TEST(TensorView, OverlapAndOneToOne) {
   EXPECT_TRUE(detail::is_one_to_one(view<float, 2>(mem.data(), {1, 10}, {0, 1})));
 }
 
-}  // namespace
-}  // namespace fovea
+}  // namespace fovea::tensor_view_test

@@ -8,8 +8,7 @@
 
 #include "../common/configs.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::vec_test {
 
 template <class C>
 class VectorApi : public ::testing::Test {};
@@ -75,11 +74,9 @@ TYPED_TEST(VectorApi, ExpAndTanhOverTheirRange) {
   EXPECT_TRUE(std::isnan(out[0]));
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::vec_test
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::vec_test {
 
 TYPED_TEST(VectorApi, ReduceAddLanesPutsRowSumsInOrder) {
   using T = typename TypeParam::value_type;
@@ -185,5 +182,4 @@ TEST(Bf16Pairs, MicroKernelSumsThePairProducts) {
 }
 #endif
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::vec_test

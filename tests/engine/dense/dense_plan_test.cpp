@@ -9,8 +9,7 @@
 #include <tuple>
 #include <vector>
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::dense_plan_test {
 
 using detail::dense_problem;
 
@@ -118,5 +117,4 @@ TEST(DensePlan, EmptyProblemsHaveNoWork) {
   EXPECT_TRUE(detail::plan_dense<default_backend>(std::span(&pr, 1)).work.empty());
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::dense_plan_test

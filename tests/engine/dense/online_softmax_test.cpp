@@ -10,8 +10,7 @@
 #include "../../common/configs.hpp"
 #include "../../common/random.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::online_softmax_test {
 
 template <class C>
 class OnlineSoftmax : public ::testing::Test {};
@@ -69,5 +68,4 @@ TEST(FinishRow, SinkJoinsTheDenominatorOnly) {
   EXPECT_TRUE(std::isnan(detail::finish_row<double>(std::nan(""), std::nan(""), -INFINITY).factor));
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::online_softmax_test

@@ -9,8 +9,7 @@
 
 #include "../../common/random.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::kmeans_test {
 
 constexpr float nan = std::numeric_limits<float>::quiet_NaN();
 
@@ -44,5 +43,4 @@ TEST(KMeans, APoisonedRowMovesNoCentroid) {
   }
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::kmeans_test

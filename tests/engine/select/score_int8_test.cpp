@@ -15,8 +15,7 @@
 
 #include "../../common/random.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::score_int8_test {
 
 #if FOVEA_HAS_INT8_DOT
 
@@ -120,5 +119,4 @@ TEST(ScoreInt8, ZeroRowsScoreZeroAndPoisonedRowsScoreNaN) {
 
 #endif
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::score_int8_test

@@ -13,8 +13,7 @@
 
 #include "../../common/random.hpp"
 
-namespace fovea::test {
-namespace {
+namespace fovea::test::topk_test {
 
 using detail::kth_largest;
 using detail::rank_key;
@@ -69,5 +68,4 @@ TEST(TopK, StreamingCapacityBoundsTheBuffer) {
   EXPECT_EQ(detail::streaming_capacity(100, 1024), 101);  // never more than all the keys
 }
 
-}  // namespace
-}  // namespace fovea::test
+}  // namespace fovea::test::topk_test
