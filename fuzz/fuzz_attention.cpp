@@ -397,7 +397,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                   // maybe misshapen or missing: an error) or fp8; softmax checked below
                   // against the reference on the dequantized values, HiP (flags & 32)
                   // against itself on them, bit for bit
-        const int kt = flags % 4, vt = (flags / 4) % 4;
+        // The cache types: flags' low bits mixed with a byte of their own, so any type
+        // meets causal, a scale and two threads (bits 0-1); the input's end reads 0.
+        const int types = flags ^ in.u8(), kt = types % 4, vt = (types / 4) % 4;
         quantized_k.assign(k.size(), 0.f);
         quantized_v.assign(v.size(), 0.f);
         fovea::softmax_options o{.causal = causal, .scale = scale, .threads = 1 + (flags & 1)};

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -244,37 +245,55 @@ struct decode_buffers {
     const index_t bytes = blocks * index_t(sizeof(block_q8_0) + sizeof(float) + sizeof(std::int32_t));
     return round_to_line<T>((bytes + index_t(sizeof(T)) - 1) / index_t(sizeof(T)));
   }
-  static index_t size(index_t D, index_t Dv) noexcept {
+  /// The regions' lengths in elements of T, in their order in the buffer (see the members).
+  static std::array<index_t, 11> regions(index_t D, index_t Dv) noexcept {
     const index_t dq = padded(D), dvp = padded(Dv);
-    return round_to_line<T>(capacity * dq) + 2 * BK * capacity + round_to_line<T>(capacity * dvp) +
-           3 * capacity + round_to_line<T>(BK * dq) + round_to_line<T>(BK * dvp) +
-           round_to_line<T>(capacity * bf16_pairs(dq)) + q8_0_size(D);
+    return {round_to_line<T>(capacity * dq),  BK * capacity, BK * capacity,
+            round_to_line<T>(capacity * dvp), capacity,      capacity,
+            capacity,                         round_to_line<T>(BK * dq),
+            round_to_line<T>(BK * dvp),       round_to_line<T>(capacity * bf16_pairs(dq)),
+            q8_0_size(D)};
+  }
+  static index_t size(index_t D, index_t Dv) noexcept {
+    index_t total = 0;
+    for (index_t n : regions(D, Dv)) total += n;
+    return total;
   }
   index_t dq, dvp;
-  T *q, *s, *p, *acc, *m, *l, *alpha, *stage_k, *stage_v;
+  T* q;                    ///< [capacity][dq] query rows
+  T *s, *p;                ///< [capacity][BK] logits, probabilities
+  T* acc;                  ///< [capacity][dvp] unnormalised output rows
+  T *m, *l, *alpha;        ///< [capacity] running maxima, sums, rescale factors
+  T *stage_k, *stage_v;    ///< [BK][dq], [BK][dvp] converted key and value rows
   std::uint32_t* q_pairs;  ///< [capacity][bf16_pairs(dq)] query rows for bf16_pair_dot
   float* q8_0_scales;      ///< [capacity][D / 32] the query rows as q8_0 (q8_0_products)
   std::int32_t* q8_0_sums;
   block_q8_0* q8_0_rows;
-  decode_buffers(T* work, index_t D, index_t Dv) noexcept : dq(padded(D)), dvp(padded(Dv)) {
-    q = work;                                    // [capacity][dq] query rows
-    s = q + round_to_line<T>(capacity * dq);     // [capacity][BK] logits
-    p = s + BK * capacity;                       // [capacity][BK] probabilities
-    acc = p + BK * capacity;                     // [capacity][dvp] unnormalised output rows
-    m = acc + round_to_line<T>(capacity * dvp);  // [capacity]
-    l = m + capacity;
-    alpha = l + capacity;
-    stage_k = alpha + capacity;                     // [BK][dq]
-    stage_v = stage_k + round_to_line<T>(BK * dq);  // [BK][dvp]
-    q_pairs = reinterpret_cast<std::uint32_t*>(stage_v + round_to_line<T>(BK * dvp));
-    const index_t blocks = capacity * (D / block_q8_0::size);
-    q8_0_scales = reinterpret_cast<float*>(stage_v + round_to_line<T>(BK * dvp) +
-                                           round_to_line<T>(capacity * bf16_pairs(dq)));
+  index_t q8_0_blocks;
+  decode_buffers(T* work, index_t D, index_t Dv) noexcept
+      : dq(padded(D)), dvp(padded(Dv)), q8_0_blocks(D / block_q8_0::size) {
+    const auto lengths = regions(D, Dv);
+    std::size_t i = 0;
+    auto next = [&] {
+      T* region = work;
+      work += lengths[i++];
+      return region;
+    };
+    q = next();
+    s = next();
+    p = next();
+    acc = next();
+    m = next();
+    l = next();
+    alpha = next();
+    stage_k = next();
+    stage_v = next();
+    q_pairs = reinterpret_cast<std::uint32_t*>(next());
+    const index_t blocks = capacity * q8_0_blocks;
+    q8_0_scales = reinterpret_cast<float*>(next());
     q8_0_sums = reinterpret_cast<std::int32_t*>(q8_0_scales + blocks);
     q8_0_rows = reinterpret_cast<block_q8_0*>(q8_0_sums + blocks);
-    q8_0_blocks = D / block_q8_0::size;
   }
-  index_t q8_0_blocks;
   q8_0_queries q8_0() const noexcept { return {q8_0_rows, q8_0_scales, q8_0_sums, q8_0_blocks}; }
 };
 
@@ -300,15 +319,17 @@ void q8_0_scores(const kv_source<block_q8_0, VS>& kv, index_t j0, index_t keys,
                  [[maybe_unused]] Prefetch&& prefetch) noexcept {
 #if FOVEA_HAS_INT8_DOT
   if constexpr (sizeof(typename vec<float, Backend>::type) == 64) {
+    // Scale offsets from one stride where the rows are evenly spaced in 32 bits, else
+    // from each row's pointer (paged, negative or huge strides)
+    const index_t row_bytes = kv.k_stride * index_t(sizeof(block_q8_0));
+    const bool gathered = kv.pages || row_bytes < 0 || row_bytes >= (index_t(1) << 32);
     for (index_t r0 = 0; r0 < keys; r0 += 16) {
       const index_t n = std::min<index_t>(16, keys - r0);
       prefetch.start(r0, n, q.blocks);
       const block_q8_0* rows[16];
       for (index_t r = 0; r < 16; ++r) rows[r] = kv.k_row(j0 + r0 + std::min(r, n - 1));
-      const index_t row_bytes = kv.k_stride * index_t(sizeof(block_q8_0));
-      const row_offsets offsets = kv.pages || row_bytes < 0 || row_bytes >= (index_t(1) << 32)
-                                      ? row_offsets::of(rows)
-                                      : row_offsets::strided(row_bytes, n);
+      const row_offsets offsets =
+          gathered ? row_offsets::of(rows) : row_offsets::strided(row_bytes, n);
       q8_0_logits_16(rows, offsets, q, columns, s + r0, ld, prefetch);
     }
     return;
