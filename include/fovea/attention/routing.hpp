@@ -286,7 +286,7 @@ void run_routing(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>
     index_t* q_members = index_scratch.data() + std::size_t(thread) * sizes.indices();
     index_t* k_members = q_members + c_n * wq;
     index_t* order = k_members + c_n * wk;
-    auto* keys = reinterpret_cast<std::uint64_t*>(order);  // for the top-w of each cluster
+    auto* keys = reinterpret_cast<std::uint32_t*>(order);  // for the top-w of each cluster
     index_t* assignment = order + 2 * (Sq + Sk);
     index_t* picks = assignment + Sq + Sk;
     index_t* counts = picks + Sq + Sk;
@@ -307,7 +307,7 @@ void run_routing(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>
       const index_t ld_t = score_columns<T, Backend>(n);
       transpose_rows<T, Backend>(x, n, D, x_t, ld_t);
       member_scores<T, Backend>(mu, c_n, D, x_t, ld_t, scores);
-      balanced_members(scores, n, c_n, ld_t, w, out, keys);
+      balanced_members<T, Backend>(scores, n, c_n, ld_t, w, out, keys);
     };
     members(xq, Sq, wq, q_members);
     if (o.shared_qk)

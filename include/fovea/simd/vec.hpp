@@ -4,7 +4,10 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "backend.hpp"
@@ -30,6 +33,16 @@
 #endif
 
 namespace fovea::detail {
+
+/// The bits of a float as an unsigned key of the same order (a < b iff order_key(a) <
+/// order_key(b); -0 just below +0); NaN becomes all ones, above everything. Branch-free:
+/// negative floats flip every bit, others only the sign bit.
+inline std::uint32_t order_key(float x) noexcept {
+  const auto bits = std::bit_cast<std::uint32_t>(x);
+  const std::uint32_t flip = std::uint32_t(std::int32_t(bits) >> 31) | 0x80000000u;
+  const std::uint32_t nan = 0u - std::uint32_t((bits & 0x7FFFFFFFu) > 0x7F800000u);
+  return (bits ^ flip) | nan;
+}
 
 template <class T, class Backend>
 struct vec;
@@ -66,6 +79,11 @@ struct vec<T, scalar> {
   /// {base, base + 1, ...}
   static type iota(T base) noexcept { return base; }
   static void pin(type&) noexcept {}
+  /// p[i] = order_key(lane i of x) (float lanes).
+  static void store_order_keys(std::uint32_t* p, type x) noexcept {
+    static_assert(std::is_same_v<T, float>);
+    *p = order_key(x);
+  }
 };
 
 #if !defined(FOVEA_FORCE_SCALAR)
@@ -121,6 +139,15 @@ struct vec<T, simd<Arch>> {
     alignas(64) T lanes[width];
     for (int i = 0; i < width; ++i) lanes[i] = base + T(i);
     return type::load_aligned(lanes);
+  }
+  /// p[i] = order_key(lane i of x) (float lanes), in integer lanes.
+  static void store_order_keys(std::uint32_t* p, type x) noexcept {
+    static_assert(std::is_same_v<T, float>);
+    using ints = xsimd::batch<std::int32_t, Arch>;
+    const ints bits = xsimd::bitwise_cast<ints>(x);
+    const ints flip = (bits >> 31) | ints(std::numeric_limits<std::int32_t>::min());
+    const ints nan = xsimd::select((bits & ints(0x7FFFFFFF)) > ints(0x7F800000), ints(-1), ints(0));
+    ((bits ^ flip) | nan).store_unaligned(reinterpret_cast<std::int32_t*>(p));
   }
 };
 #endif

@@ -62,6 +62,52 @@ TEST(TopK, StreamingEqualsRadixForAnyCapacity) {
     }
 }
 
+/// 32-bit order keys (routing's members) have equal keys: the k-th largest counts each.
+TEST(TopK, RadixOverEqualKeysCountsEachOne) {
+  std::uint64_t seed = 90;
+  for (index_t n : {1, 2, 15, 16, 17, 300, 5000})
+    for (index_t k : {1, 2, 7, 100, 1000}) {
+      if (k > n) continue;
+      for (int distinct : {1, 3, 50, 1 << 20}) {
+        const auto scores = normal<float>(n, ++seed);
+        std::vector<std::uint32_t> keys(n), scratch(n);
+        for (index_t j = 0; j < n; ++j)
+          keys[j] = detail::order_key(std::round(scores[j] * float(distinct)) / float(distinct));
+        auto sorted = keys;
+        std::sort(sorted.begin(), sorted.end(), std::greater<>());
+        EXPECT_EQ(kth_largest(keys.data(), n, k, scratch.data()), sorted[std::size_t(k - 1)])
+            << "n " << n << " k " << k << " distinct " << distinct;
+      }
+    }
+}
+
+/// The vector lanes' order keys are the scalar order_key's bits, for every special value
+/// at every lane.
+TEST(TopK, VectorOrderKeysEqualTheScalarTwin) {
+  using V = detail::vec<float, default_backend>;
+  const float specials[] = {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::quiet_NaN(),
+                            INFINITY, -INFINITY, 0.f, -0.f, 1e-40f, -1e-40f,
+                            std::numeric_limits<float>::max(), -std::numeric_limits<float>::max(),
+                            1.f, -1.f, 3.5e-20f, -7.25f};
+  std::vector<float> lanes(V::width);
+  std::vector<std::uint32_t> got(V::width);
+  const auto random = normal<float>(V::width, 7);
+  for (float special : specials)
+    for (int at = 0; at < V::width; ++at) {
+      std::copy(random.begin(), random.end(), lanes.begin());
+      lanes[std::size_t(at)] = special;
+      V::store_order_keys(got.data(), V::load(lanes.data()));
+      for (int i = 0; i < V::width; ++i)
+        EXPECT_EQ(got[std::size_t(i)], detail::order_key(lanes[std::size_t(i)])) << special << " at " << at;
+    }
+  // Order: highest first, NaN of either sign above everything.
+  const float order[] = {std::numeric_limits<float>::quiet_NaN(), INFINITY, 3.f, 1e-40f, 0.f,
+                         -0.f, -1e-40f, -2.f, -INFINITY};
+  for (std::size_t a = 0; a + 1 < std::size(order); ++a)
+    EXPECT_GT(detail::order_key(order[a]), detail::order_key(order[a + 1])) << order[a];
+  EXPECT_EQ(detail::order_key(-std::numeric_limits<float>::quiet_NaN()), 0xFFFFFFFFu);
+}
+
 TEST(TopK, StreamingCapacityBoundsTheBuffer) {
   EXPECT_EQ(detail::streaming_capacity(1 << 20, 1024), 4096);
   EXPECT_EQ(detail::streaming_capacity(1 << 20, 5000), 10000);

@@ -7,33 +7,31 @@
 #include <algorithm>
 #include <bit>
 #include <cstdint>
+#include <type_traits>
 
 #include "../../core/tensor_view.hpp"
+#include "../../simd/vec.hpp"
 
 namespace fovea::detail {
 
 /// A key that orders (score, lower index first) as unsigned integers; NaN ranks highest.
 inline std::uint64_t rank_key(float score, index_t index) noexcept {
-  // Branch-free (it runs once per score of a routing or HiP selection): negative scores
-  // flip every bit, others only the sign bit; NaN becomes all ones.
-  const auto bits = std::bit_cast<std::uint32_t>(score);
-  const std::uint32_t flip = std::uint32_t(std::int32_t(bits) >> 31) | 0x80000000u;
-  const std::uint32_t nan = 0u - std::uint32_t((bits & 0x7FFFFFFFu) > 0x7F800000u);
-  const std::uint32_t ordered = (bits ^ flip) | nan;
-  return (std::uint64_t(ordered) << 32) | std::uint32_t(~std::uint32_t(index));
+  return (std::uint64_t(order_key(score)) << 32) | std::uint32_t(~std::uint32_t(index));
 }
 
-/// The k-th largest of n distinct keys (1 <= k <= n). `scratch` holds n keys. Each pass
-/// buckets the candidates by the 8 bits just below the bits they all share (scores of
-/// one magnitude share their sign and exponent: a fixed first byte would put them all in
-/// one bucket) and keeps the bucket holding the k-th.
-inline std::uint64_t kth_largest(const std::uint64_t* keys, index_t n, index_t k,
-                                 std::uint64_t* scratch) noexcept {
-  const std::uint64_t* cand = keys;
+/// The k-th largest of n keys (1 <= k <= n; equal keys counted each time they occur), for
+/// unsigned 32- or 64-bit keys. `scratch` holds n keys. Each pass buckets the candidates
+/// by the 8 bits just below the bits they all share (scores of one magnitude share their
+/// sign and exponent: a fixed first byte would put them all in one bucket) and keeps the
+/// bucket holding the k-th.
+template <class Key>
+Key kth_largest(const Key* keys, index_t n, index_t k, Key* scratch) noexcept {
+  static_assert(std::is_same_v<Key, std::uint32_t> || std::is_same_v<Key, std::uint64_t>);
+  const Key* cand = keys;
   for (;;) {
-    std::uint64_t differ = 0;
+    Key differ = 0;
     for (index_t i = 0; i < n; ++i) differ |= cand[i] ^ cand[0];
-    if (differ == 0) return cand[0];  // one key left (keys are distinct)
+    if (differ == 0) return cand[0];  // the candidates left are one value
     const int shift = std::max(0, int(std::bit_width(differ)) - 8);
     index_t count[256] = {};
     for (index_t i = 0; i < n; ++i) ++count[(cand[i] >> shift) & 255];
@@ -42,7 +40,7 @@ inline std::uint64_t kth_largest(const std::uint64_t* keys, index_t n, index_t k
     index_t m = 0;
     for (index_t i = 0; i < n; ++i) {
       scratch[m] = cand[i];
-      m += ((cand[i] >> shift) & 255) == std::uint64_t(bucket);
+      m += ((cand[i] >> shift) & 255) == Key(bucket);
     }
     k -= above;
     n = m;
