@@ -62,7 +62,8 @@ TEST(TopK, StreamingEqualsRadixForAnyCapacity) {
     }
 }
 
-/// 32-bit order keys (routing's members) have equal keys: the k-th largest counts each.
+/// 32-bit order keys (routing's members) have equal keys: the k-th largest counts each,
+/// and the count of larger keys comes with it.
 TEST(TopK, RadixOverEqualKeysCountsEachOne) {
   std::uint64_t seed = 90;
   for (index_t n : {1, 2, 15, 16, 17, 300, 5000})
@@ -75,7 +76,10 @@ TEST(TopK, RadixOverEqualKeysCountsEachOne) {
           keys[j] = detail::order_key(std::round(scores[j] * float(distinct)) / float(distinct));
         auto sorted = keys;
         std::sort(sorted.begin(), sorted.end(), std::greater<>());
-        EXPECT_EQ(kth_largest(keys.data(), n, k, scratch.data()), sorted[std::size_t(k - 1)])
+        index_t greater = -1;
+        const std::uint32_t kth = kth_largest(keys.data(), n, k, scratch.data(), &greater);
+        EXPECT_EQ(kth, sorted[std::size_t(k - 1)]) << "n " << n << " k " << k << " distinct " << distinct;
+        EXPECT_EQ(greater, std::count_if(keys.begin(), keys.end(), [&](std::uint32_t x) { return x > kth; }))
             << "n " << n << " k " << k << " distinct " << distinct;
       }
     }

@@ -195,9 +195,8 @@ void balanced_members(const T* scores_t, index_t n, index_t clusters, index_t ld
     if constexpr (std::is_same_v<T, float>)
       for (; r + V::width <= n; r += V::width) V::store_order_keys(keys + r, V::load(score + r));
     for (; r < n; ++r) keys[r] = order_key(float(score[r]));
-    const std::uint32_t bar = kth_largest(keys, n, w, keys + n);
     index_t above = 0;
-    for (index_t i = 0; i < n; ++i) above += keys[i] > bar;
+    const std::uint32_t bar = kth_largest(keys, n, w, keys + n, &above);
     index_t* out = members + c * w;
     index_t ties = w - above;  // rows equal to the bar that make the cut, lowest first
     for (index_t i = 0; i < n; ++i) {

@@ -20,33 +20,55 @@ inline std::uint64_t rank_key(float score, index_t index) noexcept {
 }
 
 /// The k-th largest of n keys (1 <= k <= n; equal keys counted each time they occur), for
-/// unsigned 32- or 64-bit keys. `scratch` holds n keys. Each pass buckets the candidates
-/// by the 8 bits just below the bits they all share (scores of one magnitude share their
-/// sign and exponent: a fixed first byte would put them all in one bucket) and keeps the
-/// bucket holding the k-th.
+/// unsigned 32- or 64-bit keys; `greater`, when given, receives how many keys are larger
+/// than it. `scratch` holds n keys. Each pass buckets the candidates by the 8 bits just
+/// below the bits they all share (scores of one magnitude share their sign and exponent:
+/// a fixed first byte would put them all in one bucket) and keeps the bucket holding the
+/// k-th.
 template <class Key>
-Key kth_largest(const Key* keys, index_t n, index_t k, Key* scratch) noexcept {
+Key kth_largest(const Key* keys, index_t n, index_t k, Key* scratch,
+                index_t* greater = nullptr) noexcept {
   static_assert(std::is_same_v<Key, std::uint32_t> || std::is_same_v<Key, std::uint64_t>);
   const Key* cand = keys;
+  index_t larger = 0;  // keys above the candidates left
+  auto done = [&](Key kth) {
+    if (greater) {
+      *greater = larger;
+      for (index_t i = 0; i < n; ++i) *greater += cand[i] > kth;
+    }
+    return kth;
+  };
   for (;;) {
-    Key differ = 0;
-    for (index_t i = 0; i < n; ++i) differ |= cand[i] ^ cand[0];
-    if (differ == 0) return cand[0];  // the candidates left are one value
+    // The bits in which the candidates differ: four independent chains, as GCC -O2
+    // leaves this reduction unvectorised.
+    Key d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+    const Key first = cand[0];
+    index_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      d0 |= cand[i] ^ first;
+      d1 |= cand[i + 1] ^ first;
+      d2 |= cand[i + 2] ^ first;
+      d3 |= cand[i + 3] ^ first;
+    }
+    for (; i < n; ++i) d0 |= cand[i] ^ first;
+    const Key differ = (d0 | d1) | (d2 | d3);
+    if (differ == 0) return done(first);  // the candidates left are one value
     const int shift = std::max(0, int(std::bit_width(differ)) - 8);
     index_t count[256] = {};
-    for (index_t i = 0; i < n; ++i) ++count[(cand[i] >> shift) & 255];
+    for (i = 0; i < n; ++i) ++count[(cand[i] >> shift) & 255];
     index_t bucket = 255, above = 0;
     for (; above + count[bucket] < k; --bucket) above += count[bucket];
     index_t m = 0;
-    for (index_t i = 0; i < n; ++i) {
+    for (i = 0; i < n; ++i) {
       scratch[m] = cand[i];
       m += ((cand[i] >> shift) & 255) == Key(bucket);
     }
     k -= above;
+    larger += above;
     n = m;
     cand = scratch;
-    if (n == k) return *std::min_element(scratch, scratch + n);
-    if (k == 1) return *std::max_element(scratch, scratch + n);
+    if (n == k) return done(*std::min_element(scratch, scratch + n));
+    if (k == 1) return done(*std::max_element(scratch, scratch + n));
   }
 }
 
