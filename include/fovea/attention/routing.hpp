@@ -305,7 +305,7 @@ void run_routing(const tensor_view<const S, 4>& q, const tensor_view<const S, 4>
     }
     auto members = [&](const T* x, index_t n, index_t w, index_t* out) {
       const index_t ld_t = score_columns<T, Backend>(n);
-      transpose_rows<T, Backend>(x, n, D, x_t, ld_t);
+      transpose_rows<T, Backend>(x, n, D, D, x_t, ld_t);
       member_scores<T, Backend>(mu, c_n, D, x_t, ld_t, scores);
       balanced_members<T, Backend>(scores, n, c_n, ld_t, w, out, keys);
     };

@@ -5,6 +5,7 @@
 // AVX-512 (16 x 16) or AVX (8 x 8) shuffles; other types copy element by element.
 #pragma once
 
+#include <algorithm>
 #include <type_traits>
 
 #include "../core/tensor_view.hpp"
@@ -73,6 +74,29 @@ inline void transpose_block(const T* const* rows, T* dst, index_t ld) noexcept {
 #endif
   for (int c = 0; c < W; ++c)
     for (int i = 0; i < W; ++i) dst[i * ld + c] = rows[c][i];
+}
+
+/// x_t[e * ld + r] = x[r * stride + e] for rows r < n and columns e < d of x; the columns
+/// [n, ld) of x_t are zero. Whole W x W blocks through transpose_block, the edges element
+/// by element.
+template <class T, class Backend>
+void transpose_rows(const T* x, index_t n, index_t stride, index_t d, T* x_t, index_t ld) noexcept {
+  constexpr index_t W = vec<T, Backend>::width;
+  index_t r = 0;
+  for (; r + W <= n; r += W) {
+    const T* rows[W];
+    index_t e = 0;
+    for (; e + W <= d; e += W) {
+      for (index_t i = 0; i < W; ++i) rows[i] = x + (r + i) * stride + e;
+      transpose_block<T, Backend>(rows, x_t + e * ld + r, ld);
+    }
+    for (; e < d; ++e)
+      for (index_t i = 0; i < W; ++i) x_t[e * ld + r + i] = x[(r + i) * stride + e];
+  }
+  for (index_t e = 0; e < d; ++e) {
+    for (index_t i = r; i < n; ++i) x_t[e * ld + i] = x[i * stride + e];
+    std::fill(x_t + e * ld + n, x_t + e * ld + ld, T(0));
+  }
 }
 
 }  // namespace fovea::detail

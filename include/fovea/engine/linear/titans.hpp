@@ -161,7 +161,7 @@ void titans_chunk_step(const titans_problem<T>& pr, index_t b, index_t hk, index
       gemm_wide<A, Backend, RB, VB, true>(n, dvp / W, buf.p, cp, 1, buf.g, dvp, buf.o, dvp, n);
     else  // a NaN or Inf in G_s must reach tokens s.. only, not 0 * NaN above the diagonal
       causal_product<A, Backend>(n, buf.p, cp, buf.g, dvp, buf.o, dvp, dvp);
-    store_outputs(pr.out, b, head, t0, n, buf.o, dvp, scale);
+    store_outputs<Backend>(pr.out, b, head, t0, n, buf.o, dvp, scale);
   }
 
   // M = a_n M0 + c_n U0 - sum_s w_ns k_s G_s^T, then U = m_n U0 - sum_s h_ns k_s G_s^T.
@@ -260,7 +260,7 @@ void titans_token_step(const titans_problem<T>& pr, index_t b, index_t hk, index
                                      group, eta, step, keep, buf.o);
   });
   for (index_t g = 0; g < group; ++g)
-    store_outputs(pr.out, b, hk * group + g, t, 1, buf.o + g * dvp, dvp, A(pr.scale));
+    store_outputs<Backend>(pr.out, b, hk * group + g, t, 1, buf.o + g * dvp, dvp, A(pr.scale));
 }
 
 /// (B, Hk, Dk, Dv) fp32 state `in` (or zeros) into a task's Dk x dvp buffer.

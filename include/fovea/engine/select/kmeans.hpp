@@ -145,27 +145,6 @@ void seeded_centroids(const T* x, index_t n, index_t d, index_t clusters, index_
   }
 }
 
-/// x_t[e * ld + r] = x[r * d + e] for rows r < n of x (n x d); columns [n, ld) are zero.
-template <class T, class Backend>
-void transpose_rows(const T* x, index_t n, index_t d, T* x_t, index_t ld) noexcept {
-  constexpr index_t W = vec<T, Backend>::width;
-  index_t r = 0;
-  for (; r + W <= n; r += W) {
-    const T* rows[W];
-    index_t e = 0;
-    for (; e + W <= d; e += W) {
-      for (index_t i = 0; i < W; ++i) rows[i] = x + (r + i) * d + e;
-      transpose_block<T, Backend>(rows, x_t + e * ld + r, ld);
-    }
-    for (; e < d; ++e)
-      for (index_t i = 0; i < W; ++i) x_t[e * ld + r + i] = x[(r + i) * d + e];
-  }
-  for (index_t e = 0; e < d; ++e) {
-    for (index_t i = r; i < n; ++i) x_t[e * ld + i] = x[i * d + e];
-    std::fill(x_t + e * ld + n, x_t + e * ld + ld, T(0));
-  }
-}
-
 /// scores_t[c][r] = mu[c] . x[r] for clusters c (mu: clusters x d) and the rows of x as
 /// transpose_rows laid them out (x_t: d x ld). The same products, in the same order, as
 /// centroid_scores, one cluster's scores contiguous.
