@@ -869,7 +869,7 @@ void expect_q8_0_logits_are_the_definition() {
           std::vector<block_q8_0> q_rows(columns * blocks);
           std::vector<float> q_scales(columns * blocks);
           std::vector<std::int32_t> q_sums(columns * blocks);
-          detail::quantize_queries_q8_0(qx.data(), D, columns, D, q_rows.data(), q_scales.data(),
+          detail::quantize_queries_q8_0<default_backend>(qx.data(), D, columns, D, q_rows.data(), q_scales.data(),
                                         q_sums.data());
           const detail::q8_0_queries q{q_rows.data(), q_scales.data(), q_sums.data(), blocks};
           std::vector<std::int32_t> table(pages);
@@ -901,6 +901,44 @@ void expect_q8_0_logits_are_the_definition() {
 TEST(Q8_0Products, LogitsAreTheDefinitionBitwise) {
   expect_q8_0_logits_are_the_definition<default_backend>();
   expect_q8_0_logits_are_the_definition<scalar>();
+}
+
+/// Decode's query quantization (blocks rounded in vector lanes) writes fovea::quantize's
+/// bytes, with its scales (NaN unless finite) and block sums: random blocks, zeros, exact
+/// halves (ties to even), a NaN or Inf in any lane, scales whose reciprocal overflows, and
+/// blocks whose scale exceeds fp16.
+template <class Backend>
+void expect_quantized_queries_are_quantize() {
+  const index_t D = 256, blocks = D / 32, columns = 5;
+  auto x = normal<float>(columns * D, 77);
+  for (index_t i = 0; i < 32; ++i) x[32 + i] = 0.0f;                          // zeros
+  for (index_t i = 0; i < 32; ++i) x[64 + i] = float(i - 16) * 0.5f;          // halves: ties
+  x[96 + 31] = 127.0f;                                                         // d = 1 exactly
+  x[128 + 17] = std::numeric_limits<float>::quiet_NaN();
+  x[160 + 0] = -INFINITY;
+  for (index_t i = 0; i < 32; ++i) x[192 + i] = 1e-38f * float(i % 5);         // tiny scale
+  for (index_t i = 0; i < 32; ++i) x[224 + i] = 1e7f * float(i - 3);          // d beyond fp16
+  for (index_t c = 1; c < columns; ++c)
+    for (index_t lane = 0; lane < 32; lane += 7) x[c * D + (c % blocks) * 32 + lane] *= 1e30f;
+  std::vector<block_q8_0> got(columns * blocks), want(columns * blocks);
+  std::vector<float> scales(columns * blocks);
+  std::vector<std::int32_t> sums(columns * blocks);
+  detail::quantize_queries_q8_0<Backend>(x.data(), D, columns, D, got.data(), scales.data(), sums.data());
+  quantize(bhsd<const float>(x.data(), 1, 1, columns, D), bhsd(want.data(), 1, 1, columns, D));
+  for (index_t i = 0; i < columns * blocks; ++i) {
+    ASSERT_EQ(std::memcmp(&got[i], &want[i], sizeof(block_q8_0)), 0) << "block " << i;
+    const float d = float(want[i].d);
+    ASSERT_EQ(bits_of(scales[i]), bits_of(std::isfinite(d) ? d : std::numeric_limits<float>::quiet_NaN()))
+        << "block " << i;
+    std::int32_t sum = 0;
+    for (auto v : want[i].qs) sum += v;
+    ASSERT_EQ(sums[i], sum) << "block " << i;
+  }
+}
+
+TEST(Q8_0Products, QueriesQuantizeAsTheCacheDoes) {
+  expect_quantized_queries_are_quantize<default_backend>();
+  expect_quantized_queries_are_quantize<scalar>();
 }
 
 #if FOVEA_HAS_Q8_0_VALUES

@@ -84,6 +84,12 @@ struct vec<T, scalar> {
     static_assert(std::is_same_v<T, float>);
     *p = order_key(x);
   }
+  /// p[i] = lane i of x clamped to [-127, 127] and rounded to nearest, ties to even (the
+  /// default rounding mode), as int8 (finite float lanes).
+  static void store_int8(std::int8_t* p, type x) noexcept {
+    static_assert(std::is_same_v<T, float>);
+    *p = std::int8_t(std::nearbyint(std::clamp(x, -127.0f, 127.0f)));
+  }
 };
 
 #if !defined(FOVEA_FORCE_SCALAR)
@@ -148,6 +154,14 @@ struct vec<T, simd<Arch>> {
     const ints flip = (bits >> 31) | ints(std::numeric_limits<std::int32_t>::min());
     const ints nan = xsimd::select((bits & ints(0x7FFFFFFF)) > ints(0x7F800000), ints(-1), ints(0));
     ((bits ^ flip) | nan).store_unaligned(reinterpret_cast<std::int32_t*>(p));
+  }
+  /// p[i] = lane i of x clamped to [-127, 127] and rounded to nearest, ties to even, as
+  /// int8 (finite float lanes): rounded in lanes, narrowed through a small array.
+  static void store_int8(std::int8_t* p, type x) noexcept {
+    static_assert(std::is_same_v<T, float>);
+    alignas(64) std::int32_t lanes[width];
+    xsimd::nearbyint_as_int(xsimd::min(xsimd::max(x, type(-127.0f)), type(127.0f))).store_aligned(lanes);
+    for (int i = 0; i < width; ++i) p[i] = std::int8_t(lanes[i]);
   }
 };
 #endif

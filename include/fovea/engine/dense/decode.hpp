@@ -373,7 +373,7 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
 #endif
   constexpr bool q8_0_keys = std::is_same_v<KS, block_q8_0> && std::is_same_v<T, float>;
   if constexpr (q8_0_keys)
-    if (products.q8_0) quantize_queries_q8_0(buf.q, dq, n, D, buf.q8_0_rows, buf.q8_0_scales, buf.q8_0_sums);
+    if (products.q8_0) quantize_queries_q8_0<Backend>(buf.q, dq, n, D, buf.q8_0_rows, buf.q8_0_scales, buf.q8_0_sums);
 
   // Staged rows (dequantized, in cache) go through P V with 8 accumulators with 16
   // registers (AVX2: 16 spill to the stack; q8_0 Sk = 32768, D = 128: 9% faster); rows
