@@ -382,12 +382,18 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
   constexpr int half = V::registers >= 32 ? 1 : 2;
   const bool short_rows = storage_bytes<VS>(Dv) <= decode_prefetch_value_bytes;
   const bool values_in_pv = short_rows && pairs_ready && alone && !is_quantized_v<VS>;
+  // Value rows P V reads in more than one piece (its blocks are 8 vectors wide: AVX2 at
+  // D = 128, AVX-512 at D = 256) are no sequential stream for the hardware prefetcher:
+  // asked for into L2 with the keys (Sk = 32768, H = 32, Hk = 8, 1 thread: AVX2 fp32
+  // D = 128 19.9 -> 13.6 ms, 2 threads 9.5 -> 7.6; AVX-512 bf16 D = 256 9.8 -> 8.2 ms,
+  // fp32 D = 256 the same within noise).
+  const bool split_rows = !is_quantized_v<VS> && dvp > 8 * W;
   const index_t distance = short_rows ? decode_prefetch_short_keys : decode_prefetch_keys;
   for (index_t j0 = first; j0 < last;) {
     const index_t keys = std::min(ld, last - j0);  // pages are gathered: the same tiles
     auto prefetch_from = [&](index_t j) {
       return spread_prefetch<KS, VS, W>(kv, j + distance, stream_end, D, Dv, !short_rows,
-                                        short_rows && !values_in_pv);
+                                        (short_rows || split_rows) && !values_in_pv);
     };
     if (q8_0_keys && products.q8_0) {
       if constexpr (q8_0_keys)
