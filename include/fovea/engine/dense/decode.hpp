@@ -25,7 +25,7 @@
 #include "prefill.hpp"
 #include "query_columns.hpp"
 #include "score_q8_0.hpp"
-#include "values_q8_0.hpp"
+#include "quantized_values.hpp"
 #include "../../simd/bf16_pairs.hpp"
 #include "../kv/stage.hpp"
 #include "../tile/tile_traits.hpp"
@@ -436,13 +436,25 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
     if constexpr (is_quantized_v<VS>) {
       for (index_t r0 = 0; r0 < keys; r0 += decode_strip) {
         const index_t rows = std::min(decode_strip, keys - r0);
-#if FOVEA_HAS_Q8_0_VALUES
-        if constexpr (std::is_same_v<VS, block_q8_0> && std::is_same_v<T, float> &&
-                      W == 16) {  // converted in registers (values_q8_0.hpp): the same bits
-          const block_q8_0* value_rows[decode_strip];
-          for (index_t r = 0; r < rows; ++r) value_rows[r] = kv.v_row(j0 + r0 + r);
-          if (!masked || q8_0_scales_finite(value_rows, rows, Dv / block_q8_0::size)) {
-            q8_0_values<Backend>(value_rows, rows, Dv, buf.p + r0, ld, n, buf.acc, dvp);
+#if FOVEA_HAS_QUANTIZED_VALUES
+        // Converted in registers (quantized_values.hpp), the same bits: q8_0 rows unless a
+        // masked tile meets a non-finite scale; int8 and fp8 rows of whole 32-value groups
+        // without per-channel scales in unmasked tiles (masked ones check the staged values).
+        if constexpr (std::is_same_v<T, float> && W == 16) {
+          constexpr bool q8_0 = std::is_same_v<VS, block_q8_0>;
+          const VS* value_rows[decode_strip];
+          float value_scales[decode_strip];
+          for (index_t r = 0; r < rows; ++r) {
+            value_rows[r] = kv.v_row(j0 + r0 + r);
+            value_scales[r] = kv.v_scale(j0 + r0 + r);
+          }
+          bool in_registers;
+          if constexpr (q8_0)
+            in_registers = !masked || q8_0_scales_finite(value_rows, rows, Dv / block_q8_0::size);
+          else
+            in_registers = !masked && Dv % 32 == 0 && !kv.v_channels;
+          if (in_registers) {
+            quantized_values<Backend>(value_rows, value_scales, rows, Dv, buf.p + r0, ld, n, buf.acc, dvp);
             continue;
           }
         }
