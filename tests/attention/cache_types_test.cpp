@@ -864,6 +864,8 @@ void expect_q8_0_logits_are_the_definition() {
           if (rows.size() > 9) rows[9].d = half(60000.0f);
           if (rows.size() > 40) rows[40].d = half(nan_f);
           if (rows.size() > 22) rows[22].d = half(HUGE_VALF);  // beyond q8_0's range: NaN
+          if (rows.size() > 3)  // -128 (which quantize never writes) against full-scale queries
+            std::fill(rows[3].qs, rows[3].qs + 32, std::int8_t(-128));
           auto qx = normal<float>(columns * D, ++seed);
           std::fill(qx.begin(), qx.begin() + 32, 0.0f);  // column 0's first block: zeros
           std::vector<block_q8_0> q_rows(columns * blocks);

@@ -152,7 +152,10 @@ struct vec<T, simd<Arch>> {
     using ints = xsimd::batch<std::int32_t, Arch>;
     const ints bits = xsimd::bitwise_cast<ints>(x);
     const ints flip = (bits >> 31) | ints(std::numeric_limits<std::int32_t>::min());
-    const ints nan = xsimd::select((bits & ints(0x7FFFFFFF)) > ints(0x7F800000), ints(-1), ints(0));
+    // NaN: magnitude bits above infinity's, so the difference is negative; its sign
+    // smeared over the lane (xsimd 8.1's integer select does not compile at -O0 with
+    // AVX-512BW: GCC's blend intrinsics are macros there).
+    const ints nan = (ints(0x7F800000) - (bits & ints(0x7FFFFFFF))) >> 31;
     ((bits ^ flip) | nan).store_unaligned(reinterpret_cast<std::int32_t*>(p));
   }
   /// p[i] = lane i of x clamped to [-127, 127] and rounded to nearest, ties to even, as

@@ -312,7 +312,7 @@ struct decode_products {
 /// Logits of the q8_0 key rows [j0, j0 + keys) against the quantized query rows c <
 /// columns into s[c * ld + r]: 16 keys at a time with AVX512-VNNI on an AVX-512 backend
 /// (prefetch.start(r, n, blocks) before keys [r, r + n), step() per block), one at a time
-/// elsewhere; the same bits either way.
+/// with AVX2 (four columns per pass) or in plain C++ elsewhere; the same bits every way.
 template <class Backend, class VS, class Prefetch>
 void q8_0_scores(const kv_source<block_q8_0, VS>& kv, index_t j0, index_t keys,
                  const q8_0_queries& q, index_t columns, float* s, index_t ld,
@@ -331,6 +331,23 @@ void q8_0_scores(const kv_source<block_q8_0, VS>& kv, index_t j0, index_t keys,
       const row_offsets offsets =
           gathered ? row_offsets::of(rows) : row_offsets::strided(row_bytes, n);
       q8_0_logits_16(rows, offsets, q, columns, s + r0, ld, prefetch);
+    }
+    return;
+  }
+#endif
+#if FOVEA_HAS_Q8_0_DOT_AVX2
+  // One key at a time, four columns per pass (score_q8_0.hpp), asking for the rows ahead
+  // as the 16-key path does: start per vector width of keys (the prefetch's row limit), a
+  // step per key for the first blocks. (The scalar backend keeps the plain loop.)
+  if constexpr (vec<float, Backend>::width >= 8) {
+    constexpr index_t group = vec<float, Backend>::width;
+    for (index_t r0 = 0; r0 < keys; r0 += group) {
+      const index_t n = std::min<index_t>(group, keys - r0);
+      prefetch.start(r0, n, q.blocks);
+      for (index_t r = r0; r < r0 + n; ++r) {
+        if (r - r0 < q.blocks) prefetch.step();
+        q8_0_logits_avx2(kv.k_row(j0 + r), q, columns, s + r, ld);
+      }
     }
     return;
   }

@@ -14,6 +14,7 @@
 // q8_0_logit computes the same integers one key at a time.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -22,6 +23,7 @@
 #include "../../core/cache_types.hpp"
 #include "../../core/quantized_rows.hpp"
 #include "../../core/tensor_view.hpp"
+#include "../../simd/dequantize.hpp"  // block_scale
 #include "../../simd/vec.hpp"
 #include "../select/score_int8.hpp"  // FOVEA_HAS_INT8_DOT
 
@@ -96,6 +98,54 @@ inline float q8_0_logit(const block_q8_0* key, const block_q8_0* query, const fl
   }
   return logit;
 }
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(FOVEA_FORCE_SCALAR)
+#include <immintrin.h>
+#define FOVEA_HAS_Q8_0_DOT_AVX2 1
+
+/// s[c * ld] = q8_0_logit of one key row against the quantized query rows c < columns,
+/// four columns at a time with AVX2's byte products (no VNNI): per block, |k| (unsigned)
+/// times the query's bytes with k's signs (vpmaddubsw: products of at most 128 * 127, pairs
+/// below 2^15, so exact, also for a key byte of -128; queries never hold -128), pairs added
+/// by vpmaddwd, the four columns' lanes reduced together by vphaddd; then each block's fma
+/// in fp32, in block order: q8_0_logit's integers and operations, so the same bits.
+inline void q8_0_logits_avx2(const block_q8_0* key, const q8_0_queries& q, index_t columns,
+                             float* s, index_t ld) noexcept {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (index_t c0 = 0; c0 < columns; c0 += 4) {
+    const index_t m = std::min<index_t>(4, columns - c0);
+    __m128 logit = _mm_setzero_ps();
+    for (index_t b = 0; b < q.blocks; ++b) {
+      const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(key[b].qs));
+      const __m256i magnitude = _mm256_sign_epi8(k, k);
+      __m256i sum[4];
+      alignas(16) float factor[4];
+      const float key_scale = product_scale(block_scale(key[b].d));
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        if (c < m) {
+          const index_t at = (c0 + c) * q.blocks + b;
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.rows[at].qs));
+          sum[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, k)), ones);
+          factor[c] = key_scale * q.scales[at];
+        } else {
+          sum[c] = _mm256_setzero_si256();
+          factor[c] = 0;
+        }
+      }
+      // [a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7]: the halves' sum is each column's.
+      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(sum[0], sum[1]), _mm256_hadd_epi32(sum[2], sum[3]));
+      const __m128i isum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+      logit = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), _mm_load_ps(factor), logit);
+    }
+    alignas(16) float lanes[4];
+    _mm_store_ps(lanes, logit);
+    for (index_t c = 0; c < m; ++c) s[(c0 + c) * ld] = lanes[c];
+  }
+}
+#else
+#define FOVEA_HAS_Q8_0_DOT_AVX2 0
+#endif
 
 #if FOVEA_HAS_INT8_DOT
 

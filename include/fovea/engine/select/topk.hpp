@@ -1,7 +1,8 @@
 // Top-k by radix selection: scores become 64-bit keys (the float's order-preserving bits,
 // then the inverted index, so ties go to the lower index and every key is distinct), and
 // the k-th largest key is found in a few branch-light byte passes. HiP keeps its best
-// halves this way, routing its clusters' members.
+// halves this way; routing its clusters' members from the 32-bit order bits alone (made in
+// vector lanes), taking the first rows equal to the k-th.
 #pragma once
 
 #include <algorithm>
