@@ -532,10 +532,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       case 16: {  // titans_memory: gates from the bytes (outside [0, 1], negative or
                   // non-finite: an error), chunk from the knob (0: an error), optional
                   // states in, out and in place
-        std::vector<float> eta(B * Hk * Sq + 1), theta(B * Hk * Sq + 1), alpha(B * Hk * Sq + 1),
-            memory(B * Hk * D * Dv + 1), momentum(B * Hk * D * Dv + 1);
+        // (gates shared by the heads hold B x 1 x Sq values even when Hk is 0)
+        const index_t gate_heads = flags & 4 ? 1 : Hk, gates = B * gate_heads * Sq + 1;
+        std::vector<float> eta(gates), theta(gates), alpha(gates), memory(B * Hk * D * Dv + 1),
+            momentum(B * Hk * D * Dv + 1);
         for (auto* x : {&eta, &theta, &alpha, &memory, &momentum}) for (float& e : *x) e = in.value();
-        const index_t gate_heads = flags & 4 ? 1 : Hk;
         fovea::titans_memory_options o{.chunk = knob, .scale = scale};
         if (!(flags & 8)) o.theta = fovea::bhsd<const float>(theta.data(), B, gate_heads, Sq, 1);
         if (flags & 16) o.eta = fovea::bhsd<const float>(eta.data(), B, gate_heads, Sq, 1);
