@@ -18,6 +18,8 @@
 #include <cstring>
 #include <fovea/fovea.hpp>
 #include <optional>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "common/reference.hpp"
@@ -49,9 +51,19 @@ struct bytes {
   }
 };
 
+/// The case being run (kernel, shapes, flags, ...), printed with a violation so a CI log
+/// says which case broke even when the input itself is gone.
+std::string fuzz_case;
+
 [[noreturn]] void fail(const char* what) {
-  std::fprintf(stderr, "contract violated: %s\n", what);
+  std::fprintf(stderr, "contract violated: %s\n  case: %s\n", what, fuzz_case.c_str());
   std::abort();
+}
+
+/// Appends `name=value` to fuzz_case.
+template <class T>
+void describe(const char* name, const T& value) {
+  fuzz_case += std::string(fuzz_case.empty() ? "" : " ") + name + "=" + std::to_string(value);
 }
 
 /// NaN wherever both references have NaN (the NaN pattern); and
@@ -133,6 +145,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (flags & 1) scale = scale_pick[in.u8() % 6];
   const bool causal = flags & 2;
   const index_t knob = index_t(in.u8()) - 2;  // -2 .. 253: windows, keep, top_k, ...
+  fuzz_case.clear();
+  for (auto [name, value] : {std::pair<const char*, index_t>{"kernel", kernel}, {"B", B}, {"H", H},
+                             {"Hk", Hk}, {"Sq", Sq}, {"Sk", Sk}, {"D", D}, {"Dv", Dv},
+                             {"layout", layout}, {"flags", flags}, {"knob", knob}})
+    describe(name, value);
+  describe("scale", scale ? *scale : -2.0);
 
   // A bias (fp32 or fp16) and a mask for the per-sequence calls: (1|B, H|Hk|1|other,
   // rows|1, cols|1) from the bytes (a wrong extent: an error), values from the bytes.
@@ -400,6 +418,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         // The cache types: flags' low bits mixed with a byte of their own, so any type
         // meets causal, a scale and two threads (bits 0-1); the input's end reads 0.
         const int types = flags ^ in.u8(), kt = types % 4, vt = (types / 4) % 4;
+        describe("k_type", kt);  // q8_0, int8, e4m3, e5m2
+        describe("v_type", vt);
         quantized_k.assign(k.size(), 0.f);
         quantized_v.assign(v.size(), 0.f);
         fovea::softmax_options o{.causal = causal, .scale = scale, .threads = 1 + (flags & 1)};
@@ -467,6 +487,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                                                   .k_scale = o.k_scale,
                                                   .v_scale = o.v_scale,
                                                   .threads = o.threads};
+              describe("block_size_q", hip_over_cache->block_size_q);
+              describe("block_size_k", hip_over_cache->block_size_k);
               fovea::hip_attention(Q, Kq, Vq, O, *hip_over_cache);
             } else {
               fovea::softmax_attention(Q, Kq, Vq, O, o);
@@ -798,8 +820,16 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     fovea::hip_attention(Q, fovea::bhsd<const float>(quantized_k.data(), B, Hk, Sk, D),
                          fovea::bhsd<const float>(quantized_v.data(), B, Hk, Sk, Dv),
                          fovea::bhsd(again.data(), B, H, Sq, Dv), o);
-    if (!got.empty() && std::memcmp(got.data(), again.data(), got.size() * sizeof(float)) != 0)
+    if (!got.empty() && std::memcmp(got.data(), again.data(), got.size() * sizeof(float)) != 0) {
+      for (std::size_t i = 0; i < got.size(); ++i)
+        if (std::memcmp(&got[i], &again[i], sizeof(float)) != 0) {
+          describe("first_difference_at", i);
+          describe("over_cache", got[i]);
+          describe("over_values", again[i]);
+          break;
+        }
       fail("HiP over a quantized cache differs from HiP over its dequantized values");
+    }
   } else if (kernel == 14 && tame && (!scale || *scale < 1e6) &&
              !q8_0_beyond_range) {  // on the dequantized values
     const fovea::softmax_options o{.causal = causal, .scale = scale};

@@ -19,6 +19,7 @@
 // Rounding is to nearest, ties to even, in every quantizer.
 #pragma once
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -87,11 +88,17 @@ constexpr float fp8_value(std::uint8_t bits) noexcept {
   constexpr int bias = (1 << (E - 1)) - 1, max_exp = (1 << E) - 1;
   const bool negative = bits & 0x80;
   const int exp = (bits >> M) & max_exp, man = bits & ((1 << M) - 1);
+  if ((E == 4 && exp == max_exp && man == (1 << M) - 1) || (E == 5 && exp == max_exp && man)) {
+    // NaN with the bits the vector conversion gives (the code as an fp16 NaN, widened):
+    // the code's sign, the quiet bit, fp16's mantissa (e4m3: all ones; e5m2: the code's)
+    // at the top of float's, so a value dequantizes to the same bits wherever it sits
+    // (fuzzing found a tail element and a vector lane differing in the NaN's sign).
+    const std::uint32_t half_mantissa = E == 4 ? 0x3FFu : std::uint32_t(man) << 8;
+    return std::bit_cast<float>((negative ? 0x80000000u : 0u) | 0x7FC00000u | (half_mantissa << 13));
+  }
   float mag;
-  if (E == 4 && exp == max_exp && man == (1 << M) - 1)
-    mag = std::numeric_limits<float>::quiet_NaN();
-  else if (E == 5 && exp == max_exp)
-    mag = man ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  if (E == 5 && exp == max_exp)
+    mag = std::numeric_limits<float>::infinity();
   else if (exp == 0)
     mag = std::ldexp(float(man), 1 - bias - M);
   else
