@@ -82,8 +82,10 @@ inline void transpose_block(const T* const* rows, T* dst, index_t ld) noexcept {
 template <class T, class Backend>
 void transpose_rows(const T* x, index_t n, index_t stride, index_t d, T* x_t, index_t ld) noexcept {
   constexpr index_t W = vec<T, Backend>::width;
-  index_t r = 0;
-  for (; r + W <= n; r += W) {
+  // (the whole blocks' end computed once: with `r + W <= n` as the test, GCC -O3 inlined
+  // into the recurrence's chunk step warned of undefined behaviour in the tail loop)
+  const index_t whole = n / W * W;
+  for (index_t r = 0; r < whole; r += W) {
     const T* rows[W];
     index_t e = 0;
     for (; e + W <= d; e += W) {
@@ -94,7 +96,7 @@ void transpose_rows(const T* x, index_t n, index_t stride, index_t d, T* x_t, in
       for (index_t i = 0; i < W; ++i) x_t[e * ld + r + i] = x[(r + i) * stride + e];
   }
   for (index_t e = 0; e < d; ++e) {
-    for (index_t i = r; i < n; ++i) x_t[e * ld + i] = x[i * stride + e];
+    for (index_t i = whole; i < n; ++i) x_t[e * ld + i] = x[i * stride + e];
     std::fill(x_t + e * ld + n, x_t + e * ld + ld, T(0));
   }
 }
