@@ -1002,6 +1002,54 @@ TEST(QuantizedValues, EqualTheStagedPathBitwise) {
 }
 #endif
 
+/// Decode over fp8 keys (converted in registers where the rows are whole vectors and the
+/// head has one scale, staged otherwise) equals decode over their dequantized values bit
+/// for bit: head dims 16/64/128 and 40 (staged), per-head and per-token scales, both
+/// layouts, Sq 1 and 3 (causal: masked tiles), Sk around the tiles, GQA 4, NaN codes in
+/// one head's keys (the other head's outputs stay numbers, both paths give the same NaN).
+template <class F8>
+void expect_fp8_keys_are_their_values() {
+  const index_t B = 1, H = 8, Hk = 2;
+  const std::uint8_t nan_code = std::is_same_v<F8, e4m3> ? 0xFF : 0x7E;
+  for (const index_t D : {16, 64, 128, 40})
+    for (const index_t sk : {1, 300, 600})
+      for (const index_t sq : {1, 3})
+        for (const bool bshd_layout : {false, true})
+          for (const bool per_token : {false, true}) {
+            SCOPED_TRACE("D " + std::to_string(D) + " Sk " + std::to_string(sk) + " Sq " +
+                         std::to_string(sq) + (bshd_layout ? " bshd" : " bhsd") +
+                         (per_token ? " per-token scales" : " per-head scales"));
+            const auto x = normal<float>(B * Hk * sk * D, 40 + D + sk);
+            std::vector<F8> codes(x.size());
+            std::vector<float> scales;
+            for (index_t h = 0; h < Hk; ++h)
+              for (index_t t = 0; t < (per_token ? sk : 1); ++t) scales.push_back(0.01f * float(h + 1) + 1e-4f * float(t % 7));
+            const auto S = per_token ? view<const float>(scales.data(), {1, Hk, sk})
+                                     : view<const float>(scales.data(), {1, Hk, 1});
+            const auto X = bhsd<const float>(x.data(), B, Hk, sk, D);
+            const auto K = bshd_layout ? bshd(codes.data(), B, sk, Hk, D) : bhsd(codes.data(), B, Hk, sk, D);
+            quantize(X, K, S);
+            if (sk > 200) K(0, 1, 137, D - 1).bits = nan_code;  // head 1, mid-tile, last lane
+            std::vector<float> keys(x.size());
+            dequantize(tensor_view<const F8, 4>(K), bhsd(keys.data(), B, Hk, sk, D), S);
+            const auto q = normal<float>(B * H * sq * D, 41), v = normal<float>(B * Hk * sk * D, 42);
+            const auto Q = bhsd<const float>(q.data(), B, H, sq, D);
+            const auto V = bhsd<const float>(v.data(), B, Hk, sk, D);
+            std::vector<float> got(B * H * sq * D), want(got.size());
+            softmax_attention(Q, tensor_view<const F8, 4>(K), V, bhsd(got.data(), B, H, sq, D),
+                              {.causal = true, .k_scale = S});
+            softmax_attention(Q, bhsd<const float>(keys.data(), B, Hk, sk, D), V,
+                              bhsd(want.data(), B, H, sq, D), {.causal = true});
+            EXPECT_EQ(0, std::memcmp(got.data(), want.data(), 4 * got.size()));
+            EXPECT_TRUE(std::isfinite(got[0]));  // head 0 (no NaN key)
+          }
+}
+
+TEST(CacheAttention, Fp8KeysEqualTheirDequantizedValuesBitwise) {
+  expect_fp8_keys_are_their_values<e4m3>();
+  expect_fp8_keys_are_their_values<e5m2>();
+}
+
 /// A query row quantized to q8_0 and read back: the query the q8_0 products score.
 std::vector<float> q8_0_rounded(const std::vector<float>& q, index_t rows, index_t D) {
   std::vector<block_q8_0> blocks(q.size() / 32);

@@ -105,6 +105,26 @@ struct converting_dot {
   }
 };
 
+#if FOVEA_HAS_QUANTIZED_VALUES
+/// fp8 key rows (e4m3, e5m2; one scale per head) converted in registers as they are
+/// loaded, 16 codes at a time: the values dequantize_row writes (the code through fp16,
+/// times the head's scale, x 256 for e4m3), bit for bit, so the logits are those of the
+/// staged rows without their store and reload (rows must be readable in whole steps).
+template <class Backend, class F8>
+struct fp8_key_dot : converting_dot<float, Backend> {
+  using key_reg = typename converting_dot<float, Backend>::key_reg;
+  __m512 factor;
+
+  fp8_key_dot(const float* q, index_t dq, float head_scale) noexcept
+      : converting_dot<float, Backend>{q, dq},
+        factor(_mm512_set1_ps(std::is_same_v<F8, e4m3> ? head_scale * 256.0f : head_scale)) {}
+  key_reg load_key(const F8* row, index_t d) const noexcept {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d));
+    return key_reg(_mm512_mul_ps(_mm512_cvtph_ps(fp8_as_half<F8>(_mm256_cvtepu8_epi16(raw))), factor));
+  }
+};
+#endif
+
 #if FOVEA_HAS_BF16_DOT
 /// bf16 key rows against bf16 query pairs with AVX512-BF16's vdpbf16ps: two products per
 /// lane per instruction, exact, summed in fp32 (inputs below bf16's normal range count as
@@ -195,7 +215,7 @@ void dot_scores(const Dot& dot, index_t depth, index_t columns, const S* k, inde
         }
 #pragma GCC unroll 16
         for (int r = 0; r < KR; ++r) {
-          kr[r] = Dot::load_key(rows[r], d);
+          kr[r] = dot.load_key(rows[r], d);
           pin_register(kr[r]);
         }
 #pragma GCC unroll 16
@@ -416,7 +436,23 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
       if constexpr (q8_0_keys)
         q8_0_scores<Backend>(kv, j0, keys, buf.q8_0(), n, buf.s, ld, prefetch_from(j0));
     } else if constexpr (is_quantized_v<KS>) {
-      for (index_t r0 = 0; r0 < keys; r0 += decode_strip) {
+      bool in_registers = false;
+#if FOVEA_HAS_QUANTIZED_VALUES
+      // fp8 rows of whole vectors with one scale for the head: converted as dot_scores
+      // loads them (the same logits), one call per run of rows on a page.
+      if constexpr ((std::is_same_v<KS, e4m3> || std::is_same_v<KS, e5m2>) && std::is_same_v<T, float> &&
+                    W == 16)
+        if (D == dq && kv.k_scales.token == 0 && kv.k_scales.page == 0) {
+          const fp8_key_dot<Backend, KS> dot(buf.q, dq, kv.k_scale(j0));
+          for (index_t r0 = 0, run; r0 < keys; r0 += run) {
+            run = kv.run(j0 + r0, keys - r0);
+            dot_scores<T, Backend, decode_prefetch_parts<KS>>(dot, dq, n, kv.k_row(j0 + r0), kv.k_stride,
+                                                              run, buf.s + r0, ld, prefetch_from(j0 + r0));
+          }
+          in_registers = true;
+        }
+#endif
+      for (index_t r0 = 0; !in_registers && r0 < keys; r0 += decode_strip) {
         const index_t rows = std::min(decode_strip, keys - r0);
         stage_rows(kv, true, j0 + r0, rows, D, dq, buf.stage_k);
         dot_scores<T, Backend, decode_prefetch_parts<KS>>(converting_dot<T, Backend>{buf.q, dq}, dq,
