@@ -1002,42 +1002,59 @@ TEST(QuantizedValues, EqualTheStagedPathBitwise) {
 }
 #endif
 
-/// Decode over fp8 keys (converted in registers where the rows are whole vectors and the
-/// head has one scale, staged otherwise) equals decode over their dequantized values bit
-/// for bit: head dims 16/64/128 and 40 (staged), per-head and per-token scales, both
-/// layouts, Sq 1 and 3 (causal: masked tiles), Sk around the tiles, GQA 4, NaN codes in
-/// one head's keys (the other head's outputs stay numbers, both paths give the same NaN).
-template <class F8>
-void expect_fp8_keys_are_their_values() {
+/// Decode over q8_0 and fp8 keys (converted in registers where the rows are whole vectors
+/// and fp8's head has one scale, staged otherwise) equals decode over their dequantized
+/// values bit for bit: head dims 16/64/128 and 40 (fp8's staged case; q8_0: 32/64/128/96),
+/// fp8's per-head and per-token scales, both layouts, Sq 1 and 3 (causal: masked tiles),
+/// Sk around the tiles, GQA 4, a NaN code (fp8) or block scale (q8_0) in one head's keys
+/// (the other head's outputs stay numbers, both paths give the same NaN).
+template <class S>
+void expect_quantized_keys_are_their_values() {
+  constexpr bool q8 = std::is_same_v<S, block_q8_0>;
   const index_t B = 1, H = 8, Hk = 2;
-  const std::uint8_t nan_code = std::is_same_v<F8, e4m3> ? 0xFF : 0x7E;
-  for (const index_t D : {16, 64, 128, 40})
+  for (const index_t D : q8 ? std::vector<index_t>{32, 64, 128, 96} : std::vector<index_t>{16, 64, 128, 40})
     for (const index_t sk : {1, 300, 600})
       for (const index_t sq : {1, 3})
         for (const bool bshd_layout : {false, true})
           for (const bool per_token : {false, true}) {
+            if (q8 && per_token) continue;  // (q8_0 carries its scales in its blocks)
             SCOPED_TRACE("D " + std::to_string(D) + " Sk " + std::to_string(sk) + " Sq " +
                          std::to_string(sq) + (bshd_layout ? " bshd" : " bhsd") +
                          (per_token ? " per-token scales" : " per-head scales"));
             const auto x = normal<float>(B * Hk * sk * D, 40 + D + sk);
-            std::vector<F8> codes(x.size());
+            std::vector<S> codes(q8 ? x.size() / block_q8_0::size : x.size());
             std::vector<float> scales;
             for (index_t h = 0; h < Hk; ++h)
               for (index_t t = 0; t < (per_token ? sk : 1); ++t) scales.push_back(0.01f * float(h + 1) + 1e-4f * float(t % 7));
-            const auto S = per_token ? view<const float>(scales.data(), {1, Hk, sk})
-                                     : view<const float>(scales.data(), {1, Hk, 1});
+            const auto scale = per_token ? view<const float>(scales.data(), {1, Hk, sk})
+                                         : view<const float>(scales.data(), {1, Hk, 1});
             const auto X = bhsd<const float>(x.data(), B, Hk, sk, D);
             const auto K = bshd_layout ? bshd(codes.data(), B, sk, Hk, D) : bhsd(codes.data(), B, Hk, sk, D);
-            quantize(X, K, S);
-            if (sk > 200) K(0, 1, 137, D - 1).bits = nan_code;  // head 1, mid-tile, last lane
+            const tensor_view<const float, 3> no_scale{};
+            const auto key_scale = q8 ? no_scale : scale;
+            if constexpr (q8)
+              quantize(X, K);
+            else
+              quantize(X, K, scale);
+            if (sk > 200) {  // head 1, mid-tile, the last lane (fp8) or block (q8_0)
+              if constexpr (q8) {
+                const index_t blocks = D / block_q8_0::size, token = bshd_layout ? 137 * Hk + 1 : sk + 137;
+                codes[std::size_t(token * blocks + blocks - 1)].d = half(std::numeric_limits<float>::quiet_NaN());
+              } else {
+                K(0, 1, 137, D - 1).bits = std::is_same_v<S, e4m3> ? 0xFF : 0x7E;
+              }
+            }
             std::vector<float> keys(x.size());
-            dequantize(tensor_view<const F8, 4>(K), bhsd(keys.data(), B, Hk, sk, D), S);
+            if constexpr (q8)
+              dequantize(tensor_view<const S, 4>(K), bhsd(keys.data(), B, Hk, sk, D));
+            else
+              dequantize(tensor_view<const S, 4>(K), bhsd(keys.data(), B, Hk, sk, D), scale);
             const auto q = normal<float>(B * H * sq * D, 41), v = normal<float>(B * Hk * sk * D, 42);
             const auto Q = bhsd<const float>(q.data(), B, H, sq, D);
             const auto V = bhsd<const float>(v.data(), B, Hk, sk, D);
             std::vector<float> got(B * H * sq * D), want(got.size());
-            softmax_attention(Q, tensor_view<const F8, 4>(K), V, bhsd(got.data(), B, H, sq, D),
-                              {.causal = true, .k_scale = S});
+            softmax_attention(Q, tensor_view<const S, 4>(K), V, bhsd(got.data(), B, H, sq, D),
+                              {.causal = true, .k_scale = key_scale});
             softmax_attention(Q, bhsd<const float>(keys.data(), B, Hk, sk, D), V,
                               bhsd(want.data(), B, H, sq, D), {.causal = true});
             EXPECT_EQ(0, std::memcmp(got.data(), want.data(), 4 * got.size()));
@@ -1045,9 +1062,10 @@ void expect_fp8_keys_are_their_values() {
           }
 }
 
-TEST(CacheAttention, Fp8KeysEqualTheirDequantizedValuesBitwise) {
-  expect_fp8_keys_are_their_values<e4m3>();
-  expect_fp8_keys_are_their_values<e5m2>();
+TEST(CacheAttention, QuantizedKeysEqualTheirDequantizedValuesBitwise) {
+  expect_quantized_keys_are_their_values<block_q8_0>();
+  expect_quantized_keys_are_their_values<e4m3>();
+  expect_quantized_keys_are_their_values<e5m2>();
 }
 
 /// A query row quantized to q8_0 and read back: the query the q8_0 products score.

@@ -35,6 +35,13 @@ inline float dequantized(std::int8_t q, float scale) noexcept { return float(q) 
 inline float dequantized(e4m3 x, float scale) noexcept { return to_float(x) * scale; }
 inline float dequantized(e5m2 x, float scale) noexcept { return to_float(x) * scale; }
 
+/// The factor fp8 values read through fp16 (fp8_as_half) are multiplied by: the scale,
+/// times 256 for e4m3 (its codes read as fp16 are the value / 256; the product is exact).
+template <class F8>
+constexpr float fp8_factor(float scale) noexcept {
+  return std::is_same_v<F8, e4m3> ? scale * 256.0f : scale;
+}
+
 #if defined(__AVX2__) && defined(__F16C__)
 /// 16 fp8 codes (zero-extended to 16 bits each) as fp16 bit patterns: e5m2 is fp16's top
 /// byte; e4m3's exponent and mantissa shifted into fp16's give the value / 256 (normals
@@ -50,6 +57,24 @@ inline __m256i fp8_as_half(__m256i bytes16) noexcept {
     return _mm256_or_si256(_mm256_or_si256(sign, _mm256_slli_epi16(mag, 7)),
                            _mm256_and_si256(nan, _mm256_set1_epi16(0x7FFF)));
   }
+}
+
+/// 16 fp8 codes (16 bytes) as fp16 bit patterns, fp8_as_half's bits: with AVX-512BW/VL
+/// fp8_as_half_32's sign-extending steps below (6 instructions where fp8_as_half takes 9;
+/// e4m3 decode's keys convert through it).
+template <class F8>
+inline __m256i fp8_codes_as_half(__m128i codes16) noexcept {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  if constexpr (std::is_same_v<F8, e4m3>) {
+    const __m256i wide = _mm256_cvtepi8_epi16(codes16);
+    const __m256i half = _mm256_and_si256(_mm256_slli_epi16(wide, 7), _mm256_set1_epi16(short(0xBFFF)));
+    const __mmask16 nan = _mm256_cmpeq_epi16_mask(_mm256_and_si256(wide, _mm256_set1_epi16(0x7F)),
+                                                  _mm256_set1_epi16(0x7F));
+    // The NaN code's S.01111.1110000000 plus 0x407F is S.11111.1111111111, fp8_as_half's NaN.
+    return _mm256_mask_add_epi16(half, nan, half, _mm256_set1_epi16(0x407F));
+  }
+#endif
+  return fp8_as_half<F8>(_mm256_cvtepu8_epi16(codes16));
 }
 #endif
 
@@ -67,7 +92,7 @@ inline __m512i fp8_as_half_32(__m256i codes32) noexcept {
     const __m512i half = _mm512_and_si512(_mm512_slli_epi16(wide, 7), _mm512_set1_epi16(short(0xBFFF)));
     const __mmask32 nan = _mm512_cmpeq_epi16_mask(_mm512_and_si512(wide, _mm512_set1_epi16(0x7F)),
                                                   _mm512_set1_epi16(0x7F));
-    return _mm512_mask_mov_epi16(half, nan, _mm512_or_si512(half, _mm512_set1_epi16(0x7FFF)));
+    return _mm512_mask_add_epi16(half, nan, half, _mm512_set1_epi16(0x407F));  // as above
   }
 }
 #endif
@@ -121,7 +146,7 @@ void dequantize_row(const S* src, float scale, float* dst, index_t n) noexcept {
     static_assert(std::is_same_v<S, e4m3> || std::is_same_v<S, e5m2>, "a quantized type");
 #if defined(__AVX2__) && defined(__F16C__)
     // e4m3 through fp16 is the value / 256: the factor goes into the scale (exact).
-    const float factor = std::is_same_v<S, e4m3> ? scale * 256.0f : scale;
+    const float factor = fp8_factor<S>(scale);
 #if defined(__AVX512F__)
     const __m512 vs16 = _mm512_set1_ps(factor);
 #if defined(__AVX512BW__)
@@ -135,21 +160,21 @@ void dequantize_row(const S* src, float scale, float* dst, index_t n) noexcept {
 #endif
     for (; i + 16 <= n; i += 16) {  // 16 codes per step in 256-bit integer lanes
       const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-      const __m256i halves = fp8_as_half<S>(_mm256_cvtepu8_epi16(raw));
+      const __m256i halves = fp8_codes_as_half<S>(raw);
       _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_cvtph_ps(halves), vs16));
     }
 #endif
     const __m256 vs = _mm256_set1_ps(factor);
     for (; i + 16 <= n; i += 16) {
       const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-      const __m256i halves = fp8_as_half<S>(_mm256_cvtepu8_epi16(raw));
+      const __m256i halves = fp8_codes_as_half<S>(raw);
       _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(halves)), vs));
       _mm256_storeu_ps(dst + i + 8,
                        _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1)), vs));
     }
     for (; i + 8 <= n; i += 8) {  // (the upper 8 lanes zero)
       const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i));
-      const __m256i halves = fp8_as_half<S>(_mm256_cvtepu8_epi16(raw));
+      const __m256i halves = fp8_codes_as_half<S>(raw);
       _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(halves)), vs));
     }
 #endif

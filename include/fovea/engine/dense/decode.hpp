@@ -106,21 +106,28 @@ struct converting_dot {
 };
 
 #if FOVEA_HAS_QUANTIZED_VALUES
-/// fp8 key rows (e4m3, e5m2; one scale per head) converted in registers as they are
-/// loaded, 16 codes at a time: the values dequantize_row writes (the code through fp16,
-/// times the head's scale, x 256 for e4m3), bit for bit, so the logits are those of the
-/// staged rows without their store and reload (rows must be readable in whole steps).
-template <class Backend, class F8>
-struct fp8_key_dot : converting_dot<float, Backend> {
+/// Quantized key rows converted in registers as dot_scores loads them, 16 values at a
+/// time: fp8 (e4m3, e5m2; one scale per head) through fp16 times the head's factor,
+/// q8_0 times its block's scale. The values dequantize_row writes, bit for bit, so the
+/// logits are those of the staged rows without their store and reload (rows must be
+/// readable in whole steps).
+template <class Backend, class KS>
+struct quantized_key_dot : converting_dot<float, Backend> {
   using key_reg = typename converting_dot<float, Backend>::key_reg;
-  __m512 factor;
+  __m512 factor;  ///< fp8: the head's scale as fp8_factor gives it
 
-  fp8_key_dot(const float* q, index_t dq, float head_scale) noexcept
-      : converting_dot<float, Backend>{q, dq},
-        factor(_mm512_set1_ps(std::is_same_v<F8, e4m3> ? head_scale * 256.0f : head_scale)) {}
-  key_reg load_key(const F8* row, index_t d) const noexcept {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d));
-    return key_reg(_mm512_mul_ps(_mm512_cvtph_ps(fp8_as_half<F8>(_mm256_cvtepu8_epi16(raw))), factor));
+  quantized_key_dot(const float* q, index_t dq, float head_scale) noexcept
+      : converting_dot<float, Backend>{q, dq}, factor(_mm512_set1_ps(fp8_factor<KS>(head_scale))) {}
+  key_reg load_key(const KS* row, index_t d) const noexcept {
+    if constexpr (std::is_same_v<KS, block_q8_0>) {
+      const block_q8_0& block = row[d / block_q8_0::size];
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block.qs + d % block_q8_0::size));
+      return key_reg(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)),
+                                   _mm512_set1_ps(block_scale(block.d))));
+    } else {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d));
+      return key_reg(_mm512_mul_ps(_mm512_cvtph_ps(fp8_codes_as_half<KS>(raw)), factor));
+    }
   }
 };
 #endif
@@ -443,12 +450,12 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
     } else if constexpr (is_quantized_v<KS>) {
       bool in_registers = false;
 #if FOVEA_HAS_QUANTIZED_VALUES
-      // fp8 rows of whole vectors with one scale for the head: converted as dot_scores
-      // loads them (the same logits), one call per run of rows on a page.
-      if constexpr ((std::is_same_v<KS, e4m3> || std::is_same_v<KS, e5m2>) && std::is_same_v<T, float> &&
-                    W == 16)
-        if (D == dq && kv.k_scales.token == 0 && kv.k_scales.page == 0) {
-          const fp8_key_dot<Backend, KS> dot(buf.q, dq, kv.k_scale(j0));
+      // q8_0 rows, and fp8 rows of whole vectors with one scale for the head: converted
+      // as dot_scores loads them (the same logits), one call per run of rows on a page.
+      constexpr bool fp8 = std::is_same_v<KS, e4m3> || std::is_same_v<KS, e5m2>;
+      if constexpr ((fp8 || std::is_same_v<KS, block_q8_0>) && std::is_same_v<T, float> && W == 16)
+        if (D == dq && (!fp8 || (kv.k_scales.token == 0 && kv.k_scales.page == 0))) {
+          const quantized_key_dot<Backend, KS> dot(buf.q, dq, fp8 ? kv.k_scale(j0) : 1.0f);
           for (index_t r0 = 0, run; r0 < keys; r0 += run) {
             run = kv.run(j0 + r0, keys - r0);
             dot_scores<T, Backend, decode_prefetch_parts<KS>>(dot, dq, n, kv.k_row(j0 + r0), kv.k_stride,

@@ -63,7 +63,7 @@ template <class S>
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 32 * g + 16 * h));
-      x[h] = _mm512_mul_ps(_mm512_cvtph_ps(fp8_as_half<S>(_mm256_cvtepu8_epi16(raw))), s);
+      x[h] = _mm512_mul_ps(_mm512_cvtph_ps(fp8_codes_as_half<S>(raw)), s);
     }
 #endif
   }
@@ -75,8 +75,8 @@ template <class S>
 [[gnu::always_inline]] inline float group_scale(const S* row, index_t g, float scale) noexcept {
   if constexpr (std::is_same_v<S, block_q8_0>)
     return block_scale(row[g].d);
-  else if constexpr (std::is_same_v<S, e4m3>)
-    return scale * 256.0f;
+  else if constexpr (std::is_same_v<S, e4m3> || std::is_same_v<S, e5m2>)
+    return fp8_factor<S>(scale);
   else
     return scale;
 }
