@@ -1002,12 +1002,13 @@ TEST(QuantizedValues, EqualTheStagedPathBitwise) {
 }
 #endif
 
-/// Decode over q8_0 and fp8 keys (converted in registers where the rows are whole vectors
-/// and fp8's head has one scale, staged otherwise) equals decode over their dequantized
-/// values bit for bit: head dims 16/64/128 and 40 (fp8's staged case; q8_0: 32/64/128/96),
-/// fp8's per-head and per-token scales, both layouts, Sq 1 and 3 (causal: masked tiles),
-/// Sk around the tiles, GQA 4, a NaN code (fp8) or block scale (q8_0) in one head's keys
-/// (the other head's outputs stay numbers, both paths give the same NaN).
+/// Decode over q8_0, int8 and fp8 keys (converted in registers where the rows are whole
+/// vectors, int8 has no channel scales and fp8's head has one scale; staged otherwise)
+/// equals decode over their dequantized values bit for bit: head dims 16/64/128 and 40 (the
+/// staged case; q8_0: 32/64/128/96), per-head and per-token scales, both layouts, Sq 1 and
+/// 3 (causal: masked tiles), Sk around the tiles, GQA 4, a NaN code (fp8), block scale
+/// (q8_0) or row scale (int8) in one head's keys (the other head's outputs stay numbers,
+/// both paths give the same NaN).
 template <class S>
 void expect_quantized_keys_are_their_values() {
   constexpr bool q8 = std::is_same_v<S, block_q8_0>;
@@ -1017,7 +1018,8 @@ void expect_quantized_keys_are_their_values() {
       for (const index_t sq : {1, 3})
         for (const bool bshd_layout : {false, true})
           for (const bool per_token : {false, true}) {
-            if (q8 && per_token) continue;  // (q8_0 carries its scales in its blocks)
+            constexpr bool int8 = std::is_same_v<S, std::int8_t>;
+            if ((q8 && per_token) || (int8 && !per_token)) continue;  // (q8_0: in its blocks; int8: per row)
             SCOPED_TRACE("D " + std::to_string(D) + " Sk " + std::to_string(sk) + " Sq " +
                          std::to_string(sq) + (bshd_layout ? " bshd" : " bhsd") +
                          (per_token ? " per-token scales" : " per-head scales"));
@@ -1034,10 +1036,14 @@ void expect_quantized_keys_are_their_values() {
             const auto key_scale = q8 ? no_scale : scale;
             if constexpr (q8)
               quantize(X, K);
+            else if constexpr (int8)
+              quantize(X, K, view<float>(scales.data(), {1, Hk, sk}));  // (the scales made)
             else
               quantize(X, K, scale);
-            if (sk > 200) {  // head 1, mid-tile, the last lane (fp8) or block (q8_0)
-              if constexpr (q8) {
+            if (sk > 200) {  // head 1, mid-tile, the last lane (fp8), block (q8_0) or row's scale (int8)
+              if constexpr (int8) {
+                scales[std::size_t(sk + 137)] = std::numeric_limits<float>::quiet_NaN();
+              } else if constexpr (q8) {
                 const index_t blocks = D / block_q8_0::size, token = bshd_layout ? 137 * Hk + 1 : sk + 137;
                 codes[std::size_t(token * blocks + blocks - 1)].d = half(std::numeric_limits<float>::quiet_NaN());
               } else {
@@ -1064,6 +1070,7 @@ void expect_quantized_keys_are_their_values() {
 
 TEST(CacheAttention, QuantizedKeysEqualTheirDequantizedValuesBitwise) {
   expect_quantized_keys_are_their_values<block_q8_0>();
+  expect_quantized_keys_are_their_values<std::int8_t>();
   expect_quantized_keys_are_their_values<e4m3>();
   expect_quantized_keys_are_their_values<e5m2>();
 }

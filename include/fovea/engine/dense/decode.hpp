@@ -130,6 +130,31 @@ struct quantized_key_dot : converting_dot<float, Backend> {
     }
   }
 };
+
+/// int8 key rows with a scale per row converted in registers as dot_scores loads them, 16
+/// values at a time: float(q) * the row's scale, the values dequantize_row writes, bit for
+/// bit (rows of whole vectors; row j's scale at scales[j * scale_stride], relative to the
+/// rows dot_scores is given).
+template <class Backend>
+struct int8_key_dot : converting_dot<float, Backend> {
+  using key_reg = typename converting_dot<float, Backend>::key_reg;
+  struct scaled_row {
+    const std::int8_t* codes;
+    float scale;
+  };
+  const float* scales;
+  index_t scale_stride;
+
+  int8_key_dot(const float* q, index_t dq, const float* scales, index_t scale_stride) noexcept
+      : converting_dot<float, Backend>{q, dq}, scales(scales), scale_stride(scale_stride) {}
+  scaled_row row(const std::int8_t* k, index_t j, index_t k_stride) const noexcept {
+    return {k + j * k_stride, scales[j * scale_stride]};
+  }
+  static key_reg load_key(const scaled_row& row, index_t d) noexcept {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row.codes + d));
+    return key_reg(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), _mm512_set1_ps(row.scale)));
+  }
+};
 #endif
 
 #if FOVEA_HAS_BF16_DOT
@@ -203,9 +228,16 @@ template <class T, class Backend, index_t Parts, class Dot, class S, class Prefe
   for (index_t jb = 0; jb < keys; jb += KR) {
     const index_t n = std::min<index_t>(KR, keys - jb);
     prefetch.start(jb, n, (depth + Parts * Dot::step - 1) / (Parts * Dot::step));
-    const S* rows[KR];
+    // Row r as the dot loads it: a pointer, or what Dot::row makes of it (int8's scale)
+    auto row_of = [&](index_t j) FOVEA_ALWAYS_INLINE {
+      if constexpr (requires { dot.row(k, j, k_stride); })
+        return dot.row(k, j, k_stride);
+      else
+        return k + j * k_stride;
+    };
+    decltype(row_of(0)) rows[KR];
 #pragma GCC unroll 16
-    for (int r = 0; r < KR; ++r) rows[r] = k + std::min<index_t>(jb + r, keys - 1) * k_stride;
+    for (int r = 0; r < KR; ++r) rows[r] = row_of(std::min<index_t>(jb + r, keys - 1));
     // One column block: the first also asks for the rows ahead (two instantiations, so
     // the loop over d does not test it: -O2 does not unswitch loops).
     auto column_block = [&]<bool Prefetching>(index_t c0) FOVEA_ALWAYS_INLINE {
@@ -460,6 +492,17 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
             run = kv.run(j0 + r0, keys - r0);
             dot_scores<T, Backend, decode_prefetch_parts<KS>>(dot, dq, n, kv.k_row(j0 + r0), kv.k_stride,
                                                               run, buf.s + r0, ld, prefetch_from(j0 + r0));
+          }
+          in_registers = true;
+        }
+      if constexpr (std::is_same_v<KS, std::int8_t> && std::is_same_v<T, float> && W == 16)
+        if (D == dq && !kv.k_channels) {
+          for (index_t r0 = 0, run; r0 < keys; r0 += run) {
+            run = kv.run(j0 + r0, keys - r0);
+            const auto [scales, stride] = kv.k_scales_from(j0 + r0);
+            dot_scores<T, Backend, decode_prefetch_parts<KS>>(int8_key_dot<Backend>(buf.q, dq, scales, stride), dq,
+                                                              n, kv.k_row(j0 + r0), kv.k_stride, run,
+                                                              buf.s + r0, ld, prefetch_from(j0 + r0));
           }
           in_registers = true;
         }

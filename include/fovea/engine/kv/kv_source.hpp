@@ -45,6 +45,17 @@ struct kv_source {
                  : v + j * v_stride;
   }
   float k_scale(index_t j) const noexcept { return scale(k_scales, j); }
+  /// The key scales of the run of keys starting at j (see run): key j + i's at
+  /// first[i * stride] (a stride of 0 and a 1 when the cache has no scales).
+  struct scale_run {
+    const float* first;
+    index_t stride;
+  };
+  scale_run k_scales_from(index_t j) const noexcept {
+    static constexpr float one = 1.0f;
+    if (!k_scales.at) return {&one, 0};
+    return {scale_at(k_scales, j), k_scales.token};
+  }
   float v_scale(index_t j) const noexcept { return scale(v_scales, j); }
   /// Key rows of D values (value rows of Dv) follow each other with no gap.
   bool k_packed(index_t D) const noexcept {
@@ -55,11 +66,10 @@ struct kv_source {
   }
 
  private:
-  float scale(const row_scales& s, index_t j) const noexcept {
-    if (!s.at) return 1.0f;
-    return pages ? s.at[pages[j / page_size] * s.page + (j % page_size) * s.token]
-                 : s.at[j * s.token];
+  const float* scale_at(const row_scales& s, index_t j) const noexcept {
+    return pages ? s.at + pages[j / page_size] * s.page + (j % page_size) * s.token : s.at + j * s.token;
   }
+  float scale(const row_scales& s, index_t j) const noexcept { return s.at ? *scale_at(s, j) : 1.0f; }
 };
 
 /// The keys/values of a whole problem: (B, Hk, Sk, D) views, or paged caches viewed as
