@@ -945,9 +945,9 @@ TEST(Q8_0Products, QueriesQuantizeAsTheCacheDoes) {
 #if FOVEA_HAS_QUANTIZED_VALUES
 /// Decode's P V over quantized value rows converted in registers equals the staged path
 /// (dequantize_row into a buffer, then gemm_wide) bit for bit, for q8_0 blocks, int8 rows
-/// with a scale each, e4m3 and e5m2 rows with one scale: column counts 1 to 9, odd group
+/// with a scale each (and with per-column scales), e4m3 and e5m2 rows with one scale: column counts 1 to 9, odd group
 /// counts, rows from anywhere, huge scales (and fp8 NaN codes, which reach the sums).
-template <class S>
+template <class S, bool Channels = false>
 void expect_quantized_values_are_the_staged_path() {
   using B = simd<>;
   std::uint64_t seed = 90;
@@ -982,10 +982,20 @@ void expect_quantized_values_are_the_staged_path() {
         const auto p = uniform<float>(columns * ld, ++seed, 0.0, 1.0);
         const auto start = normal<float>(columns * Dv, ++seed);
         std::vector<float> fused = start, staged = start, stage(keys * Dv);
+        std::vector<float> channels;  // int8 with Channels: a scale per column
+        if (Channels)
+          for (index_t d = 0; d < Dv; ++d) channels.push_back(0.25f + float(d % 9) / 8);
         detail::quantized_values<B>(rows.data(), scales.data(), keys, Dv, p.data(), ld, columns,
-                                    fused.data(), Dv);
+                                    fused.data(), Dv, Channels ? channels.data() : nullptr);
         for (index_t j = 0; j < keys; ++j)
-          detail::dequantize_row(rows[j], scales[j], stage.data() + j * Dv, Dv);
+          if constexpr (std::is_same_v<S, std::int8_t>) {
+            if (Channels)
+              detail::dequantize_row(rows[j], scales[j], channels.data(), stage.data() + j * Dv, Dv);
+            else
+              detail::dequantize_row(rows[j], scales[j], stage.data() + j * Dv, Dv);
+          } else {
+            detail::dequantize_row(rows[j], scales[j], stage.data() + j * Dv, Dv);
+          }
         detail::gemm_wide<float, B, 2, 8, true>(columns, Dv / 16, p.data(), ld, 1, stage.data(), Dv,
                                                 staged.data(), Dv, keys);
         for (std::size_t i = 0; i < fused.size(); ++i)
@@ -997,15 +1007,17 @@ void expect_quantized_values_are_the_staged_path() {
 TEST(QuantizedValues, EqualTheStagedPathBitwise) {
   expect_quantized_values_are_the_staged_path<block_q8_0>();
   expect_quantized_values_are_the_staged_path<std::int8_t>();
+  expect_quantized_values_are_the_staged_path<std::int8_t, true>();
   expect_quantized_values_are_the_staged_path<e4m3>();
   expect_quantized_values_are_the_staged_path<e5m2>();
 }
 #endif
 
 /// Decode over q8_0, int8 and fp8 keys (converted in registers where the rows are whole
-/// vectors, int8 has no channel scales and fp8's head has one scale; staged otherwise)
-/// equals decode over their dequantized values bit for bit: head dims 16/64/128 and 40 (the
-/// staged case; q8_0: 32/64/128/96), per-head and per-token scales, both layouts, Sq 1 and
+/// vectors and fp8's head has one scale; staged otherwise) equals decode over their
+/// dequantized values bit for bit: head dims 16/64/128 and 40 (the staged case; q8_0:
+/// 32/64/128/96), per-head and per-token scales (int8: per row, with and without
+/// per-channel scales), both layouts, Sq 1 and
 /// 3 (causal: masked tiles), Sk around the tiles, GQA 4, a NaN code (fp8), block scale
 /// (q8_0) or row scale (int8) in one head's keys (the other head's outputs stay numbers,
 /// both paths give the same NaN).
@@ -1019,25 +1031,35 @@ void expect_quantized_keys_are_their_values() {
         for (const bool bshd_layout : {false, true})
           for (const bool per_token : {false, true}) {
             constexpr bool int8 = std::is_same_v<S, std::int8_t>;
-            if ((q8 && per_token) || (int8 && !per_token)) continue;  // (q8_0: in its blocks; int8: per row)
+            if (q8 && per_token) continue;  // (q8_0 carries its scales in its blocks)
+            const bool channels = int8 && !per_token;  // int8: per row, with or without per-channel scales
             SCOPED_TRACE("D " + std::to_string(D) + " Sk " + std::to_string(sk) + " Sq " +
                          std::to_string(sq) + (bshd_layout ? " bshd" : " bhsd") +
-                         (per_token ? " per-token scales" : " per-head scales"));
+                         (per_token ? " per-token scales" : channels ? " channel scales" : " per-head scales"));
             const auto x = normal<float>(B * Hk * sk * D, 40 + D + sk);
             std::vector<S> codes(q8 ? x.size() / block_q8_0::size : x.size());
             std::vector<float> scales;
             for (index_t h = 0; h < Hk; ++h)
               for (index_t t = 0; t < (per_token ? sk : 1); ++t) scales.push_back(0.01f * float(h + 1) + 1e-4f * float(t % 7));
-            const auto scale = per_token ? view<const float>(scales.data(), {1, Hk, sk})
-                                         : view<const float>(scales.data(), {1, Hk, 1});
+            if (int8) scales.resize(std::size_t(Hk * sk));
+            const auto scale = per_token || int8 ? view<const float>(scales.data(), {1, Hk, sk})
+                                                 : view<const float>(scales.data(), {1, Hk, 1});
+            std::vector<float> column_scales(std::size_t(Hk * D));
+            for (std::size_t i = 0; i < column_scales.size(); ++i) column_scales[i] = 0.5f + float(i % 5) / 4;
+            const auto column_scale = channels ? view<const float>(column_scales.data(), {Hk, D})
+                                               : tensor_view<const float, 2>{};
             const auto X = bhsd<const float>(x.data(), B, Hk, sk, D);
             const auto K = bshd_layout ? bshd(codes.data(), B, sk, Hk, D) : bhsd(codes.data(), B, Hk, sk, D);
             const tensor_view<const float, 3> no_scale{};
             const auto key_scale = q8 ? no_scale : scale;
             if constexpr (q8)
               quantize(X, K);
-            else if constexpr (int8)
-              quantize(X, K, view<float>(scales.data(), {1, Hk, sk}));  // (the scales made)
+            else if constexpr (int8) {  // (the scales made)
+              if (channels)
+                quantize(X, K, view<float>(scales.data(), {1, Hk, sk}), column_scale);
+              else
+                quantize(X, K, view<float>(scales.data(), {1, Hk, sk}));
+            }
             else
               quantize(X, K, scale);
             if (sk > 200) {  // head 1, mid-tile, the last lane (fp8), block (q8_0) or row's scale (int8)
@@ -1051,16 +1073,19 @@ void expect_quantized_keys_are_their_values() {
               }
             }
             std::vector<float> keys(x.size());
+            const auto dequantized = bhsd(keys.data(), B, Hk, sk, D);
             if constexpr (q8)
-              dequantize(tensor_view<const S, 4>(K), bhsd(keys.data(), B, Hk, sk, D));
+              dequantize(tensor_view<const S, 4>(K), dequantized);
+            else if constexpr (int8)
+              dequantize(tensor_view<const S, 4>(K), dequantized, scale, column_scale);
             else
-              dequantize(tensor_view<const S, 4>(K), bhsd(keys.data(), B, Hk, sk, D), scale);
+              dequantize(tensor_view<const S, 4>(K), dequantized, scale);
             const auto q = normal<float>(B * H * sq * D, 41), v = normal<float>(B * Hk * sk * D, 42);
             const auto Q = bhsd<const float>(q.data(), B, H, sq, D);
             const auto V = bhsd<const float>(v.data(), B, Hk, sk, D);
             std::vector<float> got(B * H * sq * D), want(got.size());
             softmax_attention(Q, tensor_view<const S, 4>(K), V, bhsd(got.data(), B, H, sq, D),
-                              {.causal = true, .k_scale = key_scale});
+                              {.causal = true, .k_scale = key_scale, .k_channel_scale = column_scale});
             softmax_attention(Q, bhsd<const float>(keys.data(), B, Hk, sk, D), V,
                               bhsd(want.data(), B, H, sq, D), {.causal = true});
             EXPECT_EQ(0, std::memcmp(got.data(), want.data(), 4 * got.size()));

@@ -131,11 +131,11 @@ struct quantized_key_dot : converting_dot<float, Backend> {
   }
 };
 
-/// int8 key rows with a scale per row converted in registers as dot_scores loads them, 16
-/// values at a time: float(q) * the row's scale, the values dequantize_row writes, bit for
-/// bit (rows of whole vectors; row j's scale at scales[j * scale_stride], relative to the
-/// rows dot_scores is given).
-template <class Backend>
+/// int8 key rows with a scale per row (and, with Channels, a scale per column) converted in
+/// registers as dot_scores loads them, 16 values at a time: float(q) * the row's scale
+/// (* the column's), the values dequantize_row writes, bit for bit (rows of whole vectors;
+/// row j's scale at scales[j * scale_stride], relative to the rows dot_scores is given).
+template <class Backend, bool Channels>
 struct int8_key_dot : converting_dot<float, Backend> {
   using key_reg = typename converting_dot<float, Backend>::key_reg;
   struct scaled_row {
@@ -144,15 +144,21 @@ struct int8_key_dot : converting_dot<float, Backend> {
   };
   const float* scales;
   index_t scale_stride;
+  const float* channels;  ///< Channels: the head's column scales
 
-  int8_key_dot(const float* q, index_t dq, const float* scales, index_t scale_stride) noexcept
-      : converting_dot<float, Backend>{q, dq}, scales(scales), scale_stride(scale_stride) {}
+  int8_key_dot(const float* q, index_t dq, const float* scales, index_t scale_stride,
+               const float* channels) noexcept
+      : converting_dot<float, Backend>{q, dq}, scales(scales), scale_stride(scale_stride), channels(channels) {}
   scaled_row row(const std::int8_t* k, index_t j, index_t k_stride) const noexcept {
     return {k + j * k_stride, scales[j * scale_stride]};
   }
-  static key_reg load_key(const scaled_row& row, index_t d) noexcept {
+  key_reg load_key(const scaled_row& row, index_t d) const noexcept {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row.codes + d));
-    return key_reg(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), _mm512_set1_ps(row.scale)));
+    const __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), _mm512_set1_ps(row.scale));
+    if constexpr (Channels)
+      return key_reg(_mm512_mul_ps(value, _mm512_loadu_ps(channels + d)));
+    else
+      return key_reg(value);
   }
 };
 #endif
@@ -496,14 +502,20 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
           in_registers = true;
         }
       if constexpr (std::is_same_v<KS, std::int8_t> && std::is_same_v<T, float> && W == 16)
-        if (D == dq && !kv.k_channels) {
-          for (index_t r0 = 0, run; r0 < keys; r0 += run) {
-            run = kv.run(j0 + r0, keys - r0);
-            const auto [scales, stride] = kv.k_scales_from(j0 + r0);
-            dot_scores<T, Backend, decode_prefetch_parts<KS>>(int8_key_dot<Backend>(buf.q, dq, scales, stride), dq,
-                                                              n, kv.k_row(j0 + r0), kv.k_stride, run,
-                                                              buf.s + r0, ld, prefetch_from(j0 + r0));
-          }
+        if (D == dq) {
+          auto score = [&]<bool Channels>() {
+            for (index_t r0 = 0, run; r0 < keys; r0 += run) {
+              run = kv.run(j0 + r0, keys - r0);
+              const auto [scales, stride] = kv.k_scales_from(j0 + r0);
+              const int8_key_dot<Backend, Channels> dot(buf.q, dq, scales, stride, kv.k_channels);
+              dot_scores<T, Backend, decode_prefetch_parts<KS>>(dot, dq, n, kv.k_row(j0 + r0), kv.k_stride,
+                                                                run, buf.s + r0, ld, prefetch_from(j0 + r0));
+            }
+          };
+          if (kv.k_channels)
+            score.template operator()<true>();
+          else
+            score.template operator()<false>();
           in_registers = true;
         }
 #endif
@@ -546,8 +558,9 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
         const index_t rows = std::min(decode_strip, keys - r0);
 #if FOVEA_HAS_QUANTIZED_VALUES
         // Converted in registers (quantized_values.hpp), the same bits: q8_0 rows unless a
-        // masked tile meets a non-finite scale; int8 and fp8 rows of whole 32-value groups
-        // without per-channel scales in unmasked tiles (masked ones check the staged values).
+        // masked tile meets a non-finite scale; int8 (with or without per-channel scales)
+        // and fp8 rows of whole 32-value groups in unmasked tiles (masked ones check the
+        // staged values).
         if constexpr (std::is_same_v<T, float> && W == 16) {
           constexpr bool q8_0 = std::is_same_v<VS, block_q8_0>;
           const VS* value_rows[decode_strip];
@@ -560,9 +573,10 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
           if constexpr (q8_0)
             in_registers = !masked || q8_0_scales_finite(value_rows, rows, Dv / block_q8_0::size);
           else
-            in_registers = !masked && Dv % 32 == 0 && !kv.v_channels;
+            in_registers = !masked && Dv % 32 == 0;
           if (in_registers) {
-            quantized_values<Backend>(value_rows, value_scales, rows, Dv, buf.p + r0, ld, n, buf.acc, dvp);
+            quantized_values<Backend>(value_rows, value_scales, rows, Dv, buf.p + r0, ld, n, buf.acc, dvp,
+                                      kv.v_channels);
             continue;
           }
         }

@@ -82,13 +82,15 @@ template <class S>
 }
 
 /// acc[c * ld_acc + (0, 32 * Groups)) += sum over keys j of p[c * ld_p + j] * value_j over
-/// the groups of 32 values [g0, g0 + Groups) of the rows, for c < Columns.
+/// the groups of 32 values [g0, g0 + Groups) of the rows, for c < Columns (Channels: int8
+/// values times their column's scale in `channels`, as dequantize_row multiplies them).
 /// (The multiply-adds are the backend's, as gemm_wide's: xsimd 8.1 writes AVX-512's as
 /// a * b + c, which GCC fuses from -O2 only, so the staged path is matched at every -O.)
-template <class Backend, int Columns, int Groups, class S>
+template <class Backend, int Columns, int Groups, bool Channels, class S>
 [[gnu::noinline]] void quantized_values_kernel(const S* const* rows, const float* scales,
-                                               index_t keys, index_t g0, const float* p,
-                                               index_t ld_p, float* acc, index_t ld_acc) noexcept {
+                                               const float* channels, index_t keys, index_t g0,
+                                               const float* p, index_t ld_p, float* acc,
+                                               index_t ld_acc) noexcept {
   using V = vec<float, Backend>;
   static_assert(V::width == 16);
   constexpr int vectors = 2 * Groups;
@@ -103,6 +105,9 @@ template <class Backend, int Columns, int Groups, class S>
     for (int g = 0; g < Groups; ++g) {
       __m512 pair[2];
       convert_group(rows[j], g0 + g, group_scale(rows[j], g0 + g, scales[j]), pair);
+      if constexpr (Channels)
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) pair[h] = _mm512_mul_ps(pair[h], _mm512_loadu_ps(channels + 32 * (g0 + g) + 16 * h));
       x[2 * g] = typename V::type(pair[0]);
       x[2 * g + 1] = typename V::type(pair[1]);
     }
@@ -120,28 +125,35 @@ template <class Backend, int Columns, int Groups, class S>
 }
 
 /// acc[c * ld_acc + (0, Dv)) += sum over keys j < keys of p[c * ld_p + j] * value_j (the
-/// rows `rows`, Dv % 32 == 0; `scales` the scaled types' per-row scales, unused for q8_0)
-/// for c < columns: four columns by 64 values at a time.
+/// rows `rows`, Dv % 32 == 0; `scales` the scaled types' per-row scales, unused for q8_0;
+/// `channels` an int8 cache's per-column scales, or null) for c < columns: four columns by
+/// 64 values at a time.
 template <class Backend, class S>
 void quantized_values(const S* const* rows, const float* scales, index_t keys, index_t Dv,
-                      const float* p, index_t ld_p, index_t columns, float* acc,
-                      index_t ld_acc) noexcept {
-  const index_t groups = Dv / 32;
-  for (index_t c0 = 0; c0 < columns; c0 += 4) {
-    const index_t n = std::min<index_t>(4, columns - c0);
-    for (index_t g0 = 0; g0 < groups; g0 += 2) {
-      const bool pair = g0 + 2 <= groups;
-      const float* pc = p + c0 * ld_p;
-      float* out = acc + c0 * ld_acc + g0 * 32;
-      [&]<int... C>(std::integer_sequence<int, C...>) {
-        ((n == C + 1
-              ? (pair ? quantized_values_kernel<Backend, C + 1, 2>(rows, scales, keys, g0, pc, ld_p, out, ld_acc)
-                      : quantized_values_kernel<Backend, C + 1, 1>(rows, scales, keys, g0, pc, ld_p, out, ld_acc))
-              : void()),
-         ...);
-      }(std::make_integer_sequence<int, 4>{});
+                      const float* p, index_t ld_p, index_t columns, float* acc, index_t ld_acc,
+                      [[maybe_unused]] const float* channels = nullptr) noexcept {
+  auto run = [&]<bool Channels>() {
+    const index_t groups = Dv / 32;
+    for (index_t c0 = 0; c0 < columns; c0 += 4) {
+      const index_t n = std::min<index_t>(4, columns - c0);
+      for (index_t g0 = 0; g0 < groups; g0 += 2) {
+        const bool pair = g0 + 2 <= groups;
+        const float* pc = p + c0 * ld_p;
+        float* out = acc + c0 * ld_acc + g0 * 32;
+        [&]<int... C>(std::integer_sequence<int, C...>) {
+          ((n == C + 1 ? (pair ? quantized_values_kernel<Backend, C + 1, 2, Channels>(rows, scales, channels, keys, g0,
+                                                                                     pc, ld_p, out, ld_acc)
+                               : quantized_values_kernel<Backend, C + 1, 1, Channels>(rows, scales, channels, keys, g0,
+                                                                                     pc, ld_p, out, ld_acc))
+                       : void()),
+           ...);
+        }(std::make_integer_sequence<int, 4>{});
+      }
     }
-  }
+  };
+  if constexpr (std::is_same_v<S, std::int8_t>)
+    if (channels) return run.template operator()<true>();
+  run.template operator()<false>();
 }
 
 #endif
