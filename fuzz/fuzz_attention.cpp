@@ -462,7 +462,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           else if (type == 2) run(fovea::e4m3{}, one_scale);
           else run(fovea::e5m2{}, one_scale);
         };
-        std::vector<float> k_scales, v_scales, k_channels;
+        std::vector<float> k_scales, v_scales, k_channels, v_channels;
         quantized(kt, K, quantized_k, o.k_scale, [&](auto Kq) {
           k_scales = scale_store;
           if (o.k_scale.data() && kt == 1) o.k_scale = fovea::view<const float>(k_scales.data(), {K.extent(0), K.extent(1), K.extent(2)});
@@ -477,6 +477,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             v_scales = scale_store;
             if (o.v_scale.data() && vt == 1) o.v_scale = fovea::view<const float>(v_scales.data(), {V.extent(0), V.extent(1), V.extent(2)});
             else if (o.v_scale.data()) o.v_scale = fovea::view<const float>(&v_scales.back(), {1, 1, 1});
+            if ((flags & 64) && !(flags & 32) && vt == 1 && Dv > 0) {  // int8 values' per-channel scales
+              v_channels.resize(Dv);
+              for (index_t d = 0; d < Dv; ++d) v_channels[d] = 0.25f * float(1 + (5 * d + 3) % 8);
+              o.v_channel_scale = fovea::view<const float>(v_channels.data(), {1, Dv});
+              for (index_t i = 0; i < B * Hk * Sk * Dv; ++i) quantized_v[i] *= v_channels[i % Dv];
+            }
             if ((flags & 128) && kt == 1) o.k_scale = {};  // int8 without scales: an error
             if (flags & 32) {
               hip_over_cache = fovea::hip_options{.causal = causal,
