@@ -28,7 +28,9 @@ constexpr index_t score_block_columns() noexcept {
 
 /// How dot_scores multiplies a key row by a query row, `step` elements at a time: key rows
 /// in any storage type converted as they are loaded, query rows in the compute type
-/// (`q`, rows `dq` apart and zero-padded to whole vectors).
+/// (`q`, rows `dq` apart and zero-padded to whole vectors). A dot may also define
+/// row(k, j, k_stride), the handle its load_key takes for key row j (without one, the
+/// row's pointer: int8_key_dot's carries the row's scale).
 template <class T, class Backend>
 struct converting_dot {
   using V = vec<T, Backend>;
