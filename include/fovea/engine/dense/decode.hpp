@@ -263,36 +263,33 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
     } else if constexpr (is_quantized_v<KS>) {
       bool in_registers = false;
 #if FOVEA_HAS_QUANTIZED_VALUES
-      // q8_0 rows, and fp8 rows of whole vectors with one scale for the head: converted
-      // as dot_scores loads them (the same logits), one call per run of rows on a page.
+      // q8_0 rows, int8 rows, and fp8 rows with one scale for the head, of whole vectors:
+      // converted as dot_scores loads them (the same logits), one call per run of rows on
+      // a page, with the dot dot_for(j) makes for the run starting at key j.
+      auto score_runs = [&](auto dot_for) {
+        for (index_t r0 = 0, run; r0 < keys; r0 += run) {
+          run = kv.run(j0 + r0, keys - r0);
+          dot_scores<T, Backend, decode_prefetch_parts<KS>>(dot_for(j0 + r0), dq, n, kv.k_row(j0 + r0),
+                                                            kv.k_stride, run, buf.s + r0, ld, prefetch_from(j0 + r0));
+        }
+        in_registers = true;
+      };
       constexpr bool fp8 = std::is_same_v<KS, e4m3> || std::is_same_v<KS, e5m2>;
-      if constexpr ((fp8 || std::is_same_v<KS, block_q8_0>) && std::is_same_v<T, float> && W == 16)
-        if (D == dq && (!fp8 || (kv.k_scales.token == 0 && kv.k_scales.page == 0))) {
-          const quantized_key_dot<Backend, KS> dot(buf.q, dq, fp8 ? kv.k_scale(j0) : 1.0f);
-          for (index_t r0 = 0, run; r0 < keys; r0 += run) {
-            run = kv.run(j0 + r0, keys - r0);
-            dot_scores<T, Backend, decode_prefetch_parts<KS>>(dot, dq, n, kv.k_row(j0 + r0), kv.k_stride,
-                                                              run, buf.s + r0, ld, prefetch_from(j0 + r0));
-          }
-          in_registers = true;
-        }
-      if constexpr (std::is_same_v<KS, std::int8_t> && std::is_same_v<T, float> && W == 16)
-        if (D == dq) {
-          auto score = [&]<bool Channels>() {
-            for (index_t r0 = 0, run; r0 < keys; r0 += run) {
-              run = kv.run(j0 + r0, keys - r0);
-              const auto [scales, stride] = kv.k_scales_from(j0 + r0);
-              const int8_key_dot<Backend, Channels> dot(buf.q, dq, scales, stride, kv.k_channels);
-              dot_scores<T, Backend, decode_prefetch_parts<KS>>(dot, dq, n, kv.k_row(j0 + r0), kv.k_stride,
-                                                                run, buf.s + r0, ld, prefetch_from(j0 + r0));
-            }
-          };
-          if (kv.k_channels)
-            score.template operator()<true>();
-          else
-            score.template operator()<false>();
-          in_registers = true;
-        }
+      if constexpr ((fp8 || std::is_same_v<KS, block_q8_0>) && std::is_same_v<T, float> && W == 16) {
+        if (D == dq && (!fp8 || (kv.k_scales.token == 0 && kv.k_scales.page == 0)))
+          score_runs([&, dot = quantized_key_dot<Backend, KS>(buf.q, dq, fp8 ? kv.k_scale(j0) : 1.0f)](index_t) {
+            return dot;
+          });
+      } else if constexpr (std::is_same_v<KS, std::int8_t> && std::is_same_v<T, float> && W == 16) {
+        auto int8_dot = [&]<bool Channels>(index_t j) {
+          const auto [scales, stride] = kv.k_scales_from(j);
+          return int8_key_dot<Backend, Channels>(buf.q, dq, scales, stride, kv.k_channels);
+        };
+        if (D == dq && kv.k_channels)
+          score_runs([&](index_t j) { return int8_dot.template operator()<true>(j); });
+        else if (D == dq)
+          score_runs([&](index_t j) { return int8_dot.template operator()<false>(j); });
+      }
 #endif
       for (index_t r0 = 0; !in_registers && r0 < keys; r0 += decode_strip) {
         const index_t rows = std::min(decode_strip, keys - r0);
