@@ -97,6 +97,24 @@ inline __m512i fp8_as_half_32(__m256i codes32) noexcept {
 }
 #endif
 
+#if defined(__AVX512F__)
+/// 16 int8 codes times `scale`, one rounding: the vector step of every int8 and q8_0 row
+/// conversion (staged rows, and decode's keys and values converted in registers), so all
+/// of them give the same bits.
+inline __m512 scaled_int8x16(const std::int8_t* codes, __m512 scale) noexcept {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), scale);
+}
+#endif
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__F16C__)
+/// 16 fp8 codes through fp16 times `factor` (fp8_factor of the scale), as above for fp8.
+template <class F8>
+inline __m512 scaled_fp8x16(const F8* codes, __m512 factor) noexcept {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+  return _mm512_mul_ps(_mm512_cvtph_ps(fp8_codes_as_half<F8>(raw)), factor);
+}
+#endif
+
 /// dst[0, n) = the values of src (n values; for block_q8_0 n % 32 == 0), times `scale`
 /// for the scaled types (int8, fp8); block_q8_0 carries its own scales and ignores it.
 /// (The loops over a block's vectors are unrolled by pragma: -O2 does not unroll them,
@@ -112,10 +130,7 @@ void dequantize_row(const S* src, float scale, float* dst, index_t n) noexcept {
 #if defined(__AVX512F__)
       const __m512 vd = _mm512_set1_ps(d);
 #pragma GCC unroll 2
-      for (int k = 0; k < 32; k += 16) {
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.qs + k));
-        _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), vd));
-      }
+      for (int k = 0; k < 32; k += 16) _mm512_storeu_ps(out + k, scaled_int8x16(blk.qs + k, vd));
 #elif defined(__AVX2__)
       const __m256 vd = _mm256_set1_ps(d);
 #pragma GCC unroll 4
@@ -131,10 +146,7 @@ void dequantize_row(const S* src, float scale, float* dst, index_t n) noexcept {
   } else if constexpr (std::is_same_v<S, std::int8_t>) {
 #if defined(__AVX512F__)
     const __m512 vs = _mm512_set1_ps(scale);
-    for (; i + 16 <= n; i += 16) {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-      _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), vs));
-    }
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, scaled_int8x16(src + i, vs));
 #elif defined(__AVX2__)
     const __m256 vs = _mm256_set1_ps(scale);
     for (; i + 8 <= n; i += 8) {
@@ -158,11 +170,8 @@ void dequantize_row(const S* src, float scale, float* dst, index_t n) noexcept {
                        _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(halves, 1)), vs16));
     }
 #endif
-    for (; i + 16 <= n; i += 16) {  // 16 codes per step in 256-bit integer lanes
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-      const __m256i halves = fp8_codes_as_half<S>(raw);
-      _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_cvtph_ps(halves), vs16));
-    }
+    for (; i + 16 <= n; i += 16)  // 16 codes per step in 256-bit integer lanes
+      _mm512_storeu_ps(dst + i, scaled_fp8x16(src + i, vs16));
 #endif
     const __m256 vs = _mm256_set1_ps(factor);
     for (; i + 16 <= n; i += 16) {
@@ -190,11 +199,8 @@ inline void dequantize_row(const std::int8_t* src, float scale, const float* cha
   index_t i = 0;
 #if defined(__AVX512F__)
   const __m512 vs = _mm512_set1_ps(scale);
-  for (; i + 16 <= n; i += 16) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    const __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), vs);
-    _mm512_storeu_ps(dst + i, _mm512_mul_ps(value, _mm512_loadu_ps(channels + i)));
-  }
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_mul_ps(scaled_int8x16(src + i, vs), _mm512_loadu_ps(channels + i)));
 #elif defined(__AVX2__)
   const __m256 vs = _mm256_set1_ps(scale);
   for (; i + 8 <= n; i += 8) {

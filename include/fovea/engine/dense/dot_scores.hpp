@@ -67,12 +67,9 @@ struct quantized_key_dot : converting_dot<float, Backend> {
   key_reg load_key(const KS* row, index_t d) const noexcept {
     if constexpr (std::is_same_v<KS, block_q8_0>) {
       const block_q8_0& block = row[d / block_q8_0::size];
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block.qs + d % block_q8_0::size));
-      return key_reg(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)),
-                                   _mm512_set1_ps(block_scale(block.d))));
+      return key_reg(scaled_int8x16(block.qs + d % block_q8_0::size, _mm512_set1_ps(block_scale(block.d))));
     } else {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d));
-      return key_reg(_mm512_mul_ps(_mm512_cvtph_ps(fp8_codes_as_half<KS>(raw)), factor));
+      return key_reg(scaled_fp8x16(row + d, factor));
     }
   }
 };
@@ -99,8 +96,7 @@ struct int8_key_dot : converting_dot<float, Backend> {
     return {k + j * k_stride, scales[j * scale_stride]};
   }
   key_reg load_key(const scaled_row& row, index_t d) const noexcept {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row.codes + d));
-    const __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), _mm512_set1_ps(row.scale));
+    const __m512 value = scaled_int8x16(row.codes + d, _mm512_set1_ps(row.scale));
     if constexpr (Channels)
       return key_reg(_mm512_mul_ps(value, _mm512_loadu_ps(channels + d)));
     else

@@ -50,10 +50,7 @@ template <class S>
     else
       q = row + 32 * g;
 #pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * h));
-      x[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), s);
-    }
+    for (int h = 0; h < 2; ++h) x[h] = scaled_int8x16(q + 16 * h, s);
   } else {
 #if defined(__AVX512BW__)
     const __m512i halves = fp8_as_half_32<S>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * g)));
@@ -61,10 +58,7 @@ template <class S>
     x[1] = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(halves, 1)), s);
 #else
 #pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 32 * g + 16 * h));
-      x[h] = _mm512_mul_ps(_mm512_cvtph_ps(fp8_codes_as_half<S>(raw)), s);
-    }
+    for (int h = 0; h < 2; ++h) x[h] = scaled_fp8x16(row + 32 * g + 16 * h, s);
 #endif
   }
 }
