@@ -254,7 +254,8 @@ dense_problem<T, K, V> make_softmax_problem(const tensor_view<const T, 4>& q,
 /// Paths: a call with at most 16 queries per sequence (decode_max_queries) takes the
 /// decode path: the query heads of a key/value head are stacked as columns of one tile,
 /// so K and V are read once for all of them, and the keys are split into fixed chunks
-/// (at most 64 of >= 512 keys) whose states are merged in order. Any other call takes
+/// (>= 512 keys, enough of them for 64 tasks in the call, at most 64 per kv head) whose
+/// states are merged in order. Any other call takes
 /// prefill tiles (64 keys x a few SIMD vectors of queries). The path and the chunking
 /// depend on the shapes only: the result is bitwise the same for every thread count.
 ///

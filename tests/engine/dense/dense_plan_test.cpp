@@ -1,7 +1,7 @@
 // The dense engine's plan: which tasks a call is cut into depends on the shapes alone;
 // every (tile, chunk) of every problem is one task, each tile with chunk states has one
 // merge, and
-// decode's key chunks follow decode_chunk_keys.
+// decode's key chunks follow decode_chunk_keys (by the call's shapes, never its threads).
 #include <gtest/gtest.h>
 
 #include <fovea/fovea.hpp>
@@ -50,22 +50,29 @@ void expect_covering(const detail::dense_plan& plan) {
     EXPECT_EQ(chunks_of[m], plan.layouts[plan.merges[m].problem].chunks) << "merge " << m;
 }
 
-TEST(DensePlan, DecodeChunksKeysByLengthOnly) {
-  const index_t B = 2, H = 8, Hk = 2, D = 16;
-  for (index_t sk : {1, 511, 512, 513, 1024, 32768, 40000}) {
-    SCOPED_TRACE(sk);
-    std::vector<float> q(B * H * D), kv(B * Hk * sk * D), out(B * H * D);
-    const auto pr = problem(q, kv, out, B, H, Hk, 1, sk, D);
-    const auto plan = detail::plan_dense<default_backend>(std::span(&pr, 1));
-    const auto& lay = plan.layouts[0];
-    const index_t chunk = std::max<index_t>(512, ((sk + 63) / 64 + 255) / 256 * 256);
-    EXPECT_EQ(lay.chunk_keys, chunk);
-    EXPECT_EQ(lay.chunks, (sk + chunk - 1) / chunk);
-    EXPECT_LE(lay.chunks, 64);
-    EXPECT_EQ(lay.columns, H / Hk);  // the group's heads stacked as columns
-    EXPECT_EQ(index_t(plan.work.size()), B * Hk * lay.tiles * lay.chunks);
-    EXPECT_EQ(index_t(plan.merges.size()), B * Hk * lay.tiles);
-    expect_covering(plan);
+TEST(DensePlan, DecodeChunksKeysByShapeOnly) {
+  // Enough chunks of >= 512 keys per column tile for 64 tasks in the call, at most 64
+  const index_t D = 16;
+  for (const auto& [B, H, Hk] : {std::tuple<index_t, index_t, index_t>{2, 8, 2}, {1, 32, 8}, {1, 16, 1}, {4, 64, 16}}) {
+    for (index_t sk : {1, 511, 512, 513, 1024, 32768, 40000}) {
+      SCOPED_TRACE(testing::Message() << "B=" << B << " H=" << H << " Hk=" << Hk << " Sk=" << sk);
+      std::vector<float> q(B * H * D), kv(B * Hk * sk * D), out(B * H * D);
+      const auto pr = problem(q, kv, out, B, H, Hk, 1, sk, D);
+      const auto plan = detail::plan_dense<default_backend>(std::span(&pr, 1));
+      const auto& lay = plan.layouts[0];
+      ASSERT_EQ(lay.tiles, 1);  // H / Hk columns fit one tile
+      const index_t tiles = B * Hk, wanted = std::min<index_t>(64, (64 + tiles - 1) / tiles);
+      const index_t chunk = std::max<index_t>(512, ((sk + wanted - 1) / wanted + 255) / 256 * 256);
+      EXPECT_EQ(lay.chunk_keys, chunk);
+      EXPECT_EQ(lay.chunks, (sk + chunk - 1) / chunk);
+      EXPECT_LE(lay.chunks, 64);
+      if (sk % (wanted * 256) == 0 && sk / wanted >= 512)  // threads share any head count
+        EXPECT_EQ(index_t(plan.work.size()), std::max<index_t>(64, tiles));
+      EXPECT_EQ(lay.columns, H / Hk);  // the group's heads stacked as columns
+      EXPECT_EQ(index_t(plan.work.size()), B * Hk * lay.tiles * lay.chunks);
+      EXPECT_EQ(index_t(plan.merges.size()), B * Hk * lay.tiles);
+      expect_covering(plan);
+    }
   }
 }
 
