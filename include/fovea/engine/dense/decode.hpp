@@ -237,10 +237,10 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
   if constexpr (q8_0_keys)
     if (products.q8_0) quantize_queries_q8_0<Backend>(buf.q, dq, n, D, buf.q8_0_rows, buf.q8_0_scales, buf.q8_0_sums);
 
-  // Staged rows (dequantized, in cache) go through P V with 8 accumulators with 16
-  // registers (AVX2: 16 spill to the stack; q8_0 Sk = 32768, D = 128: 9% faster); rows
-  // from memory keep the long sequential stream of whole rows (AVX2 fp32: 2 x 4 was 13%
-  // slower).
+  // With 16 registers (AVX2) P V keeps 8 accumulators, not 16: with 16, 9 of them went to
+  // the stack and back with every key (staged q8_0 rows, Sk = 32768, D = 128: 9% faster
+  // with 8; fp32 rows read in place, half rows per pass: 1 thread 15.8 -> 14.1 ms, 2
+  // threads 7.81 -> 7.14, in L2 11% faster; medians of 7 interleaved).
   constexpr int half = V::registers >= 32 ? 1 : 2;
   const bool short_rows = storage_bytes<VS>(Dv) <= decode_prefetch_value_bytes;
   const bool values_in_pv = short_rows && pairs_ready && alone && !is_quantized_v<VS>;
@@ -322,7 +322,7 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
           V::store(buf.acc + c * dvp + d, V::mul(V::load(buf.acc + c * dvp + d), a));
       }
     // P V: values read as they are go two columns at a time over whole rows (a sequential
-    // stream); converted ones four columns at a time over half rows, so that each value
+    // stream; AVX2: half rows, see `half`); converted ones four columns at a time over half rows, so that each value
     // vector is converted once per four columns (measured, D = 128: the other way round
     // fp32 is 25% slower and bf16 12% slower).
     if constexpr (is_quantized_v<VS>) {
@@ -366,14 +366,10 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
         // keys [from, from + count)
         auto accumulate = [&](index_t from, index_t count, paced_prefetch* pace) {
           const auto* rows = v + from * stride;
-          if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(v)>>, T>) {
-            if (half > 1 && static_cast<const void*>(v) == buf.stage_v)
-              gemm_wide<T, Backend, 2, 8 / half, true>(n, dvp / W, buf.p + from, ld, 1, rows, stride,
-                                                       buf.acc, dvp, count, pace);
-            else
-              gemm_wide<T, Backend, 2, 8, true>(n, dvp / W, buf.p + from, ld, 1, rows, stride,
-                                                buf.acc, dvp, count, pace);
-          } else
+          if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(v)>>, T>)
+            gemm_wide<T, Backend, 2, 8 / half, true>(n, dvp / W, buf.p + from, ld, 1, rows, stride,
+                                                     buf.acc, dvp, count, pace);
+          else
             gemm_wide<T, Backend, 4, 4 / half, true>(n, dvp / W, buf.p + from, ld, 1, rows, stride,
                                                      buf.acc, dvp, count, pace);
         };
