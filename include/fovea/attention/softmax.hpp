@@ -255,9 +255,9 @@ dense_problem<T, K, V> make_softmax_problem(const tensor_view<const T, 4>& q,
 /// decode path: the query heads of a key/value head are stacked as columns of one tile,
 /// so K and V are read once for all of them, and the keys are split into fixed chunks
 /// (>= 512 keys, enough of them for 64 tasks in the call, at most 64 per kv head) whose
-/// states are merged in order. Any other call takes
-/// prefill tiles (64 keys x a few SIMD vectors of queries). The path and the chunking
-/// depend on the shapes only: the result is bitwise the same for every thread count.
+/// states are merged in order. Any other call takes prefill tiles (64 keys x a few SIMD
+/// vectors of queries). The path and the chunking depend on the shapes only: the result
+/// is bitwise the same for every thread count.
 ///
 /// A query that sees no key gets out = 0 and lse = -inf (with a sink: lse = the sink).
 /// Keys hidden by the band, the mask, mask_mod or a -inf bias are skipped: NaN/Inf in

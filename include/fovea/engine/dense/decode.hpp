@@ -322,9 +322,9 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
           V::store(buf.acc + c * dvp + d, V::mul(V::load(buf.acc + c * dvp + d), a));
       }
     // P V: values read as they are go two columns at a time over whole rows (a sequential
-    // stream; AVX2: half rows, see `half`); converted ones four columns at a time over half rows, so that each value
-    // vector is converted once per four columns (measured, D = 128: the other way round
-    // fp32 is 25% slower and bf16 12% slower).
+    // stream; AVX2: half rows, see `half`); converted ones four columns at a time over
+    // half rows, so that each value vector is converted once per four columns (measured,
+    // D = 128: the other way round fp32 is 25% slower and bf16 12% slower).
     if constexpr (is_quantized_v<VS>) {
       for (index_t r0 = 0; r0 < keys; r0 += decode_strip) {
         const index_t rows = std::min(decode_strip, keys - r0);

@@ -78,8 +78,8 @@ template <class S>
 /// acc[c * ld_acc + (0, 32 * Groups)) += sum over keys j of p[c * ld_p + j] * value_j over
 /// the groups of 32 values [g0, g0 + Groups) of the rows, for c < Columns (Channels: int8
 /// values times their column's scale in `channels`, as dequantize_row multiplies them).
-/// (The multiply-adds are the backend's, as gemm_wide's: xsimd 8.1 writes AVX-512's as
-/// a * b + c, which GCC fuses from -O2 only, so the staged path is matched at every -O.)
+/// (The multiply-adds are the backend's, vec::fma, as gemm_wide's: so the staged path is
+/// matched at every -O and by every compiler.)
 template <class Backend, int Columns, int Groups, bool Channels, class S>
 [[gnu::noinline]] void quantized_values_kernel(const S* const* rows, const float* scales,
                                                const float* channels, index_t keys, index_t g0,

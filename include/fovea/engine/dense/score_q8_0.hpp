@@ -45,8 +45,9 @@ struct q8_0_queries {
 
 /// Quantizes `columns` query rows (dq apart, D % 32 == 0 long) into q8_0 rows as
 /// fovea::quantize does, with their scales and block sums. Blocks of finite values are
-/// scaled and rounded in vector lanes (decode quantizes its queries for every key chunk,
-/// then of 512 keys: the scalar loop, left unvectorised by GCC -O2, was ~10% of q8_0 decode);
+/// scaled and rounded in vector lanes (decode quantizes its queries once per key chunk,
+/// 64 chunks per kv head then: the scalar loop, left unvectorised by GCC -O2, was ~10% of
+/// q8_0 decode);
 /// the others, and scales whose reciprocal overflows, go through quantize_row. The same
 /// bytes either way (see int8_rounder).
 template <class Backend>
