@@ -1,7 +1,7 @@
 // The dense engine's plan: which tasks a call is cut into depends on the shapes alone;
 // every (tile, chunk) of every problem is one task, each tile with chunk states has one
-// merge, and
-// decode's key chunks follow decode_chunk_keys (by the call's shapes, never its threads).
+// merge, and decode's key chunks follow decode_chunk_keys (by the call's shapes, never
+// its threads).
 #include <gtest/gtest.h>
 
 #include <fovea/fovea.hpp>
@@ -66,8 +66,9 @@ TEST(DensePlan, DecodeChunksKeysByShapeOnly) {
       EXPECT_EQ(lay.chunk_keys, chunk);
       EXPECT_EQ(lay.chunks, (sk + chunk - 1) / chunk);
       EXPECT_LE(lay.chunks, 64);
-      if (sk % (wanted * 256) == 0 && sk / wanted >= 512)  // threads share any head count
+      if (sk % (wanted * 256) == 0 && sk / wanted >= 512) {  // threads share any head count
         EXPECT_EQ(index_t(plan.work.size()), std::max<index_t>(64, tiles));
+      }
       EXPECT_EQ(lay.columns, H / Hk);  // the group's heads stacked as columns
       EXPECT_EQ(index_t(plan.work.size()), B * Hk * lay.tiles * lay.chunks);
       EXPECT_EQ(index_t(plan.merges.size()), B * Hk * lay.tiles);
