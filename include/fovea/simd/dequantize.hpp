@@ -115,6 +115,31 @@ inline __m512 scaled_fp8x16(const F8* codes, __m512 factor) noexcept {
 }
 #endif
 
+#if defined(__AVX2__)
+/// 8 int8 codes times `scale`, one rounding: scaled_int8x16's AVX2 twin (rows staged on
+/// AVX2 and decode's keys converted in registers there give the same bits).
+inline __m256 scaled_int8x8(const std::int8_t* codes, __m256 scale) noexcept {
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), scale);
+}
+
+/// A register of int8 codes times a broadcast scale at the register's width (and, on
+/// AVX-512, of fp8 codes times fp8_factor): the vector steps above, for code written once
+/// for AVX2 and AVX-512.
+inline __m256 scaled_codes(const std::int8_t* codes, __m256 scale) noexcept {
+  return scaled_int8x8(codes, scale);
+}
+#endif
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__F16C__)
+inline __m512 scaled_codes(const std::int8_t* codes, __m512 scale) noexcept {
+  return scaled_int8x16(codes, scale);
+}
+template <class F8>
+inline __m512 scaled_codes(const F8* codes, __m512 factor) noexcept {
+  return scaled_fp8x16(codes, factor);
+}
+#endif
+
 /// dst[0, n) = the values of src (n values; for block_q8_0 n % 32 == 0), times `scale`
 /// for the scaled types (int8, fp8); block_q8_0 carries its own scales and ignores it.
 /// (The loops over a block's vectors are unrolled by pragma: -O2 does not unroll them,
@@ -134,10 +159,7 @@ void dequantize_row(const S* src, float scale, float* dst, index_t n) noexcept {
 #elif defined(__AVX2__)
       const __m256 vd = _mm256_set1_ps(d);
 #pragma GCC unroll 4
-      for (int k = 0; k < 32; k += 8) {
-        const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk.qs + k));
-        _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), vd));
-      }
+      for (int k = 0; k < 32; k += 8) _mm256_storeu_ps(out + k, scaled_int8x8(blk.qs + k, vd));
 #else
       for (int k = 0; k < 32; ++k) out[k] = float(blk.qs[k]) * d;
 #endif
@@ -149,10 +171,7 @@ void dequantize_row(const S* src, float scale, float* dst, index_t n) noexcept {
     for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, scaled_int8x16(src + i, vs));
 #elif defined(__AVX2__)
     const __m256 vs = _mm256_set1_ps(scale);
-    for (; i + 8 <= n; i += 8) {
-      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i));
-      _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), vs));
-    }
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, scaled_int8x8(src + i, vs));
 #endif
   } else {
     static_assert(std::is_same_v<S, e4m3> || std::is_same_v<S, e5m2>, "a quantized type");
@@ -203,11 +222,8 @@ inline void dequantize_row(const std::int8_t* src, float scale, const float* cha
     _mm512_storeu_ps(dst + i, _mm512_mul_ps(scaled_int8x16(src + i, vs), _mm512_loadu_ps(channels + i)));
 #elif defined(__AVX2__)
   const __m256 vs = _mm256_set1_ps(scale);
-  for (; i + 8 <= n; i += 8) {
-    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i));
-    const __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), vs);
-    _mm256_storeu_ps(dst + i, _mm256_mul_ps(value, _mm256_loadu_ps(channels + i)));
-  }
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_mul_ps(scaled_int8x8(src + i, vs), _mm256_loadu_ps(channels + i)));
 #endif
   for (; i < n; ++i) dst[i] = dequantized(src[i], scale) * channels[i];
 }

@@ -15,7 +15,14 @@
 #include "../../simd/convert.hpp"
 #include "../../simd/dequantize.hpp"
 #include "../../simd/vec.hpp"
-#include "quantized_values.hpp"
+
+// Quantized key rows converted in registers by dot_scores: AVX2 (F16C for fp8's fp16 step)
+// and AVX-512; other targets stage them (dequantize_row into a buffer).
+#if defined(__AVX2__) && defined(__F16C__) && !defined(FOVEA_FORCE_SCALAR)
+#define FOVEA_HAS_QUANTIZED_KEYS 1
+#else
+#define FOVEA_HAS_QUANTIZED_KEYS 0
+#endif
 
 namespace fovea::detail {
 
@@ -51,36 +58,39 @@ struct converting_dot {
   }
 };
 
-#if FOVEA_HAS_QUANTIZED_VALUES
-/// Quantized key rows converted in registers as dot_scores loads them, 16 values at a
-/// time: fp8 (e4m3, e5m2; one scale per head) through fp16 times the head's factor,
-/// q8_0 times its block's scale. The values dequantize_row writes, bit for bit, so the
-/// logits are those of the staged rows without their store and reload (rows must be
-/// readable in whole steps).
+#if FOVEA_HAS_QUANTIZED_KEYS
+/// Quantized key rows converted in registers as dot_scores loads them, a register (8 or 16
+/// values) at a time: fp8 (e4m3, e5m2; one scale per head) through fp16 times the head's
+/// factor, q8_0 times its block's scale. The values dequantize_row writes, bit for bit,
+/// so the logits are those of the staged rows without their store and reload (rows must
+/// be readable in whole steps).
 template <class Backend, class KS>
 struct quantized_key_dot : converting_dot<float, Backend> {
   using key_reg = typename converting_dot<float, Backend>::key_reg;
-  __m512 factor;  ///< fp8: the head's scale as fp8_factor gives it
+  using native = typename key_reg::register_type;
+  key_reg factor;  ///< fp8: the head's scale as fp8_factor gives it
 
   quantized_key_dot(const float* q, index_t dq, float head_scale) noexcept
-      : converting_dot<float, Backend>{q, dq}, factor(_mm512_set1_ps(fp8_factor<KS>(head_scale))) {}
+      : converting_dot<float, Backend>{q, dq}, factor(fp8_factor<KS>(head_scale)) {}
   key_reg load_key(const KS* row, index_t d) const noexcept {
     if constexpr (std::is_same_v<KS, block_q8_0>) {
       const block_q8_0& block = row[d / block_q8_0::size];
-      return key_reg(scaled_int8x16(block.qs + d % block_q8_0::size, _mm512_set1_ps(block_scale(block.d))));
+      return key_reg(scaled_codes(block.qs + d % block_q8_0::size, native(key_reg(block_scale(block.d)))));
     } else {
-      return key_reg(scaled_fp8x16(row + d, factor));
+      return key_reg(scaled_codes(row + d, native(factor)));
     }
   }
 };
 
 /// int8 key rows with a scale per row (and, with Channels, a scale per column) converted in
-/// registers as dot_scores loads them, 16 values at a time: float(q) * the row's scale
+/// registers as dot_scores loads them, a register at a time: float(q) * the row's scale
 /// (* the column's), the values dequantize_row writes, bit for bit (rows of whole vectors;
 /// row j's scale at scales[j * scale_stride], relative to the rows dot_scores is given).
 template <class Backend, bool Channels>
 struct int8_key_dot : converting_dot<float, Backend> {
+  using V = vec<float, Backend>;
   using key_reg = typename converting_dot<float, Backend>::key_reg;
+  using native = typename key_reg::register_type;
   struct scaled_row {
     const std::int8_t* codes;
     float scale;
@@ -96,13 +106,24 @@ struct int8_key_dot : converting_dot<float, Backend> {
     return {k + j * k_stride, scales[j * scale_stride]};
   }
   key_reg load_key(const scaled_row& row, index_t d) const noexcept {
-    const __m512 value = scaled_int8x16(row.codes + d, _mm512_set1_ps(row.scale));
+    const key_reg value(scaled_codes(row.codes + d, native(key_reg(row.scale))));
     if constexpr (Channels)
-      return key_reg(_mm512_mul_ps(value, _mm512_loadu_ps(channels + d)));
+      return V::mul(value, V::load(channels + d));
     else
-      return key_reg(value);
+      return value;
   }
 };
+
+/// Whether decode converts KS key rows in registers on this backend: AVX-512 every type,
+/// AVX2 int8 and q8_0 (decode, Sk = 32768, D = 128, 1 thread, medians of 9 interleaved:
+/// q8_0 12.1 -> 11.0 ms, int8 11.7 -> 10.4). AVX2 fp8 stays staged: its conversion works
+/// on 16 codes, half of them wasted at 8 per register (14.8 -> 16.0 ms in registers).
+template <class T, class Backend, class KS>
+constexpr bool quantized_keys_apply() noexcept {
+  constexpr std::size_t bytes = sizeof(typename vec<T, Backend>::type);
+  constexpr bool fp8 = std::is_same_v<KS, e4m3> || std::is_same_v<KS, e5m2>;
+  return std::is_same_v<T, float> && is_quantized_v<KS> && (bytes == 64 || (bytes == 32 && !fp8));
+}
 #endif
 
 #if FOVEA_HAS_BF16_DOT
