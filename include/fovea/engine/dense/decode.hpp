@@ -333,7 +333,7 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
         // masked tile meets a non-finite scale; int8 (with or without per-channel scales)
         // and fp8 rows of whole 32-value groups in unmasked tiles (masked ones check the
         // staged values).
-        if constexpr (std::is_same_v<T, float> && W == 16) {
+        if constexpr (quantized_values_apply<T, Backend, VS>()) {
           constexpr bool q8_0 = std::is_same_v<VS, block_q8_0>;
           const VS* value_rows[decode_strip];
           float value_scales[decode_strip];
