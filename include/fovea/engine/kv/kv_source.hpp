@@ -176,7 +176,7 @@ void pace_rows(paced_prefetch& pace, const kv_source<K, V>& kv, bool keys, index
 /// 32768, H = 32, Hk = 8, D = 128, 1 thread, medians of 9-11 interleaved: AVX-512 q8_0
 /// 6.88 -> 6.49 ms, q8_0 products 5.31 -> 5.06, e4m3 7.56 -> 7.29, bf16 7.27 -> 6.96, fp32
 /// level; AVX2 q8_0 13.4 -> 12.6, e4m3 16.4 -> 15.5, bf16 10.7 -> 10.4, fp32 level (it
-/// waits on memory); in L2 (Sk = 512) AVX2 fp32 13% and bf16 11% faster.
+/// waits on memory); with the cache in L3 (Sk = 512) AVX2 fp32 13% and bf16 11% faster.
 template <class K, class V, int MaxRows>
 class spread_prefetch {
  public:
