@@ -116,28 +116,28 @@ inline void q8_0_logits_avx2(const block_q8_0* key, const q8_0_queries& q, index
   for (index_t c0 = 0; c0 < columns; c0 += 4) {
     const index_t m = std::min<index_t>(4, columns - c0);
     __m128 logit = _mm_setzero_ps();
+    // Lanes past the last column repeat it (computed, never stored), so that the four
+    // columns' factors are one vector multiply: filled lane by lane through memory, the
+    // 16-byte load waited for four scalar stores, a store-forwarding stall per block (AVX2
+    // q8_0_products decode, Sk = 32768, D = 128, medians of 9 interleaved: 1 thread 15.8 ->
+    // 9.88 ms, 2 threads 8.18 -> 5.05).
+    auto at = [&](int c, index_t b) { return (c0 + std::min<index_t>(c, m - 1)) * q.blocks + b; };
     for (index_t b = 0; b < q.blocks; ++b) {
       const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(key[b].qs));
       const __m256i magnitude = _mm256_sign_epi8(k, k);
       __m256i sum[4];
-      alignas(16) float factor[4];
-      const float key_scale = product_scale(block_scale(key[b].d));
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
-        if (c < m) {
-          const index_t at = (c0 + c) * q.blocks + b;
-          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.rows[at].qs));
-          sum[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, k)), ones);
-          factor[c] = key_scale * q.scales[at];
-        } else {
-          sum[c] = _mm256_setzero_si256();
-          factor[c] = 0;
-        }
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.rows[at(c, b)].qs));
+        sum[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, k)), ones);
       }
+      const __m128 query_scales =
+          _mm_setr_ps(q.scales[at(0, b)], q.scales[at(1, b)], q.scales[at(2, b)], q.scales[at(3, b)]);
+      const __m128 factor = _mm_mul_ps(_mm_set1_ps(product_scale(block_scale(key[b].d))), query_scales);
       // [a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7]: the halves' sum is each column's.
       const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(sum[0], sum[1]), _mm256_hadd_epi32(sum[2], sum[3]));
       const __m128i isum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-      logit = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), _mm_load_ps(factor), logit);
+      logit = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), factor, logit);
     }
     alignas(16) float lanes[4];
     _mm_store_ps(lanes, logit);
