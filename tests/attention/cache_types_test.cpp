@@ -1009,7 +1009,7 @@ TEST(QuantizedValues, EqualTheStagedPathBitwise) {
   expect_quantized_values_are_the_staged_path<block_q8_0>();
   expect_quantized_values_are_the_staged_path<std::int8_t>();
   expect_quantized_values_are_the_staged_path<std::int8_t, true>();
-  if constexpr (detail::quantized_values_apply<float, simd<>, e4m3>()) {  // (AVX-512)
+  if constexpr (detail::quantized_in_registers<float, simd<>, e4m3>()) {  // (AVX-512)
     expect_quantized_values_are_the_staged_path<e4m3>();
     expect_quantized_values_are_the_staged_path<e5m2>();
   }

@@ -262,7 +262,7 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
         q8_0_scores<Backend>(kv, j0, keys, buf.q8_0(), n, buf.s, ld, prefetch_from(j0));
     } else if constexpr (is_quantized_v<KS>) {
       bool in_registers = false;
-#if FOVEA_HAS_QUANTIZED_KEYS
+#if FOVEA_HAS_QUANTIZED_VALUES
       // q8_0 rows, int8 rows, and fp8 rows with one scale for the head, of whole vectors:
       // converted as dot_scores loads them (the same logits), one call per run of rows on
       // a page, with the dot dot_for(j) makes for the run starting at key j.
@@ -275,12 +275,12 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
         in_registers = true;
       };
       constexpr bool fp8 = std::is_same_v<KS, e4m3> || std::is_same_v<KS, e5m2>;
-      if constexpr ((fp8 || std::is_same_v<KS, block_q8_0>) && quantized_keys_apply<T, Backend, KS>()) {
+      if constexpr ((fp8 || std::is_same_v<KS, block_q8_0>) && quantized_in_registers<T, Backend, KS>()) {
         if (D == dq && (!fp8 || (kv.k_scales.token == 0 && kv.k_scales.page == 0)))
           score_runs([&, dot = quantized_key_dot<Backend, KS>(buf.q, dq, fp8 ? kv.k_scale(j0) : 1.0f)](index_t) {
             return dot;
           });
-      } else if constexpr (std::is_same_v<KS, std::int8_t> && quantized_keys_apply<T, Backend, KS>()) {
+      } else if constexpr (std::is_same_v<KS, std::int8_t> && quantized_in_registers<T, Backend, KS>()) {
         auto int8_dot = [&]<bool Channels>(index_t j) {
           const auto [scales, stride] = kv.k_scales_from(j);
           return int8_key_dot<Backend, Channels>(buf.q, dq, scales, stride, kv.k_channels);
@@ -333,7 +333,7 @@ void decode_chunk(const query_columns<T>& cols, const kv_source<KS, VS>& kv, con
         // masked tile meets a non-finite scale; int8 (with or without per-channel scales)
         // and fp8 rows of whole 32-value groups in unmasked tiles (masked ones check the
         // staged values).
-        if constexpr (quantized_values_apply<T, Backend, VS>()) {
+        if constexpr (quantized_in_registers<T, Backend, VS>()) {
           constexpr bool q8_0 = std::is_same_v<VS, block_q8_0>;
           const VS* value_rows[decode_strip];
           float value_scales[decode_strip];

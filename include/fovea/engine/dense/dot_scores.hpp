@@ -15,14 +15,7 @@
 #include "../../simd/convert.hpp"
 #include "../../simd/dequantize.hpp"
 #include "../../simd/vec.hpp"
-
-// Quantized key rows converted in registers by dot_scores: AVX2 (F16C for fp8's fp16 step)
-// and AVX-512; other targets stage them (dequantize_row into a buffer).
-#if defined(__AVX2__) && defined(__F16C__) && !defined(FOVEA_FORCE_SCALAR)
-#define FOVEA_HAS_QUANTIZED_KEYS 1
-#else
-#define FOVEA_HAS_QUANTIZED_KEYS 0
-#endif
+#include "quantized_values.hpp"  // FOVEA_HAS_QUANTIZED_VALUES, quantized_in_registers
 
 namespace fovea::detail {
 
@@ -58,7 +51,7 @@ struct converting_dot {
   }
 };
 
-#if FOVEA_HAS_QUANTIZED_KEYS
+#if FOVEA_HAS_QUANTIZED_VALUES
 /// Quantized key rows converted in registers as dot_scores loads them, a register (8 or 16
 /// values) at a time: fp8 (e4m3, e5m2; one scale per head) through fp16 times the head's
 /// factor, q8_0 times its block's scale. The values dequantize_row writes, bit for bit,
@@ -114,16 +107,6 @@ struct int8_key_dot : converting_dot<float, Backend> {
   }
 };
 
-/// Whether decode converts KS key rows in registers on this backend: AVX-512 every type,
-/// AVX2 int8 and q8_0 (decode, Sk = 32768, D = 128, 1 thread, medians of 9 interleaved:
-/// q8_0 12.1 -> 11.0 ms, int8 11.7 -> 10.4). AVX2 fp8 stays staged: its conversion works
-/// on 16 codes, half of them wasted at 8 per register (14.8 -> 16.0 ms in registers).
-template <class T, class Backend, class KS>
-constexpr bool quantized_keys_apply() noexcept {
-  constexpr std::size_t bytes = sizeof(typename vec<T, Backend>::type);
-  constexpr bool fp8 = std::is_same_v<KS, e4m3> || std::is_same_v<KS, e5m2>;
-  return std::is_same_v<T, float> && is_quantized_v<KS> && (bytes == 64 || (bytes == 32 && !fp8));
-}
 #endif
 
 #if FOVEA_HAS_BF16_DOT

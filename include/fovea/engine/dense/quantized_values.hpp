@@ -43,15 +43,17 @@ constexpr index_t value_group() noexcept {
   return 2 * vec<float, Backend>::width;
 }
 
-/// Whether decode's P V converts VS value rows in registers on this backend: AVX-512 every
-/// quantized type, AVX2 int8 and q8_0 (fp8's conversion works on 16 codes at a time). On
-/// AVX2 (Sk = 32768, D = 128, 1 thread, medians of 9 interleaved): q8_0 decode 10.9 ->
-/// 10.2 ms, int8 10.8 -> 9.51, q8_0 products 16.8 -> 16.0.
-template <class T, class Backend, class VS>
-constexpr bool quantized_values_apply() noexcept {
+/// Whether decode converts S rows in registers on this backend, keys in dot_scores and
+/// values in quantized_values: AVX-512 every quantized type, AVX2 int8 and q8_0. AVX2 fp8
+/// stays staged: its conversion works on 16 codes, half of them wasted at 8 per register
+/// (keys in registers: e4m3 decode 14.8 -> 16.0 ms). AVX2 decode (Sk = 32768, D = 128, 1
+/// thread, medians of 9 interleaved), keys in registers: q8_0 12.1 -> 11.0 ms, int8 11.7
+/// -> 10.4; values too: q8_0 10.9 -> 10.2, int8 10.8 -> 9.51, q8_0 products 16.8 -> 16.0.
+template <class T, class Backend, class S>
+constexpr bool quantized_in_registers() noexcept {
   constexpr std::size_t bytes = sizeof(typename vec<T, Backend>::type);
-  constexpr bool fp8 = std::is_same_v<VS, e4m3> || std::is_same_v<VS, e5m2>;
-  return std::is_same_v<T, float> && is_quantized_v<VS> && (bytes == 64 || (bytes == 32 && !fp8));
+  constexpr bool fp8 = std::is_same_v<S, e4m3> || std::is_same_v<S, e5m2>;
+  return std::is_same_v<T, float> && is_quantized_v<S> && (bytes == 64 || (bytes == 32 && !fp8));
 }
 
 /// Group `g` (value_group values) of a value row in fp32, as two registers R (__m512 or
